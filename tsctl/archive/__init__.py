@@ -1,0 +1,1 @@
+"""The .mar model archive: manifest, streaming writer, and safe reader/extractor."""

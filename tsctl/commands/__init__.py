@@ -1,0 +1,1 @@
+"""One module per CLI command group. Commands parse, call the library, and render."""

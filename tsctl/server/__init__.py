@@ -1,0 +1,1 @@
+"""The tsctl daemon (built in later issues)."""
