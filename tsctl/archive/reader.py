@@ -156,12 +156,17 @@ class ModelArchive(ABC):
         try:
             for member, original in zip(members, originals.values(), strict=True):
                 out = root / member.name
-                if member.kind == "dir":
-                    out.mkdir(parents=True, exist_ok=True)
-                    continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with self._open_member(original.name) as src:
-                    budget = self._write_member(src, out, member, budget, max_bytes)
+                try:
+                    if member.kind == "dir":
+                        out.mkdir(parents=True, exist_ok=True)
+                        continue
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with self._open_member(original.name) as src:
+                        budget = self._write_member(src, out, member, budget, max_bytes)
+                except OSError as exc:
+                    raise ArchiveError(
+                        f"{self.path}: cannot extract entry {original.name!r}: {exc.strerror}"
+                    ) from None
         except BaseException:
             if created:
                 shutil.rmtree(target, ignore_errors=True)
@@ -268,9 +273,9 @@ class TarArchive(ModelArchive):
         names = {info.name for info in self._infos}
         self._prefix = ""
         if MANIFEST_PATH not in names:
-            tops = {name.split("/", 1)[0] for name in names}
-            if len(tops) == 1 and f"{next(iter(tops))}/{MANIFEST_PATH}" in names:
-                self._prefix = f"{next(iter(tops))}/"
+            nested = [n for n in names if n.count("/") == 2 and n.endswith(f"/{MANIFEST_PATH}")]
+            if len(nested) == 1:
+                self._prefix = nested[0].removesuffix(MANIFEST_PATH)
         self._by_name = {self._relative(info.name): info for info in self._infos}
         try:
             super().__init__(path)
@@ -283,6 +288,16 @@ class TarArchive(ModelArchive):
 
     def close(self) -> None:
         self._tar.close()
+
+    def check(self, max_bytes: int = DEFAULT_MAX_EXPANDED_BYTES) -> list[Member]:
+        members = super().check(max_bytes)
+        top = self._prefix.rstrip("/")
+        for info in self._infos:
+            if self._prefix and not (info.name.startswith(self._prefix) or info.name == top):
+                raise UnsafeArchive(
+                    f"{self.path}: entry {info.name!r} is outside the archive's folder {top!r}"
+                )
+        return members
 
     def _read_manifest(self) -> bytes:
         info = self._by_name.get(MANIFEST_PATH)
