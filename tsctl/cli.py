@@ -13,7 +13,7 @@ import sys
 import typer
 
 from tsctl import __version__
-from tsctl.commands import archive
+from tsctl.commands import archive, infer, serve
 from tsctl.errors import TsctlError
 
 app = typer.Typer(
@@ -24,6 +24,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(archive.app, name="archive")
+app.add_typer(serve.app, name="serve")
+app.registered_commands.extend(infer.app.registered_commands)
 
 
 def _show_version(value: bool) -> None:

@@ -45,3 +45,78 @@ class ArchiveError(InvalidInput):
 
 class UnsafeArchive(ArchiveError):
     """An archive entry would escape the target, is a link, or the archive expands too far."""
+
+
+class BadRequest(InvalidInput):
+    """A request the server cannot use (malformed body, bad parameter)."""
+
+
+class NotFound(TsctlError):
+    exit_code = 1
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+    type_name = "ResourceNotFoundException"
+
+
+class ModelNotFound(NotFound):
+    type_name = "ModelNotFoundException"
+
+
+class ModelVersionNotFound(NotFound):
+    type_name = "ModelVersionNotFoundException"
+
+
+class MethodNotAllowed(TsctlError):
+    exit_code = 1
+    http_status = 405
+    grpc_code = "UNIMPLEMENTED"
+    type_name = "MethodNotAllowedException"
+
+
+class RequestTooLarge(TsctlError):
+    exit_code = 1
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+    type_name = "RequestEntityTooLargeException"
+
+
+class ServiceUnavailable(TsctlError):
+    """The model cannot take the request now (no worker, or shutting down)."""
+
+    exit_code = 1
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+    type_name = "ServiceUnavailableException"
+
+
+class QueueFull(ServiceUnavailable):
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class PredictionFailed(TsctlError):
+    """The handler raised or answered wrongly; the message carries the handler's error."""
+
+    exit_code = 1
+    http_status = 503
+    grpc_code = "INTERNAL"
+    type_name = "PredictionException"
+
+
+class WorkerDied(TsctlError):
+    exit_code = 1
+    http_status = 500
+    grpc_code = "INTERNAL"
+    type_name = "InternalServerException"
+
+
+class InferenceTimeout(TsctlError):
+    exit_code = 1
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+    type_name = "RequestTimeoutException"
+
+
+class ServerUnreachable(TsctlError):
+    """The CLI could not reach a server."""
+
+    exit_code = 1

@@ -1,0 +1,1 @@
+"""Clients for a running tsctl (or TorchServe) server, usable as a library."""

@@ -1,0 +1,89 @@
+"""`tsctl infer MODEL a.jpg,b.jpg`: send files to a model and print its answer."""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from tsctl.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from tsctl.client.rest import Reply
+
+app = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def default_url(state_dir: Path | None = None) -> str:
+    """The local daemon's inference address if one runs, else TorchServe's default."""
+    from tsctl.server.lifecycle import running
+    from tsctl.server.pidfile import default_state_dir
+
+    info = running(state_dir or default_state_dir())
+    return info.inference_address if info else "http://127.0.0.1:8080"
+
+
+@app.command("infer")
+def infer(
+    model: str = typer.Argument(..., help="Model name."),
+    files: str = typer.Argument(..., help="Comma-separated input files."),
+    url: str | None = typer.Option(
+        None, "--url", help="Inference API (default: the local server)."
+    ),
+    version: str | None = typer.Option(None, "--version", help="Model version."),
+    each: bool = typer.Option(False, "--each", help="One request per file, sent concurrently."),
+    content_type: str | None = typer.Option(
+        None, "--content-type", help="Override the content type."
+    ),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the answer to a file."),
+) -> None:
+    """Send files to a model: together in ONE request, or --each in its own request."""
+    from tsctl.client.rest import RestClient
+
+    paths = [Path(p.strip()) for p in files.split(",") if p.strip()]
+    if not paths:
+        raise InvalidInput("no input files given")
+    for path in paths:
+        if not path.is_file():
+            raise InvalidInput(f"input file not found: {path}")
+    base = url or default_url()
+
+    def send(group: list[Path]) -> Reply:
+        client = RestClient(base)
+        try:
+            return client.predict(model, group, version, content_type)
+        finally:
+            client.close()
+
+    if each and len(paths) > 1:
+        with ThreadPoolExecutor(max_workers=min(32, len(paths))) as pool:
+            replies = list(pool.map(send, [[p] for p in paths]))
+    else:
+        replies = [send(paths)]
+    if output is not None:
+        output.write_bytes(b"\n".join(r.body for r in replies))
+        return
+    _print(replies)
+
+
+def _print(bodies: list[Reply]) -> None:
+    if not sys.stdout.isatty():
+        out = sys.stdout.buffer
+        for reply in bodies:
+            out.write(reply.body)
+            if not reply.body.endswith(b"\n"):
+                out.write(b"\n")
+        out.flush()
+        return
+    from rich.console import Console
+
+    console = Console()
+    for reply in bodies:
+        text = reply.body.decode("utf-8", "replace")
+        if "json" in reply.content_type:
+            console.print_json(text)
+        else:
+            console.print(text, markup=False, highlight=False)

@@ -1,0 +1,175 @@
+"""`tsctl serve start/stop/status`: `torchserve --start/--stop` and a status table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    help="Start, stop and inspect the model server daemon.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+STATE_DIR_HELP = "Where the pid file lives (default: the temporary directory, $TMPDIR)."
+
+
+def _state_dir(value: Path | None) -> Path:
+    from tsctl.server.pidfile import default_state_dir
+
+    return value if value is not None else default_state_dir()
+
+
+@app.command("start")
+def start(
+    model_store: Path | None = typer.Option(None, "--model-store", help="Model store folder."),
+    models: list[str] | None = typer.Option(
+        None,
+        "--models",
+        help="Models to load at start: NAME=PATH, PATH.mar or all (repeat, or comma-separate).",
+    ),
+    more_models: list[str] | None = typer.Argument(None, hidden=True),
+    ts_config: Path | None = typer.Option(
+        None, "--ts-config", help="A TorchServe config.properties file.", envvar="TS_CONFIG_FILE"
+    ),
+    ncs: bool = typer.Option(
+        False, "--ncs", "--no-config-snapshots", help="Do not write or restore config snapshots."
+    ),
+    foreground: bool = typer.Option(
+        False, "--foreground", help="Run in this process; logs to stdout."
+    ),
+    disable_token_auth: bool = typer.Option(
+        False,
+        "--disable-token-auth",
+        help="Accepted for compatibility: token auth is not enforced yet.",
+    ),
+    log_dir: Path | None = typer.Option(None, "--log-dir", help="Log folder (default: ./logs)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    start_timeout: float = typer.Option(
+        300, "--start-timeout", help="Seconds to wait for readiness."
+    ),
+) -> None:
+    """Start the server: `torchserve --start`'s flags."""
+    from tsctl.errors import InvalidInput
+    from tsctl.server.config import build_config, read_properties
+
+    entries = [*(models or []), *(more_models or [])]
+    if more_models and not models:
+        raise InvalidInput(f"unexpected argument {more_models[0]!r}; did you mean --models?")
+    wanted = tuple(m.strip() for e in entries for m in e.split(",") if m.strip())
+    properties = read_properties(ts_config) if ts_config else {}
+    overrides: dict[str, Any] = {
+        "model_store": model_store,
+        "load_models": wanted or None,
+        "log_dir": log_dir,
+        "state_dir": _state_dir(state_dir),
+    }
+    if model_store is not None and not model_store.is_dir():
+        raise InvalidInput(f"model store {str(model_store)!r} is not a directory")
+    config = build_config(properties, overrides)
+    if foreground:
+        from tsctl.server.daemon import run
+
+        raise typer.Exit(run(config, foreground=True))
+
+    from rich.console import Console
+
+    from tsctl.server.daemon import STARTED_LINE
+    from tsctl.server.lifecycle import StartFailed
+    from tsctl.server.lifecycle import start as start_daemon
+
+    err = Console(stderr=True)
+    try:
+        if err.is_terminal:
+            with err.status("starting tsctl..."):
+                ready = start_daemon(config, start_timeout)
+        else:
+            ready = start_daemon(config, start_timeout)
+    except StartFailed as exc:
+        for line in exc.log_tail:
+            sys.stderr.write(f"  | {line}\n")
+        raise
+    typer.echo(
+        f"{STARTED_LINE} pid {ready['pid']}; inference {ready['inference']}, "
+        f"management {ready['management']}"
+    )
+
+
+@app.command("stop")
+def stop(
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    timeout: float = typer.Option(60, "--timeout", help="Seconds to wait before killing it."),
+) -> None:
+    """Stop the server: drain in-flight requests, stop workers, exit."""
+    from tsctl.server.lifecycle import StopOutcome
+    from tsctl.server.lifecycle import stop as stop_daemon
+
+    done = stop_daemon(_state_dir(state_dir), timeout)
+    messages = {
+        StopOutcome.STOPPED: f"tsctl stopped (pid {done.pid}).",
+        StopOutcome.KILLED: f"tsctl did not stop within {timeout:g} s; killed pid {done.pid}.",
+        StopOutcome.NOT_RUNNING: "tsctl is not running.",
+        StopOutcome.STALE: "tsctl is not running (removed a stale pid file).",
+    }
+    typer.echo(messages[done.outcome])
+
+
+@app.command("status")
+def status(
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Show whether the server runs, and its models, versions and workers."""
+    import json
+
+    from tsctl.client.rest import RestClient
+    from tsctl.server.lifecycle import running
+
+    info = running(_state_dir(state_dir))
+    if info is None:
+        if as_json:
+            typer.echo(json.dumps({"running": False}))
+        else:
+            typer.echo("tsctl is not running.")
+        raise typer.Exit(1)
+    client = RestClient(info.management_address, timeout=30)
+    listing: Any = client.request("GET", "/models?limit=0").json()
+    described: list[Any] = []
+    for entry in listing.get("models", []):
+        found: Any = client.request("GET", f"/models/{entry['modelName']}/all").json()
+        described.extend(found)
+    if as_json:
+        doc = {
+            "running": True,
+            "pid": info.pid,
+            "inference_address": info.inference_address,
+            "management_address": info.management_address,
+            "models": described,
+        }
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"tsctl is running: pid {info.pid}, inference {info.inference_address}, "
+        f"management {info.management_address}, logs {info.log_dir}"
+    )
+    table = Table("model", "version", "batch", "worker", "pid", "state", title_justify="left")
+    for model in described:
+        workers = model.get("workers") or [{}]
+        for i, worker in enumerate(workers):
+            first = i == 0
+            table.add_row(
+                model["modelName"] if first else "",
+                model["modelVersion"] if first else "",
+                str(model["batchSize"]) if first else "",
+                str(worker.get("id", "-")),
+                str(worker.get("pid", "-")),
+                str(worker.get("status", "no workers")),
+            )
+    console.print(table)

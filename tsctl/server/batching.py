@@ -1,0 +1,151 @@
+"""Per-model job queue and batch collection. Runs on the daemon's event loop only.
+
+Semantics are TorchServe's: an idle worker takes the first waiting job, then waits at most
+`max_batch_delay` for up to `batch_size` jobs, then sends the batch. One difference: it stops
+waiting as soon as no more requests are likely to come. The queue remembers, per client
+connection ("source"), when its last answer went out; a connection answered recently that has
+nothing in flight is likely to send again at once (a closed-loop client), so it is worth
+waiting for. When there is no such connection, waiting can only add latency (a lone client at
+concurrency 1 gets its answer without the `max_batch_delay` penalty TorchServe charges).
+
+Nothing here blocks: every method is either plain or a coroutine that awaits futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tsctl.errors import QueueFull
+
+#: how long an answered connection counts as "about to send again" (seconds)
+SOURCE_WINDOW = 1.0
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting for, or being run by, a worker."""
+
+    request: Any  # tsctl.server.inference.InferenceRequest
+    future: asyncio.Future[Any]
+    deadline: float
+    source: Hashable | None = None
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class ModelQueue:
+    """A bounded FIFO of jobs for one model version, with arrival hints for batching."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._jobs: deque[Job] = deque()
+        self._idle_waiters: deque[asyncio.Future[None]] = deque()
+        self._fill_waiters: deque[asyncio.Future[None]] = deque()
+        self._answered: dict[Hashable, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def put(self, job: Job) -> None:
+        if len(self._jobs) >= self.capacity:
+            raise QueueFull(
+                f"the job queue is full ({self.capacity} requests waiting); retry later"
+            )
+        self._jobs.append(job)
+        if job.source is not None:
+            self._answered.pop(job.source, None)
+        self._wake()
+
+    def requeue_front(self, jobs: list[Job]) -> None:
+        """Give back jobs a collector took but did not send (it was cancelled)."""
+        for job in reversed(jobs):
+            if not job.future.done():
+                self._jobs.appendleft(job)
+        if self._jobs:
+            self._wake()
+
+    def answered(self, source: Hashable | None, now: float) -> None:
+        """A job from `source` got its answer at `now`."""
+        if source is not None:
+            self._answered[source] = now
+
+    def forget(self, source: Hashable) -> None:
+        """`source` closed its connection: it will not send again."""
+        self._answered.pop(source, None)
+
+    def likely_arrivals(self, now: float) -> int:
+        """Connections answered within the window that have nothing in flight."""
+        stale = [s for s, t in self._answered.items() if now - t > SOURCE_WINDOW]
+        for source in stale:
+            del self._answered[source]
+        return len(self._answered)
+
+    def take(self) -> Job | None:
+        """The oldest live job, skipping ones already answered (timed out, client gone)."""
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.future.done():
+                return job
+        return None
+
+    def drop_all(self, error: Exception) -> None:
+        while (job := self.take()) is not None:
+            job.future.set_exception(error)
+
+    def _wake(self) -> None:
+        for waiters in (self._fill_waiters, self._idle_waiters):
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+
+    async def _wait(self, waiters: deque[asyncio.Future[None]], timeout: float | None) -> bool:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        waiters.append(waiter)
+        timer = None
+        if timeout is not None:
+            timer = loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not waiter.done():
+                waiter.cancel()
+        return bool(self._jobs)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def next_batch(queue: ModelQueue, batch_size: int, max_delay_ms: float) -> list[Job]:
+    """Collect the next batch for an idle worker (see the module docstring).
+
+    Safe to cancel at any point: jobs already taken go back to the front of the queue.
+    """
+    loop = asyncio.get_running_loop()
+    while (first := queue.take()) is None:
+        await queue._wait(queue._idle_waiters, None)
+    batch = [first]
+    try:
+        deadline = loop.time() + max_delay_ms / 1000
+        while len(batch) < batch_size:
+            job = queue.take()
+            if job is not None:
+                batch.append(job)
+                continue
+            now = loop.time()
+            if now >= deadline or not queue.likely_arrivals(now):
+                break
+            await queue._wait(queue._fill_waiters, deadline - now)
+    except asyncio.CancelledError:
+        queue.requeue_front(batch)
+        raise
+    return batch

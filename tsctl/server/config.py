@@ -1,0 +1,134 @@
+"""The server's configuration: one frozen pydantic model, loaded once at the CLI boundary.
+
+Sources, lowest priority first: defaults, TorchServe's `config.properties` (`--ts-config`),
+then the `tsctl serve start` flags. Keys keep TorchServe's names. Nothing here reads the
+environment or the disk at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tsctl.errors import InvalidInput
+
+# TorchServe's defaults
+DEFAULT_MAX_REQUEST_SIZE = 6553500
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class ServerConfig(BaseModel):
+    """Every server setting, with TorchServe's key names and defaults where it has them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    inference_address: str = "http://127.0.0.1:8080"
+    management_address: str = "http://127.0.0.1:8081"
+    model_store: Path | None = None
+    #: models to load at start: `all`, `NAME=PATH`, or `PATH` (relative to the model store)
+    load_models: tuple[str, ...] = ()
+    default_workers_per_model: int = Field(default_factory=cpu_count, ge=0)
+    job_queue_size: int = Field(default=100, ge=1)
+    max_request_size: int = Field(default=DEFAULT_MAX_REQUEST_SIZE, ge=1)
+    max_response_size: int = Field(default=DEFAULT_MAX_REQUEST_SIZE, ge=1)
+    default_response_timeout: float = Field(default=120, gt=0)
+    default_startup_timeout: float = Field(default=120, gt=0)
+    batch_size: int = Field(default=1, ge=1)
+    max_batch_delay: float = Field(default=100, ge=0)
+    #: torch intra-op threads per worker; 0 = share the machine's cores among all workers
+    worker_threads: int = Field(default=0, ge=0)
+    #: bound on a model archive's extracted size
+    max_archive_expanded_size: int = Field(default=16 << 30, ge=1)
+    #: how long `stop` waits for in-flight requests before stopping workers anyway (seconds)
+    drain_timeout: float = Field(default=30, ge=0)
+    log_dir: Path = Path("logs")
+    state_dir: Path = Path(".")
+
+    @field_validator("inference_address", "management_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`http://host:port` (TorchServe's form) → (host, port)."""
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+        raise ValueError(f"address {address!r} must look like http://127.0.0.1:8080")
+    if parts.scheme == "https":
+        raise ValueError(f"address {address!r}: TLS is not supported yet; use http://")
+    return parts.hostname, parts.port
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """Parse a Java `.properties` file (comments, `=`/`:`, backslash continuations)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read config file {path}: {exc.strerror}") from None
+    result: dict[str, str] = {}
+    logical = ""
+    for raw in text.splitlines():
+        line = raw.strip() if not logical else raw.lstrip()
+        if not logical and (not line or line[0] in "#!"):
+            continue
+        if line.endswith("\\") and not line.endswith("\\\\"):
+            logical += line[:-1]
+            continue
+        logical += line
+        match = re.match(r"([^=:\s]+)\s*[=:\s]\s*(.*)$", logical)
+        if match:
+            result[match.group(1)] = match.group(2).strip()
+        elif logical:
+            result[logical] = ""
+        logical = ""
+    return result
+
+
+#: config.properties keys tsctl reads now; others are accepted and ignored (see docs)
+_PROPERTY_KEYS = {
+    "inference_address",
+    "management_address",
+    "model_store",
+    "load_models",
+    "default_workers_per_model",
+    "job_queue_size",
+    "max_request_size",
+    "max_response_size",
+    "default_response_timeout",
+    "default_startup_timeout",
+    "batch_size",
+    "max_batch_delay",
+    "worker_threads",
+    "max_archive_expanded_size",
+    "drain_timeout",
+}
+
+
+def build_config(properties: dict[str, str], overrides: dict[str, Any]) -> ServerConfig:
+    """Combine config.properties values and CLI overrides into a validated config."""
+    values: dict[str, Any] = {k: v for k, v in properties.items() if k in _PROPERTY_KEYS}
+    if "load_models" in values:
+        raw = values["load_models"]
+        values["load_models"] = tuple(m.strip() for m in raw.split(",") if m.strip())
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServerConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise InvalidInput(
+            f"invalid setting {key}={first.get('input')!r}: {first['msg']}"
+        ) from None

@@ -1,0 +1,191 @@
+"""The daemon process: one asyncio loop running the HTTP APIs, the registry and the workers.
+
+`python -m tsctl.server.daemon CONFIG_JSON [--notify-fd N]` is what `tsctl serve start`
+launches (or runs in-process with `--foreground`). Start-up binds every API first (so a port
+in use fails at once), writes the pid file, loads the start-up models, then reports readiness
+on the notify pipe as one JSON line: `{"ok": true, ...}` or `{"ok": false, "error": ...}`.
+SIGTERM and SIGINT drain: stop accepting, let in-flight requests finish (bounded by
+`drain_timeout`), stop the workers, remove the pid file, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tsctl.errors import InvalidInput, TsctlError
+from tsctl.server import logs, pidfile
+from tsctl.server.config import ServerConfig, parse_address
+from tsctl.server.registry import Registry
+from tsctl.server.state import ServerState
+
+log = logging.getLogger("tsctl.server")
+
+STARTED_LINE = "Model server started."
+
+
+def _bind(address: str, what: str) -> list[socket.socket]:
+    from tornado.netutil import bind_sockets
+
+    host, port = parse_address(address)
+    try:
+        return bind_sockets(port, address=host, reuse_port=False)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise InvalidInput(f"{what} address {host}:{port} is already in use") from None
+        raise InvalidInput(
+            f"cannot listen on {what} address {host}:{port}: {exc.strerror}"
+        ) from None
+
+
+def _address_of(sockets: list[socket.socket]) -> str:
+    host, port = sockets[0].getsockname()[:2]
+    return f"http://{host}:{port}"
+
+
+def startup_models(config: ServerConfig) -> list[tuple[str | None, str]]:
+    """(name override, archive path) for each `--models` entry; `all` expands the store."""
+    found: list[tuple[str | None, str]] = []
+    for entry in config.load_models:
+        if entry == "all":
+            store = config.model_store
+            if store is None:
+                raise InvalidInput("--models all needs --model-store")
+            for path in sorted(store.iterdir()):
+                if path.name.endswith((".mar", ".tar.gz")) or (path / "MAR-INF").is_dir():
+                    found.append((None, path.name))
+        elif "=" in entry:
+            name, _, url = entry.partition("=")
+            found.append((name.strip(), url.strip()))
+        else:
+            found.append((None, entry))
+    return found
+
+
+class Daemon:
+    def __init__(self, config: ServerConfig, foreground: bool) -> None:
+        self.config = config
+        self.foreground = foreground
+        self.stopping = asyncio.Event()
+        self.servers: list[Any] = []
+        self.pid_path = pidfile.pid_path(config.state_dir)
+
+    async def run(self, notify: Callable[[dict[str, Any]], None]) -> int:
+        config = self.config
+        log_fd = logs.setup(config.log_dir, self.foreground)
+        registry = Registry(config, log_fd)
+        state = ServerState(config, registry, started_at=time.time())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            addresses = self._listen(state)
+            pidfile.write(
+                self.pid_path,
+                pidfile.PidInfo(
+                    pid=os.getpid(),
+                    start_ticks=pidfile.process_start_ticks(os.getpid()),
+                    inference_address=addresses["inference"],
+                    management_address=addresses["management"],
+                    log_dir=str(config.log_dir.resolve()),
+                ),
+            )
+            for name, url in startup_models(config):
+                mv = await registry.load(url, name=name, startup=True)
+                log.info("loaded model %s version %s from %s", mv.name, mv.version, url)
+        except (TsctlError, OSError) as exc:
+            message = exc.message if isinstance(exc, TsctlError) else str(exc)
+            log.error("start-up failed: %s", message)
+            notify(
+                {
+                    "ok": False,
+                    "error": message,
+                    "log_tail": logs.tail(config.log_dir / "model_log.log"),
+                }
+            )
+            await self._shutdown(state, drain=False)
+            return 1
+        log.info(
+            "%s Inference API at %s, management API at %s",
+            STARTED_LINE,
+            addresses["inference"],
+            addresses["management"],
+        )
+        notify({"ok": True, "pid": os.getpid(), **addresses})
+        await self.stopping.wait()
+        log.info("stopping: draining in-flight requests")
+        await self._shutdown(state, drain=True)
+        log.info("stopped")
+        return 0
+
+    def _listen(self, state: ServerState) -> dict[str, str]:
+        from tornado.httpserver import HTTPServer
+
+        from tsctl.server import http_inference, http_management
+
+        config = self.config
+        inference_sockets = _bind(config.inference_address, "inference")
+        management_sockets = _bind(config.management_address, "management")
+        apps = [
+            (http_inference.make_app(state), inference_sockets),
+            (http_management.make_app(state), management_sockets),
+        ]
+        for app, sockets in apps:
+            server = HTTPServer(
+                app, max_body_size=config.max_request_size + 1, idle_connection_timeout=3600
+            )
+            server.add_sockets(sockets)
+            self.servers.append(server)
+        return {
+            "inference": _address_of(inference_sockets),
+            "management": _address_of(management_sockets),
+        }
+
+    async def _shutdown(self, state: ServerState, drain: bool) -> None:
+        state.draining = True
+        for server in self.servers:
+            server.stop()
+        if drain and state.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.idle.wait(), self.config.drain_timeout)
+        await state.registry.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.close_all_connections()
+        pidfile.remove(self.pid_path, os.getpid())
+
+
+def run(config: ServerConfig, foreground: bool, notify_fd: int | None = None) -> int:
+    """Run the daemon until stopped; returns its exit status."""
+
+    def notify(message: dict[str, Any]) -> None:
+        if foreground and message.get("ok"):
+            print(STARTED_LINE, flush=True)
+        elif foreground:
+            print(f"tsctl: error: {message['error']}", file=sys.stderr, flush=True)
+        if notify_fd is not None:
+            with contextlib.suppress(OSError), os.fdopen(notify_fd, "w") as pipe:
+                pipe.write(json.dumps(message) + "\n")
+
+    daemon = Daemon(config, foreground)
+    return asyncio.run(daemon.run(notify))
+
+
+def main() -> None:
+    config = ServerConfig.model_validate_json(sys.argv[1])
+    notify_fd = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    sys.exit(run(config, foreground=False, notify_fd=notify_fd))
+
+
+if __name__ == "__main__":
+    main()

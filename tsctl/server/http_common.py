@@ -1,0 +1,93 @@
+"""What every tornado handler of the daemon shares: request ids, the one error funnel, and the
+JSON error shape `{"code": N, "type": "...", "message": "..."}` TorchServe clients parse.
+
+Runs on the daemon's event loop. Handlers never block: anything slow is awaited.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from typing import Any
+
+import tornado.web
+
+from tsctl.errors import MethodNotAllowed, NotFound, TsctlError
+
+log = logging.getLogger("tsctl.server")
+access_log = logging.getLogger("tsctl.access")
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+NOT_FOUND_MESSAGE = "Requested resource is not found, please refer to API document."
+NOT_ALLOWED_MESSAGE = "Requested method is not allowed, please refer to API document."
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    """Base handler: `x-request-id` on every response and errors in TorchServe's shape."""
+
+    request_id = ""
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
+        incoming = self.request.headers.get("x-request-id", "")
+        self.request_id = incoming if _CLIENT_ID.match(incoming) else str(uuid.uuid4())
+        self.set_header("x-request-id", self.request_id)
+        self.set_header("Cache-Control", "no-cache; no-store, must-revalidate, private")
+        self.set_header("Pragma", "no-cache")
+
+    def write_json(self, doc: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(doc, indent=2))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, TsctlError):
+            code, kind, message = exc.http_status, exc.type_name, exc.message
+        elif isinstance(exc, tornado.web.HTTPError) and exc.status_code == 405:
+            code, kind, message = 405, MethodNotAllowed.type_name, NOT_ALLOWED_MESSAGE
+        elif isinstance(exc, tornado.web.HTTPError) and exc.status_code < 500:
+            code, kind = exc.status_code, "BadRequestException"
+            message = exc.log_message or self._reason
+        else:
+            code, kind = 500, "InternalServerException"
+            message = "internal server error; the server log (ts_log.log) has the details"
+        self.set_status(code)
+        self.set_header("Content-Type", "application/json")
+        for name, value in getattr(exc, "headers", {}).items():
+            self.set_header(name, value)
+        self.finish(json.dumps({"code": code, "type": kind, "message": message}, indent=2))
+
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, TsctlError):
+            status_code = exc.http_status
+        super().send_error(status_code, **kwargs)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, (TsctlError, tornado.web.HTTPError)):
+            return  # an answer, not a server fault: the access log records it
+        super().log_exception(typ, value, tb)
+
+
+class NotFoundHandler(ApiHandler):
+    """Any unknown path: TorchServe's 404."""
+
+    def prepare(self) -> None:
+        raise NotFound(NOT_FOUND_MESSAGE)
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """The access log: one line per request, TorchServe's `ACCESS_LOG` layout."""
+    request = handler.request
+    access_log.info(
+        '/%s "%s %s HTTP/%s" %d %.0f',
+        request.remote_ip,
+        request.method,
+        request.uri,
+        request.version.removeprefix("HTTP/"),
+        handler.get_status(),
+        request.request_time() * 1000,
+    )

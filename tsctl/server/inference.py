@@ -1,0 +1,62 @@
+"""The one request path every API adapter uses: an `InferenceRequest` in, a `Response` out.
+
+Runs on the daemon's event loop. `predict` puts a job on the model's queue (raising
+`QueueFull` at once when it is full), arms the job's deadline (counted from arrival, queue
+time included) and waits for a worker's answer. A caller whose client has gone away calls
+`Pending.abandon()`: the job is dropped before it reaches a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from tsctl.errors import ServiceUnavailable
+from tsctl.protocol import Part
+from tsctl.server.batching import Job
+from tsctl.server.registry import ModelVersion
+from tsctl.server.workers import Response, expire
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    request_id: str
+    parts: Sequence[Part]
+    headers: Sequence[tuple[str, str]]
+    arrival: float  # loop.time() when the request arrived
+
+
+class ClientGone(Exception):
+    """The client disconnected; nobody is waiting for this answer."""
+
+
+class Pending:
+    """A submitted request: await `result()`, or `abandon()` it."""
+
+    def __init__(self, mv: ModelVersion, request: InferenceRequest, source: Hashable | None):
+        if mv.pool.target == 0:
+            raise ServiceUnavailable(
+                f"Model {mv.name} version {mv.version} has no worker to serve inference "
+                "requests; scale it up first"
+            )
+        loop = asyncio.get_running_loop()
+        self.mv = mv
+        deadline = request.arrival + mv.response_timeout
+        self.job = Job(request, loop.create_future(), deadline, source)
+        mv.queue.put(self.job)
+        self.job.timer = loop.call_at(deadline, expire, self.job, mv.response_timeout)
+
+    async def result(self) -> Response:
+        job = self.job
+        try:
+            response: Response = await job.future
+            return response
+        finally:
+            if job.timer is not None:
+                job.timer.cancel()
+            self.mv.queue.answered(job.source, asyncio.get_running_loop().time())
+
+    def abandon(self) -> None:
+        if not self.job.future.done():
+            self.job.future.set_exception(ClientGone())

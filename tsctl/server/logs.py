@@ -1,0 +1,54 @@
+"""The daemon's log files, under TorchServe's names, in the log directory.
+
+`ts_log.log` the server, `access_log.log` one line per request, `model_log.log` every
+worker's stdout and stderr (handler prints and tracebacks), `model_metrics.log` per-batch
+handler timings, `ts_metrics.log` periodic system metrics. Set up once at daemon start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s [%(levelname)-5s] %(name)s - %(message)s"
+
+
+def _file_logger(name: str, path: Path, fmt: str, propagate: bool = False) -> logging.Logger:
+    logger = logging.getLogger(name)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(fmt))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = propagate
+    return logger
+
+
+def setup(log_dir: Path, foreground: bool) -> int:
+    """Open the log files; returns the fd that worker processes write their output to."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = _file_logger("tsctl.server", log_dir / "ts_log.log", FORMAT)
+    for name in ("tornado.access", "tornado.application", "tornado.general", "asyncio"):
+        logging.getLogger(name).parent = server
+    _file_logger(
+        "tsctl.access", log_dir / "access_log.log", "%(asctime)s - ACCESS_LOG - %(message)s"
+    )
+    _file_logger("tsctl.metrics.model", log_dir / "model_metrics.log", "%(asctime)s - %(message)s")
+    _file_logger("tsctl.metrics.ts", log_dir / "ts_metrics.log", "%(asctime)s - %(message)s")
+    if foreground:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter(FORMAT))
+        server.addHandler(console)
+    return os.open(log_dir / "model_log.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
+def tail(path: Path, lines: int = 20) -> list[str]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]

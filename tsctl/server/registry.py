@@ -1,0 +1,244 @@
+"""Registered models: names, versions, the default version, and each version's queue and pool.
+
+Runs on the daemon's event loop. Loading a model extracts its archive (in a thread: it is
+blocking file I/O), reads its `model-config.yaml`, and starts its workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tsctl.archive.reader import ArchiveKind, open_archive
+from tsctl.errors import ArchiveError, ModelNotFound, ModelVersionNotFound, ServiceUnavailable
+from tsctl.server.batching import ModelQueue
+from tsctl.server.config import ServerConfig, cpu_count
+from tsctl.server.workers import PoolSettings, WorkerPool, WorkerProcess
+
+log = logging.getLogger("tsctl.server")
+
+
+class ModelSettings(BaseModel):
+    """The frontend keys of a `model-config.yaml` (TorchServe's names) plus tsctl's own."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    min_workers: int | None = Field(default=None, alias="minWorkers", ge=0)
+    max_workers: int | None = Field(default=None, alias="maxWorkers", ge=0)
+    batch_size: int | None = Field(default=None, alias="batchSize", ge=1)
+    max_batch_delay: float | None = Field(default=None, alias="maxBatchDelay", ge=0)
+    response_timeout: float | None = Field(default=None, alias="responseTimeout", gt=0)
+    startup_timeout: float | None = Field(default=None, alias="startupTimeout", gt=0)
+    recycle_after_requests: int = Field(default=0, alias="recycleAfterRequests", ge=0)
+    recycle_above_rss_mb: int = Field(default=0, alias="recycleAboveRssMb", ge=0)
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: str
+    url: str
+    model_dir: Path
+    manifest: dict[str, Any]
+    yaml_config: dict[str, Any]
+    batch_size: int
+    max_batch_delay: float
+    response_timeout: float
+    startup_timeout: float
+    min_workers: int
+    max_workers: int
+    queue: ModelQueue
+    pool: WorkerPool
+    extracted: bool = False
+    loaded_at_startup: bool = False
+
+
+@dataclass
+class Registry:
+    """Models by name, then version; `default[name]` is the version `/predictions/name` uses."""
+
+    config: ServerConfig
+    log_fd: int
+    models: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)
+    default: dict[str, str] = field(default_factory=dict)
+    work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tsctl-models-")))
+
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        versions = self.models.get(name)
+        if not versions:
+            raise ModelNotFound(f"Model not found: {name}")
+        if version is None:
+            return versions[self.default[name]]
+        found = versions.get(version)
+        if found is None:
+            raise ModelVersionNotFound(f"Model version: {version} does not exist for model: {name}")
+        return found
+
+    def total_workers(self) -> int:
+        return sum(mv.pool.target for vs in self.models.values() for mv in vs.values())
+
+    async def load(
+        self, url: str, name: str | None = None, startup: bool = False, workers: int | None = None
+    ) -> ModelVersion:
+        """Open, extract and start a model archive from the model store or a path."""
+        path = self._resolve(url)
+        mv = await asyncio.to_thread(self._prepare, path, url, name)
+        if mv.version in self.models.get(mv.name, {}):
+            self._discard(mv)
+            raise ArchiveError(f"model {mv.name} version {mv.version} is already registered")
+        mv.loaded_at_startup = startup
+        self.models.setdefault(mv.name, {})[mv.version] = mv
+        self.default.setdefault(mv.name, mv.version)
+        count = workers if workers is not None else mv.min_workers
+        try:
+            await mv.pool.scale(count)
+        except BaseException:
+            await self.unload(mv)
+            raise
+        return mv
+
+    async def unload(self, mv: ModelVersion) -> None:
+        versions = self.models.get(mv.name, {})
+        versions.pop(mv.version, None)
+        if not versions:
+            self.models.pop(mv.name, None)
+            self.default.pop(mv.name, None)
+        elif self.default.get(mv.name) == mv.version:
+            self.default[mv.name] = next(iter(versions))
+        await mv.pool.close(ServiceUnavailable(f"model {mv.name} was unloaded"))
+        self._discard(mv)
+
+    async def close(self) -> None:
+        for versions in list(self.models.values()):
+            for mv in list(versions.values()):
+                await self.unload(mv)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _resolve(self, url: str) -> Path:
+        candidate = Path(url.removeprefix("file://"))
+        store = self.config.model_store
+        if not candidate.is_absolute() and store is not None:
+            candidate = store / candidate
+        if not candidate.exists():
+            raise ModelNotFound(f"model archive not found: {url}")
+        return candidate
+
+    def _prepare(self, path: Path, url: str, name: str | None) -> ModelVersion:
+        """Blocking part of loading: open and extract the archive, read its settings."""
+        with open_archive(path) as archive:
+            manifest = archive.manifest
+            if archive.kind is ArchiveKind.DIRECTORY:
+                model_dir, extracted = path.resolve(), False
+            else:
+                target = Path(
+                    tempfile.mkdtemp(prefix=f"{manifest.model.model_name}-", dir=self.work_dir)
+                )
+                model_dir = archive.extract(target, self.config.max_archive_expanded_size)
+                extracted = True
+        model = manifest.model
+        model_name = name or model.model_name
+        version = model.model_version or "1.0"
+        yaml_config = _read_yaml(model_dir, model.config_file)
+        try:
+            settings = ModelSettings.model_validate(yaml_config)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ArchiveError(
+                f"{path}: model-config.yaml: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+            ) from None
+        cfg = self.config
+        default_workers = settings.min_workers
+        if default_workers is None:
+            default_workers = cfg.default_workers_per_model
+        batch_size = settings.batch_size or cfg.batch_size
+        delay = (
+            settings.max_batch_delay
+            if settings.max_batch_delay is not None
+            else cfg.max_batch_delay
+        )
+        response_timeout = settings.response_timeout or cfg.default_response_timeout
+        startup_timeout = settings.startup_timeout or cfg.default_startup_timeout
+        queue = ModelQueue(cfg.job_queue_size)
+        pool_settings = PoolSettings(
+            batch_size=batch_size,
+            max_batch_delay=delay,
+            startup_timeout=startup_timeout,
+            max_response_size=cfg.max_response_size,
+            recycle_after_requests=settings.recycle_after_requests,
+            recycle_above_rss_mb=settings.recycle_above_rss_mb,
+        )
+        spec = {
+            "model_name": model_name,
+            "model_dir": str(model_dir),
+            "manifest": manifest.to_dict(),
+            "handler": model.handler,
+            "batch_size": batch_size,
+            "gpu_id": None,
+            "model_yaml_config": yaml_config,
+            "startup_timeout": startup_timeout,
+        }
+        pool = WorkerPool(
+            f"{model_name}_{version}", queue, pool_settings, self._worker_factory(spec)
+        )
+        return ModelVersion(
+            name=model_name,
+            version=version,
+            url=url,
+            model_dir=model_dir,
+            manifest=manifest.to_dict(),
+            yaml_config=yaml_config,
+            batch_size=batch_size,
+            max_batch_delay=delay,
+            response_timeout=response_timeout,
+            startup_timeout=startup_timeout,
+            min_workers=default_workers,
+            max_workers=settings.max_workers
+            if settings.max_workers is not None
+            else default_workers,
+            queue=queue,
+            pool=pool,
+            extracted=extracted,
+        )
+
+    def _worker_factory(self, spec: dict[str, Any]) -> Callable[[str], WorkerProcess]:
+        def make(worker_id: str) -> WorkerProcess:
+            threads = self.config.worker_threads or max(
+                1, cpu_count() // max(1, self.total_workers())
+            )
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            env["PYTHONUNBUFFERED"] = "1"
+            return WorkerProcess(worker_id, {**spec, "threads": threads}, self.log_fd, env)
+
+        return make
+
+    def _discard(self, mv: ModelVersion) -> None:
+        if mv.extracted:
+            shutil.rmtree(mv.model_dir, ignore_errors=True)
+
+
+def _read_yaml(model_dir: Path, config_file: str | None) -> dict[str, Any]:
+    if not config_file:
+        return {}
+    import yaml
+
+    path = model_dir / config_file
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ArchiveError(f"cannot read {config_file} in the archive: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ArchiveError(f"{config_file} in the archive is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ArchiveError(f"{config_file} in the archive must be a mapping of settings")
+    return loaded

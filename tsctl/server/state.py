@@ -1,0 +1,29 @@
+"""The daemon's shared state, handed to every API adapter. Event-loop only."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from tsctl.server.config import ServerConfig
+from tsctl.server.registry import Registry
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    registry: Registry
+    started_at: float = 0.0
+    draining: bool = False
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight <= 0:
+            self.in_flight = 0
+            self.idle.set()

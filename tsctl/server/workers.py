@@ -1,0 +1,404 @@
+"""Worker processes and the pool that supervises them. Runs on the daemon's event loop.
+
+`WorkerProcess` is one child (`python -m tsctl.worker`) connected by a socketpair; it sends a
+batch, awaits the result frame, and reports its own death. `WorkerPool` keeps a model version's
+target number of workers alive: one serving loop per worker takes batches from the model's
+queue, a worker that dies fails only the requests it held and is restarted with exponential
+backoff, a batch past its deadline gets its worker killed and replaced, and workers are
+recycled gracefully after N requests or past an RSS limit. Nothing here blocks the loop:
+process creation and socket I/O go through asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tsctl.errors import (
+    InferenceTimeout,
+    PredictionFailed,
+    ServiceUnavailable,
+    TsctlError,
+    WorkerDied,
+)
+from tsctl.protocol import (
+    Batch,
+    Hello,
+    InitFailed,
+    Message,
+    ProtocolError,
+    Result,
+    Stop,
+    WireRequest,
+    encode,
+    read_message,
+)
+from tsctl.server.batching import Job, ModelQueue, next_batch
+
+log = logging.getLogger("tsctl.server")
+
+MAX_BACKOFF = 30.0
+_batch_ids = itertools.count(1)
+
+
+class WorkerStartFailed(TsctlError):
+    """A worker could not load its handler; the message carries the handler's own error."""
+
+    http_status = 500
+    type_name = "WorkerInitializationException"
+
+
+@dataclass(frozen=True)
+class Response:
+    """What a worker answered for one request."""
+
+    status: int
+    content_type: str
+    body: bytes | bytearray
+    headers: tuple[tuple[str, str], ...] = ()
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    batch_size: int
+    max_batch_delay: float  # ms
+    startup_timeout: float  # s
+    max_response_size: int
+    recycle_after_requests: int = 0  # 0 = never
+    recycle_above_rss_mb: int = 0  # 0 = never
+
+
+class WorkerProcess:
+    """One worker child and its socket."""
+
+    def __init__(self, worker_id: str, spec: dict[str, Any], log_fd: int, env: dict[str, str]):
+        self.worker_id = worker_id
+        self.spec = spec
+        self.log_fd = log_fd
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = time.time()
+        self.served = 0
+        self.state = "STARTING"
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._pending: asyncio.Future[Result] | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self.dead = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            spec = json.dumps({**self.spec, "fd": child.fileno(), "worker_id": self.worker_id})
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "tsctl.worker",
+                spec,
+                pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=self.log_fd,
+                stderr=self.log_fd,
+                env=self.env,
+            )
+        finally:
+            child.close()
+        self._reader, self._writer = await asyncio.open_connection(sock=parent)
+        timeout = float(self.spec.get("startup_timeout", 120))
+        try:
+            first: Message = await asyncio.wait_for(read_message(self._reader), timeout)
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+            code = await self._reap()
+            raise WorkerStartFailed(
+                f"worker {self.worker_id} exited during start-up (exit status {code})"
+            ) from None
+        except TimeoutError:
+            self.kill()
+            await self._reap()
+            raise WorkerStartFailed(
+                f"worker {self.worker_id} did not load its handler within {timeout:g} s"
+            ) from None
+        if isinstance(first, InitFailed):
+            await self._reap()
+            raise WorkerStartFailed(first.failure.message)
+        if not isinstance(first, Hello):
+            self.kill()
+            raise WorkerStartFailed(f"worker {self.worker_id} sent {type(first).__name__} first")
+        self.state = "READY"
+        self._reader_task = asyncio.create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                message = await read_message(self._reader)
+                pending = self._pending
+                if isinstance(message, Result) and pending is not None and not pending.done():
+                    pending.set_result(message)
+                else:
+                    log.warning("worker %s sent an unexpected %s", self.worker_id, message)
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
+            if not isinstance(exc, asyncio.IncompleteReadError):
+                log.error("worker %s: %s; stopping it", self.worker_id, exc)
+                self.kill()
+        finally:
+            code = await self._reap()
+            self.state = "DEAD"
+            if self._pending is not None and not self._pending.done():
+                self._pending.set_exception(
+                    WorkerDied(f"worker {self.worker_id} died (exit status {code})")
+                )
+            self.dead.set()
+
+    async def run(self, batch: Batch) -> Result:
+        """Send one batch and wait for its result; `WorkerDied` if the process goes away."""
+        if self.state != "READY" or self._writer is None:
+            raise WorkerDied(f"worker {self.worker_id} is not running")
+        self.state = "BUSY"
+        self._pending = asyncio.get_running_loop().create_future()
+        try:
+            self._writer.writelines(encode(batch))
+            await self._writer.drain()
+            return await self._pending
+        except ConnectionError:
+            raise WorkerDied(f"worker {self.worker_id} closed its connection") from None
+        finally:
+            self._pending = None
+            if self.state == "BUSY":
+                self.state = "READY"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    async def stop(self, timeout: float = 10) -> None:
+        """Ask the worker to exit; kill it if it does not within `timeout`."""
+        if self._writer is not None and self.state in ("READY", "BUSY"):
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                self._writer.writelines(encode(Stop("stop")))
+        self.state = "STOPPING"
+        try:
+            await asyncio.wait_for(self.dead.wait() if self._reader_task else self._reap(), timeout)
+        except TimeoutError:
+            self.kill()
+            await self._reap()
+
+    async def _reap(self) -> int | None:
+        if self.proc is None:
+            return None
+        code = await self.proc.wait()
+        if self._writer is not None:
+            self._writer.close()
+        return code
+
+    def rss_mb(self) -> float:
+        try:
+            with open(f"/proc/{self.pid}/statm", encoding="ascii") as fh:
+                pages = int(fh.read().split()[1])
+            return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+
+class WorkerPool:
+    """Keeps `target` workers of one model version serving its queue."""
+
+    def __init__(
+        self,
+        name: str,
+        queue: ModelQueue,
+        settings: PoolSettings,
+        make_worker: Callable[[str], WorkerProcess],
+    ) -> None:
+        self.name = name
+        self.queue = queue
+        self.settings = settings
+        self.make_worker = make_worker
+        self.target = 0
+        self.workers: list[WorkerProcess] = []
+        self._loops: dict[WorkerProcess, asyncio.Task[None]] = {}
+        self._ids = itertools.count(9000)
+        self._failures = 0
+        self._closed = False
+        self._restarts: set[asyncio.Task[None]] = set()
+
+    async def scale(self, target: int) -> None:
+        """Start or stop workers until `target` are running; raises if a new one fails."""
+        self.target = target
+        while len(self.workers) > target:
+            await self._retire(self.workers[-1])
+        starts = [self._start_one() for _ in range(target - len(self.workers))]
+        results = await asyncio.gather(*starts, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def _start_one(self) -> WorkerProcess:
+        worker = self.make_worker(f"{next(self._ids)}-{self.name}")
+        await worker.start()
+        if self._closed:
+            await worker.stop()
+            raise ServiceUnavailable(f"model {self.name} is being unloaded")
+        self.workers.append(worker)
+        self._loops[worker] = asyncio.create_task(self._serve(worker))
+        log.info("worker %s started (pid %s)", worker.worker_id, worker.pid)
+        return worker
+
+    async def _serve(self, worker: WorkerProcess) -> None:
+        settings = self.settings
+        replacement: asyncio.Task[WorkerProcess] | None = None
+        try:
+            while worker.state == "READY":
+                if replacement is not None and replacement.done():
+                    break
+                batch = await next_batch(self.queue, settings.batch_size, settings.max_batch_delay)
+                await self._dispatch(worker, batch)
+                if replacement is None and self._should_recycle(worker):
+                    log.info(
+                        "recycling worker %s after %d requests", worker.worker_id, worker.served
+                    )
+                    replacement = asyncio.create_task(self._start_one())
+        finally:
+            self._loops.pop(worker, None)
+            if worker in self.workers:
+                self.workers.remove(worker)
+        if worker.state == "DEAD" and not self._closed:
+            self._schedule_restart()
+        elif worker.state != "DEAD":
+            await worker.stop()
+
+    def _should_recycle(self, worker: WorkerProcess) -> bool:
+        s = self.settings
+        if s.recycle_after_requests and worker.served >= s.recycle_after_requests:
+            return True
+        return bool(s.recycle_above_rss_mb and worker.rss_mb() > s.recycle_above_rss_mb)
+
+    async def _dispatch(self, worker: WorkerProcess, jobs: list[Job]) -> None:
+        live = [job for job in jobs if not job.future.done()]
+        if not live:
+            return
+        batch = Batch(
+            next(_batch_ids),
+            [WireRequest(j.request.request_id, j.request.parts, j.request.headers) for j in live],
+        )
+        loop = asyncio.get_running_loop()
+        watchdog = loop.call_at(max(j.deadline for j in live), self._overdue, worker)
+        try:
+            result = await worker.run(batch)
+        except WorkerDied as exc:
+            _fail(live, exc)
+            return
+        finally:
+            watchdog.cancel()
+        worker.served += len(live)
+        self._failures = 0
+        if result.failure is not None:
+            _fail(live, PredictionFailed(result.failure.message))
+            return
+        limit = self.settings.max_response_size
+        for job, answer in zip(live, result.responses, strict=True):
+            if job.future.done():
+                continue
+            if answer.failure is not None:
+                job.future.set_exception(PredictionFailed(answer.failure.message))
+            elif len(answer.body) > limit:
+                job.future.set_exception(
+                    PredictionFailed(
+                        f"the response of {len(answer.body)} bytes exceeds "
+                        f"max_response_size ({limit})"
+                    )
+                )
+            else:
+                job.future.set_result(
+                    Response(
+                        answer.status,
+                        answer.content_type,
+                        answer.body,
+                        tuple(answer.headers),
+                        answer.reason,
+                    )
+                )
+
+    def _overdue(self, worker: WorkerProcess) -> None:
+        log.error("worker %s overran the response timeout; replacing it", worker.worker_id)
+        worker.kill()
+
+    def _schedule_restart(self) -> None:
+        if len(self.workers) + len(self._restarts) >= self.target:
+            return
+        delay = 0.0 if self._failures == 0 else min(MAX_BACKOFF, 2.0 ** (self._failures - 1))
+        self._failures += 1
+        task = asyncio.create_task(self._restart_after(delay))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart_after(self, delay: float) -> None:
+        if delay:
+            log.info("restarting a %s worker in %.0f s", self.name, delay)
+            await asyncio.sleep(delay)
+        if self._closed or len(self.workers) >= self.target:
+            return
+        try:
+            await self._start_one()
+        except TsctlError as exc:
+            log.error("restarting a %s worker failed: %s", self.name, exc)
+            self._schedule_restart_later()
+
+    def _schedule_restart_later(self) -> None:
+        # called from inside a restart task, which is still in self._restarts
+        delay = min(MAX_BACKOFF, 2.0**self._failures)
+        self._failures += 1
+        task = asyncio.create_task(self._restart_after(delay))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _retire(self, worker: WorkerProcess) -> None:
+        """Stop one worker after its current batch; an idle one stops at once."""
+        self.workers.remove(worker)
+        loop_task = self._loops.get(worker)
+        if loop_task is not None and worker.state == "READY":
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+        elif loop_task is not None:
+            worker.state = "RETIRING"
+            await asyncio.gather(loop_task, return_exceptions=True)
+        await worker.stop()
+
+    async def close(self, error: TsctlError) -> None:
+        """Stop every worker (after in-flight batches) and fail what is still queued."""
+        self._closed = True
+        for task in list(self._restarts):
+            task.cancel()
+        await asyncio.gather(*(self._retire(w) for w in list(self.workers)))
+        self.queue.drop_all(error)
+
+
+def _fail(jobs: list[Job], error: Exception) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(error)
+
+
+def expire(job: Job, timeout: float) -> None:
+    """A job's deadline passed: answer it with a timeout, wherever it is."""
+    if not job.future.done():
+        job.future.set_exception(
+            InferenceTimeout(f"no answer within the response timeout of {timeout:g} s")
+        )

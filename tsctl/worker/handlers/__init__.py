@@ -1,0 +1,1 @@
+"""Built-in handlers, selectable by name with `tsctl archive --handler NAME`."""

@@ -1,0 +1,93 @@
+"""Run one batch through the handler and turn its answers into wire responses.
+
+Inputs are decoded as TorchServe does: a part whose content type is `application/json` becomes
+the parsed object, `text/*` a `str`, anything else stays a `bytearray`. Each answer becomes
+bytes: `bytes`/`bytearray` as they are, `str` as UTF-8, anything else as JSON. A handler that
+raises, or returns the wrong number of answers, fails the whole batch with a message saying
+which; an answer that cannot be serialised fails only its own request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from tsctl.protocol import Batch, Failure, Part, Result, WireResponse
+from tsctl.worker.context import Context, RequestProcessor
+from tsctl.worker.loader import Entry
+
+log = logging.getLogger("tsctl.worker")
+
+
+def decode_value(part: Part) -> Any:
+    media = part.content_type.split(";", 1)[0].strip().lower()
+    data = part.data
+    if media == "application/json":
+        try:
+            return json.loads(bytes(data))
+        except ValueError:
+            return data
+    if media.startswith("text"):
+        try:
+            return bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            return data
+    return data
+
+
+class Service:
+    """A loaded handler and its context; `run` is called once per batch."""
+
+    def __init__(self, entry: Entry, context: Context) -> None:
+        self.entry = entry
+        self.context = context
+
+    def run(self, batch: Batch) -> Result:
+        rows = [{p.name: decode_value(p) for p in request.parts} for request in batch.requests]
+        context = self.context
+        context.request_ids = {i: r.request_id for i, r in enumerate(batch.requests)}
+        context.request_processor = [RequestProcessor(dict(r.headers)) for r in batch.requests]
+        started = time.perf_counter()
+        try:
+            answers = self.entry(rows, context)
+        except Exception as exc:
+            log.error("handler raised on a batch of %d:\n%s", len(rows), traceback.format_exc())
+            message = f"{type(exc).__name__}: {exc}"
+            return Result(batch.batch_id, failure=Failure("HandlerError", message))
+        elapsed = (time.perf_counter() - started) * 1000
+        if isinstance(answers, (str, bytes, bytearray)) or not isinstance(answers, Sequence):
+            message = f"handler returned {type(answers).__name__}, expected a list of {len(rows)}"
+            return Result(
+                batch.batch_id, failure=Failure("BadHandlerOutput", message), handler_ms=elapsed
+            )
+        if len(answers) != len(rows):
+            message = f"handler returned {len(answers)} results for a batch of {len(rows)} requests"
+            return Result(
+                batch.batch_id, failure=Failure("BadHandlerOutput", message), handler_ms=elapsed
+            )
+        responses = [self._response(i, answer) for i, answer in enumerate(answers)]
+        return Result(batch.batch_id, responses, handler_ms=elapsed)
+
+    def _response(self, idx: int, answer: Any) -> WireResponse:
+        processor = self.context.request_processor[idx]
+        headers = processor.get_response_headers()
+        content_type = headers.get("content-type") or headers.get("Content-Type") or ""
+        extra = [(k, v) for k, v in headers.items() if k.lower() != "content-type"]
+        status = processor.get_response_status_code()
+        reason = processor.get_response_status_phrase() or ""
+        if isinstance(answer, (bytes, bytearray)):
+            body = answer
+        elif isinstance(answer, str):
+            body = answer.encode("utf-8")
+        else:
+            try:
+                body = json.dumps(answer, indent=2).encode("utf-8")
+            except (TypeError, ValueError) as exc:
+                message = f"handler output for request {idx} is not serialisable: {exc}"
+                return WireResponse(failure=Failure("BadHandlerOutput", message))
+            content_type = content_type or "application/json"
+        return WireResponse(status, content_type, body, extra, reason)
