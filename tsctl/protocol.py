@@ -226,13 +226,12 @@ async def read_message(reader: asyncio.StreamReader) -> Message:
     """Read one message on the event loop; raises `asyncio.IncompleteReadError` at EOF."""
     kind, meta_len, payload_len = _parse_prefix(await reader.readexactly(PREFIX.size))
     meta = _parse_meta(await reader.readexactly(meta_len), payload_len)
+    payload = memoryview(await reader.readexactly(payload_len) if payload_len else b"")
     segments: list[bytes] = []
-    if payload_len:
-        payload = memoryview(await reader.readexactly(payload_len))
-        offset = 0
-        for n in meta["lens"]:
-            segments.append(payload[offset : offset + n].tobytes())
-            offset += n
+    offset = 0
+    for n in meta["lens"]:
+        segments.append(payload[offset : offset + n].tobytes())
+        offset += n
     return decode(kind, meta, segments)
 
 

@@ -3,8 +3,8 @@
 Semantics are TorchServe's: an idle worker takes the first waiting job, then waits at most
 `max_batch_delay` for up to `batch_size` jobs, then sends the batch. One difference: it stops
 waiting as soon as no more requests are likely to come. The queue remembers, per client
-connection ("source"), when its last answer went out; a connection answered recently that has
-nothing in flight is likely to send again at once (a closed-loop client), so it is worth
+connection ("source"), when its last answer went out; an open connection answered recently
+that has nothing in flight is likely to send again at once (a closed-loop client), so it is worth
 waiting for. When there is no such connection, waiting can only add latency (a lone client at
 concurrency 1 gets its answer without the `max_batch_delay` penalty TorchServe charges).
 
@@ -77,8 +77,8 @@ class ModelQueue:
         self._answered.pop(source, None)
 
     def likely_arrivals(self, now: float) -> int:
-        """Connections answered within the window that have nothing in flight."""
-        stale = [s for s, t in self._answered.items() if now - t > SOURCE_WINDOW]
+        """Open connections answered within the window that have nothing in flight."""
+        stale = [s for s, t in self._answered.items() if now - t > SOURCE_WINDOW or _closed(s)]
         for source in stale:
             del self._answered[source]
         return len(self._answered)
@@ -118,6 +118,12 @@ class ModelQueue:
             if not waiter.done():
                 waiter.cancel()
         return bool(self._jobs)
+
+
+def _closed(source: Hashable) -> bool:
+    """A source that can tell (a tornado IOStream) and whose connection is closed."""
+    closed = getattr(source, "closed", None)
+    return bool(closed()) if callable(closed) else False
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

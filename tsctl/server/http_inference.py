@@ -12,7 +12,7 @@ from typing import Any
 
 import tornado.web
 from tornado.http1connection import HTTP1Connection
-from tornado.httputil import HTTPFile, parse_body_arguments
+from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
 from tsctl.errors import BadRequest, RequestTooLarge, ServiceUnavailable
 from tsctl.protocol import Part
@@ -22,6 +22,8 @@ from tsctl.server.openapi import inference_api_description
 from tsctl.server.state import ServerState
 
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+#: how far past max_request_size a body is still read (and discarded) to answer 413 cleanly
+DISCARD_LIMIT = 64 << 20
 
 
 class PingHandler(ApiHandler):
@@ -58,15 +60,18 @@ class PredictionsHandler(ApiHandler):
         self._counted = True
         self.mv = state.registry.get(*self.path_args)
         limit = state.config.max_request_size
-        declared = self.request.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        declared = self.request.headers.get("Content-Length", "")
+        size = int(declared) if declared.isdigit() else 0
+        if size > limit + DISCARD_LIMIT:
+            # too big to read and throw away: answer now and close the connection
             self.set_header("Connection", "close")
             raise RequestTooLarge(
-                f"request body of {declared} bytes exceeds max_request_size ({limit})"
+                f"request body of {size} bytes exceeds max_request_size ({limit})"
             )
         connection = self.request.connection
         if isinstance(connection, HTTP1Connection):
-            connection.set_max_body_size(limit + 1)
+            # a body a little too large is read and discarded, so the client sees the 413
+            connection.set_max_body_size(limit + DISCARD_LIMIT)
 
     def data_received(self, chunk: bytes) -> None:
         self._size += len(chunk)
@@ -115,7 +120,10 @@ class PredictionsHandler(ApiHandler):
             return parts
         arguments: dict[str, list[bytes]] = {}
         files: dict[str, list[HTTPFile]] = {}
-        parse_body_arguments(content_type, body, arguments, files, self.request.headers)
+        try:
+            parse_body_arguments(content_type, body, arguments, files, self.request.headers)
+        except HTTPInputError as exc:
+            raise BadRequest(f"malformed {content_type.split(';')[0]} body: {exc}") from None
         if not arguments and not files and body:
             raise BadRequest(f"could not parse the {content_type.split(';')[0]} body")
         for name, values in arguments.items():
