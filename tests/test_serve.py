@@ -275,10 +275,14 @@ def test_client_disconnect_does_not_disturb_others(server: Server) -> None:
     host, port = server.inference.removeprefix("http://").split(":")
     before = ok(server)["pid"]
     # a request that is slow, then a client that vanishes while its request waits behind it
+    marker = server.root / "busy.marker"
+    marker.unlink(missing_ok=True)
     slow = threading.Thread(
-        target=server.predict, args=("swiss", {"action": "sleep", "seconds": 1})
+        target=server.predict,
+        args=("swiss", {"action": "sleep", "seconds": 1, "marker": str(marker)}),
     )
     slow.start()
+    server.wait_for(marker.exists)  # the only worker is now busy with the slow request
     gone = socket.create_connection((host, int(port)))
     payload = json.dumps({"action": "die"}).encode()
     gone.sendall(
@@ -289,6 +293,8 @@ def test_client_disconnect_does_not_disturb_others(server: Server) -> None:
     gone.close()  # had it reached the worker, it would have killed it
     slow.join()
     assert ok(server)["pid"] == before  # the abandoned "die" request never ran
+    access = (server.log_dir / "access_log.log").read_text()
+    assert '"POST /predictions/swiss HTTP/1.1" 499' in access
 
 
 def test_access_log_and_model_log(server: Server) -> None:

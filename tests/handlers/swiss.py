@@ -19,6 +19,9 @@ def handle(data, context):
         if action == "die":
             os._exit(3)
         if action == "sleep":
+            if "marker" in command:  # tells a test that the handler is now busy
+                with open(command["marker"], "w") as fh:
+                    fh.write("sleeping")
             time.sleep(command["seconds"])
         if action == "status":
             context.set_response_status(201, "Created", i)

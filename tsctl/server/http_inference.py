@@ -98,6 +98,7 @@ class PredictionsHandler(ApiHandler):
         try:
             response = await self._pending.result()
         except ClientGone:
+            self.set_status(499, "Client Closed Request")  # for the access log (nginx's code)
             return
         self.set_status(response.status, response.reason or _reason(response.status))
         if response.content_type:
