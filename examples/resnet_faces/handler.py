@@ -1,7 +1,8 @@
 """Handler for resnet_faces, written against TorchServe's handler contract.
 
-Each item of `data` is one image (a raw request body, or one multipart file); the answer for
-each is a list of 136 floats: 68 landmarks as (x, y) pairs. No numpy and no torchvision: PIL
+Each request holds one or more images (the raw body, or one multipart file each); each image's
+answer is a list of 136 floats: 68 landmarks as (x, y) pairs. A request with several images
+gets a list of such lists, in order. No numpy and no torchvision: PIL
 decodes, torch resizes and normalises.
 """
 
@@ -22,6 +23,7 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 class ResNetFacesHandler:
     def __init__(self) -> None:
         self.model: torch.jit.ScriptModule | None = None
+        self.counts: list[int] = []
 
     def initialize(self, context: Any) -> None:
         model_dir = context.system_properties["model_dir"]
@@ -30,22 +32,28 @@ class ResNetFacesHandler:
         self.model.eval()
 
     def preprocess(self, data: list[dict[str, Any]]) -> torch.Tensor:
+        """Every image of every request, stacked; `self.counts` remembers which is whose."""
+        self.counts = []
         images = []
         for row in data:
-            raw = row.get("data") or row.get("body")
-            if raw is None and row:
-                raw = next(iter(row.values()))
-            if isinstance(raw, str):
-                raw = raw.encode("latin-1")
-            images.append(_to_tensor(Image.open(io.BytesIO(raw))))
+            raws = [v for v in row.values() if isinstance(v, (bytes, bytearray))]
+            if not raws:
+                raise ValueError("send images as the request body or as multipart files")
+            self.counts.append(len(raws))
+            images.extend(_to_tensor(Image.open(io.BytesIO(raw))) for raw in raws)
         return torch.stack(images)
 
-    def handle(self, data: list[dict[str, Any]], context: Any) -> list[list[float]]:
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         assert self.model is not None, "initialize() was not called"
         batch = self.preprocess(data)
         with torch.inference_mode():
             out = self.model(batch)
-        return [[round(v, 5) for v in row] for row in out.tolist()]
+        rows = [[round(v, 5) for v in row] for row in out.tolist()]
+        answers: list[Any] = []
+        for count in self.counts:  # one image: 136 floats; several: a list of them
+            mine, rows = rows[:count], rows[count:]
+            answers.append(mine[0] if count == 1 else mine)
+        return answers
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

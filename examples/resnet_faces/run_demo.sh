@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job, end to end and offline: build the (untrained) resnet_faces model,
-# make sample images, archive the model into model_store/, and show what went in.
+# make sample images, archive the model, start the server, send two images in one request,
+# print the answer (2 x 136 floats), stop the server.
 # Run through `make demo`, which puts the project's .venv first on PATH.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,4 +12,18 @@ mkdir -p model_store
 tsctl archive --model-name resnet_faces --version 1.0 \
     --serialized-file resnet_faces.pt --handler handler.py \
     --export-path model_store -f
-tsctl archive inspect model_store/resnet_faces.mar
+
+# a state dir of our own, so the demo never touches another tsctl the user runs
+export TMPDIR="${TMPDIR:-/tmp}/tsctl-demo-$$"
+mkdir -p "$TMPDIR"
+trap 'tsctl serve stop >/dev/null 2>&1 || true; rm -rf "$TMPDIR"' EXIT
+
+tsctl serve start --ncs --model-store model_store --models resnet_faces.mar
+tsctl infer resnet_faces images/face_a.jpg,images/face_b.jpg | python -c '
+import json, sys
+answer = json.load(sys.stdin)
+for name, face in zip(("face_a.jpg", "face_b.jpg"), answer):
+    print(f"{name}: {len(face)} floats (68 landmarks as x, y):")
+    print(" ".join(f"{v:.4f}" for v in face))
+'
+tsctl serve stop
