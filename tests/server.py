@@ -138,6 +138,16 @@ class Server:
     def model_log(self) -> str:
         return (self.log_dir / "model_log.log").read_text()
 
+    def access_line(self, needle: str) -> str:
+        """The last access-log line containing `needle`, waiting for it to be written."""
+        path = self.log_dir / "access_log.log"
+
+        def lines() -> list[str]:
+            return [line for line in path.read_text().splitlines() if needle in line]
+
+        self.wait_for(lambda: bool(lines()))
+        return lines()[-1]
+
     def wait_for(self, predicate: Any, timeout: float = 30) -> None:
         """Poll until `predicate()` is true (a readiness wait, not a sleep)."""
         deadline = time.monotonic() + timeout

@@ -24,6 +24,41 @@ NOT_FOUND_MESSAGE = "Requested resource is not found, please refer to API docume
 NOT_ALLOWED_MESSAGE = "Requested method is not allowed, please refer to API document."
 
 
+def new_request_id(incoming: str | None) -> str:
+    """The client's `x-request-id` when it is sane, else a fresh UUID."""
+    return incoming if incoming and _CLIENT_ID.match(incoming) else str(uuid.uuid4())
+
+
+def base_headers(request_id: str) -> dict[str, str]:
+    """Headers on every response, as TorchServe sends them."""
+    return {
+        "x-request-id": request_id,
+        "Cache-Control": "no-cache; no-store, must-revalidate, private",
+        "Pragma": "no-cache",
+    }
+
+
+def error_response(exc: BaseException | None) -> tuple[int, bytes, dict[str, str]]:
+    """The one error funnel: (status, JSON body, extra headers) for any exception.
+
+    A `TsctlError` shows its own message; anything else is a 500 whose details stay in the
+    server log, never in the answer.
+    """
+    headers: dict[str, str] = dict(getattr(exc, "headers", {}))
+    if isinstance(exc, TsctlError):
+        code, kind, message = exc.http_status, exc.type_name, exc.message
+    elif isinstance(exc, tornado.web.HTTPError) and exc.status_code == 405:
+        code, kind, message = 405, MethodNotAllowed.type_name, NOT_ALLOWED_MESSAGE
+    elif isinstance(exc, tornado.web.HTTPError) and exc.status_code < 500:
+        code, kind = exc.status_code, "BadRequestException"
+        message = exc.log_message or exc.reason or "bad request"
+    else:
+        code, kind = 500, "InternalServerException"
+        message = "internal server error; the server log (ts_log.log) has the details"
+    body = json.dumps({"code": code, "type": kind, "message": message}, indent=2).encode()
+    return code, body, headers
+
+
 class ApiHandler(tornado.web.RequestHandler):
     """Base handler: `x-request-id` on every response and errors in TorchServe's shape."""
 
@@ -31,11 +66,9 @@ class ApiHandler(tornado.web.RequestHandler):
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")
-        incoming = self.request.headers.get("x-request-id", "")
-        self.request_id = incoming if _CLIENT_ID.match(incoming) else str(uuid.uuid4())
-        self.set_header("x-request-id", self.request_id)
-        self.set_header("Cache-Control", "no-cache; no-store, must-revalidate, private")
-        self.set_header("Pragma", "no-cache")
+        self.request_id = new_request_id(self.request.headers.get("x-request-id"))
+        for name, value in base_headers(self.request_id).items():
+            self.set_header(name, value)
 
     def write_json(self, doc: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -43,22 +76,12 @@ class ApiHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(doc, indent=2))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, TsctlError):
-            code, kind, message = exc.http_status, exc.type_name, exc.message
-        elif isinstance(exc, tornado.web.HTTPError) and exc.status_code == 405:
-            code, kind, message = 405, MethodNotAllowed.type_name, NOT_ALLOWED_MESSAGE
-        elif isinstance(exc, tornado.web.HTTPError) and exc.status_code < 500:
-            code, kind = exc.status_code, "BadRequestException"
-            message = exc.log_message or self._reason
-        else:
-            code, kind = 500, "InternalServerException"
-            message = "internal server error; the server log (ts_log.log) has the details"
+        code, body, headers = error_response(kwargs.get("exc_info", (None, None, None))[1])
         self.set_status(code)
         self.set_header("Content-Type", "application/json")
-        for name, value in getattr(exc, "headers", {}).items():
+        for name, value in headers.items():
             self.set_header(name, value)
-        self.finish(json.dumps({"code": code, "type": kind, "message": message}, indent=2))
+        self.finish(body)
 
     def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -79,15 +102,18 @@ class NotFoundHandler(ApiHandler):
         raise NotFound(NOT_FOUND_MESSAGE)
 
 
-def log_request(handler: tornado.web.RequestHandler) -> None:
+def log_access(ip: str | None, method: str, uri: str, version: str, status: int, ms: float) -> None:
     """The access log: one line per request, TorchServe's `ACCESS_LOG` layout."""
+    access_log.info('/%s "%s %s %s" %d %.0f', ip, method, uri, version, status, ms)
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
     request = handler.request
-    access_log.info(
-        '/%s "%s %s HTTP/%s" %d %.0f',
+    log_access(
         request.remote_ip,
-        request.method,
-        request.uri,
-        request.version.removeprefix("HTTP/"),
+        request.method or "",
+        request.uri or "",
+        request.version,
         handler.get_status(),
         request.request_time() * 1000,
     )

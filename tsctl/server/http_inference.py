@@ -1,29 +1,48 @@
 """The REST inference API (TorchServe's paths): ping, predictions, and the API description.
 
-Runs on the daemon's event loop. Prediction bodies are streamed in (so an oversized body gets
-a 413 from its Content-Length before it is read), joined once, parsed into parts, and sent
-down the shared request path in `tsctl.server.inference`.
+Runs on the daemon's event loop. `POST`/`PUT /predictions/...`, the hot path, skips tornado's
+`RequestHandler` machinery: `InferenceRouter` hands those requests to a `PredictionDelegate`
+that receives the body chunks itself (so an oversized body gets its 413 from the
+Content-Length, before it is read), joins them once, parses them into parts, sends them down
+the shared request path in `tsctl.server.inference`, and writes the answer straight to the
+connection. Every other path goes through an ordinary tornado `Application`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+import time
+from http import HTTPStatus
 from typing import Any
 
 import tornado.web
+from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
+from tornado.routing import Router
 
-from tsctl.errors import BadRequest, RequestTooLarge, ServiceUnavailable
+from tsctl.errors import BadRequest, RequestTooLarge, ServiceUnavailable, TsctlError
 from tsctl.protocol import Part
-from tsctl.server.http_common import ApiHandler, NotFoundHandler, log_request
+from tsctl.server.http_common import (
+    ApiHandler,
+    NotFoundHandler,
+    base_headers,
+    error_response,
+    log,
+    log_access,
+    log_request,
+    new_request_id,
+)
 from tsctl.server.inference import ClientGone, InferenceRequest, Pending
 from tsctl.server.openapi import inference_api_description
+from tsctl.server.registry import ModelVersion
 from tsctl.server.state import ServerState
 
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 #: how far past max_request_size a body is still read (and discarded) to answer 413 cleanly
 DISCARD_LIMIT = 64 << 20
+_PREDICTIONS = re.compile(r"^/predictions/([^/]+)(?:/([^/]+))?/?$")
 
 
 class PingHandler(ApiHandler):
@@ -39,82 +58,162 @@ class DescriptionHandler(ApiHandler):
         self.get()
 
 
-@tornado.web.stream_request_body
-class PredictionsHandler(ApiHandler):
-    def initialize(self, state: ServerState) -> None:
-        self.state = state
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._too_large = False
-        self._pending: Pending | None = None
-        self._counted = False
+class PredictionsOtherMethods(ApiHandler):
+    """`/predictions/...` with a method other than POST or PUT: TorchServe's 405."""
 
-    def prepare(self) -> None:
-        state = self.state
-        if self.request.method not in ("POST", "PUT"):
-            return  # tornado answers 405 through write_error
-        if state.draining:
-            raise ServiceUnavailable("the server is shutting down")
+
+class PredictionDelegate(httputil.HTTPMessageDelegate):
+    """One prediction request, from its headers to the answer written on the connection."""
+
+    def __init__(self, state: ServerState, request: httputil.HTTPServerRequest, args: Any):
+        self.state = state
+        self.request = request
+        assert request.connection is not None
+        self.connection: httputil.HTTPConnection = request.connection
+        self.model, self.version = args
+        self.request_id = new_request_id(request.headers.get("x-request-id"))
+        self.started = time.perf_counter()
         self.arrival = asyncio.get_running_loop().time()
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.error: TsctlError | None = None
+        self.mv: ModelVersion | None = None
+        self.pending: Pending | None = None
+        self.answered = False
         state.request_started()
-        self._counted = True
-        self.mv = state.registry.get(*self.path_args)
+        # called if the client disconnects, also while the answer is being computed
+        self.connection.set_close_callback(self.on_connection_close)
+
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> None:
+        state = self.state
+        try:
+            if state.draining:
+                raise ServiceUnavailable("the server is shutting down")
+            self.mv = state.registry.get(self.model, self.version)
+        except TsctlError as exc:
+            self.error = exc
         limit = state.config.max_request_size
-        declared = self.request.headers.get("Content-Length", "")
+        declared = headers.get("Content-Length", "")
         size = int(declared) if declared.isdigit() else 0
         if size > limit + DISCARD_LIMIT:
-            # too big to read and throw away: answer now and close the connection
-            self.set_header("Connection", "close")
-            raise RequestTooLarge(
-                f"request body of {size} bytes exceeds max_request_size ({limit})"
+            # too big to read and throw away: answer now; tornado then closes the connection
+            self._answer_error(
+                RequestTooLarge(f"request body of {size} bytes exceeds max_request_size ({limit})")
             )
-        connection = self.request.connection
-        if isinstance(connection, HTTP1Connection):
+            return
+        if isinstance(self.connection, HTTP1Connection):
             # a body a little too large is read and discarded, so the client sees the 413
-            connection.set_max_body_size(limit + DISCARD_LIMIT)
+            self.connection.set_max_body_size(limit + DISCARD_LIMIT)
 
     def data_received(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size > self.state.config.max_request_size:
-            self._too_large = True
-            self._chunks.clear()
-        elif not self._too_large:
-            self._chunks.append(chunk)
-
-    async def post(self, model: str, version: str | None = None) -> None:
-        if self._too_large:
-            limit = self.state.config.max_request_size
-            raise RequestTooLarge(f"request body exceeds max_request_size ({limit})")
-        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks = []
-        request = InferenceRequest(
-            self.request_id,
-            self._parts(body),
-            list(self.request.headers.get_all()),
-            self.arrival,
-        )
-        stream = getattr(self.request.connection, "stream", None)
-        self._pending = Pending(self.mv, request, stream)
-        try:
-            response = await self._pending.result()
-        except ClientGone:
-            self.set_status(499, "Client Closed Request")  # for the access log (nginx's code)
+        self.size += len(chunk)
+        if self.error is not None or self.answered:
             return
-        self.set_status(response.status, response.reason or _reason(response.status))
-        if response.content_type:
-            self.set_header("Content-Type", response.content_type)
-        for name, value in response.headers:
-            self.set_header(name, value)
-        self.finish(bytes(response.body) if isinstance(response.body, bytearray) else response.body)
+        if self.size > self.state.config.max_request_size:
+            limit = self.state.config.max_request_size
+            self.error = RequestTooLarge(f"request body exceeds max_request_size ({limit})")
+            self.chunks.clear()
+            return
+        self.chunks.append(chunk)
 
-    put = post
+    def finish(self) -> None:
+        if self.answered:
+            return
+        if self.error is not None:
+            self._answer_error(self.error)
+            return
+        chunks, self.chunks = self.chunks, []
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            assert self.mv is not None
+            request = InferenceRequest(
+                self.request_id,
+                self._parts(body),
+                list(self.request.headers.get_all()),
+                self.arrival,
+            )
+            stream = getattr(self.connection, "stream", None)
+            self.pending = Pending(self.mv, request, stream)
+        except TsctlError as exc:
+            self._answer_error(exc)
+            return
+        self.state.track(asyncio.ensure_future(self._respond(self.pending)))
+
+    async def _respond(self, pending: Pending) -> None:
+        try:
+            response = await pending.result()
+        except ClientGone:
+            self._done(499)  # nginx's "client closed request", for the access log
+            return
+        except TsctlError as exc:
+            self._answer_error(exc)
+            return
+        except Exception as exc:
+            log.exception("unexpected error answering request %s", self.request_id)
+            self._answer_error(exc)
+            return
+        headers = base_headers(self.request_id)
+        if response.content_type:
+            headers["Content-Type"] = response.content_type
+        headers.update(response.headers)
+        self._write(
+            response.status, response.reason or _reason(response.status), headers, response.body
+        )
+
+    def _answer_error(self, exc: BaseException) -> None:
+        status, body, extra = error_response(exc)
+        headers = {**base_headers(self.request_id), "Content-Type": "application/json", **extra}
+        self._write(status, _reason(status), headers, body)
+
+    def _write(
+        self, status: int, reason: str, headers: dict[str, str], body: bytes | bytearray
+    ) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        headers["Content-Length"] = str(len(body))
+        try:
+            self.connection.write_headers(
+                httputil.ResponseStartLine("HTTP/1.1", status, reason),
+                httputil.HTTPHeaders(headers),
+                bytes(body) if isinstance(body, bytearray) else body,
+            )
+            self.connection.finish()
+        except Exception:  # the client went away while we wrote: nothing more to do
+            log.debug("could not write the answer to %s", self.request_id)
+        self._done(status)
+
+    def _done(self, status: int) -> None:
+        self.answered = True
+        request = self.request
+        elapsed = (time.perf_counter() - self.started) * 1000
+        log_access(
+            request.remote_ip,
+            request.method or "",
+            request.uri or "",
+            request.version,
+            status,
+            elapsed,
+        )
+        self.state.request_finished()
+
+    def on_connection_close(self) -> None:
+        if self.pending is not None:
+            self.pending.abandon()
+        elif not self.answered:
+            self._done(499)
 
     def _parts(self, body: bytes) -> list[Part]:
-        content_type = self.request.headers.get("Content-Type", "")
+        headers = self.request.headers
+        content_type = headers.get("Content-Type", "")
         parts = [
-            Part(name, "", value.encode())
+            Part(name, "", value)
             for name, values in self.request.query_arguments.items()
-            for value in (v.decode("utf-8", "replace") for v in values)
+            for value in values
         ]
         if content_type.split(";", 1)[0].strip().lower() not in _FORM_TYPES:
             parts.append(Part("body", content_type, body))
@@ -122,7 +221,7 @@ class PredictionsHandler(ApiHandler):
         arguments: dict[str, list[bytes]] = {}
         files: dict[str, list[HTTPFile]] = {}
         try:
-            parse_body_arguments(content_type, body, arguments, files, self.request.headers)
+            parse_body_arguments(content_type, body, arguments, files, headers)
         except HTTPInputError as exc:
             raise BadRequest(f"malformed {content_type.split(';')[0]} body: {exc}") from None
         if not arguments and not files and body:
@@ -133,36 +232,40 @@ class PredictionsHandler(ApiHandler):
             parts.extend(Part(name, f.content_type or "", f.body) for f in uploads)
         return parts
 
-    def on_connection_close(self) -> None:
-        if self._pending is not None:
-            self._pending.abandon()
-
-    def on_finish(self) -> None:
-        if self._counted:
-            self.state.request_finished()
-            self._counted = False
-
 
 def _reason(status: int) -> str:
-    from http import HTTPStatus
-
     try:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
 
 
-def make_app(state: ServerState) -> tornado.web.Application:
-    kwargs: dict[str, Any] = {"state": state}
-    return tornado.web.Application(
-        [
-            (r"/ping", PingHandler),
-            (r"/api-description", DescriptionHandler),
-            (r"/", DescriptionHandler),
-            (r"/predictions/([^/]+)", PredictionsHandler, kwargs),
-            (r"/predictions/([^/]+)/([^/]+)", PredictionsHandler, kwargs),
-        ],
-        default_handler_class=NotFoundHandler,
-        log_function=log_request,
-        compress_response=False,
-    )
+class InferenceRouter(Router):
+    """Predictions go to `PredictionDelegate`; everything else to the tornado application."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.app = tornado.web.Application(
+            [
+                (r"/ping", PingHandler),
+                (r"/api-description", DescriptionHandler),
+                (r"/", DescriptionHandler),
+                (r"/predictions/.*", PredictionsOtherMethods),
+            ],
+            default_handler_class=NotFoundHandler,
+            log_function=log_request,
+            compress_response=False,
+        )
+
+    def find_handler(
+        self, request: httputil.HTTPServerRequest, **kwargs: Any
+    ) -> httputil.HTTPMessageDelegate | None:
+        if request.method in ("POST", "PUT"):
+            match = _PREDICTIONS.match(request.path)
+            if match:
+                return PredictionDelegate(self.state, request, match.groups())
+        return self.app.find_handler(request, **kwargs)
+
+
+def make_app(state: ServerState) -> InferenceRouter:
+    return InferenceRouter(state)

@@ -7,6 +7,7 @@ handler timings, `ts_metrics.log` periodic system metrics. Set up once at daemon
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -15,10 +16,52 @@ from pathlib import Path
 FORMAT = "%(asctime)s [%(levelname)-5s] %(name)s - %(message)s"
 
 
-def _file_logger(name: str, path: Path, fmt: str, propagate: bool = False) -> logging.Logger:
+class DeferredHandler(logging.Handler):
+    """Buffers records and writes them to `target` shortly after, in one go.
+
+    For logs written on every request (the access log): a write per request costs the event
+    loop more than the request's own routing. On the loop, records wait at most `delay`
+    seconds; off the loop (start-up, shutdown) they are written at once.
+    """
+
+    def __init__(self, target: logging.Handler, delay: float = 0.1) -> None:
+        super().__init__()
+        self.target = target
+        self.delay = delay
+        self.buffer: list[logging.LogRecord] = []
+        self.scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.buffer.append(record)
+        if self.scheduled:
+            return
+        try:
+            asyncio.get_running_loop().call_later(self.delay, self.flush)
+            self.scheduled = True
+        except RuntimeError:
+            self.flush()
+
+    def flush(self) -> None:
+        self.scheduled = False
+        records, self.buffer = self.buffer, []
+        for record in records:
+            self.target.handle(record)
+        self.target.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.target.close()
+        super().close()
+
+
+def _file_logger(
+    name: str, path: Path, fmt: str, propagate: bool = False, deferred: bool = False
+) -> logging.Logger:
     logger = logging.getLogger(name)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(fmt))
+    if deferred:
+        handler = DeferredHandler(handler)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = propagate

@@ -17,6 +17,12 @@ class ServerState:
     draining: bool = False
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: set[asyncio.Future[None]] = field(default_factory=set)
+
+    def track(self, task: asyncio.Future[None]) -> None:
+        """Hold a background task until it is done (the loop keeps only weak references)."""
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def request_started(self) -> None:
         self.in_flight += 1
