@@ -81,8 +81,9 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         self.pending: Pending | None = None
         self.answered = False
         state.request_started()
-        # called if the client disconnects, also while the answer is being computed
-        self.connection.set_close_callback(self.on_connection_close)
+        if isinstance(self.connection, HTTP1Connection):
+            # called if the client disconnects, also while the answer is being computed
+            self.connection.set_close_callback(self.on_connection_close)
 
     def headers_received(
         self,
