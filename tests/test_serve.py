@@ -323,3 +323,67 @@ def test_daemon_does_not_load_torch(server: Server) -> None:
     assert server.info is not None
     maps = Path(f"/proc/{server.info.pid}/maps").read_text()
     assert "libtorch" not in maps
+
+
+@pytest.fixture(scope="module")
+def small_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("queue"), properties={"job_queue_size": 2})
+    make_archive(srv.store, "swiss", "swiss")
+    make_archive(srv.store, "recycled", "swiss", config={"recycleAfterRequests": 3})
+    make_archive(srv.store, "fat", "swiss", config={"recycleAboveRssMb": 1})
+    srv.start("swiss.mar", "recycled.mar", "fat.mar")
+    yield srv
+    srv.stop()
+
+
+def test_queue_full_is_503_with_retry_after(small_queue: Server) -> None:
+    srv = small_queue
+    marker = srv.root / "busy"
+    results: list[int] = []
+
+    def call(body: dict[str, object]) -> None:
+        results.append(srv.predict("swiss", body).status)
+
+    busy = threading.Thread(
+        target=call, args=({"action": "sleep", "seconds": 1, "marker": str(marker)},)
+    )
+    busy.start()
+    srv.wait_for(marker.exists)  # the worker is busy; now fill the queue (2 places)
+    waiting = [threading.Thread(target=call, args=({"action": "echo"},)) for _ in range(2)]
+    for t in waiting:
+        t.start()
+    srv.wait_for(
+        lambda: (
+            srv.request("GET", "/models/swiss", api="management").json()[0]["jobQueueStatus"][
+                "pendingRequests"
+            ]
+            == 2
+        )
+    )
+    response = srv.predict("swiss", {"action": "echo"})
+    assert_error(response, 503, "ServiceUnavailableException", "queue is full")
+    assert response.headers["retry-after"] == "1"
+    for t in [busy, *waiting]:
+        t.join()
+    assert sorted(results) == [200, 200, 200]  # the queued ones were served
+    ok(srv)
+
+
+def test_workers_recycled_after_n_requests_lose_nothing(small_queue: Server) -> None:
+    pids: list[object] = []
+    # every request succeeds while workers are replaced underneath (recycleAfterRequests: 3)
+    small_queue.wait_for(
+        lambda: pids.append(ok(small_queue, "recycled")["pid"]) or len(set(pids)) >= 3
+    )
+
+    def workers() -> list[dict[str, object]]:
+        doc = small_queue.request("GET", "/models/recycled", api="management").json()
+        return list(doc[0]["workers"])
+
+    small_queue.wait_for(lambda: len(workers()) == 1)  # each predecessor was retired
+    assert "recycling worker" in (small_queue.log_dir / "ts_log.log").read_text()
+
+
+def test_workers_recycled_past_an_rss_limit(small_queue: Server) -> None:
+    pids: list[object] = []
+    small_queue.wait_for(lambda: pids.append(ok(small_queue, "fat")["pid"]) or len(set(pids)) >= 2)

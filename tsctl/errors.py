@@ -92,6 +92,11 @@ class ServiceUnavailable(TsctlError):
 class QueueFull(ServiceUnavailable):
     grpc_code = "RESOURCE_EXHAUSTED"
 
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        #: extra response headers: when to try again
+        self.headers = {"Retry-After": str(retry_after)}
+
 
 class PredictionFailed(TsctlError):
     """The handler raised or answered wrongly; the message carries the handler's error."""

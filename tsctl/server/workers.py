@@ -90,6 +90,7 @@ class WorkerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = time.time()
         self.served = 0
+        self.recycling = False
         self.state = "STARTING"
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -236,7 +237,7 @@ class WorkerPool:
         self._ids = itertools.count(9000)
         self._failures = 0
         self._closed = False
-        self._restarts: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     async def scale(self, target: int) -> None:
         """Start or stop workers until `target` are running; raises if a new one fails."""
@@ -262,18 +263,16 @@ class WorkerPool:
 
     async def _serve(self, worker: WorkerProcess) -> None:
         settings = self.settings
-        replacement: asyncio.Task[WorkerProcess] | None = None
         try:
             while worker.state == "READY":
-                if replacement is not None and replacement.done():
-                    break
                 batch = await next_batch(self.queue, settings.batch_size, settings.max_batch_delay)
                 await self._dispatch(worker, batch)
-                if replacement is None and self._should_recycle(worker):
+                if not worker.recycling and self._should_recycle(worker):
+                    worker.recycling = True
                     log.info(
                         "recycling worker %s after %d requests", worker.worker_id, worker.served
                     )
-                    replacement = asyncio.create_task(self._start_one())
+                    self._background(self._replace(worker))
         finally:
             self._loops.pop(worker, None)
             if worker in self.workers:
@@ -282,6 +281,22 @@ class WorkerPool:
             self._schedule_restart()
         elif worker.state != "DEAD":
             await worker.stop()
+
+    async def _replace(self, old: WorkerProcess) -> None:
+        """Start a successor first, then retire `old`: capacity never drops, nothing is lost."""
+        try:
+            await self._start_one()
+        except TsctlError as exc:
+            log.error("could not start a successor for worker %s: %s", old.worker_id, exc)
+            old.recycling = False
+            return
+        if old in self.workers:
+            await self._retire(old)
+
+    def _background(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _should_recycle(self, worker: WorkerProcess) -> bool:
         s = self.settings
@@ -340,13 +355,11 @@ class WorkerPool:
         worker.kill()
 
     def _schedule_restart(self) -> None:
-        if len(self.workers) + len(self._restarts) >= self.target:
+        if len(self.workers) + len(self._tasks) >= self.target:
             return
         delay = 0.0 if self._failures == 0 else min(MAX_BACKOFF, 2.0 ** (self._failures - 1))
         self._failures += 1
-        task = asyncio.create_task(self._restart_after(delay))
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
+        self._background(self._restart_after(delay))
 
     async def _restart_after(self, delay: float) -> None:
         if delay:
@@ -361,16 +374,17 @@ class WorkerPool:
             self._schedule_restart_later()
 
     def _schedule_restart_later(self) -> None:
-        # called from inside a restart task, which is still in self._restarts
+        # called from inside a restart task, which is still in self._tasks
         delay = min(MAX_BACKOFF, 2.0**self._failures)
         self._failures += 1
         task = asyncio.create_task(self._restart_after(delay))
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _retire(self, worker: WorkerProcess) -> None:
         """Stop one worker after its current batch; an idle one stops at once."""
-        self.workers.remove(worker)
+        if worker in self.workers:
+            self.workers.remove(worker)
         loop_task = self._loops.get(worker)
         if loop_task is not None and worker.state == "READY":
             loop_task.cancel()
@@ -384,7 +398,7 @@ class WorkerPool:
     async def close(self, error: TsctlError) -> None:
         """Stop every worker (after in-flight batches) and fail what is still queued."""
         self._closed = True
-        for task in list(self._restarts):
+        for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(self._retire(w) for w in list(self.workers)))
         self.queue.drop_all(error)
