@@ -102,4 +102,4 @@ def test_infer_errors(served: Server) -> None:
     text.write_bytes(b"\x00not an image")
     not_an_image = served.tsctl("infer", "resnet_faces", str(text), "--url", served.inference)
     assert not_an_image.returncode == 1
-    assert "503 PredictionException: ValueError: send images as" in not_an_image.stderr
+    assert "503 InternalServerException: ValueError: send images as" in not_an_image.stderr

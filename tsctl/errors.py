@@ -99,12 +99,16 @@ class QueueFull(ServiceUnavailable):
 
 
 class PredictionFailed(TsctlError):
-    """The handler raised or answered wrongly; the message carries the handler's error."""
+    """The handler raised or answered wrongly; the message carries the handler's error.
+
+    TorchServe answers these 503 `InternalServerException` "Prediction failed"; tsctl keeps the
+    status and type and says what went wrong.
+    """
 
     exit_code = 1
     http_status = 503
     grpc_code = "INTERNAL"
-    type_name = "PredictionException"
+    type_name = "InternalServerException"
 
 
 class WorkerDied(TsctlError):
@@ -115,10 +119,12 @@ class WorkerDied(TsctlError):
 
 
 class InferenceTimeout(TsctlError):
+    """No answer within the model's response timeout (TorchServe: 500 "Worker died.")."""
+
     exit_code = 1
-    http_status = 504
+    http_status = 500
     grpc_code = "DEADLINE_EXCEEDED"
-    type_name = "RequestTimeoutException"
+    type_name = "InternalServerException"
 
 
 class ServerUnreachable(TsctlError):

@@ -26,6 +26,7 @@ from typing import Any
 from tsctl.errors import InvalidInput, TsctlError
 from tsctl.server import logs, pidfile
 from tsctl.server.config import ServerConfig, parse_address
+from tsctl.server.metrics import Reporter
 from tsctl.server.registry import Registry
 from tsctl.server.state import ServerState
 
@@ -82,9 +83,10 @@ class Daemon:
 
     async def run(self, notify: Callable[[dict[str, Any]], None]) -> int:
         config = self.config
-        log_fd = logs.setup(config.log_dir, self.foreground)
-        registry = Registry(config, log_fd)
-        state = ServerState(config, registry, started_at=time.time())
+        logs.setup(config.log_dir, self.foreground)
+        registry = Registry(config)
+        reporter = Reporter(config.log_dir)
+        state = ServerState(config, registry, reporter, started_at=time.time())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -106,6 +108,7 @@ class Daemon:
         except (TsctlError, OSError) as exc:
             message = exc.message if isinstance(exc, TsctlError) else str(exc)
             log.error("start-up failed: %s", message)
+            logs.flush_all()
             notify(
                 {
                     "ok": False,
@@ -122,9 +125,12 @@ class Daemon:
             addresses["management"],
         )
         notify({"ok": True, "pid": os.getpid(), **addresses})
+        reporting = asyncio.create_task(reporter.run())
         await self.stopping.wait()
+        reporting.cancel()
         log.info("stopping: draining in-flight requests")
         await self._shutdown(state, drain=True)
+        reporter.report()
         log.info("stopped")
         return 0
 

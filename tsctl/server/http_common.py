@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import tornado.web
+from tornado.httputil import HTTPServerRequest
 
 from tsctl.errors import MethodNotAllowed, NotFound, TsctlError
 
@@ -35,6 +36,7 @@ def base_headers(request_id: str) -> dict[str, str]:
         "x-request-id": request_id,
         "Cache-Control": "no-cache; no-store, must-revalidate, private",
         "Pragma": "no-cache",
+        "Expires": "Thu, 01 Jan 1970 00:00:00 UTC",
     }
 
 
@@ -102,18 +104,18 @@ class NotFoundHandler(ApiHandler):
         raise NotFound(NOT_FOUND_MESSAGE)
 
 
-def log_access(ip: str | None, method: str, uri: str, version: str, status: int, ms: float) -> None:
-    """The access log: one line per request, TorchServe's `ACCESS_LOG` layout."""
-    access_log.info('/%s "%s %s %s" %d %.0f', ip, method, uri, version, status, ms)
+def log_access(request: HTTPServerRequest, status: int, ms: float) -> None:
+    """The access log: one line per request, TorchServe's layout (the last number is ms)."""
+    address = getattr(request.connection, "context", None)
+    peer = getattr(address, "address", None)
+    client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else request.remote_ip
+    access_log.info(
+        '/%s "%s %s %s" %d %.0f', client, request.method, request.uri, request.version, status, ms
+    )
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    request = handler.request
-    log_access(
-        request.remote_ip,
-        request.method or "",
-        request.uri or "",
-        request.version,
-        handler.get_status(),
-        request.request_time() * 1000,
-    )
+    log_access(handler.request, handler.get_status(), handler.request.request_time() * 1000)
+    state = handler.settings.get("state")
+    if state is not None:
+        state.metrics.count(handler.get_status())

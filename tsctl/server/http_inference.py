@@ -1,6 +1,7 @@
 """The REST inference API (TorchServe's paths): ping, predictions, and the API description.
 
-Runs on the daemon's event loop. `POST`/`PUT /predictions/...`, the hot path, skips tornado's
+Runs on the daemon's event loop. `/predictions/...` (POST and PUT, and like TorchServe any
+other method but OPTIONS and HEAD), the hot path, skips tornado's
 `RequestHandler` machinery: `InferenceRouter` hands those requests to a `PredictionDelegate`
 that receives the body chunks itself (so an oversized body gets its 413 from the
 Content-Length, before it is read), joins them once, parses them into parts, sends them down
@@ -59,7 +60,7 @@ class DescriptionHandler(ApiHandler):
 
 
 class PredictionsOtherMethods(ApiHandler):
-    """`/predictions/...` with a method other than POST or PUT: TorchServe's 405."""
+    """`/predictions/...` with OPTIONS or HEAD: 405 (TorchServe predicts on any other method)."""
 
 
 class PredictionDelegate(httputil.HTTPMessageDelegate):
@@ -190,16 +191,8 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
 
     def _done(self, status: int) -> None:
         self.answered = True
-        request = self.request
-        elapsed = (time.perf_counter() - self.started) * 1000
-        log_access(
-            request.remote_ip,
-            request.method or "",
-            request.uri or "",
-            request.version,
-            status,
-            elapsed,
-        )
+        log_access(self.request, status, (time.perf_counter() - self.started) * 1000)
+        self.state.metrics.count(status)
         self.state.request_finished()
 
     def on_connection_close(self) -> None:
@@ -211,11 +204,7 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
     def _parts(self, body: bytes) -> list[Part]:
         headers = self.request.headers
         content_type = headers.get("Content-Type", "")
-        parts = [
-            Part(name, "", value)
-            for name, values in self.request.query_arguments.items()
-            for value in values
-        ]
+        parts: list[Part] = []  # like TorchServe: query parameters are not handler inputs
         if content_type.split(";", 1)[0].strip().lower() not in _FORM_TYPES:
             parts.append(Part("body", content_type, body))
             return parts
@@ -256,12 +245,13 @@ class InferenceRouter(Router):
             default_handler_class=NotFoundHandler,
             log_function=log_request,
             compress_response=False,
+            state=state,
         )
 
     def find_handler(
         self, request: httputil.HTTPServerRequest, **kwargs: Any
     ) -> httputil.HTTPMessageDelegate | None:
-        if request.method in ("POST", "PUT"):
+        if request.method not in ("OPTIONS", "HEAD"):
             match = _PREDICTIONS.match(request.path)
             if match:
                 return PredictionDelegate(self.state, request, match.groups())

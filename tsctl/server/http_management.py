@@ -94,4 +94,5 @@ def make_app(state: ServerState) -> tornado.web.Application:
         ],
         default_handler_class=NotFoundHandler,
         log_function=log_request,
+        state=state,
     )

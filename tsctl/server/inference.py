@@ -37,8 +37,8 @@ class Pending:
     def __init__(self, mv: ModelVersion, request: InferenceRequest, source: Hashable | None):
         if mv.pool.target == 0:
             raise ServiceUnavailable(
-                f"Model {mv.name} version {mv.version} has no worker to serve inference "
-                "requests; scale it up first"
+                f'Model "{mv.name}" has no worker to serve inference request. '
+                "Please use scale workers API to add workers."
             )
         loop = asyncio.get_running_loop()
         self.mv = mv

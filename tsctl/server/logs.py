@@ -14,6 +14,14 @@ import sys
 from pathlib import Path
 
 FORMAT = "%(asctime)s [%(levelname)-5s] %(name)s - %(message)s"
+MODEL_FORMAT = "%(asctime)s [%(levelname)-5s] %(worker)s MODEL_LOG - %(message)s"
+
+
+class IsoFormatter(logging.Formatter):
+    """TorchServe's (log4j's) ISO8601 timestamps: 2026-11-25T07:55:10,327."""
+
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s,%03d"
 
 
 class DeferredHandler(logging.Handler):
@@ -59,7 +67,7 @@ def _file_logger(
 ) -> logging.Logger:
     logger = logging.getLogger(name)
     handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(IsoFormatter(fmt))
     if deferred:
         handler = DeferredHandler(handler)
     logger.addHandler(handler)
@@ -68,22 +76,34 @@ def _file_logger(
     return logger
 
 
-def setup(log_dir: Path, foreground: bool) -> int:
-    """Open the log files; returns the fd that worker processes write their output to."""
+def setup(log_dir: Path, foreground: bool) -> None:
+    """Open the log files under TorchServe's names."""
     log_dir.mkdir(parents=True, exist_ok=True)
     server = _file_logger("tsctl.server", log_dir / "ts_log.log", FORMAT)
     for name in ("tornado.access", "tornado.application", "tornado.general", "asyncio"):
         logging.getLogger(name).parent = server
     _file_logger(
-        "tsctl.access", log_dir / "access_log.log", "%(asctime)s - ACCESS_LOG - %(message)s"
+        "tsctl.access", log_dir / "access_log.log", "%(asctime)s - %(message)s", deferred=True
     )
-    _file_logger("tsctl.metrics.model", log_dir / "model_metrics.log", "%(asctime)s - %(message)s")
+    _file_logger("tsctl.model", log_dir / "model_log.log", MODEL_FORMAT, deferred=True)
+    _file_logger(
+        "tsctl.metrics.model",
+        log_dir / "model_metrics.log",
+        "%(asctime)s - %(message)s",
+        deferred=True,
+    )
     _file_logger("tsctl.metrics.ts", log_dir / "ts_metrics.log", "%(asctime)s - %(message)s")
     if foreground:
         console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter(FORMAT))
+        console.setFormatter(IsoFormatter(FORMAT))
         server.addHandler(console)
-    return os.open(log_dir / "model_log.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
+def flush_all() -> None:
+    """Write out every buffered record (before reading a log back, and at exit)."""
+    for name in ("tsctl.access", "tsctl.model", "tsctl.metrics.model"):
+        for handler in logging.getLogger(name).handlers:
+            handler.flush()
 
 
 def tail(path: Path, lines: int = 20) -> list[str]:

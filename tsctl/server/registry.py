@@ -67,7 +67,6 @@ class Registry:
     """Models by name, then version; `default[name]` is the version `/predictions/name` uses."""
 
     config: ServerConfig
-    log_fd: int
     models: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)
     default: dict[str, str] = field(default_factory=dict)
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tsctl-models-")))
@@ -187,7 +186,7 @@ class Registry:
             "startup_timeout": startup_timeout,
         }
         pool = WorkerPool(
-            f"{model_name}_{version}", queue, pool_settings, self._worker_factory(spec)
+            f"{model_name}_{version}", model_name, queue, pool_settings, self._worker_factory(spec)
         )
         return ModelVersion(
             name=model_name,
@@ -216,7 +215,7 @@ class Registry:
             )
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             env["PYTHONUNBUFFERED"] = "1"
-            return WorkerProcess(worker_id, {**spec, "threads": threads}, self.log_fd, env)
+            return WorkerProcess(worker_id, {**spec, "threads": threads}, env)
 
         return make
 

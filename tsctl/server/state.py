@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from tsctl.server.config import ServerConfig
+from tsctl.server.metrics import Reporter
 from tsctl.server.registry import Registry
 
 
@@ -13,6 +14,7 @@ from tsctl.server.registry import Registry
 class ServerState:
     config: ServerConfig
     registry: Registry
+    metrics: Reporter
     started_at: float = 0.0
     draining: bool = False
     in_flight: int = 0

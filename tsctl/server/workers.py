@@ -46,6 +46,9 @@ from tsctl.protocol import (
 from tsctl.server.batching import Job, ModelQueue, next_batch
 
 log = logging.getLogger("tsctl.server")
+model_log = logging.getLogger("tsctl.model")
+metrics_log = logging.getLogger("tsctl.metrics.model")
+HOSTNAME = socket.gethostname()
 
 MAX_BACKOFF = 30.0
 _batch_ids = itertools.count(1)
@@ -82,11 +85,11 @@ class PoolSettings:
 class WorkerProcess:
     """One worker child and its socket."""
 
-    def __init__(self, worker_id: str, spec: dict[str, Any], log_fd: int, env: dict[str, str]):
+    def __init__(self, worker_id: str, spec: dict[str, Any], env: dict[str, str]):
         self.worker_id = worker_id
         self.spec = spec
-        self.log_fd = log_fd
         self.env = env
+        self._pumps: list[asyncio.Task[None]] = []
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = time.time()
         self.served = 0
@@ -113,12 +116,17 @@ class WorkerProcess:
                 spec,
                 pass_fds=(child.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=self.log_fd,
-                stderr=self.log_fd,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
                 env=self.env,
             )
         finally:
             child.close()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._pumps = [
+            asyncio.create_task(self._pump(self.proc.stdout, logging.INFO, "stdout")),
+            asyncio.create_task(self._pump(self.proc.stderr, logging.WARNING, "stderr")),
+        ]
         self._reader, self._writer = await asyncio.open_connection(sock=parent)
         timeout = float(self.spec.get("startup_timeout", 120))
         try:
@@ -142,6 +150,18 @@ class WorkerProcess:
             raise WorkerStartFailed(f"worker {self.worker_id} sent {type(first).__name__} first")
         self.state = "READY"
         self._reader_task = asyncio.create_task(self._read_loop())
+
+    async def _pump(self, stream: asyncio.StreamReader, level: int, name: str) -> None:
+        """Copy the worker's output, line by line, into model_log.log."""
+        extra = {"worker": f"W-{self.worker_id}-{name}"}
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line longer than the stream's limit
+                line = await stream.read(1 << 16)
+            if not line:
+                return
+            model_log.log(level, line.decode("utf-8", "replace").rstrip("\n"), extra=extra)
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
@@ -190,7 +210,9 @@ class WorkerProcess:
 
     async def stop(self, timeout: float = 10) -> None:
         """Ask the worker to exit; kill it if it does not within `timeout`."""
-        if self._writer is not None and self.state in ("READY", "BUSY"):
+        if self.state == "DEAD":
+            return
+        if self._writer is not None and not self._writer.is_closing():
             with contextlib.suppress(ConnectionError, RuntimeError):
                 self._writer.writelines(encode(Stop("stop")))
         self.state = "STOPPING"
@@ -204,6 +226,7 @@ class WorkerProcess:
         if self.proc is None:
             return None
         code = await self.proc.wait()
+        await asyncio.gather(*self._pumps, return_exceptions=True)  # the output is all logged
         if self._writer is not None:
             self._writer.close()
         return code
@@ -223,11 +246,13 @@ class WorkerPool:
     def __init__(
         self,
         name: str,
+        model_name: str,
         queue: ModelQueue,
         settings: PoolSettings,
         make_worker: Callable[[str], WorkerProcess],
     ) -> None:
         self.name = name
+        self.model_name = model_name
         self.queue = queue
         self.settings = settings
         self.make_worker = make_worker
@@ -323,6 +348,14 @@ class WorkerPool:
             watchdog.cancel()
         worker.served += len(live)
         self._failures = 0
+        metrics_log.info(
+            "PredictionTime.ms:%.2f|#ModelName:%s,Level:Model|#hostname:%s,requestID:%s,timestamp:%d",
+            result.handler_ms,
+            self.model_name,
+            HOSTNAME,
+            live[0].request.request_id,
+            time.time(),
+        )
         if result.failure is not None:
             _fail(live, PredictionFailed(result.failure.message))
             return

@@ -84,11 +84,9 @@ def main() -> None:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(threads))
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format=f"%(asctime)s [%(levelname)s] W-{spec['worker_id']} %(message)s",
-    )
+    # like TorchServe's workers: logging goes to stdout, which the frontend copies into
+    # model_log.log line by line (stderr lines are marked as warnings there)
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     sys.exit(serve(spec))
 
 
