@@ -68,7 +68,7 @@ class Server:
     def log_dir(self) -> Path:
         return self.root / "logs"
 
-    def start(self, *models: str, expect_ok: bool = True) -> Any:
+    def start(self, *models: str, expect_ok: bool = True, ncs: bool = True) -> Any:
         self.store.mkdir(parents=True, exist_ok=True)
         props = {
             "inference_address": "http://127.0.0.1:0",
@@ -78,7 +78,9 @@ class Server:
         }
         config = self.root / "config.properties"
         config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-        args = ["serve", "start", "--ncs", "--model-store", self.store, "--ts-config", config]
+        args = ["serve", "start", "--model-store", self.store, "--ts-config", config]
+        if ncs:
+            args.append("--ncs")
         args += ["--state-dir", self.state_dir, "--log-dir", self.log_dir]
         if models:
             args += ["--models", ",".join(models)]
@@ -134,6 +136,9 @@ class Server:
             body = json.dumps(body)
             headers = {"Content-Type": "application/json", **headers}
         return self.request("POST", f"/predictions/{model}", body, headers, **kw)
+
+    def manage(self, method: str, path: str, body: bytes | str = b"", **kw: Any) -> Response:
+        return self.request(method, path, body, api="management", **kw)
 
     def model_log(self) -> str:
         return (self.log_dir / "model_log.log").read_text()

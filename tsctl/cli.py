@@ -13,7 +13,7 @@ import sys
 import typer
 
 from tsctl import __version__
-from tsctl.commands import archive, infer, serve
+from tsctl.commands import archive, infer, models, serve
 from tsctl.errors import TsctlError
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(archive.app, name="archive")
 app.add_typer(serve.app, name="serve")
+app.add_typer(models.app, name="models")
 app.registered_commands.extend(infer.app.registered_commands)
 
 

@@ -66,6 +66,19 @@ class ModelVersionNotFound(NotFound):
     type_name = "ModelVersionNotFoundException"
 
 
+class Conflict(TsctlError):
+    """Something with that name already exists."""
+
+    exit_code = 1
+    http_status = 409
+    grpc_code = "ALREADY_EXISTS"
+    type_name = "ConflictStatusException"
+
+
+class InvalidModelVersion(InvalidInput):
+    type_name = "InvalidModelVersionException"
+
+
 class MethodNotAllowed(TsctlError):
     exit_code = 1
     http_status = 405

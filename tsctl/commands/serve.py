@@ -54,18 +54,21 @@ def start(
 ) -> None:
     """Start the server: `torchserve --start`'s flags."""
     from tsctl.errors import InvalidInput
-    from tsctl.server.config import build_config, read_properties
+    from tsctl.server.config import build_config, read_properties, unknown_keys
 
     entries = [*(models or []), *(more_models or [])]
     if more_models and not models:
         raise InvalidInput(f"unexpected argument {more_models[0]!r}; did you mean --models?")
     wanted = tuple(m.strip() for e in entries for m in e.split(",") if m.strip())
     properties = read_properties(ts_config) if ts_config else {}
+    for key in unknown_keys(properties):
+        sys.stderr.write(f"tsctl: warning: unknown setting {key!r} in {ts_config} (ignored)\n")
     overrides: dict[str, Any] = {
         "model_store": model_store,
         "load_models": wanted or None,
         "log_dir": log_dir,
         "state_dir": _state_dir(state_dir),
+        "no_config_snapshots": ncs,
     }
     if model_store is not None and not model_store.is_dir():
         raise InvalidInput(f"model store {str(model_store)!r} is not a directory")

@@ -7,6 +7,7 @@ environment or the disk at import time.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -54,6 +55,15 @@ class ServerConfig(BaseModel):
     drain_timeout: float = Field(default=30, ge=0)
     log_dir: Path = Path("logs")
     state_dir: Path = Path(".")
+    #: register and unregister through the API (TorchServe's default: off)
+    enable_model_api: bool = False
+    #: regular expressions an http(s) model URL must match to be registered (none by default)
+    allowed_urls: tuple[str, ...] = ()
+    unregister_model_timeout: float = Field(default=120, ge=0)
+    #: `--ncs`: neither restore nor write config snapshots
+    no_config_snapshots: bool = False
+    #: per-model settings at start-up, TorchServe's `models` JSON (as in a snapshot)
+    models: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
 
     @field_validator("inference_address", "management_address")
     @classmethod
@@ -114,7 +124,39 @@ _PROPERTY_KEYS = {
     "worker_threads",
     "max_archive_expanded_size",
     "drain_timeout",
+    "enable_model_api",
+    "allowed_urls",
+    "unregister_model_timeout",
+    "models",
 }
+#: TorchServe keys tsctl accepts but does not act on yet (no warning for these)
+_ACCEPTED = {
+    "metrics_address",
+    "grpc_inference_address",
+    "grpc_inference_port",
+    "grpc_management_address",
+    "grpc_management_port",
+    "disable_token_authorization",
+    "enable_envvars_config",
+    "cors_allowed_origin",
+    "cors_allowed_methods",
+    "cors_allowed_headers",
+    "metrics_mode",
+    "enable_metrics_api",
+    "install_py_dep_per_model",
+    "number_of_netty_threads",
+    "netty_client_threads",
+    "async_logging",
+    "vmargs",
+    "model_snapshot",
+    "tsConfigFile",
+    "number_of_gpu",
+}
+
+
+def unknown_keys(properties: dict[str, str]) -> list[str]:
+    """Keys of a config.properties that tsctl does not know (worth a warning)."""
+    return sorted(k for k in properties if k not in _PROPERTY_KEYS and k not in _ACCEPTED)
 
 
 def build_config(properties: dict[str, str], overrides: dict[str, Any]) -> ServerConfig:
@@ -123,6 +165,20 @@ def build_config(properties: dict[str, str], overrides: dict[str, Any]) -> Serve
     if "load_models" in values:
         raw = values["load_models"]
         values["load_models"] = tuple(m.strip() for m in raw.split(",") if m.strip())
+    if "allowed_urls" in values:
+        values["allowed_urls"] = tuple(
+            u.strip() for u in values["allowed_urls"].split(",") if u.strip()
+        )
+    if "models" in values:
+        try:
+            values["models"] = json.loads(values["models"])
+        except ValueError as exc:
+            raise InvalidInput(f"invalid setting models: not valid JSON ({exc})") from None
+    elif "model_snapshot" in properties:  # --ts-config names a snapshot
+        try:
+            values["models"] = json.loads(properties["model_snapshot"])["models"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidInput(f"invalid model_snapshot: {exc!r}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return ServerConfig(**values)

@@ -24,10 +24,10 @@ from collections.abc import Callable
 from typing import Any
 
 from tsctl.errors import InvalidInput, TsctlError
-from tsctl.server import logs, pidfile
+from tsctl.server import logs, pidfile, snapshot
 from tsctl.server.config import ServerConfig, parse_address
 from tsctl.server.metrics import Reporter
-from tsctl.server.registry import Registry
+from tsctl.server.registry import LoadOptions, Registry
 from tsctl.server.state import ServerState
 
 log = logging.getLogger("tsctl.server")
@@ -102,9 +102,7 @@ class Daemon:
                     log_dir=str(config.log_dir.resolve()),
                 ),
             )
-            for name, url in startup_models(config):
-                mv = await registry.load(url, name=name, startup=True)
-                log.info("loaded model %s version %s from %s", mv.name, mv.version, url)
+            await self._load_startup_models(registry)
         except (TsctlError, OSError) as exc:
             message = exc.message if isinstance(exc, TsctlError) else str(exc)
             log.error("start-up failed: %s", message)
@@ -124,15 +122,39 @@ class Daemon:
             addresses["inference"],
             addresses["management"],
         )
+        state.snapshot("startup")
         notify({"ok": True, "pid": os.getpid(), **addresses})
         reporting = asyncio.create_task(reporter.run())
         await self.stopping.wait()
         reporting.cancel()
         log.info("stopping: draining in-flight requests")
+        state.snapshot("shutdown")
         await self._shutdown(state, drain=True)
         reporter.report()
         log.info("stopped")
         return 0
+
+    async def _load_startup_models(self, registry: Registry) -> None:
+        """`--models`; else the config file's `models` (or a snapshot's `model_snapshot`, when
+        `--ts-config` names one); else the newest snapshot in the log folder, unless `--ncs`."""
+        config = self.config
+        if config.load_models:
+            for name, url in startup_models(config):
+                options = LoadOptions(name=name, startup=True, trusted=True)
+                mv = await registry.load(url, options)
+                log.info("loaded model %s version %s from %s", mv.name, mv.version, url)
+            return
+        entries: list[snapshot.SnapshotModel] = []
+        if config.models:
+            entries = snapshot.from_models_setting(config.models)
+        elif not config.no_config_snapshots and (found := snapshot.newest(config)) is not None:
+            path, entries = found
+            log.info("restoring %d model versions from snapshot %s", len(entries), path)
+        for entry in entries:
+            mv = await registry.load(entry.mar_name, snapshot.load_options(entry))
+            if entry.default:
+                registry.set_default(mv.name, mv.version)
+            log.info("loaded model %s version %s from %s", mv.name, mv.version, entry.mar_name)
 
     def _listen(self, state: ServerState) -> dict[str, str]:
         from tornado.httpserver import HTTPServer

@@ -1,17 +1,21 @@
 """The REST management API (TorchServe's paths and JSON shapes). Event-loop only.
 
-This issue's part: listing and describing models, which `tsctl serve status` uses.
+Thin adapters: parameters come from the query string (or a JSON body for registration), the
+operations themselves live in `tsctl.server.management`.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
 import tornado.web
 
 from tsctl.errors import BadRequest
+from tsctl.server import management
 from tsctl.server.http_common import ApiHandler, NotFoundHandler, log_request
+from tsctl.server.openapi import management_api_description
 from tsctl.server.registry import ModelVersion
 from tsctl.server.state import ServerState
 
@@ -49,10 +53,32 @@ def describe(mv: ModelVersion) -> dict[str, Any]:
     }
 
 
-class ModelsHandler(ApiHandler):
+class ManagementHandler(ApiHandler):
     def initialize(self, state: ServerState) -> None:
         self.state = state
 
+    def params(self) -> dict[str, Any]:
+        """Query parameters (last value wins), then a JSON body's keys on top."""
+        values: dict[str, Any] = {
+            k: v[-1].decode("utf-8", "replace") for k, v in self.request.query_arguments.items()
+        }
+        content_type = self.request.headers.get("Content-Type", "")
+        if self.request.body and content_type.startswith("application/json"):
+            try:
+                body = json.loads(self.request.body)
+            except ValueError as exc:
+                raise BadRequest(f"the JSON body is not valid JSON: {exc}") from None
+            if not isinstance(body, dict):
+                raise BadRequest("the JSON body must be an object of parameters")
+            values.update(body)
+        return values
+
+    def status(self, result: tuple[int, str]) -> None:
+        code, message = result
+        self.write_json({"status": message}, code)
+
+
+class ModelsHandler(ManagementHandler):
     def get(self) -> None:
         registry = self.state.registry
         try:
@@ -66,13 +92,21 @@ class ModelsHandler(ApiHandler):
             "models": [{"modelName": n, "modelUrl": registry.get(n).url} for n in page]
         }
         if start + len(page) < len(names):
-            doc["nextPageToken"] = str(start + len(page))
+            doc = {"nextPageToken": str(start + len(page)), **doc}
         self.write_json(doc)
 
+    async def post(self) -> None:
+        params = management.parse(management.RegisterParams, self.params())
+        self.status(await management.register(self.state, params))
 
-class ModelHandler(ApiHandler):
-    def initialize(self, state: ServerState) -> None:
-        self.state = state
+
+class ModelHandler(ManagementHandler):
+    async def put(self, name: str, version: str | None = None) -> None:
+        params = management.parse(management.ScaleParams, self.params())
+        self.status(await management.scale(self.state, name, version, params))
+
+    async def delete(self, name: str, version: str | None = None) -> None:
+        self.status(await management.unregister(self.state, name, version))
 
     def get(self, name: str, version: str | None = None) -> None:
         registry = self.state.registry
@@ -84,11 +118,23 @@ class ModelHandler(ApiHandler):
         self.write_json([describe(mv) for mv in found])
 
 
+class SetDefaultHandler(ManagementHandler):
+    def put(self, name: str, version: str) -> None:
+        self.status(management.set_default(self.state, name, version))
+
+
+class DescriptionHandler(ApiHandler):
+    def options(self) -> None:
+        self.write_json(management_api_description())
+
+
 def make_app(state: ServerState) -> tornado.web.Application:
     kwargs = {"state": state}
     return tornado.web.Application(
         [
+            (r"/", DescriptionHandler),
             (r"/models", ModelsHandler, kwargs),
+            (r"/models/([^/]+)/([^/]+)/set-default", SetDefaultHandler, kwargs),
             (r"/models/([^/]+)", ModelHandler, kwargs),
             (r"/models/([^/]+)/([^/]+)", ModelHandler, kwargs),
         ],

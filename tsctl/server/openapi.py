@@ -79,3 +79,78 @@ def inference_api_description() -> dict[str, Any]:
             "/predictions/{model_name}/{model_version}": _predict(True),
         },
     }
+
+
+def _op(operation_id: str, description: str, params: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "operationId": operation_id,
+        "description": description,
+        "parameters": params,
+        "responses": {
+            "200": {"description": "Done"},
+            "202": {"description": "Accepted; the work goes on in the background"},
+            "400": _ERROR,
+            "404": _ERROR,
+            "405": _ERROR,
+            "409": _ERROR,
+            "500": _ERROR,
+        },
+    }
+
+
+def _query(name: str, kind: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": {"type": kind}, "description": description}
+
+
+def management_api_description() -> dict[str, Any]:
+    name = _model_params(False)
+    name_version = _model_params(True)
+    scale_params = [
+        _query("min_worker", "integer", "Workers to keep"),
+        _query("max_worker", "integer", "Upper bound"),
+        _query("synchronous", "boolean", "Wait until done (default false)"),
+        _query("timeout", "integer", "Seconds to wait (-1: forever)"),
+    ]
+    register_params = [
+        _query("url", "string", "Archive in the model store, or an allowed http(s) URL"),
+        _query("model_name", "string", "Name to register under (default: the manifest's)"),
+        _query("handler", "string", "Override the manifest's handler"),
+        _query("runtime", "string", "Override the manifest's runtime"),
+        _query("batch_size", "integer", "Requests per batch"),
+        _query("max_batch_delay", "integer", "Milliseconds a batch may wait to fill"),
+        _query("initial_workers", "integer", "Workers to start"),
+        _query("synchronous", "boolean", "Wait for the workers (default true)"),
+        _query("response_timeout", "integer", "Seconds a request may take"),
+        _query("startup_timeout", "integer", "Seconds a worker may take to load"),
+    ]
+    return {
+        "openapi": "3.0.1",
+        "info": {"title": "tsctl management API", "version": __version__},
+        "paths": {
+            "/": {"options": _op("apiDescription", "This document", [])},
+            "/models": {
+                "get": _op(
+                    "listModels",
+                    "Registered models, sorted by name",
+                    [
+                        _query("limit", "integer", "Page size (default 100)"),
+                        _query("next_page_token", "string", "Where the page starts"),
+                    ],
+                ),
+                "post": _op("registerModel", "Register a model archive", register_params),
+            },
+            "/models/{model_name}": {
+                "get": _op("describeModel", "The default version's description", name),
+                "put": _op("setAutoScale", "Scale the default version", name + scale_params),
+                "delete": _op("unregisterModel", "Unregister the default version", name),
+            },
+            "/models/{model_name}/{model_version}": {
+                "get": _op("describeModelVersion", "One version, or `all`", name_version),
+                "put": _op("setAutoScaleVersion", "Scale one version", name_version + scale_params),
+                "delete": _op("unregisterModelVersion", "Unregister one version", name_version),
+            },
+            "/models/{model_name}/{model_version}/set-default": {
+                "put": _op("setDefault", "Make this version the default", name_version),
+            },
+        },
+    }

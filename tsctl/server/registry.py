@@ -18,8 +18,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tsctl.archive.manifest import check_model_name
 from tsctl.archive.reader import ArchiveKind, open_archive
-from tsctl.errors import ArchiveError, ModelNotFound, ModelVersionNotFound, ServiceUnavailable
+from tsctl.errors import (
+    ArchiveError,
+    BadRequest,
+    Conflict,
+    ModelNotFound,
+    ModelVersionNotFound,
+    ServiceUnavailable,
+)
 from tsctl.server.batching import ModelQueue
 from tsctl.server.config import ServerConfig, cpu_count
 from tsctl.server.workers import PoolSettings, WorkerPool, WorkerProcess
@@ -40,6 +48,25 @@ class ModelSettings(BaseModel):
     startup_timeout: float | None = Field(default=None, alias="startupTimeout", gt=0)
     recycle_after_requests: int = Field(default=0, alias="recycleAfterRequests", ge=0)
     recycle_above_rss_mb: int = Field(default=0, alias="recycleAboveRssMb", ge=0)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a registration may override: API parameters win over model-config.yaml, which
+    wins over config.properties (TorchServe's documented priority)."""
+
+    name: str | None = None
+    handler: str | None = None
+    runtime: str | None = None
+    batch_size: int | None = None
+    max_batch_delay: float | None = None
+    response_timeout: float | None = None
+    startup_timeout: float | None = None
+    min_workers: int | None = None
+    max_workers: int | None = None
+    startup: bool = False
+    #: operator-given paths (`--models`) may lie anywhere; API ones must be in the model store
+    trusted: bool = False
 
 
 @dataclass
@@ -85,34 +112,81 @@ class Registry:
     def total_workers(self) -> int:
         return sum(mv.pool.target for vs in self.models.values() for mv in vs.values())
 
-    async def load(
-        self, url: str, name: str | None = None, startup: bool = False, workers: int | None = None
-    ) -> ModelVersion:
-        """Open, extract and start a model archive from the model store or a path."""
-        path = self._resolve(url)
-        mv = await asyncio.to_thread(self._prepare, path, url, name)
-        if mv.version in self.models.get(mv.name, {}):
-            self._discard(mv)
-            raise ArchiveError(f"model {mv.name} version {mv.version} is already registered")
-        mv.loaded_at_startup = startup
-        self.models.setdefault(mv.name, {})[mv.version] = mv
-        self.default.setdefault(mv.name, mv.version)
-        count = workers if workers is not None else mv.min_workers
+    async def load(self, url: str, options: LoadOptions = LoadOptions()) -> ModelVersion:
+        """Open, extract and register a model archive, then start its workers."""
+        mv = await self.add(url, options)
         try:
-            await mv.pool.scale(count)
+            await mv.pool.scale(mv.min_workers)
         except BaseException:
             await self.unload(mv)
             raise
         return mv
 
+    async def add(self, url: str, options: LoadOptions = LoadOptions()) -> ModelVersion:
+        """Open, extract and register a model archive, with no workers yet."""
+        path = self.resolve(url, options.trusted)
+        mv = await asyncio.to_thread(self._prepare, path, url, options)
+        if mv.version in self.models.get(mv.name, {}):
+            self._discard(mv)
+            raise Conflict(f"Model version {mv.version} is already registered for model {mv.name}")
+        mv.loaded_at_startup = options.startup
+        self.models.setdefault(mv.name, {})[mv.version] = mv
+        self.default.setdefault(mv.name, mv.version)
+        return mv
+
+    async def unregister(self, mv: ModelVersion, timeout: float) -> None:
+        """Stop routing to `mv`, let its queued and running requests finish (up to
+        `timeout` seconds), then stop its workers and forget it."""
+        self._forget(mv)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (len(mv.queue) or mv.pool.busy()) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await self._stop(mv)
+
+    def snapshot_models(self) -> list[Any]:
+        from tsctl.server.snapshot import SnapshotModel
+
+        return [
+            SnapshotModel(
+                mv.name,
+                mv.version,
+                mv.url,
+                self.default.get(mv.name) == mv.version,
+                {
+                    "minWorkers": mv.pool.target,
+                    "maxWorkers": max(mv.max_workers, mv.pool.target),
+                    "batchSize": mv.batch_size,
+                    "maxBatchDelay": mv.max_batch_delay,
+                    "responseTimeout": mv.response_timeout,
+                    "startupTimeout": mv.startup_timeout,
+                },
+            )
+            for versions in self.models.values()
+            for mv in versions.values()
+        ]
+
+    def set_default(self, name: str, version: str) -> None:
+        self.get(name, version)
+        self.default[name] = version
+
     async def unload(self, mv: ModelVersion) -> None:
+        """Forget `mv` and stop its workers at once (queued requests get 503)."""
+        self._forget(mv)
+        await self._stop(mv)
+
+    def _forget(self, mv: ModelVersion) -> None:
+        """Stop routing requests to `mv`."""
         versions = self.models.get(mv.name, {})
-        versions.pop(mv.version, None)
+        if versions.get(mv.version) is mv:
+            del versions[mv.version]
         if not versions:
             self.models.pop(mv.name, None)
             self.default.pop(mv.name, None)
         elif self.default.get(mv.name) == mv.version:
             self.default[mv.name] = next(iter(versions))
+
+    async def _stop(self, mv: ModelVersion) -> None:
         await mv.pool.close(ServiceUnavailable(f"model {mv.name} was unloaded"))
         self._discard(mv)
 
@@ -122,29 +196,37 @@ class Registry:
                 await self.unload(mv)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
-    def _resolve(self, url: str) -> Path:
-        candidate = Path(url.removeprefix("file://"))
+    def resolve(self, url: str, trusted: bool = False) -> Path:
+        """The archive a URL names. Untrusted (API) URLs must stay inside the model store."""
         store = self.config.model_store
-        if not candidate.is_absolute() and store is not None:
+        candidate = Path(url.removeprefix("file://"))
+        if not candidate.is_absolute():
+            if store is None:
+                raise ModelNotFound(f"Model not found at: {url} (no model store is configured)")
             candidate = store / candidate
+        if not trusted:
+            if store is None:
+                raise BadRequest(f"model url {url!r}: there is no model store to register from")
+            inside = candidate.resolve()
+            if not inside.is_relative_to(store.resolve()):
+                raise BadRequest(f"model url {url!r} is outside the model store")
         if not candidate.exists():
-            raise ModelNotFound(f"model archive not found: {url}")
+            raise ModelNotFound(f"Model not found at: {url}")
         return candidate
 
-    def _prepare(self, path: Path, url: str, name: str | None) -> ModelVersion:
+    def _prepare(self, path: Path, url: str, options: LoadOptions) -> ModelVersion:
         """Blocking part of loading: open and extract the archive, read its settings."""
         with open_archive(path) as archive:
             manifest = archive.manifest
             if archive.kind is ArchiveKind.DIRECTORY:
                 model_dir, extracted = path.resolve(), False
             else:
-                target = Path(
-                    tempfile.mkdtemp(prefix=f"{manifest.model.model_name}-", dir=self.work_dir)
-                )
+                prefix = f"{manifest.model.model_name}-"
+                target = Path(tempfile.mkdtemp(prefix=prefix, dir=self.work_dir))
                 model_dir = archive.extract(target, self.config.max_archive_expanded_size)
                 extracted = True
         model = manifest.model
-        model_name = name or model.model_name
+        model_name = check_model_name(options.name or model.model_name)
         version = model.model_version or "1.0"
         yaml_config = _read_yaml(model_dir, model.config_file)
         try:
@@ -155,17 +237,20 @@ class Registry:
                 f"{path}: model-config.yaml: {'.'.join(map(str, first['loc']))}: {first['msg']}"
             ) from None
         cfg = self.config
-        default_workers = settings.min_workers
-        if default_workers is None:
-            default_workers = cfg.default_workers_per_model
-        batch_size = settings.batch_size or cfg.batch_size
-        delay = (
-            settings.max_batch_delay
-            if settings.max_batch_delay is not None
-            else cfg.max_batch_delay
+        # API parameters > model-config.yaml > config.properties
+        min_workers = _first(
+            options.min_workers, settings.min_workers, cfg.default_workers_per_model
         )
-        response_timeout = settings.response_timeout or cfg.default_response_timeout
-        startup_timeout = settings.startup_timeout or cfg.default_startup_timeout
+        max_workers = _first(options.max_workers, settings.max_workers, min_workers)
+        batch_size = _first(options.batch_size, settings.batch_size, cfg.batch_size)
+        delay = _first(options.max_batch_delay, settings.max_batch_delay, cfg.max_batch_delay)
+        response_timeout = _first(
+            options.response_timeout, settings.response_timeout, cfg.default_response_timeout
+        )
+        startup_timeout = _first(
+            options.startup_timeout, settings.startup_timeout, cfg.default_startup_timeout
+        )
+        handler = options.handler or model.handler
         queue = ModelQueue(cfg.job_queue_size)
         pool_settings = PoolSettings(
             batch_size=batch_size,
@@ -179,7 +264,7 @@ class Registry:
             "model_name": model_name,
             "model_dir": str(model_dir),
             "manifest": manifest.to_dict(),
-            "handler": model.handler,
+            "handler": handler,
             "batch_size": batch_size,
             "gpu_id": None,
             "model_yaml_config": yaml_config,
@@ -199,10 +284,8 @@ class Registry:
             max_batch_delay=delay,
             response_timeout=response_timeout,
             startup_timeout=startup_timeout,
-            min_workers=default_workers,
-            max_workers=settings.max_workers
-            if settings.max_workers is not None
-            else default_workers,
+            min_workers=min_workers,
+            max_workers=max(max_workers, min_workers),
             queue=queue,
             pool=pool,
             extracted=extracted,
@@ -222,6 +305,11 @@ class Registry:
     def _discard(self, mv: ModelVersion) -> None:
         if mv.extracted:
             shutil.rmtree(mv.model_dir, ignore_errors=True)
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (the priority order of settings)."""
+    return next(v for v in values if v is not None)
 
 
 def _read_yaml(model_dir: Path, config_file: str | None) -> dict[str, Any]:

@@ -26,6 +26,14 @@ class ServerState:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def snapshot(self, kind: str) -> None:
+        """Record the models' state (after every change), unless snapshots are off."""
+        if self.config.no_config_snapshots:
+            return
+        from tsctl.server import snapshot
+
+        snapshot.write(self.config, self.registry.snapshot_models(), kind)
+
     def request_started(self) -> None:
         self.in_flight += 1
         self.idle.clear()

@@ -264,6 +264,9 @@ class WorkerPool:
         self._closed = False
         self._tasks: set[asyncio.Future[Any]] = set()
 
+    def busy(self) -> bool:
+        return any(w.state == "BUSY" for w in self.workers)
+
     async def scale(self, target: int) -> None:
         """Start or stop workers until `target` are running; raises if a new one fails."""
         self.target = target

@@ -1,0 +1,166 @@
+"""Config snapshots in TorchServe's format and place, so the last state survives a restart.
+
+`<log_dir>/config/<yyyyMMddHHmmssSSS>-<startup|snapshot|shutdown>.cfg` holds the server's
+properties plus `model_snapshot`, a JSON object of every model version with its settings.
+Files are written atomically (temporary file, fsync, rename), so a daemon killed at any moment
+leaves either the previous snapshot or the new one, never half of one. At start the newest
+snapshot that parses is restored; a corrupt one is reported and skipped. The daemon calls
+these from its event loop: the files are small and the writes quick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tsctl.errors import TsctlError
+from tsctl.server.config import ServerConfig, read_properties
+
+log = logging.getLogger("tsctl.server")
+
+KINDS = ("startup", "snapshot", "shutdown")
+#: server properties a snapshot records (TorchServe's keys)
+_RECORDED = (
+    "inference_address",
+    "management_address",
+    "default_workers_per_model",
+    "job_queue_size",
+    "max_request_size",
+    "max_response_size",
+    "default_response_timeout",
+    "default_startup_timeout",
+    "enable_model_api",
+)
+
+
+@dataclass(frozen=True)
+class SnapshotModel:
+    name: str
+    version: str
+    mar_name: str
+    default: bool
+    settings: dict[str, Any]
+
+
+def from_models_setting(models: dict[str, dict[str, dict[str, Any]]]) -> list[SnapshotModel]:
+    """The `models` setting of config.properties has the snapshot's shape."""
+    found = []
+    for name, versions in models.items():
+        for version, entry in versions.items():
+            settings = {k: v for k, v in entry.items() if k not in ("defaultVersion", "marName")}
+            mar = str(entry.get("marName") or f"{name}.mar")
+            found.append(
+                SnapshotModel(name, version, mar, bool(entry.get("defaultVersion")), settings)
+            )
+    return found
+
+
+def load_options(entry: SnapshotModel) -> Any:
+    """How to load a snapshot's model version: with the settings it had."""
+    from tsctl.server.registry import LoadOptions
+
+    s = entry.settings
+    return LoadOptions(
+        name=entry.name,
+        min_workers=s.get("minWorkers"),
+        max_workers=s.get("maxWorkers"),
+        batch_size=s.get("batchSize"),
+        max_batch_delay=s.get("maxBatchDelay"),
+        response_timeout=s.get("responseTimeout"),
+        startup_timeout=s.get("startupTimeout"),
+        startup=True,
+        trusted=True,
+    )
+
+
+def directory(config: ServerConfig) -> Path:
+    return config.log_dir / "config"
+
+
+def write(config: ServerConfig, models: list[SnapshotModel], kind: str) -> Path | None:
+    """Write a snapshot; a folder that cannot be written is logged, never fatal."""
+    folder = directory(config)
+    stamp = datetime.now().strftime("%Y%m%d%H%M%S%f")[:-3]
+    path = folder / f"{stamp}-{kind}.cfg"
+    grouped: dict[str, dict[str, Any]] = {}
+    for model in models:
+        entry = {"defaultVersion": model.default, "marName": model.mar_name, **model.settings}
+        grouped.setdefault(model.name, {})[model.version] = entry
+    snapshot = {
+        "name": path.name,
+        "modelCount": len(models),
+        "created": int(time.time() * 1000),
+        "models": grouped,
+    }
+    lines = [f"# tsctl snapshot ({kind})", f"# {datetime.now().isoformat()}"]
+    values = config.model_dump(mode="json")
+    for key in _RECORDED:
+        value = values[key]
+        lines.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    if config.model_store is not None:
+        lines.append(f"model_store={config.model_store.resolve()}")
+    lines.append(f"model_snapshot={json.dumps(snapshot)}")
+    temporary = folder / f".{path.name}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+        _fsync_dir(folder)
+    except OSError as exc:
+        log.warning("cannot write a config snapshot in %s: %s", folder, exc.strerror)
+        return None
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def candidates(config: ServerConfig) -> list[Path]:
+    """Snapshot files, newest first."""
+    folder = directory(config)
+    try:
+        found = [p for p in folder.iterdir() if p.suffix == ".cfg" and not p.name.startswith(".")]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def parse(path: Path) -> list[SnapshotModel]:
+    """The models of a snapshot file; `ValueError` with the reason if it is unusable."""
+    properties = read_properties(path)
+    raw = properties.get("model_snapshot")
+    if raw is None:
+        raise ValueError("it has no model_snapshot")
+    try:
+        doc = json.loads(raw)
+        models = from_models_setting(doc["models"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"model_snapshot is malformed ({exc!r})") from None
+    return models
+
+
+def newest(config: ServerConfig) -> tuple[Path, list[SnapshotModel]] | None:
+    """The newest snapshot that parses; each one skipped is logged with the reason."""
+    for path in candidates(config):
+        try:
+            return path, parse(path)
+        except (ValueError, OSError, TsctlError) as exc:
+            log.error("skipping config snapshot %s: %s", path, exc)
+    return None
