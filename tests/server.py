@@ -73,6 +73,7 @@ class Server:
         props = {
             "inference_address": "http://127.0.0.1:0",
             "management_address": "http://127.0.0.1:0",
+            "metrics_address": "http://127.0.0.1:0",
             "default_workers_per_model": 1,
             **self.properties,
         }

@@ -160,6 +160,7 @@ def test_foreground_and_sigterm(server: Server) -> None:
     config = server.root / "fg.properties"
     config.write_text(
         "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n"
+        "metrics_address=http://127.0.0.1:0\n"
         "default_workers_per_model=1\n"
     )
     proc = subprocess.Popen(
@@ -195,3 +196,13 @@ def test_foreground_and_sigterm(server: Server) -> None:
     assert proc.wait(timeout=60) == 0
     proc.stdout.close()
     assert not pidfile.pid_path(server.state_dir).exists()
+
+
+def test_ts_metrics_log_has_system_metrics(server: Server) -> None:
+    server.start("swiss.mar")
+    server.predict("swiss", {})
+    server.stop()  # a final report is written at stop
+    text = (server.log_dir / "ts_metrics.log").read_text()
+    for name in ("CPUUtilization.Percent:", "MemoryUsed.Megabytes:", "DiskAvailable.Gigabytes:",
+                 "Requests2XX.Count:1.0|#Level:Host|#hostname:"):  # fmt: skip
+        assert name in text, name

@@ -105,6 +105,17 @@ class Result:
     #: set when the batch as a whole failed (the handler raised, or returned a wrong shape)
     failure: Failure | None = None
     handler_ms: float = 0.0
+    #: metrics the handler emitted through `context.metrics` during this batch
+    metrics: Sequence[CustomMetric] = ()
+
+
+@dataclass(frozen=True)
+class CustomMetric:
+    name: str
+    unit: str
+    kind: str  # counter | gauge
+    value: float
+    dimensions: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,7 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
             "res": res,
             "fail": _failure_meta(message.failure),
             "ms": message.handler_ms,
+            "metrics": [[m.name, m.unit, m.kind, m.value, m.dimensions] for m in message.metrics],
         }
     elif isinstance(message, Hello):
         kind, meta = Kind.HELLO, {"pid": message.pid}
@@ -187,7 +199,15 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
                     meta["res"], segments, strict=True
                 )
             ]
-            return Result(int(meta["id"]), responses, _failure(meta["fail"]), float(meta["ms"]))
+            metrics = [
+                CustomMetric(
+                    str(n), str(u), str(k), float(v), {str(a): str(b) for a, b in d.items()}
+                )
+                for n, u, k, v, d in meta.get("metrics", ())
+            ]
+            return Result(
+                int(meta["id"]), responses, _failure(meta["fail"]), float(meta["ms"]), metrics
+            )
         if kind == Kind.HELLO:
             return Hello(int(meta["pid"]))
         if kind == Kind.INIT_FAILED:
@@ -197,7 +217,7 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
             return InitFailed(failure)
         if kind == Kind.STOP:
             return Stop(str(meta.get("reason", "")))
-    except (KeyError, TypeError, ValueError, StopIteration) as exc:
+    except (KeyError, TypeError, ValueError, StopIteration, AttributeError) as exc:
         raise ProtocolError(f"malformed {Kind(kind).name} frame: {exc!r}") from None
     raise ProtocolError(f"unknown frame kind {kind}")
 

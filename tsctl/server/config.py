@@ -36,6 +36,8 @@ class ServerConfig(BaseModel):
 
     inference_address: str = "http://127.0.0.1:8080"
     management_address: str = "http://127.0.0.1:8081"
+    metrics_address: str = "http://127.0.0.1:8082"
+    enable_metrics_api: bool = True
     model_store: Path | None = None
     #: models to load at start: `all`, `NAME=PATH`, or `PATH` (relative to the model store)
     load_models: tuple[str, ...] = ()
@@ -65,7 +67,7 @@ class ServerConfig(BaseModel):
     #: per-model settings at start-up, TorchServe's `models` JSON (as in a snapshot)
     models: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
 
-    @field_validator("inference_address", "management_address")
+    @field_validator("inference_address", "management_address", "metrics_address")
     @classmethod
     def _address(cls, value: str) -> str:
         parse_address(value)
@@ -111,6 +113,8 @@ def read_properties(path: Path) -> dict[str, str]:
 _PROPERTY_KEYS = {
     "inference_address",
     "management_address",
+    "metrics_address",
+    "enable_metrics_api",
     "model_store",
     "load_models",
     "default_workers_per_model",
@@ -131,7 +135,6 @@ _PROPERTY_KEYS = {
 }
 #: TorchServe keys tsctl accepts but does not act on yet (no warning for these)
 _ACCEPTED = {
-    "metrics_address",
     "grpc_inference_address",
     "grpc_inference_port",
     "grpc_management_address",
@@ -142,7 +145,6 @@ _ACCEPTED = {
     "cors_allowed_methods",
     "cors_allowed_headers",
     "metrics_mode",
-    "enable_metrics_api",
     "install_py_dep_per_model",
     "number_of_netty_threads",
     "netty_client_threads",

@@ -27,6 +27,7 @@ from tsctl.errors import InvalidInput, TsctlError
 from tsctl.server import logs, pidfile, snapshot
 from tsctl.server.config import ServerConfig, parse_address
 from tsctl.server.metrics import Reporter
+from tsctl.server.prometheus import Metrics
 from tsctl.server.registry import LoadOptions, Registry
 from tsctl.server.state import ServerState
 
@@ -84,9 +85,10 @@ class Daemon:
     async def run(self, notify: Callable[[dict[str, Any]], None]) -> int:
         config = self.config
         logs.setup(config.log_dir, self.foreground)
-        registry = Registry(config)
+        stats = Metrics()
+        registry = Registry(config, stats)
         reporter = Reporter(config.log_dir)
-        state = ServerState(config, registry, reporter, started_at=time.time())
+        state = ServerState(config, registry, reporter, stats, started_at=time.time())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -100,6 +102,7 @@ class Daemon:
                     inference_address=addresses["inference"],
                     management_address=addresses["management"],
                     log_dir=str(config.log_dir.resolve()),
+                    metrics_address=addresses.get("metrics", ""),
                 ),
             )
             await self._load_startup_models(registry)
@@ -159,25 +162,30 @@ class Daemon:
     def _listen(self, state: ServerState) -> dict[str, str]:
         from tornado.httpserver import HTTPServer
 
-        from tsctl.server import http_inference, http_management
+        from tsctl.server import http_inference, http_management, http_metrics
 
         config = self.config
         inference_sockets = _bind(config.inference_address, "inference")
         management_sockets = _bind(config.management_address, "management")
-        apps = [
+        apps: list[tuple[Any, list[socket.socket]]] = [
             (http_inference.make_app(state), inference_sockets),
             (http_management.make_app(state), management_sockets),
         ]
+        addresses = {
+            "inference": _address_of(inference_sockets),
+            "management": _address_of(management_sockets),
+        }
+        if config.enable_metrics_api:
+            metrics_sockets = _bind(config.metrics_address, "metrics")
+            apps.append((http_metrics.make_app(state), metrics_sockets))
+            addresses["metrics"] = _address_of(metrics_sockets)
         for app, sockets in apps:
             server = HTTPServer(
                 app, max_body_size=config.max_request_size + 1, idle_connection_timeout=3600
             )
             server.add_sockets(sockets)
             self.servers.append(server)
-        return {
-            "inference": _address_of(inference_sockets),
-            "management": _address_of(management_sockets),
-        }
+        return addresses
 
     async def _shutdown(self, state: ServerState, drain: bool) -> None:
         state.draining = True

@@ -118,4 +118,4 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     log_access(handler.request, handler.get_status(), handler.request.request_time() * 1000)
     state = handler.settings.get("state")
     if state is not None:
-        state.metrics.count(handler.get_status())
+        state.answered(handler.get_status())

@@ -37,6 +37,7 @@ from tsctl.server.http_common import (
 )
 from tsctl.server.inference import ClientGone, InferenceRequest, Pending
 from tsctl.server.openapi import inference_api_description
+from tsctl.server.prometheus import HOSTNAME
 from tsctl.server.registry import ModelVersion
 from tsctl.server.state import ServerState
 
@@ -158,6 +159,11 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
             log.exception("unexpected error answering request %s", self.request_id)
             self._answer_error(exc)
             return
+        stats = self.state.stats
+        assert self.mv is not None
+        labels = (self.mv.name, self.mv.version, HOSTNAME)
+        stats.requests_total.inc(labels)
+        stats.latency.inc(labels, (time.perf_counter() - self.started) * 1e6)
         headers = base_headers(self.request_id)
         if response.content_type:
             headers["Content-Type"] = response.content_type
@@ -192,7 +198,7 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
     def _done(self, status: int) -> None:
         self.answered = True
         log_access(self.request, status, (time.perf_counter() - self.started) * 1000)
-        self.state.metrics.count(status)
+        self.state.answered(status)
         self.state.request_finished()
 
     def on_connection_close(self) -> None:

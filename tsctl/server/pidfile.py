@@ -25,6 +25,7 @@ class PidInfo:
     inference_address: str
     management_address: str
     log_dir: str
+    metrics_address: str = ""
 
 
 def default_state_dir() -> Path:

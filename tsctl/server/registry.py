@@ -30,6 +30,7 @@ from tsctl.errors import (
 )
 from tsctl.server.batching import ModelQueue
 from tsctl.server.config import ServerConfig, cpu_count
+from tsctl.server.prometheus import Metrics
 from tsctl.server.workers import PoolSettings, WorkerPool, WorkerProcess
 
 log = logging.getLogger("tsctl.server")
@@ -94,6 +95,7 @@ class Registry:
     """Models by name, then version; `default[name]` is the version `/predictions/name` uses."""
 
     config: ServerConfig
+    metrics: Metrics = field(default_factory=Metrics)
     models: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)
     default: dict[str, str] = field(default_factory=dict)
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tsctl-models-")))
@@ -271,7 +273,12 @@ class Registry:
             "startup_timeout": startup_timeout,
         }
         pool = WorkerPool(
-            f"{model_name}_{version}", model_name, queue, pool_settings, self._worker_factory(spec)
+            f"{model_name}_{version}",
+            (model_name, version),
+            queue,
+            pool_settings,
+            self._worker_factory(spec),
+            self.metrics,
         )
         return ModelVersion(
             name=model_name,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from tsctl.server.config import ServerConfig
 from tsctl.server.metrics import Reporter
+from tsctl.server.prometheus import Metrics
 from tsctl.server.registry import Registry
 
 
@@ -15,6 +16,7 @@ class ServerState:
     config: ServerConfig
     registry: Registry
     metrics: Reporter
+    stats: Metrics
     started_at: float = 0.0
     draining: bool = False
     in_flight: int = 0
@@ -33,6 +35,11 @@ class ServerState:
         from tsctl.server import snapshot
 
         snapshot.write(self.config, self.registry.snapshot_models(), kind)
+
+    def answered(self, status: int) -> None:
+        """Count an answer in the metrics API and the periodic metrics log."""
+        self.metrics.count(status)
+        self.stats.count_status(status)
 
     def request_started(self) -> None:
         self.in_flight += 1

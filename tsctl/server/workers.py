@@ -44,11 +44,11 @@ from tsctl.protocol import (
     read_message,
 )
 from tsctl.server.batching import Job, ModelQueue, next_batch
+from tsctl.server.prometheus import HOSTNAME, Metrics
 
 log = logging.getLogger("tsctl.server")
 model_log = logging.getLogger("tsctl.model")
 metrics_log = logging.getLogger("tsctl.metrics.model")
-HOSTNAME = socket.gethostname()
 
 MAX_BACKOFF = 30.0
 _batch_ids = itertools.count(1)
@@ -246,13 +246,15 @@ class WorkerPool:
     def __init__(
         self,
         name: str,
-        model_name: str,
+        model: tuple[str, str],
         queue: ModelQueue,
         settings: PoolSettings,
         make_worker: Callable[[str], WorkerProcess],
+        metrics: Metrics,
     ) -> None:
         self.name = name
-        self.model_name = model_name
+        self.model_name, self.version = model
+        self.metrics = metrics
         self.queue = queue
         self.settings = settings
         self.make_worker = make_worker
@@ -280,7 +282,11 @@ class WorkerPool:
 
     async def _start_one(self) -> WorkerProcess:
         worker = self.make_worker(f"{next(self._ids)}-{self.name}")
+        started = time.perf_counter()
         await worker.start()
+        self.metrics.worker_load_time.set(
+            (f"W-{worker.worker_id}", "Host", HOSTNAME), (time.perf_counter() - started) * 1000
+        )
         if self._closed:
             await worker.stop()
             raise ServiceUnavailable(f"model {self.name} is being unloaded")
@@ -306,6 +312,7 @@ class WorkerPool:
             if worker in self.workers:
                 self.workers.remove(worker)
         if worker.state == "DEAD" and not self._closed:
+            self.metrics.restarts.inc((self.model_name, self.version))
             self._schedule_restart()
         elif worker.state != "DEAD":
             await worker.stop()
@@ -341,6 +348,8 @@ class WorkerPool:
             [WireRequest(j.request.request_id, j.request.parts, j.request.headers) for j in live],
         )
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._record_dispatch(live, now)
         watchdog = loop.call_at(max(j.deadline for j in live), self._overdue, worker)
         try:
             result = await worker.run(batch)
@@ -351,14 +360,7 @@ class WorkerPool:
             watchdog.cancel()
         worker.served += len(live)
         self._failures = 0
-        metrics_log.info(
-            "PredictionTime.ms:%.2f|#ModelName:%s,Level:Model|#hostname:%s,requestID:%s,timestamp:%d",
-            result.handler_ms,
-            self.model_name,
-            HOSTNAME,
-            live[0].request.request_id,
-            time.time(),
-        )
+        self._record_result(result, live, (loop.time() - now) * 1000)
         if result.failure is not None:
             _fail(live, PredictionFailed(result.failure.message))
             return
@@ -385,6 +387,34 @@ class WorkerPool:
                         answer.reason,
                     )
                 )
+
+    def _record_dispatch(self, jobs: list[Job], now: float) -> None:
+        stats = self.metrics
+        labels = (self.model_name, self.version, HOSTNAME)
+        waited = [now - job.request.arrival for job in jobs]
+        stats.queue_latency.inc(labels, sum(waited) * 1e6)
+        stats.queue_time.set(("Host", HOSTNAME), waited[-1] * 1000)
+        stats.batch_size.observe((self.model_name, self.version), len(jobs))
+
+    def _record_result(self, result: Result, jobs: list[Job], batch_ms: float) -> None:
+        stats = self.metrics
+        backend = (self.model_name, "Model", HOSTNAME)
+        stats.handler_time.set(backend, result.handler_ms)
+        stats.prediction_time.set(backend, result.handler_ms)
+        stats.worker_thread_time.set(("Host", HOSTNAME), max(0.0, batch_ms - result.handler_ms))
+        stamp = time.time()
+        metrics_log.info(
+            "PredictionTime.ms:%.2f|#ModelName:%s,Level:Model|#hostname:%s,requestID:%s,"
+            "timestamp:%d",
+            result.handler_ms, self.model_name, HOSTNAME, jobs[0].request.request_id, stamp,
+        )  # fmt: skip
+        for metric in result.metrics:
+            stats.custom(metric.name, metric.unit, metric.kind, metric.value, metric.dimensions)
+            dims = ",".join(f"{k}:{v}" for k, v in metric.dimensions.items())
+            metrics_log.info(
+                "%s.%s:%s|#%s|#hostname:%s,timestamp:%d",
+                metric.name, metric.unit, metric.value, dims, HOSTNAME, stamp,
+            )  # fmt: skip
 
     def _overdue(self, worker: WorkerProcess) -> None:
         log.error("worker %s overran the response timeout; replacing it", worker.worker_id)

@@ -28,6 +28,7 @@ from tsctl.protocol import (
 )
 from tsctl.worker.context import Context
 from tsctl.worker.loader import HandlerLoadError, load_entry
+from tsctl.worker.metrics import MetricsCache
 from tsctl.worker.service import Service
 
 
@@ -51,6 +52,7 @@ def serve(spec: dict[str, Any]) -> int:
         server_version=__version__,
         model_yaml_config=spec.get("model_yaml_config") or {},
     )
+    context.metrics = MetricsCache(spec["model_name"])
     threads = int(spec.get("threads", 0))
     try:
         # OMP_NUM_THREADS (set in main) covers torch ops run inside initialize()

@@ -19,6 +19,7 @@ from typing import Any
 from tsctl.protocol import Batch, Failure, Part, Result, WireResponse
 from tsctl.worker.context import Context, RequestProcessor
 from tsctl.worker.loader import Entry
+from tsctl.worker.metrics import MetricsCache
 
 log = logging.getLogger("tsctl.worker")
 
@@ -57,7 +58,9 @@ class Service:
         except Exception as exc:
             log.error("handler raised on a batch of %d:\n%s", len(rows), traceback.format_exc())
             message = f"{type(exc).__name__}: {exc}"
-            return Result(batch.batch_id, failure=Failure("HandlerError", message))
+            return Result(
+                batch.batch_id, failure=Failure("HandlerError", message), metrics=self._metrics()
+            )
         elapsed = (time.perf_counter() - started) * 1000
         if isinstance(answers, (str, bytes, bytearray)) or not isinstance(answers, Sequence):
             message = f"handler returned {type(answers).__name__}, expected a list of {len(rows)}"
@@ -70,7 +73,11 @@ class Service:
                 batch.batch_id, failure=Failure("BadHandlerOutput", message), handler_ms=elapsed
             )
         responses = [self._response(i, answer) for i, answer in enumerate(answers)]
-        return Result(batch.batch_id, responses, handler_ms=elapsed)
+        return Result(batch.batch_id, responses, handler_ms=elapsed, metrics=self._metrics())
+
+    def _metrics(self) -> list[Any]:
+        cache = self.context.metrics
+        return cache.take() if isinstance(cache, MetricsCache) else []
 
     def _response(self, idx: int, answer: Any) -> WireResponse:
         processor = self.context.request_processor[idx]
