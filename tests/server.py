@@ -68,7 +68,9 @@ class Server:
     def log_dir(self) -> Path:
         return self.root / "logs"
 
-    def start(self, *models: str, expect_ok: bool = True, ncs: bool = True) -> Any:
+    def start(
+        self, *models: str, expect_ok: bool = True, ncs: bool = True, auth: bool = False
+    ) -> Any:
         self.store.mkdir(parents=True, exist_ok=True)
         props = {
             "inference_address": "http://127.0.0.1:0",
@@ -82,6 +84,8 @@ class Server:
         args = ["serve", "start", "--model-store", self.store, "--ts-config", config]
         if ncs:
             args.append("--ncs")
+        if not auth:
+            args.append("--disable-token-auth")
         args += ["--state-dir", self.state_dir, "--log-dir", self.log_dir]
         if models:
             args += ["--models", ",".join(models)]
@@ -97,7 +101,8 @@ class Server:
         return run_tsctl("serve", "stop", "--state-dir", self.state_dir)
 
     def tsctl(self, *args: Any) -> Any:
-        return run_tsctl(*args, cwd=self.root)
+        """Run the CLI where this server's pid file is the local one (TMPDIR = its state dir)."""
+        return run_tsctl(*args, cwd=self.root, env={"TMPDIR": str(self.state_dir)})
 
     @property
     def inference(self) -> str:

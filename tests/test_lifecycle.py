@@ -172,6 +172,7 @@ def test_foreground_and_sigterm(server: Server) -> None:
             "start",
             "--foreground",
             "--ncs",
+            "--disable-token-auth",
             "--model-store",
             str(server.store),
             "--models",

@@ -43,12 +43,13 @@ class Reply:
 
 
 class RestClient:
-    def __init__(self, base_url: str, timeout: float = 300) -> None:
+    def __init__(self, base_url: str, timeout: float = 300, token: str | None = None) -> None:
         parts = urlsplit(base_url if "://" in base_url else f"http://{base_url}")
         if parts.scheme != "http" or not parts.hostname:
             raise TsctlError(f"unsupported server URL {base_url!r}; use http://host:port")
         self.base_url = f"http://{parts.hostname}:{parts.port or 80}"
         self._conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def close(self) -> None:
         self._conn.close()
@@ -58,7 +59,9 @@ class RestClient:
     ) -> Reply:
         for attempt in (1, 2):
             try:
-                self._conn.request(method, path, body=body, headers=headers or {})
+                self._conn.request(
+                    method, path, body=body, headers={**self._auth, **(headers or {})}
+                )
                 response = self._conn.getresponse()
                 data = response.read()
                 break

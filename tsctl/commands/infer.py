@@ -17,15 +17,6 @@ if TYPE_CHECKING:
 app = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
 
 
-def default_url(state_dir: Path | None = None) -> str:
-    """The local daemon's inference address if one runs, else TorchServe's default."""
-    from tsctl.server.lifecycle import running
-    from tsctl.server.pidfile import default_state_dir
-
-    info = running(state_dir or default_state_dir())
-    return info.inference_address if info else "http://127.0.0.1:8080"
-
-
 @app.command("infer")
 def infer(
     model: str = typer.Argument(..., help="Model name."),
@@ -41,7 +32,7 @@ def infer(
     output: Path | None = typer.Option(None, "-o", "--output", help="Write the answer to a file."),
 ) -> None:
     """Send files to a model: together in ONE request, or --each in its own request."""
-    from tsctl.client.rest import RestClient
+    from tsctl.client.local import connect
 
     paths = [Path(p.strip()) for p in files.split(",") if p.strip()]
     if not paths:
@@ -49,12 +40,12 @@ def infer(
     for path in paths:
         if not path.is_file():
             raise InvalidInput(f"input file not found: {path}")
-    base = url or default_url()
 
     def send(group: list[Path]) -> Reply:
-        client = RestClient(base)
+        client = connect("inference", url)
         try:
-            return client.predict(model, group, version, content_type)
+            reply: Reply = client.predict(model, group, version, content_type)
+            return reply
         finally:
             client.close()
 

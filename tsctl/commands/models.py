@@ -20,14 +20,9 @@ JSON_HELP = "Print the server's JSON, for scripts."
 
 
 def _client(url: str | None) -> Any:
-    from tsctl.client.rest import RestClient
-    from tsctl.server.lifecycle import running
-    from tsctl.server.pidfile import default_state_dir
+    from tsctl.client.local import connect
 
-    if url is None:
-        info = running(default_state_dir())
-        url = info.management_address if info else "http://127.0.0.1:8081"
-    return RestClient(url, timeout=600)
+    return connect("management", url)
 
 
 def _path(name: str, version: str | None = None) -> str:

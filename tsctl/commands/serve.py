@@ -69,6 +69,7 @@ def start(
         "log_dir": log_dir,
         "state_dir": _state_dir(state_dir),
         "no_config_snapshots": ncs,
+        "disable_token_authorization": True if disable_token_auth else None,
     }
     if model_store is not None and not model_store.is_dir():
         raise InvalidInput(f"model store {str(model_store)!r} is not a directory")
@@ -99,6 +100,11 @@ def start(
         f"{STARTED_LINE} pid {ready['pid']}; inference {ready['inference']}, "
         f"management {ready['management']}"
     )
+    if ready.get("key_file"):
+        typer.echo(
+            f"Token authorization is on: keys are in {ready['key_file']} "
+            "(tsctl commands use them; curl needs -H 'Authorization: Bearer <key>')."
+        )
 
 
 @app.command("stop")
@@ -128,7 +134,7 @@ def status(
     """Show whether the server runs, and its models, versions and workers."""
     import json
 
-    from tsctl.client.rest import RestClient
+    from tsctl.client.local import connect
     from tsctl.server.lifecycle import running
 
     info = running(_state_dir(state_dir))
@@ -138,7 +144,7 @@ def status(
         else:
             typer.echo("tsctl is not running.")
         raise typer.Exit(1)
-    client = RestClient(info.management_address, timeout=30)
+    client = connect("management", timeout=30, info=info)
     listing: Any = client.request("GET", "/models?limit=0").json()
     described: list[Any] = []
     for entry in listing.get("models", []):

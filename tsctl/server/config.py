@@ -62,6 +62,10 @@ class ServerConfig(BaseModel):
     #: regular expressions an http(s) model URL must match to be registered (none by default)
     allowed_urls: tuple[str, ...] = ()
     unregister_model_timeout: float = Field(default=120, ge=0)
+    #: `--disable-token-auth`: no `Authorization: Bearer` keys needed
+    disable_token_authorization: bool = False
+    #: minutes a management or inference key stays valid (rotate with `/token`)
+    token_expiration_min: float = Field(default=60, ge=0)
     #: `--ncs`: neither restore nor write config snapshots
     no_config_snapshots: bool = False
     #: per-model settings at start-up, TorchServe's `models` JSON (as in a snapshot)
@@ -132,6 +136,8 @@ _PROPERTY_KEYS = {
     "allowed_urls",
     "unregister_model_timeout",
     "models",
+    "disable_token_authorization",
+    "token_expiration_min",
 }
 #: TorchServe keys tsctl accepts but does not act on yet (no warning for these)
 _ACCEPTED = {
@@ -139,7 +145,6 @@ _ACCEPTED = {
     "grpc_inference_port",
     "grpc_management_address",
     "grpc_management_port",
-    "disable_token_authorization",
     "enable_envvars_config",
     "cors_allowed_origin",
     "cors_allowed_methods",

@@ -21,10 +21,12 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tsctl.errors import InvalidInput, TsctlError
 from tsctl.server import logs, pidfile, snapshot
+from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig, parse_address
 from tsctl.server.metrics import Reporter
 from tsctl.server.prometheus import Metrics
@@ -89,6 +91,9 @@ class Daemon:
         registry = Registry(config, stats)
         reporter = Reporter(config.log_dir)
         state = ServerState(config, registry, reporter, stats, started_at=time.time())
+        if not config.disable_token_authorization:
+            state.auth = TokenAuth.create(Path.cwd(), config.token_expiration_min)
+            log.info("token authorization is on; keys in %s", state.auth.path)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -103,6 +108,7 @@ class Daemon:
                     management_address=addresses["management"],
                     log_dir=str(config.log_dir.resolve()),
                     metrics_address=addresses.get("metrics", ""),
+                    key_file=str(state.auth.path) if state.auth else "",
                 ),
             )
             await self._load_startup_models(registry)
@@ -126,7 +132,8 @@ class Daemon:
             addresses["management"],
         )
         state.snapshot("startup")
-        notify({"ok": True, "pid": os.getpid(), **addresses})
+        key_file = str(state.auth.path) if state.auth else ""
+        notify({"ok": True, "pid": os.getpid(), "key_file": key_file, **addresses})
         reporting = asyncio.create_task(reporter.run())
         await self.stopping.wait()
         reporting.cancel()

@@ -94,6 +94,7 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
     ) -> None:
         state = self.state
         try:
+            state.authorize("inference", headers.get("Authorization"))
             if state.draining:
                 raise ServiceUnavailable("the server is shutting down")
             self.mv = state.registry.get(self.model, self.version)

@@ -54,8 +54,13 @@ def describe(mv: ModelVersion) -> dict[str, Any]:
 
 
 class ManagementHandler(ApiHandler):
+    key_kind = "management"
+
     def initialize(self, state: ServerState) -> None:
         self.state = state
+
+    def prepare(self) -> None:
+        self.state.authorize(self.key_kind, self.request.headers.get("Authorization"))
 
     def params(self) -> dict[str, Any]:
         """Query parameters (last value wins), then a JSON body's keys on top."""
@@ -123,16 +128,33 @@ class SetDefaultHandler(ManagementHandler):
         self.status(management.set_default(self.state, name, version))
 
 
-class DescriptionHandler(ApiHandler):
+class DescriptionHandler(ManagementHandler):
     def options(self) -> None:
         self.write_json(management_api_description())
+
+
+class TokenHandler(ManagementHandler):
+    """`/token?type=management|inference`: rotate a key (needs the API key)."""
+
+    key_kind = "API"
+
+    def get(self) -> None:
+        kind = self.get_query_argument("type", "")
+        if self.state.auth is None:
+            raise BadRequest("token authorization is disabled on this server")
+        if kind not in ("management", "inference"):
+            raise BadRequest(f"type must be management or inference, not {kind!r}")
+        self.write_json({kind: self.state.auth.rotate(kind)})
+
+    put = post = get
 
 
 def make_app(state: ServerState) -> tornado.web.Application:
     kwargs = {"state": state}
     return tornado.web.Application(
         [
-            (r"/", DescriptionHandler),
+            (r"/", DescriptionHandler, kwargs),
+            (r"/token", TokenHandler, kwargs),
             (r"/models", ModelsHandler, kwargs),
             (r"/models/([^/]+)/([^/]+)/set-default", SetDefaultHandler, kwargs),
             (r"/models/([^/]+)", ModelHandler, kwargs),

@@ -26,6 +26,7 @@ class PidInfo:
     management_address: str
     log_dir: str
     metrics_address: str = ""
+    key_file: str = ""
 
 
 def default_state_dir() -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig
 from tsctl.server.metrics import Reporter
 from tsctl.server.prometheus import Metrics
@@ -17,6 +18,7 @@ class ServerState:
     registry: Registry
     metrics: Reporter
     stats: Metrics
+    auth: TokenAuth | None = None
     started_at: float = 0.0
     draining: bool = False
     in_flight: int = 0
@@ -35,6 +37,11 @@ class ServerState:
         from tsctl.server import snapshot
 
         snapshot.write(self.config, self.registry.snapshot_models(), kind)
+
+    def authorize(self, kind: str, authorization: str | None) -> None:
+        """The one authorization check every API adapter calls (no-op when auth is off)."""
+        if self.auth is not None:
+            self.auth.check(kind, authorization)
 
     def answered(self, status: int) -> None:
         """Count an answer in the metrics API and the periodic metrics log."""
