@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -251,5 +252,68 @@ def test_model_api_disabled_by_default(tmp_path: Path) -> None:
         assert srv.manage("GET", "/models/swiss").status == 200
         status(srv.manage("PUT", "/models/swiss?min_worker=2&synchronous=true"))
         assert len(workers(srv, "swiss")) == 2
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def archive_site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A plain HTTP server on a free port, serving a folder of archives."""
+    import functools
+    import http.server
+    import threading
+
+    site = tmp_path / "site"
+    site.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", site
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_register_from_allowed_urls_only(archive_site: tuple[str, Path], tmp_path: Path) -> None:
+    base, site = archive_site
+    srv = Server(tmp_path / "srv", properties={
+        "enable_model_api": "true",
+        "allowed_urls": r"http://127\.0\.0\.1:\d+/ok/.*",
+        "max_archive_expanded_size": 200000,
+    })  # fmt: skip
+    make_archive(site / "ok", "remote", "swiss")
+    (site / "ok" / "huge.mar").write_bytes(os.urandom(300000))
+    make_archive(site / "no", "remote", "swiss")
+    srv.start()
+    try:
+        message = status(srv.manage("POST", f"/models?url={base}/ok/remote.mar"))
+        assert message.startswith('Model "remote" Version: 1.0 registered')
+        assert (srv.store / "remote.mar").exists()  # downloaded into the model store
+        assert srv.predict("remote", {}).status == 200
+        assert_error(
+            srv.manage("POST", f"/models?url={base}/ok/remote.mar"),
+            409,
+            "ConflictStatusException",
+            "already exists",
+        )
+        assert_error(
+            srv.manage("POST", f"/models?url={base}/no/remote.mar"),
+            400,
+            "BadRequestException",
+            "matches no pattern in allowed_urls",
+        )
+        assert_error(
+            srv.manage("POST", f"/models?url={base}/ok/huge.mar"),
+            400,
+            "DownloadArchiveException",
+            "passed 200000 bytes",
+        )
+        assert_error(
+            srv.manage("POST", f"/models?url={base}/ok/missing.mar"),
+            400,
+            "DownloadArchiveException",
+            "404",
+        )
+        assert not list(srv.store.glob(".*download"))  # nothing half-downloaded is left
     finally:
         srv.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def start(
 ) -> None:
     """Start the server: `torchserve --start`'s flags."""
     from tsctl.errors import InvalidInput
-    from tsctl.server.config import build_config, read_properties, unknown_keys
+    from tsctl.server.config import build_config, is_loopback, read_properties, unknown_keys
 
     entries = [*(models or []), *(more_models or [])]
     if more_models and not models:
@@ -73,7 +74,16 @@ def start(
     }
     if model_store is not None and not model_store.is_dir():
         raise InvalidInput(f"model store {str(model_store)!r} is not a directory")
-    config = build_config(properties, overrides)
+    config = build_config(properties, overrides, dict(os.environ))
+    for what, address in (
+        ("management", config.management_address),
+        ("metrics", config.metrics_address),
+    ):
+        if config.disable_token_authorization and not is_loopback(address):
+            sys.stderr.write(
+                f"tsctl: warning: the {what} API listens on {address}, beyond this machine, "
+                "with token authorization off\n"
+            )
     if foreground:
         from tsctl.server.daemon import run
 

@@ -62,6 +62,8 @@ class ServerConfig(BaseModel):
     #: regular expressions an http(s) model URL must match to be registered (none by default)
     allowed_urls: tuple[str, ...] = ()
     unregister_model_timeout: float = Field(default=120, ge=0)
+    #: seconds a model download from an allowed URL may take
+    download_timeout: float = Field(default=300, gt=0)
     #: `--disable-token-auth`: no `Authorization: Bearer` keys needed
     disable_token_authorization: bool = False
     #: minutes a management or inference key stays valid (rotate with `/token`)
@@ -86,6 +88,11 @@ def parse_address(address: str) -> tuple[str, int]:
     if parts.scheme == "https":
         raise ValueError(f"address {address!r}: TLS is not supported yet; use http://")
     return parts.hostname, parts.port
+
+
+def is_loopback(address: str) -> bool:
+    host, _ = parse_address(address)
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -135,6 +142,7 @@ _PROPERTY_KEYS = {
     "enable_model_api",
     "allowed_urls",
     "unregister_model_timeout",
+    "download_timeout",
     "models",
     "disable_token_authorization",
     "token_expiration_min",
@@ -166,8 +174,19 @@ def unknown_keys(properties: dict[str, str]) -> list[str]:
     return sorted(k for k in properties if k not in _PROPERTY_KEYS and k not in _ACCEPTED)
 
 
-def build_config(properties: dict[str, str], overrides: dict[str, Any]) -> ServerConfig:
-    """Combine config.properties values and CLI overrides into a validated config."""
+def build_config(
+    properties: dict[str, str],
+    overrides: dict[str, Any],
+    environ: dict[str, str] | None = None,
+) -> ServerConfig:
+    """Combine config.properties values, `TS_<KEY>` environment variables (only with
+    `enable_envvars_config=true`, as in TorchServe) and CLI overrides into a config."""
+    properties = dict(properties)
+    if environ and properties.get("enable_envvars_config", "").lower() == "true":
+        for key in _PROPERTY_KEYS:
+            value = environ.get(f"TS_{key.upper()}")
+            if value is not None:
+                properties[key] = value
     values: dict[str, Any] = {k: v for k, v in properties.items() if k in _PROPERTY_KEYS}
     if "load_models" in values:
         raw = values["load_models"]

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tsctl.errors import BadRequest, InvalidModelVersion, MethodNotAllowed, TsctlError
+from tsctl.server import download
 from tsctl.server.http_common import NOT_ALLOWED_MESSAGE
 from tsctl.server.registry import LoadOptions, ModelVersion
 from tsctl.server.state import ServerState
@@ -85,7 +86,10 @@ async def register(state: ServerState, params: RegisterParams) -> tuple[int, str
         min_workers=workers,
     )
     registry = state.registry
-    mv = await registry.add(params.url, options)
+    url = params.url
+    if download.is_remote(url):
+        url = await download.fetch(cfg, url)
+    mv = await registry.add(url, options)
     if workers is None and mv.min_workers == 0:
         mv.min_workers = max(1, cfg.default_workers_per_model)
         mv.max_workers = max(mv.max_workers, mv.min_workers)

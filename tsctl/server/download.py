@@ -1,0 +1,90 @@
+"""Fetch a model archive from an allowed http(s) URL into the model store. Event loop only.
+
+Only URLs matching one of `allowed_urls` (full match) are fetched; the body is bounded by
+`max_archive_expanded_size` and the whole download by `download_timeout`. The file is written
+under a temporary name in the store and renamed when complete, under the URL's own file name,
+which must be a plain archive name: a URL never chooses a path outside the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from tsctl.errors import BadRequest, Conflict, TsctlError
+from tsctl.server.config import ServerConfig
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\.(mar|tar\.gz|tgz|zip)$")
+
+
+class DownloadFailed(TsctlError):
+    http_status = 400
+    type_name = "DownloadArchiveException"
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def check_allowed(config: ServerConfig, url: str) -> None:
+    if not any(re.fullmatch(pattern, url) for pattern in config.allowed_urls):
+        raise BadRequest(f"model url {url!r} is not allowed: it matches no pattern in allowed_urls")
+
+
+async def fetch(config: ServerConfig, url: str) -> str:
+    """Download `url` into the model store; returns the file name to register."""
+    from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+    check_allowed(config, url)
+    store = config.model_store
+    if store is None:
+        raise BadRequest("there is no model store to download into")
+    name = unquote(Path(urlsplit(url).path).name)
+    if not _SAFE_NAME.match(name):
+        raise BadRequest(f"model url {url!r} must end in an archive file name such as model.mar")
+    target = store / name
+    if target.exists():
+        raise Conflict(f"Model file already exists: {name}")
+    partial = store / f".{name}.{os.getpid()}.download"
+    limit = config.max_archive_expanded_size
+    received = 0
+    declared = 0
+
+    def header(line: str) -> None:
+        nonlocal declared
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length" and value.strip().isdigit():
+            declared = int(value.strip())
+
+    too_big = DownloadFailed(f"downloading {url} failed: it passed {limit} bytes; stopped")
+    with open(partial, "wb") as sink:
+
+        def write(chunk: bytes) -> None:
+            nonlocal received
+            received += len(chunk)
+            if received > limit:
+                raise too_big
+            sink.write(chunk)
+
+        request = HTTPRequest(
+            url,
+            streaming_callback=write,
+            header_callback=header,
+            request_timeout=config.download_timeout,
+            follow_redirects=False,
+        )
+        try:
+            await AsyncHTTPClient(max_body_size=limit + 1).fetch(request)
+        except (HTTPClientError, OSError, TsctlError) as exc:
+            partial.unlink(missing_ok=True)
+            if received > limit or declared > limit:
+                raise too_big from None
+            if isinstance(exc, TsctlError):
+                raise
+            raise DownloadFailed(f"downloading {url} failed: {exc}") from None
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(partial, target)
+    return name
