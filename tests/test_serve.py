@@ -395,3 +395,11 @@ def test_workers_recycled_after_n_requests_lose_nothing(small_queue: Server) -> 
 def test_workers_recycled_past_an_rss_limit(small_queue: Server) -> None:
     pids: list[object] = []
     small_queue.wait_for(lambda: pids.append(ok(small_queue, "fat")["pid"]) or len(set(pids)) >= 2)
+
+
+def test_customized_describe(server: Server) -> None:
+    [doc] = server.request("GET", "/models/classy?customized=true", api="management").json()
+    assert json.loads(doc["customizedMetadata"]) == {"factor": 3, "kind": "doubler"}
+    [plain] = server.request("GET", "/models/swiss?customized=true", api="management").json()
+    assert "customizedMetadata" not in plain  # a function handler has no describe_handle
+    assert ok(server)  # the worker still serves predictions after describing itself

@@ -41,6 +41,8 @@ class Kind(IntEnum):
     BATCH = 3  # frontend → worker: requests to run together
     RESULT = 4  # worker → frontend: one response per request of a batch
     STOP = 5  # frontend → worker: finish and exit
+    DESCRIBE = 6  # frontend → worker: call the handler's describe_handle
+    DESCRIBED = 7  # worker → frontend: its answer
 
 
 class ProtocolError(Exception):
@@ -123,7 +125,18 @@ class Stop:
     reason: str = ""
 
 
-Message = Hello | InitFailed | Batch | Result | Stop
+@dataclass(frozen=True)
+class Describe:
+    pass
+
+
+@dataclass(frozen=True)
+class Described:
+    body: bytes | bytearray = b""
+    failure: Failure | None = None
+
+
+Message = Hello | InitFailed | Batch | Result | Stop | Describe | Described
 
 
 def _failure_meta(failure: Failure | None) -> list[str] | None:
@@ -173,6 +186,11 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
         kind, meta = Kind.HELLO, {"pid": message.pid}
     elif isinstance(message, InitFailed):
         kind, meta = Kind.INIT_FAILED, {"fail": _failure_meta(message.failure)}
+    elif isinstance(message, Describe):
+        kind, meta = Kind.DESCRIBE, {}
+    elif isinstance(message, Described):
+        kind, meta = Kind.DESCRIBED, {"fail": _failure_meta(message.failure)}
+        segments.append(message.body)
     else:
         kind, meta = Kind.STOP, {"reason": message.reason}
     lens = [memoryview(s).nbytes for s in segments]
@@ -217,8 +235,12 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
             return InitFailed(failure)
         if kind == Kind.STOP:
             return Stop(str(meta.get("reason", "")))
-    except (KeyError, TypeError, ValueError, StopIteration, AttributeError) as exc:
-        raise ProtocolError(f"malformed {Kind(kind).name} frame: {exc!r}") from None
+        if kind == Kind.DESCRIBE:
+            return Describe()
+        if kind == Kind.DESCRIBED:
+            return Described(segments[0], _failure(meta["fail"]))
+    except (KeyError, TypeError, ValueError, StopIteration, AttributeError, IndexError) as exc:
+        raise ProtocolError(f"malformed frame of kind {kind}: {exc!r}") from None
     raise ProtocolError(f"unknown frame kind {kind}")
 
 

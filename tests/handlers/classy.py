@@ -7,3 +7,6 @@ class Doubler:
 
     def handle(self, data, context):
         return [[x * self.factor for x in row["body"]] for row in data]
+
+    def describe_handle(self):
+        return {"factor": self.factor, "kind": "doubler"}

@@ -113,14 +113,20 @@ class ModelHandler(ManagementHandler):
     async def delete(self, name: str, version: str | None = None) -> None:
         self.status(await management.unregister(self.state, name, version))
 
-    def get(self, name: str, version: str | None = None) -> None:
+    async def get(self, name: str, version: str | None = None) -> None:
         registry = self.state.registry
         if version == "all":
             registry.get(name)
             found = list(registry.models[name].values())
         else:
             found = [registry.get(name, version)]
-        self.write_json([describe(mv) for mv in found])
+        described = [describe(mv) for mv in found]
+        if self.get_query_argument("customized", "false").lower() == "true":
+            for doc, mv in zip(described, found, strict=True):
+                custom = await management.customized(mv)
+                if custom is not None:
+                    doc["customizedMetadata"] = custom
+        self.write_json(described)
 
 
 class SetDefaultHandler(ManagementHandler):

@@ -13,7 +13,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tsctl.errors import BadRequest, InvalidModelVersion, MethodNotAllowed, TsctlError
+from tsctl.errors import (
+    BadRequest,
+    InvalidModelVersion,
+    MethodNotAllowed,
+    PredictionFailed,
+    ServiceUnavailable,
+    TsctlError,
+)
 from tsctl.server import download
 from tsctl.server.http_common import NOT_ALLOWED_MESSAGE
 from tsctl.server.registry import LoadOptions, ModelVersion
@@ -167,3 +174,19 @@ def set_default(state: ServerState, name: str, version: str) -> tuple[int, str]:
     state.registry.set_default(name, version)
     state.snapshot("snapshot")
     return 200, f'Default version successfully updated for model "{name}" to "{version}"'
+
+
+async def customized(mv: ModelVersion) -> str | None:
+    """The handler's `describe_handle()` answer, from one of the model's workers."""
+    ready = [w for w in mv.pool.workers if w.state in ("READY", "BUSY")]
+    if not ready:
+        raise ServiceUnavailable(
+            f'Model "{mv.name}" has no worker to serve describe request. '
+            "Please use scale workers API to add workers."
+        )
+    answer = await ready[0].describe()
+    if answer.failure is not None:
+        if answer.failure.kind == "NotSupported":
+            return None
+        raise PredictionFailed(answer.failure.message)
+    return bytes(answer.body).decode("utf-8", "replace")

@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ from tsctl.errors import (
 )
 from tsctl.protocol import (
     Batch,
+    Describe,
+    Described,
     Hello,
     InitFailed,
     Message,
@@ -97,7 +100,8 @@ class WorkerProcess:
         self.state = "STARTING"
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
-        self._pending: asyncio.Future[Result] | None = None
+        #: answers the worker owes, in the order it will send them
+        self._pending: deque[asyncio.Future[Any]] = deque()
         self._reader_task: asyncio.Task[None] | None = None
         self.dead = asyncio.Event()
 
@@ -168,9 +172,10 @@ class WorkerProcess:
         try:
             while True:
                 message = await read_message(self._reader)
-                pending = self._pending
-                if isinstance(message, Result) and pending is not None and not pending.done():
-                    pending.set_result(message)
+                if isinstance(message, (Result, Described)) and self._pending:
+                    waiter = self._pending.popleft()
+                    if not waiter.done():
+                        waiter.set_result(message)
                 else:
                     log.warning("worker %s sent an unexpected %s", self.worker_id, message)
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
@@ -180,10 +185,12 @@ class WorkerProcess:
         finally:
             code = await self._reap()
             self.state = "DEAD"
-            if self._pending is not None and not self._pending.done():
-                self._pending.set_exception(
-                    WorkerDied(f"worker {self.worker_id} died (exit status {code})")
-                )
+            while self._pending:
+                waiter = self._pending.popleft()
+                if not waiter.done():
+                    waiter.set_exception(
+                        WorkerDied(f"worker {self.worker_id} died (exit status {code})")
+                    )
             self.dead.set()
 
     async def run(self, batch: Batch) -> Result:
@@ -191,17 +198,30 @@ class WorkerProcess:
         if self.state != "READY" or self._writer is None:
             raise WorkerDied(f"worker {self.worker_id} is not running")
         self.state = "BUSY"
-        self._pending = asyncio.get_running_loop().create_future()
         try:
-            self._writer.writelines(encode(batch))
-            await self._writer.drain()
-            return await self._pending
-        except ConnectionError:
-            raise WorkerDied(f"worker {self.worker_id} closed its connection") from None
+            result: Result = await self._ask(batch)
+            return result
         finally:
-            self._pending = None
             if self.state == "BUSY":
                 self.state = "READY"
+
+    async def describe(self) -> Described:
+        """The handler's own description (`describe_handle`), queued behind any batch."""
+        if self.state not in ("READY", "BUSY") or self._writer is None:
+            raise WorkerDied(f"worker {self.worker_id} is not running")
+        described: Described = await self._ask(Describe())
+        return described
+
+    async def _ask(self, message: Batch | Describe) -> Any:
+        assert self._writer is not None
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(waiter)
+        try:
+            self._writer.writelines(encode(message))
+            await self._writer.drain()
+            return await waiter
+        except ConnectionError:
+            raise WorkerDied(f"worker {self.worker_id} closed its connection") from None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

@@ -19,6 +19,7 @@ from typing import Any
 from tsctl import __version__
 from tsctl.protocol import (
     Batch,
+    Describe,
     Failure,
     Hello,
     InitFailed,
@@ -77,6 +78,8 @@ def serve(spec: dict[str, Any]) -> int:
             return 0
         if isinstance(incoming, Batch):
             send_message(sock, service.run(incoming))
+        elif isinstance(incoming, Describe):
+            send_message(sock, service.describe())
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from tsctl.protocol import Batch, Failure, Part, Result, WireResponse
+from tsctl.protocol import Batch, Described, Failure, Part, Result, WireResponse
 from tsctl.worker.context import Context, RequestProcessor
 from tsctl.worker.loader import Entry
 from tsctl.worker.metrics import MetricsCache
@@ -74,6 +74,26 @@ class Service:
             )
         responses = [self._response(i, answer) for i, answer in enumerate(answers)]
         return Result(batch.batch_id, responses, handler_ms=elapsed, metrics=self._metrics())
+
+    def describe(self) -> Described:
+        """The handler object's `describe_handle()` answer, encoded like a prediction."""
+        owner = getattr(self.entry, "__self__", None)
+        describe = getattr(owner, "describe_handle", None)
+        if describe is None:
+            return Described(failure=Failure("NotSupported", "the handler has no describe_handle"))
+        try:
+            answer = describe()
+        except Exception as exc:
+            log.error("describe_handle raised:\n%s", traceback.format_exc())
+            return Described(failure=Failure("HandlerError", f"{type(exc).__name__}: {exc}"))
+        if isinstance(answer, (bytes, bytearray)):
+            return Described(answer)
+        if isinstance(answer, str):
+            return Described(answer.encode("utf-8"))
+        try:
+            return Described(json.dumps(answer, indent=2).encode("utf-8"))
+        except (TypeError, ValueError) as exc:
+            return Described(failure=Failure("BadHandlerOutput", f"not serialisable: {exc}"))
 
     def _metrics(self) -> list[Any]:
         cache = self.context.metrics
