@@ -16,9 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(
-        tmp_path_factory.mktemp("metrics"), properties={"metrics_address": "http://127.0.0.1:0"}
-    )
+    srv = Server(tmp_path_factory.mktemp("metrics"), properties={"cors_allowed_origin": "*"})
     make_archive(srv.store, "swiss", "swiss")
     make_archive(srv.store, "metered", "metered")
     srv.start("swiss.mar", "metered.mar")
@@ -106,3 +104,9 @@ def test_unknown_path(server: Server) -> None:
     conn.request("GET", "/nothing")
     assert conn.getresponse().status == 404
     conn.close()
+
+
+def test_cors_headers_when_configured(server: Server) -> None:
+    assert server.predict("swiss", {}).headers["access-control-allow-origin"] == "*"
+    assert server.request("GET", "/ping").headers["access-control-allow-origin"] == "*"
+    assert server.manage("GET", "/models").headers["access-control-allow-origin"] == "*"

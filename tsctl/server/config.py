@@ -64,6 +64,10 @@ class ServerConfig(BaseModel):
     unregister_model_timeout: float = Field(default=120, ge=0)
     #: seconds a model download from an allowed URL may take
     download_timeout: float = Field(default=300, gt=0)
+    #: CORS: the `Access-Control-Allow-*` values added to every answer when set
+    cors_allowed_origin: str = ""
+    cors_allowed_methods: str = ""
+    cors_allowed_headers: str = ""
     #: `--disable-token-auth`: no `Authorization: Bearer` keys needed
     disable_token_authorization: bool = False
     #: minutes a management or inference key stays valid (rotate with `/token`)
@@ -146,6 +150,9 @@ _PROPERTY_KEYS = {
     "models",
     "disable_token_authorization",
     "token_expiration_min",
+    "cors_allowed_origin",
+    "cors_allowed_methods",
+    "cors_allowed_headers",
 }
 #: TorchServe keys tsctl accepts but does not act on yet (no warning for these)
 _ACCEPTED = {
@@ -154,9 +161,6 @@ _ACCEPTED = {
     "grpc_management_address",
     "grpc_management_port",
     "enable_envvars_config",
-    "cors_allowed_origin",
-    "cors_allowed_methods",
-    "cors_allowed_headers",
     "metrics_mode",
     "install_py_dep_per_model",
     "number_of_netty_threads",

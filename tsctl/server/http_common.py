@@ -71,6 +71,10 @@ class ApiHandler(tornado.web.RequestHandler):
         self.request_id = new_request_id(self.request.headers.get("x-request-id"))
         for name, value in base_headers(self.request_id).items():
             self.set_header(name, value)
+        state = self.settings.get("state")
+        if state is not None:
+            for name, value in state.cors.items():
+                self.set_header(name, value)
 
     def write_json(self, doc: Any, status: int = 200) -> None:
         self.set_status(status)

@@ -165,7 +165,7 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         labels = (self.mv.name, self.mv.version, HOSTNAME)
         stats.requests_total.inc(labels)
         stats.latency.inc(labels, (time.perf_counter() - self.started) * 1e6)
-        headers = base_headers(self.request_id)
+        headers = {**base_headers(self.request_id), **self.state.cors}
         if response.content_type:
             headers["Content-Type"] = response.content_type
         headers.update(response.headers)
@@ -175,7 +175,12 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
 
     def _answer_error(self, exc: BaseException) -> None:
         status, body, extra = error_response(exc)
-        headers = {**base_headers(self.request_id), "Content-Type": "application/json", **extra}
+        headers = {
+            **base_headers(self.request_id),
+            **self.state.cors,
+            "Content-Type": "application/json",
+            **extra,
+        }
         self._write(status, _reason(status), headers, body)
 
     def _write(

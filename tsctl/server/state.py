@@ -38,6 +38,17 @@ class ServerState:
 
         snapshot.write(self.config, self.registry.snapshot_models(), kind)
 
+    @property
+    def cors(self) -> dict[str, str]:
+        """CORS headers for every answer, from the cors_allowed_* settings."""
+        c = self.config
+        pairs = (
+            ("Access-Control-Allow-Origin", c.cors_allowed_origin),
+            ("Access-Control-Allow-Methods", c.cors_allowed_methods),
+            ("Access-Control-Allow-Headers", c.cors_allowed_headers),
+        )
+        return {name: value for name, value in pairs if value}
+
     def authorize(self, kind: str, authorization: str | None) -> None:
         """The one authorization check every API adapter calls (no-op when auth is off)."""
         if self.auth is not None:
