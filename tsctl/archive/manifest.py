@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tsctl.errors import ArchiveError
+from tsctl.validation import first_problem
 
 MANIFEST_PATH = "MAR-INF/MANIFEST.json"
 #: the manifest format version tsctl writes: the torch-model-archiver release it matches
@@ -135,7 +136,7 @@ def parse_manifest(data: bytes, archive: str) -> Manifest:
     try:
         return Manifest.model_validate_json(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        detail = "not valid JSON" if first["type"] == "json_invalid" else first["msg"]
+        where, detail = first_problem(exc)
+        if exc.errors()[0]["type"] == "json_invalid":
+            detail = "not valid JSON"
         raise ArchiveError(f"{archive}: invalid {MANIFEST_PATH}: {where}: {detail}") from None

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tsctl.errors import InvalidInput
+from tsctl.validation import describe
 
 # TorchServe's defaults
 DEFAULT_MAX_REQUEST_SIZE = 6553500
@@ -213,8 +214,4 @@ def build_config(
     try:
         return ServerConfig(**values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise InvalidInput(
-            f"invalid setting {key}={first.get('input')!r}: {first['msg']}"
-        ) from None
+        raise InvalidInput(describe(exc)) from None

@@ -38,12 +38,7 @@ def describe(mv: ModelVersion) -> dict[str, Any]:
         "modelVersion": mv.version,
         "modelUrl": mv.url,
         "runtime": mv.manifest.get("runtime", "python"),
-        "minWorkers": mv.pool.target,
-        "maxWorkers": max(mv.max_workers, mv.pool.target),
-        "batchSize": mv.batch_size,
-        "maxBatchDelay": mv.max_batch_delay,
-        "responseTimeout": mv.response_timeout,
-        "startupTimeout": mv.startup_timeout,
+        **mv.settings(),
         "loadedAtStartup": mv.loaded_at_startup,
         "workers": workers,
         "jobQueueStatus": {

@@ -25,6 +25,7 @@ from tsctl.server import download
 from tsctl.server.http_common import NOT_ALLOWED_MESSAGE
 from tsctl.server.registry import LoadOptions, ModelVersion
 from tsctl.server.state import ServerState
+from tsctl.validation import describe
 
 log = logging.getLogger("tsctl.server")
 
@@ -62,11 +63,7 @@ def parse(model: type[BaseModel], values: dict[str, Any]) -> Any:
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = ".".join(str(p) for p in first["loc"])
-        raise BadRequest(
-            f"invalid parameter {name}={first.get('input')!r}: {first['msg']}"
-        ) from None
+        raise BadRequest(describe(exc, "parameter")) from None
 
 
 def require_model_api(state: ServerState) -> None:

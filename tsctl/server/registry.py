@@ -32,6 +32,7 @@ from tsctl.server.batching import ModelQueue
 from tsctl.server.config import ServerConfig, cpu_count
 from tsctl.server.prometheus import Metrics
 from tsctl.server.workers import PoolSettings, WorkerPool, WorkerProcess
+from tsctl.validation import first_problem
 
 log = logging.getLogger("tsctl.server")
 
@@ -88,6 +89,17 @@ class ModelVersion:
     pool: WorkerPool
     extracted: bool = False
     loaded_at_startup: bool = False
+
+    def settings(self) -> dict[str, Any]:
+        """The frontend settings, under TorchServe's names (describe output, snapshots)."""
+        return {
+            "minWorkers": self.pool.target,
+            "maxWorkers": max(self.max_workers, self.pool.target),
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay,
+            "responseTimeout": self.response_timeout,
+            "startupTimeout": self.startup_timeout,
+        }
 
 
 @dataclass
@@ -155,14 +167,7 @@ class Registry:
                 mv.version,
                 mv.url,
                 self.default.get(mv.name) == mv.version,
-                {
-                    "minWorkers": mv.pool.target,
-                    "maxWorkers": max(mv.max_workers, mv.pool.target),
-                    "batchSize": mv.batch_size,
-                    "maxBatchDelay": mv.max_batch_delay,
-                    "responseTimeout": mv.response_timeout,
-                    "startupTimeout": mv.startup_timeout,
-                },
+                mv.settings(),
             )
             for versions in self.models.values()
             for mv in versions.values()
@@ -234,10 +239,8 @@ class Registry:
         try:
             settings = ModelSettings.model_validate(yaml_config)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ArchiveError(
-                f"{path}: model-config.yaml: {'.'.join(map(str, first['loc']))}: {first['msg']}"
-            ) from None
+            where, problem = first_problem(exc)
+            raise ArchiveError(f"{path}: model-config.yaml: {where}: {problem}") from None
         cfg = self.config
         # API parameters > model-config.yaml > config.properties
         min_workers = _first(
