@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import cached_property
 from dataclasses import dataclass, field
 
 from tsctl.server.auth import TokenAuth
@@ -38,7 +39,7 @@ class ServerState:
 
         snapshot.write(self.config, self.registry.snapshot_models(), kind)
 
-    @property
+    @cached_property
     def cors(self) -> dict[str, str]:
         """CORS headers for every answer, from the cors_allowed_* settings."""
         c = self.config
