@@ -120,3 +120,16 @@ def test_unknown_setting_is_a_warning(server: Server) -> None:
         assert "tsctl: warning: unknown setting 'no_such_setting'" in result.stderr
     finally:
         server.stop()
+
+
+def test_unwritable_snapshot_folder_is_reported_not_fatal(server: Server) -> None:
+    server.log_dir.mkdir(parents=True)
+    (server.log_dir / "config").write_text("a file where the folder should be")
+    server.start("swiss.mar", ncs=False)
+    try:
+        assert server.manage("PUT", "/models/swiss?min_worker=2&synchronous=true").status == 200
+        assert server.predict("swiss", {}).status == 200
+        log = (server.log_dir / "ts_log.log").read_text()
+        assert "cannot write a config snapshot" in log
+    finally:
+        server.stop()
