@@ -103,6 +103,14 @@ class ModelQueue:
                     waiter.set_result(None)
                     return
 
+    async def wait_for_job(self) -> None:
+        """Until a job may be waiting (an idle collector's wait)."""
+        await self._wait(self._idle_waiters, None)
+
+    async def wait_for_more(self, timeout: float) -> None:
+        """Until another job arrives or `timeout` passes (a collector filling a batch)."""
+        await self._wait(self._fill_waiters, timeout)
+
     async def _wait(self, waiters: deque[asyncio.Future[None]], timeout: float | None) -> bool:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
@@ -138,7 +146,7 @@ async def next_batch(queue: ModelQueue, batch_size: int, max_delay_ms: float) ->
     """
     loop = asyncio.get_running_loop()
     while (first := queue.take()) is None:
-        await queue._wait(queue._idle_waiters, None)
+        await queue.wait_for_job()
     batch = [first]
     try:
         deadline = loop.time() + max_delay_ms / 1000
@@ -150,7 +158,7 @@ async def next_batch(queue: ModelQueue, batch_size: int, max_delay_ms: float) ->
             now = loop.time()
             if now >= deadline or not queue.likely_arrivals(now):
                 break
-            await queue._wait(queue._fill_waiters, deadline - now)
+            await queue.wait_for_more(deadline - now)
     except asyncio.CancelledError:
         queue.requeue_front(batch)
         raise
