@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from functools import cached_property
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig
