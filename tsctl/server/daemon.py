@@ -86,11 +86,11 @@ class Daemon:
 
     async def run(self, notify: Callable[[dict[str, Any]], None]) -> int:
         config = self.config
-        logs.setup(config.log_dir, self.foreground)
+        access_log = logs.setup(config.log_dir, self.foreground)
         stats = Metrics()
         registry = Registry(config, stats)
         reporter = Reporter(config.log_dir)
-        state = ServerState(config, registry, reporter, stats, started_at=time.time())
+        state = ServerState(config, registry, reporter, stats, access_log, started_at=time.time())
         if not config.disable_token_authorization:
             state.auth = TokenAuth.create(Path.cwd(), config.token_expiration_min)
             log.info("token authorization is on; keys in %s", state.auth.path)
@@ -141,6 +141,7 @@ class Daemon:
         state.snapshot("shutdown")
         await self._shutdown(state, drain=True)
         reporter.report()
+        access_log.flush()
         log.info("stopped")
         return 0
 

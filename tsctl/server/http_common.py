@@ -18,7 +18,6 @@ from tornado.httputil import HTTPServerRequest
 from tsctl.errors import MethodNotAllowed, NotFound, TsctlError
 
 log = logging.getLogger("tsctl.server")
-access_log = logging.getLogger("tsctl.access")
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 NOT_FOUND_MESSAGE = "Requested resource is not found, please refer to API document."
@@ -108,18 +107,19 @@ class NotFoundHandler(ApiHandler):
         raise NotFound(NOT_FOUND_MESSAGE)
 
 
-def log_access(request: HTTPServerRequest, status: int, ms: float) -> None:
-    """The access log: one line per request, TorchServe's layout (the last number is ms)."""
-    address = getattr(request.connection, "context", None)
-    peer = getattr(address, "address", None)
+def access_line(request: HTTPServerRequest, status: int, ms: float) -> str:
+    """One access-log line, TorchServe's layout (the last number is milliseconds)."""
+    context = getattr(request.connection, "context", None)
+    peer = getattr(context, "address", None)
     client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else request.remote_ip
-    access_log.info(
-        '/%s "%s %s %s" %d %.0f', client, request.method, request.uri, request.version, status, ms
-    )
+    return f'/{client} "{request.method} {request.uri} {request.version}" {status} {ms:.0f}'
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    log_access(handler.request, handler.get_status(), handler.request.request_time() * 1000)
     state = handler.settings.get("state")
     if state is not None:
-        state.answered(handler.get_status())
+        status = handler.get_status()
+        state.access_log.write(
+            access_line(handler.request, status, handler.request.request_time() * 1000)
+        )
+        state.answered(status)

@@ -28,10 +28,10 @@ from tsctl.protocol import Part
 from tsctl.server.http_common import (
     ApiHandler,
     NotFoundHandler,
+    access_line,
     base_headers,
     error_response,
     log,
-    log_access,
     log_request,
     new_request_id,
 )
@@ -40,6 +40,7 @@ from tsctl.server.openapi import inference_api_description
 from tsctl.server.prometheus import HOSTNAME
 from tsctl.server.registry import ModelVersion
 from tsctl.server.state import ServerState
+from tsctl.server.workers import Response
 
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 #: how far past max_request_size a body is still read (and discarded) to answer 413 cleanly
@@ -145,21 +146,18 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         except TsctlError as exc:
             self._answer_error(exc)
             return
-        self.state.track(asyncio.ensure_future(self._respond(self.pending)))
+        self.pending.when_done(self._respond)
 
-    async def _respond(self, pending: Pending) -> None:
-        try:
-            response = await pending.result()
-        except ClientGone:
+    def _respond(self, outcome: Response | BaseException) -> None:
+        if isinstance(outcome, ClientGone):
             self._done(499)  # nginx's "client closed request", for the access log
             return
-        except TsctlError as exc:
-            self._answer_error(exc)
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, TsctlError):
+                log.error("unexpected error answering request %s: %r", self.request_id, outcome)
+            self._answer_error(outcome)
             return
-        except Exception as exc:
-            log.exception("unexpected error answering request %s", self.request_id)
-            self._answer_error(exc)
-            return
+        response = outcome
         stats = self.state.stats
         assert self.mv is not None
         labels = (self.mv.name, self.mv.version, HOSTNAME)
@@ -203,7 +201,8 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
 
     def _done(self, status: int) -> None:
         self.answered = True
-        log_access(self.request, status, (time.perf_counter() - self.started) * 1000)
+        elapsed = (time.perf_counter() - self.started) * 1000
+        self.state.access_log.write(access_line(self.request, status, elapsed))
         self.state.answered(status)
         self.state.request_finished()
 

@@ -2,15 +2,17 @@
 
 Runs on the daemon's event loop. `predict` puts a job on the model's queue (raising
 `QueueFull` at once when it is full), arms the job's deadline (counted from arrival, queue
-time included) and waits for a worker's answer. A caller whose client has gone away calls
+time included) and hands back a worker's answer, to `await result()` or to a `when_done`
+callback. A caller whose client has gone away calls
 `Pending.abandon()`: the job is dropped before it reaches a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tsctl.errors import ServiceUnavailable
 from tsctl.protocol import Part
@@ -48,14 +50,28 @@ class Pending:
         self.job.timer = loop.call_at(deadline, expire, self.job, mv.response_timeout)
 
     async def result(self) -> Response:
-        job = self.job
+        """Wait for the answer (raises the request's error)."""
         try:
-            response: Response = await job.future
+            response: Response = await self.job.future
             return response
         finally:
-            if job.timer is not None:
-                job.timer.cancel()
-            self.mv.queue.answered(job.source, asyncio.get_running_loop().time())
+            self._settle()
+
+    def when_done(self, callback: Callable[[Response | BaseException], None]) -> None:
+        """Call `callback` with the answer or the error once there is one (no task needed)."""
+
+        def done(future: asyncio.Future[Any]) -> None:
+            self._settle()
+            error = ClientGone() if future.cancelled() else future.exception()
+            callback(error if error is not None else future.result())
+
+        self.job.future.add_done_callback(done)
+
+    def _settle(self) -> None:
+        job = self.job
+        if job.timer is not None:
+            job.timer.cancel()
+        self.mv.queue.answered(job.source, asyncio.get_running_loop().time())
 
     def abandon(self) -> None:
         if not self.job.future.done():

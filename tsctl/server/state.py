@@ -8,6 +8,7 @@ from functools import cached_property
 
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig
+from tsctl.server.logs import LineLog
 from tsctl.server.metrics import Reporter
 from tsctl.server.prometheus import Metrics
 from tsctl.server.registry import Registry
@@ -19,6 +20,7 @@ class ServerState:
     registry: Registry
     metrics: Reporter
     stats: Metrics
+    access_log: LineLog
     auth: TokenAuth | None = None
     started_at: float = 0.0
     draining: bool = False
