@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Awaitable
 from http import HTTPStatus
 from typing import Any
 
@@ -21,14 +22,12 @@ import tornado.web
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
-from tornado.routing import Router
 
 from tsctl.errors import BadRequest, RequestTooLarge, ServiceUnavailable, TsctlError
 from tsctl.protocol import Part
 from tsctl.server.http_common import (
     ApiHandler,
     NotFoundHandler,
-    access_line,
     base_headers,
     error_response,
     log,
@@ -68,13 +67,20 @@ class PredictionsOtherMethods(ApiHandler):
 class PredictionDelegate(httputil.HTTPMessageDelegate):
     """One prediction request, from its headers to the answer written on the connection."""
 
-    def __init__(self, state: ServerState, request: httputil.HTTPServerRequest, args: Any):
+    def __init__(
+        self,
+        state: ServerState,
+        connection: httputil.HTTPConnection,
+        start_line: httputil.RequestStartLine,
+        headers: httputil.HTTPHeaders,
+        args: Any,
+    ) -> None:
         self.state = state
-        self.request = request
-        assert request.connection is not None
-        self.connection: httputil.HTTPConnection = request.connection
+        self.connection = connection
+        self.start_line = start_line
+        self.headers = headers
         self.model, self.version = args
-        self.request_id = new_request_id(request.headers.get("x-request-id"))
+        self.request_id = new_request_id(headers.get("x-request-id"))
         self.started = time.perf_counter()
         self.arrival = asyncio.get_running_loop().time()
         self.chunks: list[bytes] = []
@@ -138,7 +144,7 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
             request = InferenceRequest(
                 self.request_id,
                 self._parts(body),
-                list(self.request.headers.get_all()),
+                list(self.headers.get_all()),
                 self.arrival,
             )
             stream = getattr(self.connection, "stream", None)
@@ -202,7 +208,12 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
     def _done(self, status: int) -> None:
         self.answered = True
         elapsed = (time.perf_counter() - self.started) * 1000
-        self.state.access_log.write(access_line(self.request, status, elapsed))
+        line = self.start_line
+        peer = getattr(getattr(self.connection, "context", None), "address", None)
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.state.access_log.write(
+            f'/{client} "{line.method} {line.path} {line.version}" {status} {elapsed:.0f}'
+        )
         self.state.answered(status)
         self.state.request_finished()
 
@@ -213,7 +224,7 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
             self._done(499)
 
     def _parts(self, body: bytes) -> list[Part]:
-        headers = self.request.headers
+        headers = self.headers
         content_type = headers.get("Content-Type", "")
         parts: list[Part] = []  # like TorchServe: query parameters are not handler inputs
         if content_type.split(";", 1)[0].strip().lower() not in _FORM_TYPES:
@@ -241,7 +252,7 @@ def _reason(status: int) -> str:
         return "Unknown"
 
 
-class InferenceRouter(Router):
+class InferenceRouter(httputil.HTTPServerConnectionDelegate):
     """Predictions go to `PredictionDelegate`; everything else to the tornado application."""
 
     def __init__(self, state: ServerState) -> None:
@@ -259,14 +270,55 @@ class InferenceRouter(Router):
             state=state,
         )
 
-    def find_handler(
-        self, request: httputil.HTTPServerRequest, **kwargs: Any
-    ) -> httputil.HTTPMessageDelegate | None:
-        if request.method not in ("OPTIONS", "HEAD"):
-            match = _PREDICTIONS.match(request.path)
-            if match:
-                return PredictionDelegate(self.state, request, match.groups())
-        return self.app.find_handler(request, **kwargs)
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        return _Dispatch(self, server_conn, request_conn)
+
+    def on_close(self, server_conn: object) -> None:
+        self.app.on_close(server_conn)
+
+
+class _Dispatch(httputil.HTTPMessageDelegate):
+    """Picks the delegate from the request line alone: predictions skip building a
+    `HTTPServerRequest`; every other request goes to the application as usual."""
+
+    def __init__(
+        self, router: InferenceRouter, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> None:
+        self.router = router
+        self.server_conn = server_conn
+        self.request_conn = request_conn
+        self.delegate: httputil.HTTPMessageDelegate | None = None
+
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> Awaitable[None] | None:
+        assert isinstance(start_line, httputil.RequestStartLine)
+        match = None
+        if start_line.method not in ("OPTIONS", "HEAD"):
+            match = _PREDICTIONS.match(start_line.path.partition("?")[0])
+        if match:
+            self.delegate = PredictionDelegate(
+                self.router.state, self.request_conn, start_line, headers, match.groups()
+            )
+        else:
+            self.delegate = self.router.app.start_request(self.server_conn, self.request_conn)
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        assert self.delegate is not None
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        assert self.delegate is not None
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        if self.delegate is not None:
+            self.delegate.on_connection_close()
 
 
 def make_app(state: ServerState) -> InferenceRouter:
