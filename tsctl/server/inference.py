@@ -10,6 +10,7 @@ callback. A caller whose client has gone away calls
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +72,7 @@ class Pending:
         job = self.job
         if job.timer is not None:
             job.timer.cancel()
-        self.mv.queue.answered(job.source, asyncio.get_running_loop().time())
+        self.mv.queue.answered(job.source, time.monotonic())  # the event loop's clock
 
     def abandon(self) -> None:
         if not self.job.future.done():
