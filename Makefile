@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
 
-.PHONY: venv demo test lint typecheck pytest completions bench-archive clean
+.PHONY: venv demo test lint typecheck pytest completions protos bench-archive clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ completions: $(STAMP)
 	_TSCTL_COMPLETE=source_bash $(BIN)/tsctl > completions/tsctl.bash
 	_TSCTL_COMPLETE=source_zsh $(BIN)/tsctl > completions/_tsctl
 	_TSCTL_COMPLETE=source_fish $(BIN)/tsctl > completions/tsctl.fish
+
+# gRPC code from proto/ into tsctl/proto_gen/; tests/test_protos.py fails when it is stale.
+protos: $(STAMP)
+	$(BIN)/python tools/gen_protos.py
 
 bench-archive: $(STAMP)
 	$(BIN)/python benchmarks/archive_memory.py

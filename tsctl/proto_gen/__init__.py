@@ -1,0 +1,1 @@
+"""Generated from proto/ by tools/gen_protos.py (`make protos`); do not edit."""
