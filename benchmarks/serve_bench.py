@@ -314,6 +314,7 @@ class TsctlServer(_Base):
             f"inference_address=http://127.0.0.1:{self.inference_port}\n"
             f"management_address=http://127.0.0.1:{self.management_port}\n"
             f"metrics_address=http://127.0.0.1:{metrics_port}\n"
+            "enable_grpc=false\n"
             f"default_workers_per_model={workers}\n"
         )
         command = [

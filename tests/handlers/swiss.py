@@ -1,5 +1,6 @@
 """A test handler whose behaviour each request chooses with a JSON body {"action": ...}."""
 
+import json
 import os
 import time
 
@@ -10,6 +11,8 @@ def handle(data, context):
     out = []
     for i, row in enumerate(data):
         body = row.get("body")
+        if isinstance(body, (bytes, bytearray)) and body.startswith(b"{"):
+            body = json.loads(body)  # a gRPC input: raw bytes
         command = body if isinstance(body, dict) else {}
         action = command.get("action", "echo")
         if action == "raise":
@@ -47,6 +50,7 @@ def handle(data, context):
                 "probe": context.get_request_header(i, "X-Probe"),
                 "request_id": context.get_request_id(i),
                 "threads": os.environ.get("OMP_NUM_THREADS"),
+                "batch_keys": [sorted(r) for r in data],
             }
         )
     return out

@@ -38,6 +38,12 @@ class ServerConfig(BaseModel):
     inference_address: str = "http://127.0.0.1:8080"
     management_address: str = "http://127.0.0.1:8081"
     metrics_address: str = "http://127.0.0.1:8082"
+    #: the gRPC APIs (TorchServe's keys; tsctl's `enable_grpc` turns them off)
+    enable_grpc: bool = True
+    grpc_inference_address: str = "127.0.0.1"
+    grpc_inference_port: int = Field(default=7070, ge=0, le=65535)
+    grpc_management_address: str = "127.0.0.1"
+    grpc_management_port: int = Field(default=7071, ge=0, le=65535)
     enable_metrics_api: bool = True
     model_store: Path | None = None
     #: models to load at start: `all`, `NAME=PATH`, or `PATH` (relative to the model store)
@@ -127,6 +133,11 @@ def read_properties(path: Path) -> dict[str, str]:
 
 #: config.properties keys tsctl reads now; others are accepted and ignored (see docs)
 _PROPERTY_KEYS = {
+    "enable_grpc",
+    "grpc_inference_address",
+    "grpc_inference_port",
+    "grpc_management_address",
+    "grpc_management_port",
     "inference_address",
     "management_address",
     "metrics_address",
@@ -157,10 +168,6 @@ _PROPERTY_KEYS = {
 }
 #: TorchServe keys tsctl accepts but does not act on yet (no warning for these)
 _ACCEPTED = {
-    "grpc_inference_address",
-    "grpc_inference_port",
-    "grpc_management_address",
-    "grpc_management_port",
     "enable_envvars_config",
     "metrics_mode",
     "install_py_dep_per_model",

@@ -82,6 +82,7 @@ class Daemon:
         self.foreground = foreground
         self.stopping = asyncio.Event()
         self.servers: list[Any] = []
+        self.grpc_servers: list[Any] = []
         self.pid_path = pidfile.pid_path(config.state_dir)
 
     async def run(self, notify: Callable[[dict[str, Any]], None]) -> int:
@@ -99,6 +100,8 @@ class Daemon:
             loop.add_signal_handler(sig, self.stopping.set)
         try:
             addresses = self._listen(state)
+            if config.enable_grpc:
+                addresses.update(await self._start_grpc(state))
             pidfile.write(
                 self.pid_path,
                 pidfile.PidInfo(
@@ -109,6 +112,8 @@ class Daemon:
                     log_dir=str(config.log_dir.resolve()),
                     metrics_address=addresses.get("metrics", ""),
                     key_file=str(state.auth.path) if state.auth else "",
+                    grpc_inference_address=addresses.get("grpc_inference", ""),
+                    grpc_management_address=addresses.get("grpc_management", ""),
                 ),
             )
             await self._load_startup_models(registry)
@@ -144,6 +149,20 @@ class Daemon:
         access_log.flush()
         log.info("stopped")
         return 0
+
+    async def _start_grpc(self, state: ServerState) -> dict[str, str]:
+        from tsctl.server import grpc_api
+
+        config = self.config
+        found = {}
+        for api, host, port in (
+            ("inference", config.grpc_inference_address, config.grpc_inference_port),
+            ("management", config.grpc_management_address, config.grpc_management_port),
+        ):
+            server, address = await grpc_api.start(state, f"{host}:{port}", api)
+            self.grpc_servers.append(server)
+            found[f"grpc_{api}"] = address
+        return found
 
     async def _load_startup_models(self, registry: Registry) -> None:
         """`--models`; else the config file's `models` (or a snapshot's `model_snapshot`, when
@@ -202,6 +221,8 @@ class Daemon:
         if drain and state.in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.idle.wait(), self.config.drain_timeout)
+        for grpc_server in self.grpc_servers:
+            await grpc_server.stop(self.config.drain_timeout if drain else 0)
         await state.registry.close()
         for server in self.servers:
             with contextlib.suppress(Exception):

@@ -80,20 +80,12 @@ class ManagementHandler(ApiHandler):
 
 class ModelsHandler(ManagementHandler):
     def get(self) -> None:
-        registry = self.state.registry
         try:
             limit = int(self.get_query_argument("limit", "100"))
             start = int(self.get_query_argument("next_page_token", "0") or 0)
         except ValueError:
             raise BadRequest("limit and next_page_token must be integers") from None
-        names = sorted(registry.models)
-        page = names[start : start + limit] if limit > 0 else names[start:]
-        doc: dict[str, Any] = {
-            "models": [{"modelName": n, "modelUrl": registry.get(n).url} for n in page]
-        }
-        if start + len(page) < len(names):
-            doc = {"nextPageToken": str(start + len(page)), **doc}
-        self.write_json(doc)
+        self.write_json(management.list_models(self.state, limit, start))
 
     async def post(self) -> None:
         params = management.parse(management.RegisterParams, self.params())

@@ -66,6 +66,19 @@ def parse(model: type[BaseModel], values: dict[str, Any]) -> Any:
         raise BadRequest(describe(exc, "parameter")) from None
 
 
+def list_models(state: ServerState, limit: int, start: int) -> dict[str, Any]:
+    """`{"nextPageToken"?, "models": [...]}` sorted by name; `limit` <= 0 means all."""
+    registry = state.registry
+    names = sorted(registry.models)
+    page = names[start : start + limit] if limit > 0 else names[start:]
+    doc: dict[str, Any] = {
+        "models": [{"modelName": n, "modelUrl": registry.get(n).url} for n in page]
+    }
+    if start + len(page) < len(names):
+        doc = {"nextPageToken": str(start + len(page)), **doc}
+    return doc
+
+
 def require_model_api(state: ServerState) -> None:
     if not state.config.enable_model_api:
         raise MethodNotAllowed(NOT_ALLOWED_MESSAGE)

@@ -27,6 +27,8 @@ class PidInfo:
     log_dir: str
     metrics_address: str = ""
     key_file: str = ""
+    grpc_inference_address: str = ""
+    grpc_management_address: str = ""
 
 
 def default_state_dir() -> Path:

@@ -1,0 +1,246 @@
+"""gRPC against tsctl with a client generated at test time from TorchServe 0.12's own protos."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.server import Server, make_archive
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ts_protos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
+    """inference_pb2(_grpc) and management_pb2(_grpc), generated from torchserve's jar."""
+    import google.rpc
+    import grpc_tools
+
+    spec = importlib.util.find_spec("ts")
+    assert spec is not None and spec.submodule_search_locations
+    jar = Path(next(iter(spec.submodule_search_locations))) / "frontend" / "model-server.jar"
+    out = tmp_path_factory.mktemp("ts_protos")
+    with zipfile.ZipFile(jar) as zf:
+        for name in ("inference.proto", "management.proto"):
+            (out / name).write_bytes(zf.read(f"proto/{name}"))
+    googleapis = Path(next(iter(google.rpc.__path__))).parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{out}",
+         f"-I{Path(grpc_tools.__file__).parent / '_proto'}", f"-I{googleapis}",
+         f"--python_out={out}", f"--grpc_python_out={out}", "inference.proto", "management.proto"],
+        check=True,
+    )  # fmt: skip
+    sys.path.insert(0, str(out))
+    try:
+        return {
+            name: importlib.import_module(name)
+            for name in (
+                "inference_pb2",
+                "inference_pb2_grpc",
+                "management_pb2",
+                "management_pb2_grpc",
+            )
+        }
+    finally:
+        sys.path.remove(str(out))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("grpc"), properties={"enable_model_api": "true"})
+    make_archive(srv.store, "swiss", "swiss")
+    make_archive(srv.store, "swiss2", "swiss", version="2.0")
+    make_archive(srv.store, "batched", "swiss", config={"batchSize": 8, "maxBatchDelay": 1000})
+    make_archive(srv.store, "slow", "swiss", config={"responseTimeout": 1})
+    srv.start("swiss.mar", "swiss=swiss2.mar", "batched.mar", "slow.mar")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def stubs(server: Server, ts_protos: dict[str, ModuleType]) -> Iterator[tuple[Any, Any]]:
+    assert server.info is not None
+    inference = grpc.insecure_channel(server.info.grpc_inference_address)
+    manage = grpc.insecure_channel(server.info.grpc_management_address)
+    yield (
+        ts_protos["inference_pb2_grpc"].InferenceAPIsServiceStub(inference),
+        ts_protos["management_pb2_grpc"].ManagementAPIsServiceStub(manage),
+    )
+    inference.close()
+    manage.close()
+
+
+def predict(stubs: Any, protos: dict[str, ModuleType], model: str, **inputs: bytes) -> Any:
+    request = protos["inference_pb2"].PredictionsRequest(model_name=model, input=inputs)
+    return stubs[0].Predictions(request, timeout=60)
+
+
+def test_ping(stubs: Any) -> None:
+    from google.protobuf import empty_pb2
+
+    assert json.loads(stubs[0].Ping(empty_pb2.Empty()).health) == {"status": "Healthy"}
+
+
+def test_predictions(stubs: Any, ts_protos: dict[str, ModuleType]) -> None:
+    answer = json.loads(predict(stubs, ts_protos, "swiss", data=b"\x00\x01", tag=b"t").prediction)
+    assert answer["types"] == {"data": "bytearray", "tag": "bytearray"}
+    versioned = ts_protos["inference_pb2"].PredictionsRequest(
+        model_name="swiss", model_version="2.0", input={"data": b"x"}
+    )
+    assert json.loads(stubs[0].Predictions(versioned).prediction)["version"] == "2.0"
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "code", "needle"),
+    [
+        ("nope", {"data": b"x"}, grpc.StatusCode.NOT_FOUND, "Model not found: nope"),
+        ("swiss", {"body": b'{"action": "raise"}'}, grpc.StatusCode.INTERNAL, "boom from handler"),
+        ("swiss", {"body": b'{"action": "short"}'}, grpc.StatusCode.INTERNAL, "0 results"),
+        (
+            "slow",
+            {"body": b'{"action": "sleep", "seconds": 30}'},
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "response timeout of 1 s",
+        ),
+    ],
+)
+def test_status_codes(
+    stubs: Any,
+    ts_protos: dict[str, ModuleType],
+    model: str,
+    inputs: dict[str, bytes],
+    code: grpc.StatusCode,
+    needle: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        predict(stubs, ts_protos, model, **inputs)
+    assert caught.value.code() == code
+    assert needle in caught.value.details()
+    predict(stubs, ts_protos, "swiss" if model == "nope" else model, data=b"ok")  # still serves
+
+
+def test_rest_and_grpc_share_batches(
+    server: Server, stubs: Any, ts_protos: dict[str, ModuleType]
+) -> None:
+    seen: list[list[list[str]]] = []
+    marker = server.root / "busy"
+    busy = threading.Thread(
+        target=server.predict,
+        args=("batched", {"action": "sleep", "seconds": 1, "marker": str(marker)}),
+    )
+    busy.start()
+    server.wait_for(marker.exists)  # the worker is busy: what comes next waits in the queue
+
+    def rest() -> None:
+        seen.append(server.predict("batched", {"action": "echo"}).json()["batch_keys"])
+
+    def rpc() -> None:
+        answer = predict(stubs, ts_protos, "batched", grpc_field=b"1")
+        seen.append(json.loads(answer.prediction)["batch_keys"])
+
+    threads = [threading.Thread(target=f) for f in (rest, rpc) * 3]
+    for t in threads:
+        t.start()
+    server.wait_for(
+        lambda: (
+            server.manage("GET", "/models/batched").json()[0]["jobQueueStatus"]["pendingRequests"]
+            == 6
+        )
+    )
+    for t in [busy, *threads]:
+        t.join()
+    assert len(seen) == 6
+    assert all(["body"] in keys and ["grpc_field"] in keys for keys in seen), seen
+
+
+def test_stream_predictions2_keeps_sequence_ids(
+    stubs: Any, ts_protos: dict[str, ModuleType]
+) -> None:
+    pb = ts_protos["inference_pb2"]
+    requests = [
+        pb.PredictionsRequest(model_name="swiss", input={"data": b"a"}, sequence_id="s1"),
+        pb.PredictionsRequest(model_name="nope", input={"data": b"b"}, sequence_id="s1"),
+        pb.PredictionsRequest(model_name="swiss", input={"data": b"c"}, sequence_id="s2"),
+    ]
+    answers = list(stubs[0].StreamPredictions2(iter(requests), timeout=60))
+    assert [a.sequence_id for a in answers] == ["s1", "s1", "s2"]
+    assert answers[1].status.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert json.loads(answers[2].prediction)["types"] == {"data": "bytearray"}
+
+
+def test_stream_predictions(stubs: Any, ts_protos: dict[str, ModuleType]) -> None:
+    request = ts_protos["inference_pb2"].PredictionsRequest(
+        model_name="swiss", input={"data": b"a"}
+    )
+    answers = list(stubs[0].StreamPredictions(request, timeout=60))
+    assert len(answers) == 1 and json.loads(answers[0].prediction)["types"] == {"data": "bytearray"}
+
+
+def test_message_size_follows_max_request_size(
+    stubs: Any, ts_protos: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        predict(stubs, ts_protos, "swiss", data=b"x" * (10 << 20))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    big = Server(tmp_path, properties={"max_request_size": 12 << 20, "max_response_size": 12 << 20})
+    make_archive(big.store, "swiss", "swiss")
+    big.start("swiss.mar")
+    try:
+        assert big.info is not None
+        with grpc.insecure_channel(
+            big.info.grpc_inference_address,
+            options=[("grpc.max_send_message_length", 12 << 20)],
+        ) as channel:
+            stub = ts_protos["inference_pb2_grpc"].InferenceAPIsServiceStub(channel)
+            answer = predict((stub,), ts_protos, "swiss", data=b"x" * (10 << 20))
+        assert json.loads(answer.prediction)["values"] == {"data": 10 << 20}
+    finally:
+        big.stop()
+
+
+def test_management_rpcs(stubs: Any, ts_protos: dict[str, ModuleType]) -> None:
+    pb = ts_protos["management_pb2"]
+    manage = stubs[1]
+    listed = json.loads(manage.ListModels(pb.ListModelsRequest(limit=2)).msg)
+    assert listed["nextPageToken"] == "2" and len(listed["models"]) == 2
+    described = json.loads(
+        manage.DescribeModel(pb.DescribeModelRequest(model_name="swiss", model_version="all")).msg
+    )
+    assert sorted(d["modelVersion"] for d in described) == ["1.0", "2.0"]
+    scaled = json.loads(
+        manage.ScaleWorker(
+            pb.ScaleWorkerRequest(model_name="swiss", min_worker=2, synchronous=True)
+        ).msg
+    )
+    assert scaled == {"status": "Workers scaled to 2 for model: swiss"}
+    default = json.loads(
+        manage.SetDefault(pb.SetDefaultRequest(model_name="swiss", model_version="2.0")).msg
+    )
+    assert default["status"].startswith("Default version successfully updated")
+    manage.SetDefault(pb.SetDefaultRequest(model_name="swiss", model_version="1.0"))
+    registered = json.loads(
+        manage.RegisterModel(
+            pb.RegisterModelRequest(url="swiss2.mar", model_name="other", synchronous=True)
+        ).msg
+    )
+    assert registered["status"].startswith('Model "other" Version: 2.0 registered')
+    gone = json.loads(manage.UnregisterModel(pb.UnregisterModelRequest(model_name="other")).msg)
+    assert gone == {"status": 'Model "other" unregistered'}
+    with pytest.raises(grpc.RpcError) as caught:
+        manage.DescribeModel(pb.DescribeModelRequest(model_name="nope"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        manage.RegisterModel(pb.RegisterModelRequest(url="swiss.mar"))
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
