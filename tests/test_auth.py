@@ -102,3 +102,26 @@ def test_expired_keys_fail_and_the_cli_rotates_them(tmp_path: object) -> None:
         assert keys(srv)["inference"]["key"] != key
     finally:
         srv.stop()
+
+
+def test_grpc_needs_the_key_in_metadata(server: Server, tmp_path: object) -> None:
+    import grpc
+
+    assert server.info is not None
+    body = server.root / "in.bin"
+    body.write_bytes(b"x")
+    answered = server.tsctl("infer", "swiss", str(body), "--grpc")  # the CLI brings the key
+    assert answered.returncode == 0, answered.stderr
+    without = server.tsctl("infer", "swiss", str(body), "--grpc", "--url", "localhost:1")
+    assert without.returncode == 1
+    # a raw call without metadata: the generic method path, no generated stubs needed
+    with grpc.insecure_channel(server.info.grpc_inference_address) as channel:
+        call = channel.unary_unary(
+            "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions",
+            request_serializer=lambda raw: raw,
+            response_deserializer=lambda raw: raw,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"\n\x05swiss", timeout=30)  # PredictionsRequest{model_name: "swiss"}
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert FAILED in caught.value.details()

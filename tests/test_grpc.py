@@ -244,3 +244,22 @@ def test_management_rpcs(stubs: Any, ts_protos: dict[str, ModuleType]) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         manage.RegisterModel(pb.RegisterModelRequest(url="swiss.mar"))
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_cli_infer_over_grpc(server: Server) -> None:
+    files = [server.root / "a.bin", server.root / "b.bin"]
+    for i, path in enumerate(files):
+        path.write_bytes(bytes([i]) * 5)
+    together = server.tsctl("infer", "swiss", ",".join(map(str, files)), "--grpc")
+    assert together.returncode == 0, together.stderr
+    assert json.loads(together.stdout)["types"] == {"a.bin": "bytearray", "b.bin": "bytearray"}
+    each = server.tsctl("infer", "swiss", ",".join(map(str, files)), "--grpc", "--each")
+    assert each.returncode == 0, each.stderr
+    assert each.stdout.count('"types"') == 2
+    streamed = server.tsctl("infer", "swiss", str(files[0]), "--grpc", "--stream")
+    assert json.loads(streamed.stdout)["types"] == {"data": "bytearray"}
+    missing = server.tsctl("infer", "nope", str(files[0]), "--grpc")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "tsctl: error: NOT_FOUND: Model not found: nope"
+    nowhere = server.tsctl("infer", "swiss", str(files[0]), "--grpc", "--url", "127.0.0.1:9")
+    assert nowhere.returncode == 1 and "cannot reach the gRPC server" in nowhere.stderr

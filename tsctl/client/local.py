@@ -8,6 +8,7 @@ about to expire is rotated first with the API key.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 from tsctl.client.rest import RestClient
@@ -51,3 +52,23 @@ def _fresh_key(info: PidInfo, kind: str, timeout: float) -> str | None:
         finally:
             admin.close()
     return read_key(info.key_file, kind)
+
+
+GRPC_DEFAULTS = {"inference": "127.0.0.1:7070", "management": "127.0.0.1:7071"}
+
+
+def connect_grpc(api: str, url: str | None = None, timeout: float = 600) -> Any:
+    """A gRPC client for `api` at `url`, or at the local server, with its key if needed."""
+    from tsctl.client.grpc_client import GrpcClient
+
+    info = running(default_state_dir())
+    recorded = ""
+    if info is not None:
+        recorded = (
+            info.grpc_inference_address if api == "inference" else info.grpc_management_address
+        )
+    target = (url or recorded or GRPC_DEFAULTS[api]).removeprefix("http://")
+    token = None
+    if info is not None and info.key_file and recorded and _same(target, f"http://{recorded}"):
+        token = _fresh_key(info, api, timeout)
+    return GrpcClient(target, token=token, timeout=timeout)

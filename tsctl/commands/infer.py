@@ -30,6 +30,10 @@ def infer(
         None, "--content-type", help="Override the content type."
     ),
     output: Path | None = typer.Option(None, "-o", "--output", help="Write the answer to a file."),
+    use_grpc: bool = typer.Option(False, "--grpc", help="Use the gRPC API (default: REST)."),
+    stream: bool = typer.Option(
+        False, "--stream", help="With --grpc: StreamPredictions, one answer per message."
+    ),
 ) -> None:
     """Send files to a model: together in ONE request, or --each in its own request."""
     from tsctl.client.local import connect
@@ -41,7 +45,12 @@ def infer(
         if not path.is_file():
             raise InvalidInput(f"input file not found: {path}")
 
+    if stream and not use_grpc:
+        raise InvalidInput("--stream needs --grpc")
+
     def send(group: list[Path]) -> Reply:
+        if use_grpc:
+            return _send_grpc(model, group, version, url, stream)
         client = connect("inference", url)
         try:
             reply: Reply = client.predict(model, group, version, content_type)
@@ -58,6 +67,24 @@ def infer(
         output.write_bytes(b"\n".join(r.body for r in replies))
         return
     _print(replies)
+
+
+def _send_grpc(
+    model: str, files: list[Path], version: str | None, url: str | None, stream: bool
+) -> Reply:
+    from tsctl.client.local import connect_grpc
+    from tsctl.client.rest import Reply
+
+    client = connect_grpc("inference", url)
+    try:
+        if stream:
+            body = b"\n".join(client.stream(model, files, version))
+        else:
+            body = client.predict(model, files, version)
+    finally:
+        client.close()
+    kind = "application/json" if body[:1] in (b"{", b"[") else ""
+    return Reply(200, {"content-type": kind}, body)
 
 
 def _print(bodies: list[Reply]) -> None:
