@@ -263,3 +263,28 @@ def test_cli_infer_over_grpc(server: Server) -> None:
     assert missing.stderr.strip() == "tsctl: error: NOT_FOUND: Model not found: nope"
     nowhere = server.tsctl("infer", "swiss", str(files[0]), "--grpc", "--url", "127.0.0.1:9")
     assert nowhere.returncode == 1 and "cannot reach the gRPC server" in nowhere.stderr
+
+
+def test_cli_models_over_grpc(server: Server) -> None:
+    def run(*args: str) -> Any:
+        result = server.tsctl("models", *args, "--grpc")
+        assert result.returncode == 0, result.stderr
+        return result
+
+    listed = json.loads(run("list", "--json").stdout)
+    assert {m["modelName"] for m in listed["models"]} >= {"swiss", "batched", "slow"}
+    assert (
+        "registered with 1 initial workers"
+        in run("register", "swiss.mar", "--model-name", "third").stdout
+    )
+    assert (
+        run("scale", "third", "--min-workers", "2").stdout.strip()
+        == "Workers scaled to 2 for model: third"
+    )
+    described = json.loads(run("describe", "third", "--json").stdout)
+    assert len(described[0]["workers"]) == 2
+    assert "Default version successfully updated" in run("set-default", "third", "1.0").stdout
+    assert run("unregister", "third").stdout.strip() == 'Model "third" unregistered'
+    missing = server.tsctl("models", "describe", "nope", "--grpc")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "tsctl: error: NOT_FOUND: Model not found: nope"

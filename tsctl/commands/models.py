@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 
 URL_HELP = "Management API (default: the local server's)."
+GRPC_HELP = "Use the gRPC management API (default: REST)."
 JSON_HELP = "Print the server's JSON, for scripts."
 
 
@@ -36,8 +37,14 @@ def _query(**values: Any) -> str:
     return f"?{urlencode(present)}" if present else ""
 
 
+def _grpc(url: str | None) -> Any:
+    from tsctl.client.local import connect_grpc
+
+    return connect_grpc("management", url)
+
+
 def _status(reply: Any, as_json: bool) -> None:
-    doc = reply.json()
+    doc = reply if isinstance(reply, (dict, list)) else reply.json()
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
@@ -56,8 +63,23 @@ def register(
     response_timeout: int | None = typer.Option(None, "--response-timeout", help="Seconds."),
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """Register a model archive (POST /models)."""
+    if use_grpc:
+        doc = _grpc(url_).manage(
+            "RegisterModel",
+            url=url,
+            model_name=model_name,
+            batch_size=batch_size,
+            max_batch_delay=max_batch_delay,
+            initial_workers=initial_workers,
+            handler=handler,
+            synchronous=sync,
+            response_timeout=response_timeout,
+        )
+        _status(doc, as_json)
+        return
     query = _query(
         url=url,
         model_name=model_name,
@@ -80,8 +102,20 @@ def scale(
     sync: bool = typer.Option(True, "--sync/--no-sync", help="Wait until done."),
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """Change a model's number of workers (PUT /models/NAME)."""
+    if use_grpc:
+        doc = _grpc(url_).manage(
+            "ScaleWorker",
+            model_name=name,
+            model_version=version,
+            min_worker=min_workers,
+            max_worker=max_workers,
+            synchronous=sync,
+        )
+        _status(doc, as_json)
+        return
     query = _query(min_worker=min_workers, max_worker=max_workers, synchronous=sync)
     _status(_client(url_).request("PUT", _path(name, version) + query), as_json)
 
@@ -90,13 +124,17 @@ def scale(
 def list_models(
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """List the registered models (GET /models, every page)."""
-    client = _client(url_)
+    client = _grpc(url_) if use_grpc else _client(url_)
     models: list[dict[str, Any]] = []
     token: str | None = "0"
     while token is not None:
-        doc = client.request("GET", f"/models{_query(limit=100, next_page_token=token)}").json()
+        if use_grpc:
+            doc = client.manage("ListModels", limit=100, next_page_token=int(token))
+        else:
+            doc = client.request("GET", f"/models{_query(limit=100, next_page_token=token)}").json()
         models.extend(doc.get("models", []))
         token = doc.get("nextPageToken")
     if as_json:
@@ -118,10 +156,14 @@ def describe(
     all_versions: bool = typer.Option(False, "--all", help="Every version."),
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """Describe a model: settings and workers (GET /models/NAME)."""
-    path = _path(name, "all" if all_versions else version)
-    described = _client(url_).request("GET", path).json()
+    wanted = "all" if all_versions else version
+    if use_grpc:
+        described = _grpc(url_).manage("DescribeModel", model_name=name, model_version=wanted)
+    else:
+        described = _client(url_).request("GET", _path(name, wanted)).json()
     if as_json:
         sys.stdout.write(json.dumps(described, indent=2) + "\n")
         return
@@ -151,8 +193,13 @@ def unregister(
     version: str | None = typer.Option(None, "--version", help="Model version."),
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """Unregister a model or one version, after its requests finish (DELETE /models/NAME)."""
+    if use_grpc:
+        doc = _grpc(url_).manage("UnregisterModel", model_name=name, model_version=version)
+        _status(doc, as_json)
+        return
     _status(_client(url_).request("DELETE", _path(name, version)), as_json)
 
 
@@ -162,6 +209,11 @@ def set_default(
     version: str = typer.Argument(..., help="The version /predictions/NAME should use."),
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """Make a version the default (PUT /models/NAME/VERSION/set-default)."""
+    if use_grpc:
+        doc = _grpc(url_).manage("SetDefault", model_name=name, model_version=version)
+        _status(doc, as_json)
+        return
     _status(_client(url_).request("PUT", _path(name, version) + "/set-default"), as_json)
