@@ -288,3 +288,32 @@ def test_cli_models_over_grpc(server: Server) -> None:
     missing = server.tsctl("models", "describe", "nope", "--grpc")
     assert missing.returncode == 1
     assert missing.stderr.strip() == "tsctl: error: NOT_FOUND: Model not found: nope"
+
+
+def test_health_service(server: Server) -> None:
+    from tsctl.proto_gen import health_pb2, health_pb2_grpc
+
+    assert server.info is not None
+    status = health_pb2.HealthCheckResponse
+    with grpc.insecure_channel(server.info.grpc_inference_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def check(service: str) -> Any:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
+
+        assert check("") == status.SERVING
+        assert check("swiss") == status.SERVING
+        assert check("swiss/2.0") == status.SERVING
+        with pytest.raises(grpc.RpcError) as caught:
+            check("nope")
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        server.manage("PUT", "/models/slow?min_worker=0&synchronous=true")
+        try:
+            assert check("slow") == status.NOT_SERVING
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="slow"), timeout=30)
+            assert next(watch).status == status.NOT_SERVING
+            server.manage("PUT", "/models/slow?min_worker=1&synchronous=true")
+            assert next(watch).status == status.SERVING
+            watch.cancel()
+        finally:
+            server.manage("PUT", "/models/slow?min_worker=1&synchronous=true")

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ("inference.proto", "management.proto")
+PROTOS = ("inference.proto", "management.proto", "health.proto")
 PACKAGE = "tsctl.proto_gen"
 
 

@@ -9,6 +9,7 @@ operations and answer the REST call's JSON in `msg`. Errors map once, from the e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,8 @@ from grpc import aio
 
 from tsctl.errors import TsctlError
 from tsctl.proto_gen import (
+    health_pb2,
+    health_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     management_pb2,
@@ -198,6 +201,43 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
         return await self._run(context, call)
 
 
+class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1: "" is the server; a model name is SERVING once it has a ready worker."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def _status(self, service: str) -> int | None:
+        status = health_pb2.HealthCheckResponse
+        if not service:
+            return int(status.NOT_SERVING if self.state.draining else status.SERVING)
+        name, _, version = service.partition("/")
+        try:
+            mv = self.state.registry.get(name, version or None)
+        except TsctlError:
+            return None
+        ready = any(w.state in ("READY", "BUSY") for w in mv.pool.workers)
+        return int(status.SERVING if ready else status.NOT_SERVING)
+
+    async def Check(self, request: Any, context: aio.ServicerContext) -> Any:
+        found = self._status(request.service)
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=found)
+
+    async def Watch(
+        self, request: Any, context: aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        last: int | None = -1
+        while True:
+            found = self._status(request.service)
+            current = found if found is not None else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            if current != last:
+                last = current
+                yield health_pb2.HealthCheckResponse(status=current)
+            await asyncio.sleep(0.5)
+
+
 async def start(state: ServerState, address: str, api: str) -> tuple[aio.Server, str]:
     """Start one gRPC server ("inference" or "management"); returns it and its address."""
     config = state.config
@@ -208,6 +248,7 @@ async def start(state: ServerState, address: str, api: str) -> tuple[aio.Server,
             ("grpc.so_reuseport", 0),
         ]
     )
+    health_pb2_grpc.add_HealthServicer_to_server(HealthService(state), server)
     if api == "inference":
         inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(
             InferenceService(state), server
