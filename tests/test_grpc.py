@@ -317,3 +317,33 @@ def test_health_service(server: Server) -> None:
             watch.cancel()
         finally:
             server.manage("PUT", "/models/slow?min_worker=1&synchronous=true")
+
+
+@pytest.fixture(scope="module")
+def streaming(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("stream"))
+    make_archive(srv.store, "yielder", "streamer")
+    make_archive(srv.store, "sender", "streamer", config={"handler": {"style": "send"}})
+    srv.start("yielder.mar", "sender.mar")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("model", "parts"),
+    [("yielder", ["part0 ", "part1 ", "part2 "]), ("sender", ["early0 ", "early1 ", "done"])],
+)
+def test_streaming_handlers(
+    streaming: Server, ts_protos: dict[str, ModuleType], model: str, parts: list[str]
+) -> None:
+    rest = streaming.predict(model, b"x", headers={"Content-Type": "application/octet-stream"})
+    assert rest.status == 200
+    assert rest.headers.get("transfer-encoding") == "chunked"
+    assert rest.body.decode() == "".join(parts)
+    assert streaming.info is not None
+    with grpc.insecure_channel(streaming.info.grpc_inference_address) as channel:
+        stub = ts_protos["inference_pb2_grpc"].InferenceAPIsServiceStub(channel)
+        request = ts_protos["inference_pb2"].PredictionsRequest(model_name=model, input={"d": b"x"})
+        streamed = [m.prediction.decode() for m in stub.StreamPredictions(request, timeout=60)]
+        assert streamed == parts  # in order, one message each
+        assert stub.Predictions(request, timeout=60).prediction.decode() == parts[-1]

@@ -43,6 +43,7 @@ class Kind(IntEnum):
     STOP = 5  # frontend → worker: finish and exit
     DESCRIBE = 6  # frontend → worker: call the handler's describe_handle
     DESCRIBED = 7  # worker → frontend: its answer
+    CHUNK = 8  # worker → frontend: intermediate answers of a streaming handler
 
 
 class ProtocolError(Exception):
@@ -126,6 +127,14 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """Intermediate answers of the running batch, one per request, before its `Result`."""
+
+    batch_id: int
+    responses: Sequence[WireResponse] = ()
+
+
+@dataclass(frozen=True)
 class Describe:
     pass
 
@@ -136,7 +145,7 @@ class Described:
     failure: Failure | None = None
 
 
-Message = Hello | InitFailed | Batch | Result | Stop | Describe | Described
+Message = Hello | InitFailed | Batch | Result | Stop | Describe | Described | Chunk
 
 
 def _failure_meta(failure: Failure | None) -> list[str] | None:
@@ -161,8 +170,8 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
                 segments.append(part.data)
             reqs.append([request.request_id, parts, [list(h) for h in request.headers]])
         meta = {"id": message.batch_id, "reqs": reqs}
-    elif isinstance(message, Result):
-        kind = Kind.RESULT
+    elif isinstance(message, (Result, Chunk)):
+        kind = Kind.RESULT if isinstance(message, Result) else Kind.CHUNK
         res = []
         for response in message.responses:
             segments.append(response.body)
@@ -175,13 +184,13 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
                     _failure_meta(response.failure),
                 ]
             )
-        meta = {
-            "id": message.batch_id,
-            "res": res,
-            "fail": _failure_meta(message.failure),
-            "ms": message.handler_ms,
-            "metrics": [[m.name, m.unit, m.kind, m.value, m.dimensions] for m in message.metrics],
-        }
+        meta = {"id": message.batch_id, "res": res}
+        if isinstance(message, Result):
+            meta["fail"] = _failure_meta(message.failure)
+            meta["ms"] = message.handler_ms
+            meta["metrics"] = [
+                [m.name, m.unit, m.kind, m.value, m.dimensions] for m in message.metrics
+            ]
     elif isinstance(message, Hello):
         kind, meta = Kind.HELLO, {"pid": message.pid}
     elif isinstance(message, InitFailed):
@@ -210,13 +219,15 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
                 built = [Part(name, ctype, next(bodies)) for name, ctype in parts]
                 requests.append(WireRequest(request_id, built, [(k, v) for k, v in headers]))
             return Batch(int(meta["id"]), requests)
-        if kind == Kind.RESULT:
+        if kind in (Kind.RESULT, Kind.CHUNK):
             responses = [
                 WireResponse(status, ctype, body, [(k, v) for k, v in headers], reason, _failure(f))
                 for (status, ctype, headers, reason, f), body in zip(
                     meta["res"], segments, strict=True
                 )
             ]
+            if kind == Kind.CHUNK:
+                return Chunk(int(meta["id"]), responses)
             metrics = [
                 CustomMetric(
                     str(n), str(u), str(k), float(v), {str(a): str(b) for a, b in d.items()}

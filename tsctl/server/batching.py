@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,8 @@ class Job:
     deadline: float
     source: Hashable | None = None
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    #: receives a streaming handler's intermediate answers (a `workers.Response` each)
+    on_chunk: Callable[[Any], None] | None = field(default=None, repr=False)
 
 
 class ModelQueue:

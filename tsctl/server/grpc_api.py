@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -33,6 +33,7 @@ from tsctl.server.http_common import new_request_id
 from tsctl.server.http_management import describe
 from tsctl.server.inference import InferenceRequest, Pending
 from tsctl.server.state import ServerState
+from tsctl.server.workers import Response
 
 HEALTHY = json.dumps({"status": "Healthy"}, indent=2)
 
@@ -54,7 +55,12 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
     async def Ping(self, request: Any, context: aio.ServicerContext) -> Any:
         return inference_pb2.TorchServeHealthResponse(health=HEALTHY)
 
-    async def _predict(self, request: Any, context: aio.ServicerContext) -> bytes:
+    async def _predict(
+        self,
+        request: Any,
+        context: aio.ServicerContext,
+        on_chunk: Callable[[Response], None] | None = None,
+    ) -> bytes:
         meta = _metadata(context)
         state = self.state
         state.authorize("inference", meta.get("authorization"))
@@ -62,7 +68,7 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         parts = [Part(name, "", bytes(value)) for name, value in request.input.items()]
         request_id = new_request_id(meta.get("x-request-id"))
         wire = InferenceRequest(request_id, parts, list(meta.items()), time.monotonic())
-        pending = Pending(mv, wire, None)
+        pending = Pending(mv, wire, None, on_chunk)
         try:
             response = await pending.result()
         except BaseException:
@@ -82,11 +88,21 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
     async def StreamPredictions(
         self, request: Any, context: aio.ServicerContext
     ) -> AsyncIterator[Any]:
+        """One message per intermediate answer of a streaming handler, then the final one."""
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        final = asyncio.ensure_future(
+            self._predict(request, context, lambda r: chunks.put_nowait(bytes(r.body)))
+        )
+        final.add_done_callback(lambda _: chunks.put_nowait(None))
         try:
-            body = await self._predict(request, context)
+            while (body := await chunks.get()) is not None:
+                yield inference_pb2.PredictionResponse(prediction=body)
+            answer = await final
         except TsctlError as exc:
             await _abort(context, exc)
-        yield inference_pb2.PredictionResponse(prediction=body)
+        finally:
+            final.cancel()
+        yield inference_pb2.PredictionResponse(prediction=answer)
 
     async def StreamPredictions2(
         self, requests: AsyncIterator[Any], context: aio.ServicerContext
@@ -225,9 +241,7 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=found)
 
-    async def Watch(
-        self, request: Any, context: aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    async def Watch(self, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         last: int | None = -1
         while True:
             found = self._status(request.service)

@@ -88,6 +88,7 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         self.mv: ModelVersion | None = None
         self.pending: Pending | None = None
         self.answered = False
+        self.streaming = False
         state.request_started()
         if isinstance(self.connection, HTTP1Connection):
             # called if the client disconnects, also while the answer is being computed
@@ -147,7 +148,7 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
                 self.arrival,
             )
             stream = getattr(self.connection, "stream", None)
-            self.pending = Pending(self.mv, request, stream)
+            self.pending = Pending(self.mv, request, stream, self._on_chunk)
         except TsctlError as exc:
             self._answer_error(exc)
             return
@@ -176,6 +177,27 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
             response.status, response.reason or _reason(response.status), headers, response.body
         )
 
+    def _on_chunk(self, chunk: Response) -> None:
+        """An intermediate answer of a streaming handler: sent at once, chunked."""
+        if self.answered:
+            return
+        try:
+            if not self.streaming:
+                self.streaming = True
+                headers = {**base_headers(self.request_id), **self.state.cors}
+                if chunk.content_type:
+                    headers["Content-Type"] = chunk.content_type
+                headers.update(chunk.headers)
+                self.connection.write_headers(  # no Content-Length: tornado sends it chunked
+                    httputil.ResponseStartLine("HTTP/1.1", chunk.status, _reason(chunk.status)),
+                    httputil.HTTPHeaders(headers),
+                    bytes(chunk.body),
+                )
+            else:
+                self.connection.write(bytes(chunk.body))
+        except Exception:  # the client went away mid-stream
+            log.debug("could not stream to %s", self.request_id)
+
     def _answer_error(self, exc: BaseException) -> None:
         status, body, extra = error_response(exc)
         headers = {
@@ -192,6 +214,14 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         if self.answered:
             return
         self.answered = True
+        if self.streaming:  # the last piece of a streamed answer (or its error, as text)
+            try:
+                self.connection.write(bytes(body))
+                self.connection.finish()
+            except Exception:
+                log.debug("could not finish the stream to %s", self.request_id)
+            self._done(status)
+            return
         headers["Content-Length"] = str(len(body))
         try:
             self.connection.write_headers(

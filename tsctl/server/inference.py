@@ -37,7 +37,13 @@ class ClientGone(Exception):
 class Pending:
     """A submitted request: await `result()`, or `abandon()` it."""
 
-    def __init__(self, mv: ModelVersion, request: InferenceRequest, source: Hashable | None):
+    def __init__(
+        self,
+        mv: ModelVersion,
+        request: InferenceRequest,
+        source: Hashable | None,
+        on_chunk: Callable[[Response], None] | None = None,
+    ):
         if mv.pool.target == 0:
             raise ServiceUnavailable(
                 f'Model "{mv.name}" has no worker to serve inference request. '
@@ -46,7 +52,7 @@ class Pending:
         loop = asyncio.get_running_loop()
         self.mv = mv
         deadline = request.arrival + mv.response_timeout
-        self.job = Job(request, loop.create_future(), deadline, source)
+        self.job = Job(request, loop.create_future(), deadline, source, on_chunk=on_chunk)
         mv.queue.put(self.job)
         self.job.timer = loop.call_at(deadline, expire, self.job, mv.response_timeout)
 

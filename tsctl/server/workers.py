@@ -34,6 +34,7 @@ from tsctl.errors import (
 )
 from tsctl.protocol import (
     Batch,
+    Chunk,
     Describe,
     Described,
     Hello,
@@ -100,8 +101,8 @@ class WorkerProcess:
         self.state = "STARTING"
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
-        #: answers the worker owes, in the order it will send them
-        self._pending: deque[asyncio.Future[Any]] = deque()
+        #: answers the worker owes, in the order it will send them, with who wants its chunks
+        self._pending: deque[tuple[asyncio.Future[Any], Callable[[Chunk], None] | None]] = deque()
         self._reader_task: asyncio.Task[None] | None = None
         self.dead = asyncio.Event()
 
@@ -172,8 +173,12 @@ class WorkerProcess:
         try:
             while True:
                 message = await read_message(self._reader)
-                if isinstance(message, (Result, Described)) and self._pending:
-                    waiter = self._pending.popleft()
+                if isinstance(message, Chunk) and self._pending:
+                    on_chunk = self._pending[0][1]
+                    if on_chunk is not None:
+                        on_chunk(message)
+                elif isinstance(message, (Result, Described)) and self._pending:
+                    waiter, _ = self._pending.popleft()
                     if not waiter.done():
                         waiter.set_result(message)
                 else:
@@ -186,20 +191,21 @@ class WorkerProcess:
             code = await self._reap()
             self.state = "DEAD"
             while self._pending:
-                waiter = self._pending.popleft()
+                waiter, _ = self._pending.popleft()
                 if not waiter.done():
                     waiter.set_exception(
                         WorkerDied(f"worker {self.worker_id} died (exit status {code})")
                     )
             self.dead.set()
 
-    async def run(self, batch: Batch) -> Result:
-        """Send one batch and wait for its result; `WorkerDied` if the process goes away."""
+    async def run(self, batch: Batch, on_chunk: Callable[[Chunk], None] | None = None) -> Result:
+        """Send one batch and wait for its result; `WorkerDied` if the process goes away.
+        Intermediate answers of a streaming handler go to `on_chunk` as they come."""
         if self.state != "READY" or self._writer is None:
             raise WorkerDied(f"worker {self.worker_id} is not running")
         self.state = "BUSY"
         try:
-            result: Result = await self._ask(batch)
+            result: Result = await self._ask(batch, on_chunk)
             return result
         finally:
             if self.state == "BUSY":
@@ -212,10 +218,12 @@ class WorkerProcess:
         described: Described = await self._ask(Describe())
         return described
 
-    async def _ask(self, message: Batch | Describe) -> Any:
+    async def _ask(
+        self, message: Batch | Describe, on_chunk: Callable[[Chunk], None] | None = None
+    ) -> Any:
         assert self._writer is not None
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(waiter)
+        self._pending.append((waiter, on_chunk))
         try:
             self._writer.writelines(encode(message))
             await self._writer.drain()
@@ -372,7 +380,7 @@ class WorkerPool:
         self._record_dispatch(live, now)
         watchdog = loop.call_at(max(j.deadline for j in live), self._overdue, worker)
         try:
-            result = await worker.run(batch)
+            result = await worker.run(batch, _fan_out(live))
         except WorkerDied as exc:
             _fail(live, exc)
             return
@@ -488,6 +496,21 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*(self._retire(w) for w in list(self.workers)))
         self.queue.drop_all(error)
+
+
+def _fan_out(jobs: list[Job]) -> Callable[[Chunk], None] | None:
+    """Deliver each intermediate answer of a chunk to its request, if it asked for chunks."""
+    if not any(job.on_chunk is not None for job in jobs):
+        return None
+
+    def deliver(chunk: Chunk) -> None:
+        for job, answer in zip(jobs, chunk.responses, strict=False):
+            if job.on_chunk is not None and not job.future.done() and answer.failure is None:
+                job.on_chunk(
+                    Response(answer.status, answer.content_type, answer.body, tuple(answer.headers))
+                )
+
+    return deliver
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:

@@ -77,7 +77,8 @@ def serve(spec: dict[str, Any]) -> int:
         if isinstance(incoming, Stop):
             return 0
         if isinstance(incoming, Batch):
-            send_message(sock, service.run(incoming))
+            result = service.run(incoming, lambda chunk: send_message(sock, chunk))
+            send_message(sock, result)
         elif isinstance(incoming, Describe):
             send_message(sock, service.describe())
 

@@ -74,6 +74,8 @@ class Context:
         self.request_ids: dict[int, str] = {}
         self._request_processor: list[RequestProcessor] = []
         self.metrics: Any = None
+        #: set by the worker for each batch: sends intermediate answers (streaming handlers)
+        self.send_intermediate: Any = None
 
     @property
     def system_properties(self) -> dict[str, Any]:

@@ -9,19 +9,30 @@ which; an answer that cannot be serialised fails only its own request.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from tsctl.protocol import Batch, Described, Failure, Part, Result, WireResponse
+from tsctl.protocol import Batch, Chunk, Described, Failure, Part, Result, WireResponse
 from tsctl.worker.context import Context, RequestProcessor
 from tsctl.worker.loader import Entry
 from tsctl.worker.metrics import MetricsCache
 
 log = logging.getLogger("tsctl.worker")
+
+
+def _last_of(produced: Iterator[Any], intermediate: Callable[[Sequence[Any]], None]) -> Any:
+    """Send every list a generator handler yields but the last, which is the final answer."""
+    last: Any = None
+    for item in produced:
+        if last is not None:
+            intermediate(last)
+        last = item
+    return [] if last is None else last
 
 
 def decode_value(part: Part) -> Any:
@@ -47,14 +58,25 @@ class Service:
         self.entry = entry
         self.context = context
 
-    def run(self, batch: Batch) -> Result:
+    def run(self, batch: Batch, send: Callable[[Chunk], None] | None = None) -> Result:
+        """Run one batch. A handler that streams (yields lists, or calls
+        `context.send_intermediate(answers)`) has each intermediate list sent through `send`
+        as a `Chunk`; its last list is the final answer."""
         rows = [{p.name: decode_value(p) for p in request.parts} for request in batch.requests]
         context = self.context
         context.request_ids = {i: r.request_id for i, r in enumerate(batch.requests)}
         context.request_processor = [RequestProcessor(dict(r.headers)) for r in batch.requests]
+
+        def intermediate(answers: Sequence[Any]) -> None:
+            if send is not None:
+                send(Chunk(batch.batch_id, [self._response(i, a) for i, a in enumerate(answers)]))
+
+        context.send_intermediate = intermediate
         started = time.perf_counter()
         try:
             answers = self.entry(rows, context)
+            if inspect.isgenerator(answers):
+                answers = _last_of(answers, intermediate)
         except Exception as exc:
             log.error("handler raised on a batch of %d:\n%s", len(rows), traceback.format_exc())
             message = f"{type(exc).__name__}: {exc}"
