@@ -64,7 +64,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     make_archive(srv.store, "swiss2", "swiss", version="2.0")
     make_archive(srv.store, "batched", "swiss", config={"batchSize": 8, "maxBatchDelay": 1000})
     make_archive(srv.store, "slow", "swiss", config={"responseTimeout": 1})
-    srv.start("swiss.mar", "swiss=swiss2.mar", "batched.mar", "slow.mar")
+    make_archive(srv.store, "pair", "swiss", config={"minWorkers": 2})
+    srv.start("swiss.mar", "swiss=swiss2.mar", "batched.mar", "slow.mar", "pair.mar")
     yield srv
     srv.stop()
 
@@ -347,3 +348,23 @@ def test_streaming_handlers(
         streamed = [m.prediction.decode() for m in stub.StreamPredictions(request, timeout=60)]
         assert streamed == parts  # in order, one message each
         assert stub.Predictions(request, timeout=60).prediction.decode() == parts[-1]
+
+
+def test_sequences_stick_to_one_worker(stubs: Any, ts_protos: dict[str, ModuleType]) -> None:
+    pb = ts_protos["inference_pb2"]
+    sequences = [f"seq{i}" for i in range(3)]  # odd, so alternating workers would split them
+    requests = [
+        pb.PredictionsRequest(model_name="pair", input={"step": str(step).encode()}, sequence_id=s)
+        for step in range(3)
+        for s in sequences
+    ]
+    answers = list(stubs[0].StreamPredictions2(iter(requests), timeout=60))
+    assert [a.sequence_id for a in answers] == [r.sequence_id for r in requests]
+    pids: dict[str, set[int]] = {}
+    for answer in answers:
+        pids.setdefault(answer.sequence_id, set()).add(json.loads(answer.prediction)["pid"])
+    assert all(len(found) == 1 for found in pids.values()), pids
+    # without sequence ids the same calls spread over both workers
+    plain = [pb.PredictionsRequest(model_name="pair", input={"x": b"1"}) for _ in range(6)]
+    spread = {json.loads(a.prediction)["pid"] for a in stubs[0].StreamPredictions2(iter(plain))}
+    assert len(spread) == 2

@@ -14,7 +14,7 @@ Nothing here blocks: every method is either plain or a coroutine that awaits fut
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,8 @@ from tsctl.errors import QueueFull
 
 #: how long an answered connection counts as "about to send again" (seconds)
 SOURCE_WINDOW = 1.0
+#: sequences remembered for stickiness; the least recently used is forgotten past this
+MAX_SEQUENCES = 10000
 
 
 @dataclass(eq=False)
@@ -36,6 +38,8 @@ class Job:
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     #: receives a streaming handler's intermediate answers (a `workers.Response` each)
     on_chunk: Callable[[Any], None] | None = field(default=None, repr=False)
+    #: a stateful sequence (gRPC `sequence_id`): all its jobs go to the same worker, in order
+    sequence: str | None = None
 
 
 class ModelQueue:
@@ -47,6 +51,9 @@ class ModelQueue:
         self._idle_waiters: deque[asyncio.Future[None]] = deque()
         self._fill_waiters: deque[asyncio.Future[None]] = deque()
         self._answered: dict[Hashable, float] = {}
+        #: which worker serves each sequence (least recently used first)
+        self._owners: OrderedDict[str, Hashable] = OrderedDict()
+        self._pinned = 0  # queued jobs that belong to a sequence
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -59,24 +66,25 @@ class ModelQueue:
         self._jobs.append(job)
         if job.source is not None:
             self._answered.pop(job.source, None)
-        self._wake()
+        if job.sequence is None:
+            self._wake()
+        else:  # only its worker may take it: let every collector look
+            self._pinned += 1
+            self._wake(everyone=True)
 
     def requeue_front(self, jobs: list[Job]) -> None:
         """Give back jobs a collector took but did not send (it was cancelled)."""
         for job in reversed(jobs):
             if not job.future.done():
                 self._jobs.appendleft(job)
+                self._pinned += job.sequence is not None
         if self._jobs:
-            self._wake()
+            self._wake(everyone=self._pinned > 0)
 
     def answered(self, source: Hashable | None, now: float) -> None:
         """A job from `source` got its answer at `now`."""
         if source is not None:
             self._answered[source] = now
-
-    def forget(self, source: Hashable) -> None:
-        """`source` closed its connection: it will not send again."""
-        self._answered.pop(source, None)
 
     def likely_arrivals(self, now: float) -> int:
         """Open connections answered within the window that have nothing in flight."""
@@ -85,25 +93,62 @@ class ModelQueue:
             del self._answered[source]
         return len(self._answered)
 
-    def take(self) -> Job | None:
-        """The oldest live job, skipping ones already answered (timed out, client gone)."""
-        while self._jobs:
-            job = self._jobs.popleft()
-            if not job.future.done():
-                return job
+    def take(self, worker: Hashable | None = None) -> Job | None:
+        """The oldest live job `worker` may run, skipping ones already answered (timed out,
+        client gone) and ones of a sequence another worker serves."""
+        if not self._pinned:  # the common case: plain FIFO
+            while self._jobs:
+                job = self._jobs.popleft()
+                if not job.future.done():
+                    return job
+            return None
+        index = 0
+        while index < len(self._jobs):
+            job = self._jobs[index]
+            if job.future.done():
+                del self._jobs[index]
+                self._pinned -= job.sequence is not None
+                continue
+            if job.sequence is not None:
+                owner = self._owners.get(job.sequence)
+                if owner is not None and owner is not worker:
+                    index += 1
+                    continue
+                self._own(job.sequence, worker)
+                self._pinned -= 1
+            del self._jobs[index]
+            return job
         return None
 
-    def drop_all(self, error: Exception) -> None:
-        while (job := self.take()) is not None:
-            job.future.set_exception(error)
+    def _own(self, sequence: str, worker: Hashable | None) -> None:
+        if worker is None:
+            return
+        self._owners[sequence] = worker
+        self._owners.move_to_end(sequence)
+        while len(self._owners) > MAX_SEQUENCES:
+            self._owners.popitem(last=False)
 
-    def _wake(self) -> None:
+    def release(self, worker: Hashable) -> None:
+        """`worker` is gone: its sequences may move to another worker."""
+        for sequence in [s for s, w in self._owners.items() if w is worker]:
+            del self._owners[sequence]
+        if self._pinned:
+            self._wake(everyone=True)
+
+    def drop_all(self, error: Exception) -> None:
+        jobs, self._jobs, self._pinned = self._jobs, deque(), 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    def _wake(self, everyone: bool = False) -> None:
         for waiters in (self._fill_waiters, self._idle_waiters):
             while waiters:
                 waiter = waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(None)
-                    return
+                    if not everyone:
+                        return
 
     async def wait_for_job(self) -> None:
         """Until a job may be waiting (an idle collector's wait)."""
@@ -141,19 +186,21 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-async def next_batch(queue: ModelQueue, batch_size: int, max_delay_ms: float) -> list[Job]:
-    """Collect the next batch for an idle worker (see the module docstring).
+async def next_batch(
+    queue: ModelQueue, batch_size: int, max_delay_ms: float, worker: Hashable | None = None
+) -> list[Job]:
+    """Collect the next batch for an idle `worker` (see the module docstring).
 
     Safe to cancel at any point: jobs already taken go back to the front of the queue.
     """
     loop = asyncio.get_running_loop()
-    while (first := queue.take()) is None:
+    while (first := queue.take(worker)) is None:
         await queue.wait_for_job()
     batch = [first]
     try:
         deadline = loop.time() + max_delay_ms / 1000
         while len(batch) < batch_size:
-            job = queue.take()
+            job = queue.take(worker)
             if job is not None:
                 batch.append(job)
                 continue

@@ -60,6 +60,7 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         request: Any,
         context: aio.ServicerContext,
         on_chunk: Callable[[Response], None] | None = None,
+        sequence: str | None = None,
     ) -> bytes:
         meta = _metadata(context)
         state = self.state
@@ -68,7 +69,7 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         parts = [Part(name, "", bytes(value)) for name, value in request.input.items()]
         request_id = new_request_id(meta.get("x-request-id"))
         wire = InferenceRequest(request_id, parts, list(meta.items()), time.monotonic())
-        pending = Pending(mv, wire, None, on_chunk)
+        pending = Pending(mv, wire, None, on_chunk, sequence)
         try:
             response = await pending.result()
         except BaseException:
@@ -112,7 +113,7 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         async for request in requests:
             sequence = request.sequence_id if request.HasField("sequence_id") else None
             try:
-                body = await self._predict(request, context)
+                body = await self._predict(request, context, sequence=sequence)
                 answer = inference_pb2.PredictionResponse(prediction=body)
             except TsctlError as exc:
                 code = getattr(grpc.StatusCode, exc.grpc_code).value[0]

@@ -43,6 +43,7 @@ class Pending:
         request: InferenceRequest,
         source: Hashable | None,
         on_chunk: Callable[[Response], None] | None = None,
+        sequence: str | None = None,
     ):
         if mv.pool.target == 0:
             raise ServiceUnavailable(
@@ -52,7 +53,9 @@ class Pending:
         loop = asyncio.get_running_loop()
         self.mv = mv
         deadline = request.arrival + mv.response_timeout
-        self.job = Job(request, loop.create_future(), deadline, source, on_chunk=on_chunk)
+        self.job = Job(
+            request, loop.create_future(), deadline, source, on_chunk=on_chunk, sequence=sequence
+        )
         mv.queue.put(self.job)
         self.job.timer = loop.call_at(deadline, expire, self.job, mv.response_timeout)
 

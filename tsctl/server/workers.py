@@ -327,7 +327,9 @@ class WorkerPool:
         settings = self.settings
         try:
             while worker.state == "READY":
-                batch = await next_batch(self.queue, settings.batch_size, settings.max_batch_delay)
+                batch = await next_batch(
+                    self.queue, settings.batch_size, settings.max_batch_delay, worker
+                )
                 await self._dispatch(worker, batch)
                 if not worker.recycling and self._should_recycle(worker):
                     worker.recycling = True
@@ -337,6 +339,7 @@ class WorkerPool:
                     self._background(self._replace(worker))
         finally:
             self._loops.pop(worker, None)
+            self.queue.release(worker)
             if worker in self.workers:
                 self.workers.remove(worker)
         if worker.state == "DEAD" and not self._closed:
