@@ -15,7 +15,8 @@ and 32, through
 - tsctl's gRPC inference API (`InferenceAPIsService/Predictions`),
 - tsctl's REST API (`POST /predictions/mlp`), same server, same run,
 - TorchServe 0.12's gRPC inference API,
-- TorchServe 0.12's REST API (context for the gRPC-vs-REST ratio; `--no-ts-rest` skips it).
+- TorchServe 0.12's REST API, with wrk (context for its gRPC-vs-REST ratio; `--no-ts-rest`
+  skips it).
 
 One server runs at a time (serve_bench.py's server classes, process tracking and clean stop);
 which server goes first alternates between batch sizes.
@@ -27,8 +28,11 @@ it POSTs one prebuilt gRPC message frame (flag byte 0, 4-byte big-endian length,
 PredictionsRequest{model_name="mlp", input={"data": <the 16 floats as JSON>}}) with
 `content-type: application/grpc` and `te: trailers`. REST uses the same h2load over HTTP/1.1
 (`--h1`, keep-alive, no pipelining), POSTing the same JSON as `application/json`, so gRPC and
-REST are compared with one tool; tsctl's REST row is also run with wrk (`-t1 --latency`, as in
-serve_bench.py) as a cross-check of the load generator (`--no-wrk` skips it). Throughput is
+REST are compared with one tool on tsctl. TorchServe's REST runs use wrk (`-t1 --latency`, as
+in serve_bench.py): h2load 1.52's HTTP/1.1 parser rejects TorchServe's status line
+(`HTTP/1.1 200 ` with an empty reason phrase) and records every answer as failed. tsctl's REST
+row is therefore also run with wrk, which ties the two tools together and to serve_bench.py's
+numbers (`--no-wrk` skips that cross-check; TorchServe's REST row still uses wrk). Throughput is
 the successful answers over the measured seconds; p50/p99 come from h2load's per-request log
 (`--log-file`, the elapsed time of every request of the measured part).
 
@@ -81,14 +85,14 @@ TARGETS = [
     ("tsctl REST", "tsctl", "rest", "h2load"),
     ("tsctl REST wrk", "tsctl", "rest", "wrk"),
     ("TS gRPC", "TorchServe", "grpc", "h2load"),
-    ("TS REST", "TorchServe", "rest", "h2load"),
+    ("TS REST", "TorchServe", "rest", "wrk"),
 ]
 LABELS = {
     "tsctl gRPC": "tsctl gRPC (h2load)",
     "tsctl REST": "tsctl REST (h2load --h1)",
     "tsctl REST wrk": "tsctl REST (wrk)",
     "TS gRPC": "TorchServe gRPC (h2load)",
-    "TS REST": "TorchServe REST (h2load --h1)",
+    "TS REST": "TorchServe REST (wrk)",
 }
 
 
@@ -384,7 +388,7 @@ def wanted(plan: Plan, server: str) -> list[tuple[str, str, str]]:
     for key, name, protocol, tool in TARGETS:
         if name != server:
             continue
-        if tool == "wrk" and not plan.wrk:
+        if key == "tsctl REST wrk" and not plan.wrk:
             continue
         if name == "TorchServe" and protocol == "rest" and not plan.ts_rest:
             continue
@@ -484,7 +488,8 @@ def print_report(results: Results, plan: Plan) -> None:
     print(
         f"\nMLP 16→64→64→4, 1 worker, JSON body of 16 floats (gRPC: the same bytes as input "
         f'"data"); {plan.duration:g} s per run after a {plan.warmup:g} s warm-up run; '
-        "h2load -t1 -m1 -c<conc> (gRPC over h2c; REST with --h1), wrk -t1 --latency; "
+        "h2load -t1 -m1 -c<conc> (gRPC over h2c; tsctl REST also with --h1), "
+        "wrk -t1 -c<conc> --latency (REST); "
         "batch 8 with maxBatchDelay 5 ms\n"
         "cores: lg = load generator, fe = frontend process, wk = worker, oth = other "
         "processes on the machine\n"
@@ -512,8 +517,8 @@ def print_report(results: Results, plan: Plan) -> None:
     pairs = [
         ("tsctl gRPC", "TS gRPC", "gRPC tsctl/TS"),
         ("tsctl gRPC", "tsctl REST", "tsctl gRPC/REST"),
-        ("TS gRPC", "TS REST", "TS gRPC/REST"),
-        ("tsctl REST", "TS REST", "REST tsctl/TS"),
+        ("TS gRPC", "TS REST", "TS gRPC/REST (wrk)"),
+        ("tsctl REST wrk", "TS REST", "REST tsctl/TS (wrk)"),
         ("tsctl REST", "tsctl REST wrk", "tsctl REST h2load/wrk"),
     ]
     head = f"{'batch':>5} {'conc':>4}  " + "  ".join(f"{name:>23}" for *_, name in pairs)
@@ -556,7 +561,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None, help="seconds per run")
     parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds per run")
     parser.add_argument("--no-ts-rest", action="store_true", help="skip TorchServe's REST runs")
-    parser.add_argument("--no-wrk", action="store_true", help="skip the wrk cross-check")
+    parser.add_argument("--no-wrk", action="store_true", help="skip tsctl's REST run with wrk")
     parser.add_argument("--retries", type=int, default=2, help="repeats of a disturbed run")
     parser.add_argument(
         "--quiet-budget", type=float, default=None,
@@ -598,7 +603,7 @@ def tool_versions() -> str:
         )
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=10)
-        versions.append((out.stdout + out.stderr).strip().splitlines()[0])
+        versions.append((out.stdout + out.stderr).strip().splitlines()[0].split(" Copyright")[0])
     with contextlib.suppress(ImportError):
         import grpc
 
@@ -616,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         if not exe.exists():
             print(f"not found: {exe}", file=sys.stderr)
             return 2
-    for tool in ["h2load"] + ["wrk"] * plan.wrk:
+    for tool in ["h2load"] + ["wrk"] * (plan.wrk or (plan.ts_rest and len(plan.servers) > 1)):
         if shutil.which(tool) is None:
             hint = " (Debian: apt-get install nghttp2-client)" if tool == "h2load" else ""
             print(f"{tool} is not on PATH{hint}", file=sys.stderr)
