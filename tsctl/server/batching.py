@@ -2,11 +2,12 @@
 
 Semantics are TorchServe's: an idle worker takes the first waiting job, then waits at most
 `max_batch_delay` for up to `batch_size` jobs, then sends the batch. One difference: it stops
-waiting as soon as no more requests are likely to come. The queue remembers, per client
-connection ("source"), when its last answer went out; an open connection answered recently
-that has nothing in flight is likely to send again at once (a closed-loop client), so it is worth
-waiting for. When there is no such connection, waiting can only add latency (a lone client at
-concurrency 1 gets its answer without the `max_batch_delay` penalty TorchServe charges).
+waiting as soon as no more requests are likely to come. The queue keeps, per client
+connection ("source": an HTTP/1.1 connection, or a gRPC peer that multiplexes many calls),
+how many requests it has had in flight at once lately and how many it has now; the
+difference is what it is likely to send soon (a closed-loop client sends again as soon as it
+is answered). When no source is expected to send, waiting can only add latency (a lone client
+at concurrency 1 gets its answer without the `max_batch_delay` penalty TorchServe charges).
 
 Nothing here blocks: every method is either plain or a coroutine that awaits futures.
 """
@@ -14,6 +15,7 @@ Nothing here blocks: every method is either plain or a coroutine that awaits fut
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -50,7 +52,7 @@ class ModelQueue:
         self._jobs: deque[Job] = deque()
         self._idle_waiters: deque[asyncio.Future[None]] = deque()
         self._fill_waiters: deque[asyncio.Future[None]] = deque()
-        self._answered: dict[Hashable, float] = {}
+        self._sources: dict[Hashable, _Source] = {}
         #: which worker serves each sequence (least recently used first)
         self._owners: OrderedDict[str, Hashable] = OrderedDict()
         self._pinned = 0  # queued jobs that belong to a sequence
@@ -65,7 +67,12 @@ class ModelQueue:
             )
         self._jobs.append(job)
         if job.source is not None:
-            self._answered.pop(job.source, None)
+            record = self._sources.get(job.source)
+            if record is None:
+                record = self._sources[job.source] = _Source()
+            record.in_flight += 1
+            record.peak = max(record.peak, record.in_flight)
+            record.last = time.monotonic()
         if job.sequence is None:
             self._wake()
         else:  # only its worker may take it: let every collector look
@@ -83,15 +90,27 @@ class ModelQueue:
 
     def answered(self, source: Hashable | None, now: float) -> None:
         """A job from `source` got its answer at `now`."""
-        if source is not None:
-            self._answered[source] = now
+        record = self._sources.get(source) if source is not None else None
+        if record is not None:
+            record.in_flight = max(0, record.in_flight - 1)
+            record.last = now
 
     def likely_arrivals(self, now: float) -> int:
-        """Open connections answered within the window that have nothing in flight."""
-        stale = [s for s, t in self._answered.items() if now - t > SOURCE_WINDOW or _closed(s)]
+        """Requests the active, open sources are likely to send soon: for each, how many it
+        has had in flight at once lately, less how many it has in flight now."""
+        expected = 0
+        stale = []
+        for source, record in self._sources.items():
+            if now - record.last > SOURCE_WINDOW or _closed(source):
+                stale.append(source)
+            else:
+                expected += max(0, record.peak - record.in_flight)
         for source in stale:
-            del self._answered[source]
-        return len(self._answered)
+            if self._sources[source].in_flight == 0:
+                del self._sources[source]
+            else:  # still waiting on answers: keep counting, forget its old peak
+                self._sources[source].peak = self._sources[source].in_flight
+        return expected
 
     def take(self, worker: Hashable | None = None) -> Job | None:
         """The oldest live job `worker` may run, skipping ones already answered (timed out,
@@ -173,6 +192,15 @@ class ModelQueue:
             if not waiter.done():
                 waiter.cancel()
         return bool(self._jobs)
+
+
+@dataclass
+class _Source:
+    """What the batcher knows of one client connection (an HTTP/1.1 connection, a gRPC peer)."""
+
+    in_flight: int = 0
+    peak: int = 0  # the most it has had in flight at once, lately
+    last: float = 0.0
 
 
 def _closed(source: Hashable) -> bool:

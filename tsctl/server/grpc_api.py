@@ -69,7 +69,8 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         parts = [Part(name, "", bytes(value)) for name, value in request.input.items()]
         request_id = new_request_id(meta.get("x-request-id"))
         wire = InferenceRequest(request_id, parts, list(meta.items()), time.monotonic())
-        pending = Pending(mv, wire, None, on_chunk, sequence)
+        # the peer (one HTTP/2 connection, many calls) is the batcher's source
+        pending = Pending(mv, wire, context.peer(), on_chunk, sequence)
         try:
             response = await pending.result()
         except BaseException:
