@@ -30,7 +30,7 @@ from tsctl.proto_gen import (
 from tsctl.protocol import Part
 from tsctl.server import management
 from tsctl.server.http_common import new_request_id
-from tsctl.server.http_management import describe
+from tsctl.server.http_management import describe_models
 from tsctl.server.inference import InferenceRequest, Pending
 from tsctl.server.state import ServerState
 from tsctl.server.workers import Response
@@ -142,20 +142,10 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
 
     async def DescribeModel(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
-            registry = self.state.registry
             version = request.model_version or None
-            if version == "all":
-                registry.get(request.model_name)
-                found = list(registry.models[request.model_name].values())
-            else:
-                found = [registry.get(request.model_name, version)]
-            described = [describe(mv) for mv in found]
-            if request.customized:
-                for doc, mv in zip(described, found, strict=True):
-                    custom = await management.customized(mv)
-                    if custom is not None:
-                        doc["customizedMetadata"] = custom
-            return described
+            return await describe_models(
+                self.state, request.model_name, version, request.customized
+            )
 
         return await self._run(context, call)
 

@@ -48,6 +48,26 @@ def describe(mv: ModelVersion) -> dict[str, Any]:
     }
 
 
+async def describe_models(
+    state: ServerState, name: str, version: str | None, customized: bool
+) -> list[dict[str, Any]]:
+    """TorchServe's describe list for one version, the default one, or `all`; with
+    `customized`, each handler's own `describe_handle()` answer too."""
+    registry = state.registry
+    if version == "all":
+        registry.get(name)
+        found = list(registry.models[name].values())
+    else:
+        found = [registry.get(name, version)]
+    described = [describe(mv) for mv in found]
+    if customized:
+        for doc, mv in zip(described, found, strict=True):
+            custom = await management.customized(mv)
+            if custom is not None:
+                doc["customizedMetadata"] = custom
+    return described
+
+
 class ManagementHandler(ApiHandler):
     key_kind = "management"
 
@@ -101,19 +121,8 @@ class ModelHandler(ManagementHandler):
         self.status(await management.unregister(self.state, name, version))
 
     async def get(self, name: str, version: str | None = None) -> None:
-        registry = self.state.registry
-        if version == "all":
-            registry.get(name)
-            found = list(registry.models[name].values())
-        else:
-            found = [registry.get(name, version)]
-        described = [describe(mv) for mv in found]
-        if self.get_query_argument("customized", "false").lower() == "true":
-            for doc, mv in zip(described, found, strict=True):
-                custom = await management.customized(mv)
-                if custom is not None:
-                    doc["customizedMetadata"] = custom
-        self.write_json(described)
+        customized = self.get_query_argument("customized", "false").lower() == "true"
+        self.write_json(await describe_models(self.state, name, version, customized))
 
 
 class SetDefaultHandler(ManagementHandler):
