@@ -207,3 +207,19 @@ def test_ts_metrics_log_has_system_metrics(server: Server) -> None:
     for name in ("CPUUtilization.Percent:", "MemoryUsed.Megabytes:", "DiskAvailable.Gigabytes:",
                  "Requests2XX.Count:1.0|#Level:Host|#hostname:"):  # fmt: skip
         assert name in text, name
+
+
+def test_start_up_workers_share_the_cores_evenly(server: Server) -> None:
+    """Models load one after another, yet the first one's worker must not take every core."""
+    from tsctl.server.config import cpu_count
+
+    make_archive(server.store, "second", "swiss")
+    server.start("swiss.mar", "second.mar")
+    try:
+        expected = str(max(1, cpu_count() // 2))
+        threads = [
+            server.predict(m, {"action": "echo"}).json()["threads"] for m in ("swiss", "second")
+        ]
+        assert threads == [expected, expected]
+    finally:
+        server.stop()

@@ -323,8 +323,18 @@ def test_api_description(server: Server) -> None:
 
 
 def test_workers_share_the_cores(server: Server) -> None:
-    threads = int(ok(server)["threads"])  # type: ignore[call-overload]
-    assert threads >= 1
+    """Every worker gets cores / all start-up workers, the first model's as much as the last's."""
+    from tsctl.server.config import cpu_count
+
+    described = server.request("GET", "/models", api="management").json()["models"]
+    total = sum(
+        len(d["workers"])
+        for m in described
+        for d in server.request("GET", f"/models/{m['modelName']}/all", api="management").json()
+    )
+    expected = str(max(1, cpu_count() // total))
+    assert ok(server)["threads"] == expected  # swiss, loaded first
+    assert ok(server, "slow")["threads"] == expected  # loaded later
 
 
 def test_daemon_does_not_load_torch(server: Server) -> None:

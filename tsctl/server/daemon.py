@@ -168,23 +168,30 @@ class Daemon:
         """`--models`; else the config file's `models` (or a snapshot's `model_snapshot`, when
         `--ts-config` names one); else the newest snapshot in the log folder, unless `--ncs`."""
         config = self.config
+        planned: list[tuple[str, LoadOptions, bool]] = []
         if config.load_models:
             for name, url in startup_models(config):
-                options = LoadOptions(name=name, startup=True, trusted=True)
-                mv = await registry.load(url, options)
-                log.info("loaded model %s version %s from %s", mv.name, mv.version, url)
-            return
-        entries: list[snapshot.SnapshotModel] = []
-        if config.models:
-            entries = snapshot.from_models_setting(config.models)
-        elif not config.no_config_snapshots and (found := snapshot.newest(config)) is not None:
-            path, entries = found
-            log.info("restoring %d model versions from snapshot %s", len(entries), path)
-        for entry in entries:
-            mv = await registry.load(entry.mar_name, snapshot.load_options(entry))
-            if entry.default:
+                planned.append((url, LoadOptions(name=name, startup=True, trusted=True), False))
+        else:
+            entries: list[snapshot.SnapshotModel] = []
+            if config.models:
+                entries = snapshot.from_models_setting(config.models)
+            elif not config.no_config_snapshots and (found := snapshot.newest(config)):
+                path, entries = found
+                log.info("restoring %d model versions from snapshot %s", len(entries), path)
+            for entry in entries:
+                planned.append((entry.mar_name, snapshot.load_options(entry), entry.default))
+        # register every model before starting any worker, so that each worker's share of
+        # the cores counts all the workers about to start, not only those started so far
+        loaded = []
+        for url, options, default in planned:
+            mv = await registry.add(url, options)
+            if default:
                 registry.set_default(mv.name, mv.version)
-            log.info("loaded model %s version %s from %s", mv.name, mv.version, entry.mar_name)
+            loaded.append((mv, url))
+        for mv, url in loaded:
+            await mv.pool.scale(mv.min_workers)
+            log.info("loaded model %s version %s from %s", mv.name, mv.version, url)
 
     def _listen(self, state: ServerState) -> dict[str, str]:
         from tornado.httpserver import HTTPServer

@@ -124,7 +124,11 @@ class Registry:
         return found
 
     def total_workers(self) -> int:
-        return sum(mv.pool.target for vs in self.models.values() for mv in vs.values())
+        """Workers running or planned (a registered model's `min_workers` counts before its
+        workers start), to share the machine's cores among them."""
+        return sum(
+            max(mv.pool.target, mv.min_workers) for vs in self.models.values() for mv in vs.values()
+        )
 
     async def load(self, url: str, options: LoadOptions = LoadOptions()) -> ModelVersion:
         """Open, extract and register a model archive, then start its workers."""
