@@ -13,7 +13,6 @@ from random import getrandbits
 from typing import Any
 
 import tornado.web
-from tornado.httputil import HTTPServerRequest
 
 from tsctl.errors import MethodNotAllowed, NotFound, TsctlError
 
@@ -114,19 +113,24 @@ class NotFoundHandler(ApiHandler):
         raise NotFound(NOT_FOUND_MESSAGE)
 
 
-def access_line(request: HTTPServerRequest, status: int, ms: float) -> str:
+def access_line(
+    connection: object, method: str | None, uri: str | None, version: str, status: int, ms: float
+) -> str:
     """One access-log line, TorchServe's layout (the last number is milliseconds)."""
-    context = getattr(request.connection, "context", None)
-    peer = getattr(context, "address", None)
-    client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else request.remote_ip
-    return f'/{client} "{request.method} {request.uri} {request.version}" {status} {ms:.0f}'
+    peer = getattr(getattr(connection, "context", None), "address", None)
+    client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    return f'/{client} "{method} {uri} {version}" {status} {ms:.0f}'
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     state = handler.settings.get("state")
     if state is not None:
         status = handler.get_status()
+        request = handler.request
+        ms = request.request_time() * 1000
         state.access_log.write(
-            access_line(handler.request, status, handler.request.request_time() * 1000)
+            access_line(
+                request.connection, request.method, request.uri, request.version, status, ms
+            )
         )
         state.answered(status)

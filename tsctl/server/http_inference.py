@@ -27,6 +27,7 @@ from tsctl.protocol import Part
 from tsctl.server.http_common import (
     ApiHandler,
     NotFoundHandler,
+    access_line,
     base_headers,
     error_response,
     log,
@@ -238,10 +239,8 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         self.answered = True
         elapsed = (time.perf_counter() - self.started) * 1000
         line = self.start_line
-        peer = getattr(getattr(self.connection, "context", None), "address", None)
-        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.state.access_log.write(
-            f'/{client} "{line.method} {line.path} {line.version}" {status} {elapsed:.0f}'
+            access_line(self.connection, line.method, line.path, line.version, status, elapsed)
         )
         self.state.answered(status)
         self.state.request_finished()
