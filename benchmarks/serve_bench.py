@@ -346,12 +346,10 @@ class TsctlServer(_Base):
         self._wait_ready(model, workers)
 
     def worker_threads(self) -> list[int]:
-        found = []
-        for pid in self.workers():
-            match = re.search(r'"threads": (\d+)', cmdline(pid))
-            if "tsctl.worker" in cmdline(pid) and match:
-                found.append(int(match.group(1)))
-        return found
+        """Each live worker's torch threads, from its `worker ready (pid P, N threads)` line."""
+        log_text = (self.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+        ready = dict(re.findall(r"worker ready \(pid (\d+), (\d+) threads\)", log_text))
+        return [int(ready[str(pid)]) for pid in self.workers() if str(pid) in ready]
 
     def stop(self) -> None:
         if self.root_pid is None and self.proc is None:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.server import Server, make_archive
 from tsctl.server import pidfile
+from tsctl.server.spares import cpu_count
 
 pytestmark = pytest.mark.slow
 
@@ -211,8 +212,6 @@ def test_ts_metrics_log_has_system_metrics(server: Server) -> None:
 
 def test_start_up_workers_share_the_cores_evenly(server: Server) -> None:
     """Models load one after another, yet the first one's worker must not take every core."""
-    from tsctl.server.config import cpu_count
-
     make_archive(server.store, "second", "swiss")
     server.start("swiss.mar", "second.mar")
     try:
@@ -221,5 +220,32 @@ def test_start_up_workers_share_the_cores_evenly(server: Server) -> None:
             server.predict(m, {"action": "echo"}).json()["threads"] for m in ("swiss", "second")
         ]
         assert threads == [expected, expected]
+    finally:
+        server.stop()
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
+
+
+def test_start_up_workers_are_started_ahead(server: Server) -> None:
+    """The daemon starts the workers its start-up models will need before its own imports (they
+    import torch meanwhile); the model takes one, and the spare it did not need is stopped."""
+    server.properties["default_workers_per_model"] = 2  # two spares on a machine of 2+ cores
+    make_archive(server.store, "one", "swiss", config={"minWorkers": 1, "maxWorkers": 1})
+    server.start("one.mar")
+    try:
+        doc = json.loads(server.tsctl("serve", "status", "--json").stdout)
+        [model] = doc["models"]
+        [worker] = model["workers"]
+        command = Path(f"/proc/{worker['pid']}/cmdline").read_bytes().split(b"\0")
+        assert b"--preload" in command  # a spare, taken over
+        assert server.info is not None
+        assert _children(server.info.pid) == {worker["pid"]}  # no spare left behind
+        answer = server.predict("one", {"action": "echo"}).json()
+        assert answer["pid"] == worker["pid"] and answer["threads"] == str(cpu_count())
     finally:
         server.stop()

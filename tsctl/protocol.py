@@ -44,6 +44,7 @@ class Kind(IntEnum):
     DESCRIBE = 6  # frontend → worker: call the handler's describe_handle
     DESCRIBED = 7  # worker → frontend: its answer
     CHUNK = 8  # worker → frontend: intermediate answers of a streaming handler
+    ASSIGN = 9  # frontend → worker, first: the model to load and its settings
 
 
 class ProtocolError(Exception):
@@ -57,6 +58,14 @@ class Failure:
     kind: str
     message: str
     detail: str = ""  # e.g. a traceback: for logs, never for clients
+
+
+@dataclass(frozen=True)
+class Assign:
+    """The first frame a worker reads: what to load (model, handler, directory, settings).
+    A worker may be started before its model is known, so this does not travel in argv."""
+
+    spec: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,7 @@ class Described:
     failure: Failure | None = None
 
 
-Message = Hello | InitFailed | Batch | Result | Stop | Describe | Described | Chunk
+Message = Assign | Hello | InitFailed | Batch | Result | Stop | Describe | Described | Chunk
 
 
 def _failure_meta(failure: Failure | None) -> list[str] | None:
@@ -193,6 +202,8 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
             ]
     elif isinstance(message, Hello):
         kind, meta = Kind.HELLO, {"pid": message.pid}
+    elif isinstance(message, Assign):
+        kind, meta = Kind.ASSIGN, {"spec": message.spec}
     elif isinstance(message, InitFailed):
         kind, meta = Kind.INIT_FAILED, {"fail": _failure_meta(message.failure)}
     elif isinstance(message, Describe):
@@ -239,6 +250,8 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
             )
         if kind == Kind.HELLO:
             return Hello(int(meta["pid"]))
+        if kind == Kind.ASSIGN:
+            return Assign(dict(meta["spec"]))
         if kind == Kind.INIT_FAILED:
             failure = _failure(meta["fail"])
             if failure is None:

@@ -85,9 +85,12 @@ def start(
                 "with token authorization off\n"
             )
     if foreground:
+        from tsctl.server import spares
+
+        ahead = spares.prestart(spares.expected(config.model_dump(), spares.cpu_count()))
         from tsctl.server.daemon import run
 
-        raise typer.Exit(run(config, foreground=True))
+        raise typer.Exit(run(config, foreground=True, spares=ahead))
 
     from rich.console import Console
 

@@ -8,7 +8,6 @@ environment or the disk at import time.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,17 +16,11 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tsctl.errors import InvalidInput
+from tsctl.server.spares import cpu_count
 from tsctl.validation import describe
 
 # TorchServe's defaults
 DEFAULT_MAX_REQUEST_SIZE = 6553500
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class ServerConfig(BaseModel):

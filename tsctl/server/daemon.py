@@ -1,11 +1,11 @@
 """The daemon process: one asyncio loop running the HTTP APIs, the registry and the workers.
 
-`python -m tsctl.server.daemon CONFIG_JSON [--notify-fd N]` is what `tsctl serve start`
-launches (or runs in-process with `--foreground`). Start-up binds every API first (so a port
-in use fails at once), writes the pid file, loads the start-up models, then reports readiness
-on the notify pipe as one JSON line: `{"ok": true, ...}` or `{"ok": false, "error": ...}`.
-SIGTERM and SIGINT drain: stop accepting, let in-flight requests finish (bounded by
-`drain_timeout`), stop the workers, remove the pid file, exit.
+`tsctl serve start` launches it through `python -m tsctl.server.boot CONFIG_JSON [NOTIFY_FD]`,
+which starts spare workers first (or runs it in-process with `--foreground`). Start-up binds
+every API first (so a port in use fails at once), writes the pid file, loads the start-up
+models, then reports readiness on the notify pipe as one JSON line: `{"ok": true, ...}` or
+`{"ok": false, "error": ...}`. SIGTERM and SIGINT drain: stop accepting, let in-flight requests
+finish (bounded by `drain_timeout`), stop the workers, remove the pid file, exit.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tsctl.server.config import ServerConfig, parse_address
 from tsctl.server.metrics import Reporter
 from tsctl.server.prometheus import Metrics
 from tsctl.server.registry import LoadOptions, Registry
+from tsctl.server.spares import Spares
 from tsctl.server.state import ServerState
 
 log = logging.getLogger("tsctl.server")
@@ -77,9 +78,10 @@ def startup_models(config: ServerConfig) -> list[tuple[str | None, str]]:
 
 
 class Daemon:
-    def __init__(self, config: ServerConfig, foreground: bool) -> None:
+    def __init__(self, config: ServerConfig, foreground: bool, spares: Spares) -> None:
         self.config = config
         self.foreground = foreground
+        self.spares = spares
         self.stopping = asyncio.Event()
         self.servers: list[Any] = []
         self.grpc_servers: list[Any] = []
@@ -89,7 +91,7 @@ class Daemon:
         config = self.config
         access_log = logs.setup(config.log_dir, self.foreground)
         stats = Metrics()
-        registry = Registry(config, stats)
+        registry = Registry(config, stats, spares=self.spares)
         reporter = Reporter(config.log_dir)
         state = ServerState(config, registry, reporter, stats, access_log, started_at=time.time())
         if not config.disable_token_authorization:
@@ -118,6 +120,7 @@ class Daemon:
             )
             await self._load_startup_models(registry)
         except (TsctlError, OSError) as exc:
+            self.spares.discard()
             message = exc.message if isinstance(exc, TsctlError) else str(exc)
             log.error("start-up failed: %s", message)
             logs.flush_all()
@@ -136,6 +139,7 @@ class Daemon:
             addresses["inference"],
             addresses["management"],
         )
+        self.spares.discard()  # what start-up did not take would only hold memory
         state.snapshot("startup")
         key_file = str(state.auth.path) if state.auth else ""
         notify({"ok": True, "pid": os.getpid(), "key_file": key_file, **addresses})
@@ -237,8 +241,14 @@ class Daemon:
         pidfile.remove(self.pid_path, os.getpid())
 
 
-def run(config: ServerConfig, foreground: bool, notify_fd: int | None = None) -> int:
-    """Run the daemon until stopped; returns its exit status."""
+def run(
+    config: ServerConfig,
+    foreground: bool,
+    notify_fd: int | None = None,
+    spares: Spares | None = None,
+) -> int:
+    """Run the daemon until stopped; returns its exit status. `spares` are workers started
+    ahead (see `tsctl.server.spares`) for the start-up models to take."""
 
     def notify(message: dict[str, Any]) -> None:
         if foreground and message.get("ok"):
@@ -249,15 +259,11 @@ def run(config: ServerConfig, foreground: bool, notify_fd: int | None = None) ->
             with contextlib.suppress(OSError), os.fdopen(notify_fd, "w") as pipe:
                 pipe.write(json.dumps(message) + "\n")
 
-    daemon = Daemon(config, foreground)
+    daemon = Daemon(config, foreground, spares or Spares())
     return asyncio.run(daemon.run(notify))
 
 
-def main() -> None:
-    config = ServerConfig.model_validate_json(sys.argv[1])
-    notify_fd = int(sys.argv[2]) if len(sys.argv) > 2 else None
-    sys.exit(run(config, foreground=False, notify_fd=notify_fd))
-
-
-if __name__ == "__main__":
-    main()
+def main(raw_config: str, notify_fd: int | None, spares: Spares) -> int:
+    """The launched daemon (from `tsctl.server.boot`)."""
+    config = ServerConfig.model_validate_json(raw_config)
+    return run(config, foreground=False, notify_fd=notify_fd, spares=spares)

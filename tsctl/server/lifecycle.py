@@ -1,8 +1,8 @@
 """Start, stop and find the daemon from the CLI process (never from inside the daemon).
 
-`start` launches `python -m tsctl.server.daemon` in its own session with a notify pipe and
-waits for its one readiness line; `stop` signals the recorded pid after checking it is still
-our daemon and waits for it to drain and exit.
+`start` launches `python -m tsctl.server.boot` (the daemon) in its own session with a notify
+pipe and waits for its one readiness line; `stop` signals the recorded pid after checking it is
+still our daemon and waits for it to drain and exit.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def start(config: ServerConfig, timeout: float) -> dict[str, Any]:
     read_fd, write_fd = os.pipe()
     with open(config.log_dir / "ts_log.log", "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tsctl.server.daemon", config.model_dump_json(), str(write_fd)],
+            [sys.executable, "-m", "tsctl.server.boot", config.model_dump_json(), str(write_fd)],
             pass_fds=(write_fd,),
             stdin=subprocess.DEVNULL,
             stdout=out,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,8 +28,9 @@ from tsctl.errors import (
     ServiceUnavailable,
 )
 from tsctl.server.batching import ModelQueue
-from tsctl.server.config import ServerConfig, cpu_count
+from tsctl.server.config import ServerConfig
 from tsctl.server.prometheus import Metrics
+from tsctl.server.spares import Spares, cpu_count
 from tsctl.server.workers import PoolSettings, WorkerPool, WorkerProcess
 from tsctl.validation import first_problem
 
@@ -111,6 +111,8 @@ class Registry:
     models: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)
     default: dict[str, str] = field(default_factory=dict)
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tsctl-models-")))
+    #: workers started ahead of start-up, taken by the first workers the pools start
+    spares: Spares = field(default_factory=Spares)
 
     def get(self, name: str, version: str | None = None) -> ModelVersion:
         versions = self.models.get(name)
@@ -310,9 +312,7 @@ class Registry:
             threads = self.config.worker_threads or max(
                 1, cpu_count() // max(1, self.total_workers())
             )
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-            env["PYTHONUNBUFFERED"] = "1"
-            return WorkerProcess(worker_id, {**spec, "threads": threads}, env)
+            return WorkerProcess(worker_id, {**spec, "threads": threads}, self.spares.take())
 
         return make
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
-import socket
-import sys
+import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tsctl.errors import (
     InferenceTimeout,
@@ -33,6 +31,7 @@ from tsctl.errors import (
     WorkerDied,
 )
 from tsctl.protocol import (
+    Assign,
     Batch,
     Chunk,
     Describe,
@@ -49,6 +48,7 @@ from tsctl.protocol import (
 )
 from tsctl.server.batching import Job, ModelQueue, next_batch
 from tsctl.server.prometheus import HOSTNAME, Metrics
+from tsctl.server.spares import Spare, launch
 
 log = logging.getLogger("tsctl.server")
 model_log = logging.getLogger("tsctl.model")
@@ -86,15 +86,91 @@ class PoolSettings:
     recycle_above_rss_mb: int = 0  # 0 = never
 
 
-class WorkerProcess:
-    """One worker child and its socket."""
+class Child(Protocol):
+    """The process handle a worker needs: what `asyncio.subprocess.Process` offers."""
 
-    def __init__(self, worker_id: str, spec: dict[str, Any], env: dict[str, str]):
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+
+    stdout: asyncio.StreamReader | None
+    stderr: asyncio.StreamReader | None
+
+    def kill(self) -> None: ...
+    async def wait(self) -> int: ...
+
+
+class AdoptedChild:
+    """A worker process started with `subprocess.Popen` (a spare), watched from the loop:
+    its exit through a pidfd (a thread's blocking wait where there is none), its output
+    through read pipes."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr: asyncio.StreamReader | None = None
+        self._exited: asyncio.Future[int] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    @classmethod
+    async def adopt(cls, popen: subprocess.Popen[bytes]) -> AdoptedChild:
+        child = cls(popen)
+        loop = asyncio.get_running_loop()
+        assert popen.stdout is not None and popen.stderr is not None
+        child.stdout = await _stream_from(loop, popen.stdout)
+        child.stderr = await _stream_from(loop, popen.stderr)
+        child._exited = loop.create_future()
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # not Linux 5.3+: a thread waits instead
+            waiting = loop.run_in_executor(None, popen.wait)
+            waiting.add_done_callback(lambda f: child._set_exited(f.result()))
+        else:
+            loop.add_reader(pidfd, child._on_exit, loop, pidfd)
+        return child
+
+    def _on_exit(self, loop: asyncio.AbstractEventLoop, pidfd: int) -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        self._set_exited(self._popen.wait())
+
+    def _set_exited(self, code: int) -> None:
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(code)
+
+    def kill(self) -> None:
+        if self._popen.returncode is None:
+            self._popen.kill()
+
+    async def wait(self) -> int:
+        assert self._exited is not None
+        return await asyncio.shield(self._exited)
+
+
+async def _stream_from(loop: asyncio.AbstractEventLoop, pipe: Any) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(loop=loop)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
+    return reader
+
+
+class WorkerProcess:
+    """One worker child and its socket. `spare`, when given, is a process started ahead that
+    this worker takes over instead of starting one."""
+
+    def __init__(self, worker_id: str, spec: dict[str, Any], spare: Spare | None = None):
         self.worker_id = worker_id
         self.spec = spec
-        self.env = env
+        self.spare = spare
         self._pumps: list[asyncio.Task[None]] = []
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: Child | None = None
         self.started_at = time.time()
         self.served = 0
         self.recycling = False
@@ -111,28 +187,21 @@ class WorkerProcess:
         return self.proc.pid if self.proc else None
 
     async def start(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            spec = json.dumps({**self.spec, "fd": child.fileno(), "worker_id": self.worker_id})
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "tsctl.worker",
-                spec,
-                pass_fds=(child.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=self.env,
-            )
-        finally:
-            child.close()
+        if self.spare is not None:
+            popen, parent = self.spare.popen, self.spare.sock
+            self.spare = None
+        else:
+            # Popen's fork and exec take a few milliseconds: fine on the loop, and one way
+            # of starting workers whether they are spares or not
+            popen, parent = launch(preload=False)
+        self.proc = await AdoptedChild.adopt(popen)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._pumps = [
             asyncio.create_task(self._pump(self.proc.stdout, logging.INFO, "stdout")),
             asyncio.create_task(self._pump(self.proc.stderr, logging.WARNING, "stderr")),
         ]
         self._reader, self._writer = await asyncio.open_connection(sock=parent)
+        self._writer.writelines(encode(Assign({**self.spec, "worker_id": self.worker_id})))
         timeout = float(self.spec.get("startup_timeout", 120))
         try:
             first: Message = await asyncio.wait_for(read_message(self._reader), timeout)

@@ -1,23 +1,28 @@
-"""Worker process entry point: `python -m tsctl.worker SPEC_JSON`.
+"""Worker process entry point: `python -m tsctl.worker FD [--preload]`.
 
-Started by the frontend only. SPEC_JSON names the socket's file descriptor (inherited), the
-model and its directory, and the settings the handler's context exposes. The worker reports
-`Hello` once its handler is initialized (or `InitFailed` with the error), then answers each
-`Batch` with a `Result` until it reads `Stop` or its socket closes.
+Started by the frontend only, with one end of a socketpair inherited as FD. The first frame it
+reads is `Assign`: the model, its directory and the settings the handler's context exposes.
+The worker reports `Hello` once its handler is initialized (or `InitFailed` with the error),
+then answers each `Batch` with a `Result` until it reads `Stop` or its socket closes.
+
+With `--preload` (a spare started before its model is known, see `tsctl.server.spares`) it
+imports torch on a background thread while it waits: a handler that needs torch then finds it
+imported, or waits on the import lock for the rest; one that does not is not held up.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import sys
+import threading
 import traceback
 from typing import Any
 
 from tsctl import __version__
 from tsctl.protocol import (
+    Assign,
     Batch,
     Describe,
     Failure,
@@ -33,16 +38,38 @@ from tsctl.worker.metrics import MetricsCache
 from tsctl.worker.service import Service
 
 
-def _set_threads(threads: int) -> None:
-    if threads > 0 and "torch" in sys.modules:
+def _preload(done: threading.Event) -> None:
+    try:
+        import torch  # noqa: F401
+    except Exception:  # the handler meets the same error and reports it
+        pass
+    finally:
+        done.set()
+
+
+class Threads:
+    """Applies torch's intra-op thread count on the main thread, where handlers run it (an
+    OpenMP setting is per calling thread), once torch has been imported completely."""
+
+    def __init__(self, count: int, preloading: threading.Event | None) -> None:
+        self.pending = count > 0
+        self.count = count
+        self.preloading = preloading
+
+    def apply(self) -> None:
+        if not self.pending or "torch" not in sys.modules:
+            return
+        if self.preloading is not None and not self.preloading.is_set():
+            return  # still importing: applied before a later batch
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(self.count)
+        self.pending = False
 
 
-def serve(spec: dict[str, Any]) -> int:
-    sock = socket.socket(fileno=int(spec["fd"]))
-    stream = sock.makefile("rb", buffering=1 << 16)  # a BufferedReader: has readinto
+def serve(
+    sock: socket.socket, stream: Any, spec: dict[str, Any], preloading: threading.Event | None
+) -> int:
     log = logging.getLogger("tsctl.worker")
     context = Context(
         model_name=spec["model_name"],
@@ -54,11 +81,11 @@ def serve(spec: dict[str, Any]) -> int:
         model_yaml_config=spec.get("model_yaml_config") or {},
     )
     context.metrics = MetricsCache(spec["model_name"])
-    threads = int(spec.get("threads", 0))
+    threads = Threads(int(spec.get("threads", 0)), preloading)
     try:
-        # OMP_NUM_THREADS (set in main) covers torch ops run inside initialize()
+        threads.apply()  # torch ops inside initialize() too, when torch is already imported
         entry = load_entry(spec["handler"], spec["model_dir"], context)
-        _set_threads(threads)
+        threads.apply()
     except BaseException as exc:
         detail = traceback.format_exc()
         log.error("loading handler %r failed:\n%s", spec["handler"], detail)
@@ -68,15 +95,17 @@ def serve(spec: dict[str, Any]) -> int:
         return 1
     service = Service(entry, context)
     send_message(sock, Hello(os.getpid()))
-    log.info("worker ready (pid %d)", os.getpid())
+    log.info("worker ready (pid %d, %s threads)", os.getpid(), spec.get("threads", "default"))
     while True:
         try:
-            incoming = recv_message(stream)  # type: ignore[arg-type]
+            incoming = recv_message(stream)
         except EOFError:
             return 0
         if isinstance(incoming, Stop):
             return 0
         if isinstance(incoming, Batch):
+            if threads.pending:
+                threads.apply()
             result = service.run(incoming, lambda chunk: send_message(sock, chunk))
             send_message(sock, result)
         elif isinstance(incoming, Describe):
@@ -84,16 +113,27 @@ def serve(spec: dict[str, Any]) -> int:
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
-    threads = int(spec.get("threads", 0))
-    if threads > 0:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, str(threads))
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    preloading: threading.Event | None = None
+    if "--preload" in sys.argv[2:]:
+        preloading = threading.Event()
+        threading.Thread(target=_preload, args=(preloading,), daemon=True).start()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     # like TorchServe's workers: logging goes to stdout, which the frontend copies into
     # model_log.log line by line (stderr lines are marked as warnings there)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
-    sys.exit(serve(spec))
+    stream = sock.makefile("rb", buffering=1 << 16)  # a BufferedReader: has readinto
+    try:
+        first = recv_message(stream)
+    except EOFError:
+        sys.exit(0)  # a spare that was never assigned
+    if not isinstance(first, Assign):
+        sys.exit(f"tsctl worker: expected an Assign frame first, got {type(first).__name__}")
+    spec = first.spec
+    threads = int(spec.get("threads", 0))
+    if threads > 0:  # for what the handler starts, and torch ops before it is applied
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    sys.exit(serve(sock, stream, spec, preloading))
 
 
 if __name__ == "__main__":
