@@ -92,12 +92,28 @@ def test_two_daemons_side_by_side(tmp_path: Path) -> None:
             srv.stop()
 
 
+def _started_here(root: Path) -> set[int]:
+    """Processes whose working directory is `root`: the daemon, its workers, any spares."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "cwd") == str(root):
+                    found.add(int(entry.name))
+            except OSError:
+                pass  # gone, or not ours to read
+    return found
+
+
 def test_start_twice_is_refused(server: Server) -> None:
     server.start("swiss.mar")
     try:
+        running = _started_here(server.root)
         again = server.start("swiss.mar", expect_ok=False)
         assert again.returncode == 1
         assert "already running" in again.stderr
+        # the daemon launched early for the refused start, and its spare, go away
+        server.wait_for(lambda: _started_here(server.root) == running)
     finally:
         server.stop()
 
@@ -122,6 +138,7 @@ def test_bad_config_value(server: Server) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "job_queue_size" in lines[0] and "lots" in lines[0]
+    server.wait_for(lambda: not _started_here(server.root))  # nothing left behind
 
 
 def test_model_that_fails_to_load(server: Server) -> None:

@@ -54,6 +54,13 @@ def start(
     ),
 ) -> None:
     """Start the server: `torchserve --start`'s flags."""
+    launched = None
+    if not foreground and (models or more_models):
+        from tsctl.server.boot import launch
+
+        # before anything slow: its first worker imports torch while this process and the
+        # daemon read the configuration (it exits if this process sends none)
+        launched = launch(early_spares=1)
     from tsctl.errors import InvalidInput
     from tsctl.server.config import build_config, is_loopback, read_properties, unknown_keys
 
@@ -102,9 +109,9 @@ def start(
     try:
         if err.is_terminal:
             with err.status("starting tsctl..."):
-                ready = start_daemon(config, start_timeout)
+                ready = start_daemon(config, start_timeout, launched)
         else:
-            ready = start_daemon(config, start_timeout)
+            ready = start_daemon(config, start_timeout, launched)
     except StartFailed as exc:
         for line in exc.log_tail:
             sys.stderr.write(f"  | {line}\n")

@@ -12,7 +12,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -21,6 +20,7 @@ from typing import Any
 
 from tsctl.errors import TsctlError
 from tsctl.server import logs, pidfile
+from tsctl.server.boot import Launched, launch
 from tsctl.server.config import ServerConfig
 
 
@@ -48,30 +48,28 @@ def running(state_dir: Path) -> pidfile.PidInfo | None:
     return None
 
 
-def start(config: ServerConfig, timeout: float) -> dict[str, Any]:
-    """Launch the daemon and wait until it is ready; raises `StartFailed` with the reason."""
+def start(config: ServerConfig, timeout: float, launched: Launched | None = None) -> dict[str, Any]:
+    """Configure the daemon (`launched` early by the caller, or launched now) and wait until
+    it is ready; raises `StartFailed` with the reason."""
+    launched = launched or launch(early_spares=0)
     live = running(config.state_dir)
     if live is not None:
+        launched.abandon()
         raise AlreadyRunning(
             f"tsctl is already running (pid {live.pid}, {live.inference_address}); "
             "run `tsctl serve stop` first"
         )
-    config.log_dir.mkdir(parents=True, exist_ok=True)
-    read_fd, write_fd = os.pipe()
-    with open(config.log_dir / "ts_log.log", "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tsctl.server.boot", config.model_dump_json(), str(write_fd)],
-            pass_fds=(write_fd,),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    os.close(write_fd)
+    proc = launched.proc
     try:
-        line = _read_line(read_fd, proc, timeout)
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+        launched.configure(config.model_dump_json())
+        line = _read_line(launched.notify_fd, proc, timeout)
+    except OSError as exc:  # it exited before reading its configuration
+        line = ""
+        if not isinstance(exc, BrokenPipeError):
+            raise
     finally:
-        os.close(read_fd)
+        os.close(launched.notify_fd)
     if not line:
         code = proc.poll()
         if code is None:
