@@ -69,7 +69,12 @@ class Server:
         return self.root / "logs"
 
     def start(
-        self, *models: str, expect_ok: bool = True, ncs: bool = True, auth: bool = False
+        self,
+        *models: str,
+        expect_ok: bool = True,
+        ncs: bool = True,
+        auth: bool = False,
+        flags: tuple[str, ...] = (),
     ) -> Any:
         self.store.mkdir(parents=True, exist_ok=True)
         props = {
@@ -88,6 +93,7 @@ class Server:
             args.append("--ncs")
         if not auth:
             args.append("--disable-token-auth")
+        args += flags
         args += ["--state-dir", self.state_dir, "--log-dir", self.log_dir]
         if models:
             args += ["--models", ",".join(models)]

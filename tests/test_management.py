@@ -256,6 +256,23 @@ def test_model_api_disabled_by_default(tmp_path: Path) -> None:
         srv.stop()
 
 
+def test_torchserve_start_flags(tmp_path: Path) -> None:
+    """`torchserve --start`'s flags: `--enable-model-api` turns the model API on, `--dt` is
+    `--disable-token-auth`, and the Java-only ones are accepted with a warning."""
+    srv = Server(tmp_path)
+    make_archive(srv.store, "swiss", "swiss")
+    log4j = tmp_path / "log4j2.xml"
+    started = srv.start(auth=True, flags=("--enable-model-api", "--dt", "--log-config", str(log4j)))
+    try:
+        assert started.stderr.strip() == (
+            f"tsctl: warning: --log-config {log4j} is TorchServe-only (ignored)"
+        )
+        status(srv.manage("POST", "/models?url=swiss.mar"))  # no key needed, API enabled
+        assert srv.predict("swiss", {}).status == 200
+    finally:
+        srv.stop()
+
+
 @pytest.fixture
 def archive_site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A plain HTTP server on a free port, serving a folder of archives."""

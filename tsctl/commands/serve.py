@@ -43,9 +43,22 @@ def start(
         False, "--foreground", help="Run in this process; logs to stdout."
     ),
     disable_token_auth: bool = typer.Option(
-        False,
-        "--disable-token-auth",
-        help="Accepted for compatibility: token auth is not enforced yet.",
+        False, "--disable-token-auth", "--dt", help="Serve without token authorization."
+    ),
+    enable_model_api: bool = typer.Option(
+        False, "--enable-model-api", help="Allow registering and unregistering models."
+    ),
+    log_config: Path | None = typer.Option(
+        None, "--log-config", help="Accepted for compatibility (a log4j file); not used."
+    ),
+    cpp_log_config: Path | None = typer.Option(
+        None, "--cpp-log-config", help="Accepted for compatibility; not used."
+    ),
+    workflow_store: Path | None = typer.Option(
+        None, "--workflow-store", help="Accepted for compatibility; workflows are not served."
+    ),
+    plugins_path: Path | None = typer.Option(
+        None, "--plugins-path", "--ppath", help="Accepted for compatibility (Java plugin jars)."
     ),
     log_dir: Path | None = typer.Option(None, "--log-dir", help="Log folder (default: ./logs)."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
@@ -68,6 +81,14 @@ def start(
     if more_models and not models:
         raise InvalidInput(f"unexpected argument {more_models[0]!r}; did you mean --models?")
     wanted = tuple(m.strip() for e in entries for m in e.split(",") if m.strip())
+    for flag, value in (
+        ("--log-config", log_config),
+        ("--cpp-log-config", cpp_log_config),
+        ("--workflow-store", workflow_store),
+        ("--plugins-path", plugins_path),
+    ):
+        if value is not None:
+            sys.stderr.write(f"tsctl: warning: {flag} {value} is TorchServe-only (ignored)\n")
     properties = read_properties(ts_config) if ts_config else {}
     for key in unknown_keys(properties):
         sys.stderr.write(f"tsctl: warning: unknown setting {key!r} in {ts_config} (ignored)\n")
@@ -78,6 +99,7 @@ def start(
         "state_dir": _state_dir(state_dir),
         "no_config_snapshots": ncs,
         "disable_token_authorization": True if disable_token_auth else None,
+        "enable_model_api": True if enable_model_api else None,
     }
     if model_store is not None and not model_store.is_dir():
         raise InvalidInput(f"model store {str(model_store)!r} is not a directory")
