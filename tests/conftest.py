@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import subprocess
+import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -29,3 +34,40 @@ def tma() -> Path:
     exe = BIN / "torch-model-archiver"
     assert exe.exists(), "torch-model-archiver==0.12.0 is a dev dependency: run `make test`"
     return exe
+
+
+@pytest.fixture(scope="session")
+def ts_protos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
+    """inference_pb2(_grpc) and management_pb2(_grpc), generated from torchserve's jar: a
+    client as TorchServe users have it. Once per session: tsctl's own generated modules hold
+    the same message names, so tests use these, never `tsctl.proto_gen`'s."""
+    import google.rpc
+    import grpc_tools
+
+    spec = importlib.util.find_spec("ts")
+    assert spec is not None and spec.submodule_search_locations
+    jar = Path(next(iter(spec.submodule_search_locations))) / "frontend" / "model-server.jar"
+    out = tmp_path_factory.mktemp("ts_protos")
+    with zipfile.ZipFile(jar) as zf:
+        for name in ("inference.proto", "management.proto"):
+            (out / name).write_bytes(zf.read(f"proto/{name}"))
+    googleapis = Path(next(iter(google.rpc.__path__))).parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{out}",
+         f"-I{Path(grpc_tools.__file__).parent / '_proto'}", f"-I{googleapis}",
+         f"--python_out={out}", f"--grpc_python_out={out}", "inference.proto", "management.proto"],
+        check=True,
+    )  # fmt: skip
+    sys.path.insert(0, str(out))
+    try:
+        return {
+            name: importlib.import_module(name)
+            for name in (
+                "inference_pb2",
+                "inference_pb2_grpc",
+                "management_pb2",
+                "management_pb2_grpc",
+            )
+        }
+    finally:
+        sys.path.remove(str(out))

@@ -162,7 +162,8 @@ class Server:
         path = self.log_dir / "access_log.log"
 
         def lines() -> list[str]:
-            return [line for line in path.read_text().splitlines() if needle in line]
+            text = path.read_text() if path.exists() else ""  # written within 100 ms
+            return [line for line in text.splitlines() if needle in line]
 
         self.wait_for(lambda: bool(lines()))
         return lines()[-1]

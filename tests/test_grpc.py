@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import subprocess
-import sys
 import threading
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -20,41 +15,6 @@ import pytest
 from tests.server import Server, make_archive
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ts_protos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
-    """inference_pb2(_grpc) and management_pb2(_grpc), generated from torchserve's jar."""
-    import google.rpc
-    import grpc_tools
-
-    spec = importlib.util.find_spec("ts")
-    assert spec is not None and spec.submodule_search_locations
-    jar = Path(next(iter(spec.submodule_search_locations))) / "frontend" / "model-server.jar"
-    out = tmp_path_factory.mktemp("ts_protos")
-    with zipfile.ZipFile(jar) as zf:
-        for name in ("inference.proto", "management.proto"):
-            (out / name).write_bytes(zf.read(f"proto/{name}"))
-    googleapis = Path(next(iter(google.rpc.__path__))).parent.parent
-    subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{out}",
-         f"-I{Path(grpc_tools.__file__).parent / '_proto'}", f"-I{googleapis}",
-         f"--python_out={out}", f"--grpc_python_out={out}", "inference.proto", "management.proto"],
-        check=True,
-    )  # fmt: skip
-    sys.path.insert(0, str(out))
-    try:
-        return {
-            name: importlib.import_module(name)
-            for name in (
-                "inference_pb2",
-                "inference_pb2_grpc",
-                "management_pb2",
-                "management_pb2_grpc",
-            )
-        }
-    finally:
-        sys.path.remove(str(out))
 
 
 @pytest.fixture(scope="module")

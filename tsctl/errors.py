@@ -144,3 +144,52 @@ class ServerUnreachable(TsctlError):
     """The CLI could not reach a server."""
 
     exit_code = 1
+
+
+class HandlerChoseStatus(PredictionFailed):
+    """The handler raised TorchServe's `PredictionException(message, status)`.
+
+    The answer has that status (413 becomes 507, and one that is not 4xx/5xx becomes 500) and
+    the handler's message, typed `InternalServerException` as TorchServe's frontend does; gRPC
+    gets the code TorchServe maps the status to.
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        status = status if 400 <= status <= 599 else 500  # an error must answer as one
+        # the status is chosen per answer, not per class: shadow the class attributes
+        vars(self).update(
+            http_status=507 if status == 413 else status, grpc_code=grpc_code_for_status(status)
+        )
+
+
+#: TorchServe's mapping from an HTTP status to the gRPC code of a failed prediction
+_GRPC_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    413: "RESOURCE_EXHAUSTED",
+    416: "OUT_OF_RANGE",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    501: "UNIMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def grpc_code_for_status(status: int) -> str:
+    """The gRPC status code name TorchServe answers for a handler-chosen HTTP status."""
+    if status in _GRPC_CODES:
+        return _GRPC_CODES[status]
+    if 400 <= status < 500:
+        return "FAILED_PRECONDITION"
+    return "INTERNAL" if 500 <= status < 600 else "UNKNOWN"
+
+
+def prediction_failed(message: str, status: int = 0) -> PredictionFailed:
+    """The error for a failed prediction: `status` is the one the handler chose, if any (a
+    worker's `Failure.status`), else 0 for the usual 503."""
+    return HandlerChoseStatus(message, status) if status else PredictionFailed(message)

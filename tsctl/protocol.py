@@ -12,7 +12,10 @@ Bodies are never base64'd or re-encoded: a request body goes from the HTTP parse
 socket as is, and arrives in the worker as one `bytearray` (what TorchServe handlers receive).
 The worker reads frames with blocking calls on its own socket; the frontend reads them with
 `read_message(asyncio.StreamReader)` on the event loop and writes with `encode()` buffers.
-Failures travel as data (`Failure`: a kind and a message), never as pickled exceptions.
+Failures travel as data (`Failure`: a kind and a message), never as pickled exceptions. In a
+frame's meta a failure is the list `[kind, message, detail]`, or `[kind, message, detail,
+status]` when the handler chose the HTTP status itself (TorchServe's `PredictionException`);
+readers accept both.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class Failure:
     kind: str
     message: str
     detail: str = ""  # e.g. a traceback: for logs, never for clients
+    #: the HTTP status the handler asked for (`PredictionException(message, status)`); 0 when
+    #: the frontend chooses it from `kind`
+    status: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,12 +163,20 @@ class Described:
 Message = Assign | Hello | InitFailed | Batch | Result | Stop | Describe | Described | Chunk
 
 
-def _failure_meta(failure: Failure | None) -> list[str] | None:
-    return None if failure is None else [failure.kind, failure.message, failure.detail]
+def _failure_meta(failure: Failure | None) -> list[str | int] | None:
+    if failure is None:
+        return None
+    meta: list[str | int] = [failure.kind, failure.message, failure.detail]
+    if failure.status:
+        meta.append(failure.status)
+    return meta
 
 
 def _failure(raw: Any) -> Failure | None:
-    return None if raw is None else Failure(str(raw[0]), str(raw[1]), str(raw[2]))
+    if raw is None:
+        return None
+    status = int(raw[3]) if len(raw) > 3 else 0
+    return Failure(str(raw[0]), str(raw[1]), str(raw[2]), status)
 
 
 def encode(message: Message) -> list[bytes | bytearray | memoryview]:

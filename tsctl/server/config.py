@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tsctl.errors import InvalidInput
 from tsctl.server.spares import cpu_count
 from tsctl.validation import describe
+from tsctl.worker.envelope import check_name as check_envelope
 
 # TorchServe's defaults
 DEFAULT_MAX_REQUEST_SIZE = 6553500
@@ -49,6 +50,10 @@ class ServerConfig(BaseModel):
     default_startup_timeout: float = Field(default=120, gt=0)
     batch_size: int = Field(default=1, ge=1)
     max_batch_delay: float = Field(default=100, ge=0)
+    #: GPUs the workers are spread over, round robin (worker i gets `gpu_id` i mod n); the
+    #: CLI resolves it to the GPUs this machine shows (`CUDA_VISIBLE_DEVICES` respected), at
+    #: most the configured number
+    number_of_gpu: int = Field(default=0, ge=0)
     #: torch intra-op threads per worker; 0 = share the machine's cores among all workers
     worker_threads: int = Field(default=0, ge=0)
     #: bound on a model archive's extracted size
@@ -76,12 +81,25 @@ class ServerConfig(BaseModel):
     no_config_snapshots: bool = False
     #: per-model settings at start-up, TorchServe's `models` JSON (as in a snapshot)
     models: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+    #: the request envelope every model's handler gets: json, kserve, kservev2, body (or none)
+    service_envelope: str = ""
+    #: install an archive's requirements file for its model (TorchServe's default: off)
+    install_py_dep_per_model: bool = False
+    #: seconds one model's `pip install` of its requirements may take
+    install_py_dep_timeout: float = Field(default=600, gt=0)
+    #: where installed model dependencies are cached; none: `.tsctl-deps` in the model store
+    model_deps_dir: Path | None = None
 
     @field_validator("inference_address", "management_address", "metrics_address")
     @classmethod
     def _address(cls, value: str) -> str:
         parse_address(value)
         return value
+
+    @field_validator("service_envelope")
+    @classmethod
+    def _envelope(cls, value: str) -> str:
+        return check_envelope(value.strip())
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -126,6 +144,7 @@ def read_properties(path: Path) -> dict[str, str]:
 
 #: config.properties keys tsctl reads now; others are accepted and ignored (see docs)
 _PROPERTY_KEYS = {
+    "number_of_gpu",
     "enable_grpc",
     "grpc_inference_address",
     "grpc_inference_port",
@@ -158,25 +177,46 @@ _PROPERTY_KEYS = {
     "cors_allowed_origin",
     "cors_allowed_methods",
     "cors_allowed_headers",
+    "service_envelope",
+    "install_py_dep_per_model",
+    "install_py_dep_timeout",
+    "model_deps_dir",
 }
 #: TorchServe keys tsctl accepts but does not act on yet (no warning for these)
 _ACCEPTED = {
     "enable_envvars_config",
     "metrics_mode",
-    "install_py_dep_per_model",
     "number_of_netty_threads",
     "netty_client_threads",
     "async_logging",
     "vmargs",
     "model_snapshot",
     "tsConfigFile",
-    "number_of_gpu",
 }
 
 
 def unknown_keys(properties: dict[str, str]) -> list[str]:
     """Keys of a config.properties that tsctl does not know (worth a warning)."""
     return sorted(k for k in properties if k not in _PROPERTY_KEYS and k not in _ACCEPTED)
+
+
+def visible_gpus(environ: dict[str, str], driver: Path = Path("/proc/driver/nvidia/gpus")) -> int:
+    """NVIDIA GPUs this process may use: those the driver lists, cut down to
+    `CUDA_VISIBLE_DEVICES` when it is set (as CUDA itself reads it). No CUDA call, no torch."""
+    try:
+        present = len(list(driver.iterdir()))
+    except OSError:
+        present = 0
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return present
+    ids = []
+    for item in listed.split(","):
+        item = item.strip()
+        if not item or item.startswith("-"):
+            break  # CUDA stops at the first invalid entry
+        ids.append(item)
+    return min(len(ids), present)
 
 
 def build_config(
@@ -211,6 +251,12 @@ def build_config(
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"invalid model_snapshot: {exc!r}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
+    found = visible_gpus(environ or {})
+    configured = values.get("number_of_gpu")
+    if configured is None:
+        values["number_of_gpu"] = found
+    elif str(configured).strip().isdigit():  # at most what there is, as in TorchServe
+        values["number_of_gpu"] = min(found, int(configured))
     try:
         return ServerConfig(**values)
     except ValidationError as exc:

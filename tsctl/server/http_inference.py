@@ -1,4 +1,5 @@
-"""The REST inference API (TorchServe's paths): ping, predictions, and the API description.
+"""The REST inference API (TorchServe's paths): ping, predictions, explanations, and the API
+description.
 
 Runs on the daemon's event loop. `/predictions/...` (POST and PUT, and like TorchServe any
 other method but OPTIONS and HEAD), the hot path, skips tornado's
@@ -6,12 +7,16 @@ other method but OPTIONS and HEAD), the hot path, skips tornado's
 that receives the body chunks itself (so an oversized body gets its 413 from the
 Content-Length, before it is read), joins them once, parses them into parts, sends them down
 the shared request path in `tsctl.server.inference`, and writes the answer straight to the
-connection. Every other path goes through an ordinary tornado `Application`.
+connection. `/explanations/...` takes the same path, with the request header `explain: True`
+added as TorchServe's frontend does (its BaseHandler then calls `explain_handle`). Every other
+path goes through an ordinary tornado `Application`.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import socket
 import time
 from collections.abc import Awaitable
 from http import HTTPStatus
@@ -24,6 +29,7 @@ from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
 from tsctl.errors import BadRequest, RequestTooLarge, ServiceUnavailable, TsctlError
 from tsctl.protocol import Part
+from tsctl.server.batching import ClientGone
 from tsctl.server.http_common import (
     ApiHandler,
     NotFoundHandler,
@@ -34,7 +40,7 @@ from tsctl.server.http_common import (
     log_request,
     new_request_id,
 )
-from tsctl.server.inference import ClientGone, InferenceRequest, Pending
+from tsctl.server.inference import InferenceRequest, Pending
 from tsctl.server.openapi import inference_api_description
 from tsctl.server.prometheus import HOSTNAME
 from tsctl.server.registry import ModelVersion
@@ -45,6 +51,9 @@ _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 #: how far past max_request_size a body is still read (and discarded) to answer 413 cleanly
 DISCARD_LIMIT = 64 << 20
 _PREDICTIONS = re.compile(r"^/predictions/([^/]+)(?:/([^/]+))?/?$")
+_EXPLANATIONS = re.compile(r"^/explanations/([^/]+)(?:/([^/]+))?/?$")
+#: the header TorchServe's frontend adds to an explanation request for the handler to see
+EXPLAIN_HEADER = ("explain", "True")
 
 
 class PingHandler(ApiHandler):
@@ -74,11 +83,13 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         start_line: httputil.RequestStartLine,
         headers: httputil.HTTPHeaders,
         args: Any,
+        extra_headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.state = state
         self.connection = connection
         self.start_line = start_line
         self.headers = headers
+        self.extra_headers = extra_headers
         self.model, self.version = args
         self.request_id = new_request_id(headers.get("x-request-id"))
         self.started = time.perf_counter()
@@ -91,9 +102,6 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         self.answered = False
         self.streaming = False
         state.request_started()
-        if isinstance(self.connection, HTTP1Connection):
-            # called if the client disconnects, also while the answer is being computed
-            self.connection.set_close_callback(self.on_connection_close)
 
     def headers_received(
         self,
@@ -145,11 +153,12 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
             request = InferenceRequest(
                 self.request_id,
                 self._parts(body),
-                list(self.headers.get_all()),
+                [*self.headers.get_all(), *self.extra_headers],
                 self.arrival,
             )
             stream = getattr(self.connection, "stream", None)
-            self.pending = Pending(self.mv, request, stream, self._on_chunk)
+            gone = functools.partial(peer_closed, stream) if stream is not None else None
+            self.pending = Pending(self.mv, request, stream, self._on_chunk, gone=gone)
         except TsctlError as exc:
             self._answer_error(exc)
             return
@@ -246,6 +255,8 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         self.state.request_finished()
 
     def on_connection_close(self) -> None:
+        # tornado calls this when the client goes away while the request is being read; once
+        # it is read, `peer_closed` is asked just before the request would go to a worker
         if self.pending is not None:
             self.pending.abandon()
         elif not self.answered:
@@ -273,6 +284,21 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         return parts
 
 
+def peer_closed(stream: Any) -> bool:
+    """Whether the client of an HTTP/1.1 connection has closed it, asked without reading:
+    one non-blocking peek, cheaper per request than keeping a close callback registered
+    (which makes tornado change the socket's epoll registration twice per request)."""
+    sock = None if stream.closed() else stream.socket
+    if sock is None:
+        return True
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
+    except BlockingIOError:
+        return False  # open, nothing more sent
+    except OSError:
+        return True  # reset
+
+
 def _reason(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -291,6 +317,7 @@ class InferenceRouter(httputil.HTTPServerConnectionDelegate):
                 (r"/api-description", DescriptionHandler),
                 (r"/", DescriptionHandler),
                 (r"/predictions/.*", PredictionsOtherMethods),
+                (r"/explanations/.*", PredictionsOtherMethods),
             ],
             default_handler_class=NotFoundHandler,
             log_function=log_request,
@@ -336,11 +363,15 @@ class _Dispatch(httputil.HTTPMessageDelegate):
     ) -> Awaitable[None] | None:
         assert isinstance(start_line, httputil.RequestStartLine)
         match = None
+        extra: tuple[tuple[str, str], ...] = ()
         if start_line.method not in ("OPTIONS", "HEAD"):
-            match = _PREDICTIONS.match(start_line.path.partition("?")[0])
+            path = start_line.path.partition("?")[0]
+            match = _PREDICTIONS.match(path)
+            if match is None and (match := _EXPLANATIONS.match(path)) is not None:
+                extra = (EXPLAIN_HEADER,)
         if match:
             self.delegate = PredictionDelegate(
-                self.router.state, self.request_conn, start_line, headers, match.groups()
+                self.router.state, self.request_conn, start_line, headers, match.groups(), extra
             )
         else:
             self.delegate = self.router.app.start_request(self.server_conn, self.request_conn)
@@ -355,6 +386,8 @@ class _Dispatch(httputil.HTTPMessageDelegate):
         self.delegate.finish()
 
     def on_connection_close(self) -> None:
+        # tornado calls this when the client goes away while the request is being read; once
+        # it is read, `peer_closed` is asked just before the request would go to a worker
         if self.delegate is not None:
             self.delegate.on_connection_close()
 

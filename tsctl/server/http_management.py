@@ -28,7 +28,7 @@ def describe(mv: ModelVersion) -> dict[str, Any]:
             "status": "READY" if w.state in ("READY", "BUSY") else w.state,
             "memoryUsage": int(w.rss_mb() * (1 << 20)),
             "pid": w.pid,
-            "gpu": False,
+            "gpu": w.spec.get("gpu_id") is not None,
             "gpuUsage": "N/A",
         }
         for w in mv.pool.workers

@@ -3,8 +3,8 @@
 Runs on the daemon's event loop. `predict` puts a job on the model's queue (raising
 `QueueFull` at once when it is full), arms the job's deadline (counted from arrival, queue
 time included) and hands back a worker's answer, to `await result()` or to a `when_done`
-callback. A caller whose client has gone away calls
-`Pending.abandon()`: the job is dropped before it reaches a worker.
+callback. A caller whose client has gone away calls `Pending.abandon()`, or gives a `gone`
+check that the pool asks just before dispatch: either way the job never reaches a worker.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from tsctl.errors import ServiceUnavailable
 from tsctl.protocol import Part
-from tsctl.server.batching import Job
+from tsctl.server.batching import ClientGone, Job
 from tsctl.server.registry import ModelVersion
 from tsctl.server.workers import Response, expire
 
@@ -30,10 +30,6 @@ class InferenceRequest:
     arrival: float  # loop.time() when the request arrived
 
 
-class ClientGone(Exception):
-    """The client disconnected; nobody is waiting for this answer."""
-
-
 class Pending:
     """A submitted request: await `result()`, or `abandon()` it."""
 
@@ -44,6 +40,7 @@ class Pending:
         source: Hashable | None,
         on_chunk: Callable[[Response], None] | None = None,
         sequence: str | None = None,
+        gone: Callable[[], bool] | None = None,
     ):
         if mv.pool.target == 0:
             raise ServiceUnavailable(
@@ -54,7 +51,13 @@ class Pending:
         self.mv = mv
         deadline = request.arrival + mv.response_timeout
         self.job = Job(
-            request, loop.create_future(), deadline, source, on_chunk=on_chunk, sequence=sequence
+            request,
+            loop.create_future(),
+            deadline,
+            source,
+            on_chunk=on_chunk,
+            sequence=sequence,
+            gone=gone,
         )
         mv.queue.put(self.job)
         self.job.timer = loop.call_at(deadline, expire, self.job, mv.response_timeout)

@@ -52,6 +52,17 @@ def _predict(with_version: bool) -> dict[str, Any]:
     return {"post": {**operation, "operationId": "predictions"}, "put": operation}
 
 
+def _explain(with_version: bool) -> dict[str, Any]:
+    """Like predictions, but the handler explains (BaseHandler's `explain_handle`)."""
+    operation = {
+        **_predict(with_version)["put"],
+        "description": "Run the model's handler in explanation mode (it sees the request header "
+        "`explain: True`; TorchServe's BaseHandler then answers `explain_handle`, e.g. Captum "
+        "attributions). Same inputs as predictions.",
+    }
+    return {"post": {**operation, "operationId": "explanations"}, "put": operation}
+
+
 def inference_api_description() -> dict[str, Any]:
     return {
         "openapi": "3.0.1",
@@ -77,6 +88,8 @@ def inference_api_description() -> dict[str, Any]:
             },
             "/predictions/{model_name}": _predict(False),
             "/predictions/{model_name}/{model_version}": _predict(True),
+            "/explanations/{model_name}": _explain(False),
+            "/explanations/{model_name}/{model_version}": _explain(True),
         },
     }
 

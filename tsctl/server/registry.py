@@ -7,10 +7,12 @@ blocking file I/O), reads its `model-config.yaml`, and starts its workers.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from tsctl.errors import (
     ModelVersionNotFound,
     ServiceUnavailable,
 )
+from tsctl.server import model_deps
 from tsctl.server.batching import ModelQueue
 from tsctl.server.config import ServerConfig
 from tsctl.server.prometheus import Metrics
@@ -50,6 +53,10 @@ class ModelSettings(BaseModel):
     startup_timeout: float | None = Field(default=None, alias="startupTimeout", gt=0)
     recycle_after_requests: int = Field(default=0, alias="recycleAfterRequests", ge=0)
     recycle_above_rss_mb: int = Field(default=0, alias="recycleAboveRssMb", ge=0)
+    #: `cpu` keeps the model off GPUs; `gpu` (or unset) spreads its workers over them
+    device_type: str | None = Field(default=None, alias="deviceType")
+    #: the GPUs this model's workers take, round robin (default: every GPU of the server)
+    device_ids: list[int] | None = Field(default=None, alias="deviceIds")
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,8 @@ class ModelVersion:
     pool: WorkerPool
     extracted: bool = False
     loaded_at_startup: bool = False
+    #: what each worker of this version is assigned (shared with the pool's worker factory)
+    worker_spec: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
         """The frontend settings, under TorchServe's names (describe output, snapshots)."""
@@ -113,6 +122,8 @@ class Registry:
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tsctl-models-")))
     #: workers started ahead of start-up, taken by the first workers the pools start
     spares: Spares = field(default_factory=Spares)
+    #: the server-wide GPU round robin: the n-th worker started on a GPU takes GPU n mod count
+    _gpu_turns: Iterator[int] = field(default_factory=itertools.count)
 
     def get(self, name: str, version: str | None = None) -> ModelVersion:
         versions = self.models.get(name)
@@ -146,6 +157,18 @@ class Registry:
         """Open, extract and register a model archive, with no workers yet."""
         path = self.resolve(url, options.trusted)
         mv = await asyncio.to_thread(self._prepare, path, url, options)
+        try:
+            dep_path = await model_deps.install(
+                self.config,
+                mv.name,
+                mv.model_dir,
+                mv.manifest["model"].get("requirementsFile"),
+                self.work_dir,
+            )
+        except BaseException:
+            self._discard(mv)
+            raise
+        mv.worker_spec["dep_path"] = None if dep_path is None else str(dep_path)
         if mv.version in self.models.get(mv.name, {}):
             self._discard(mv)
             raise Conflict(f"Model version {mv.version} is already registered for model {mv.name}")
@@ -280,13 +303,15 @@ class Registry:
             "gpu_id": None,
             "model_yaml_config": yaml_config,
             "startup_timeout": startup_timeout,
+            "service_envelope": cfg.service_envelope or None,
+            "dep_path": None,
         }
         pool = WorkerPool(
             f"{model_name}_{version}",
             (model_name, version),
             queue,
             pool_settings,
-            self._worker_factory(spec),
+            self._worker_factory(spec, self._gpu_chooser(settings)),
             self.metrics,
         )
         return ModelVersion(
@@ -305,16 +330,37 @@ class Registry:
             queue=queue,
             pool=pool,
             extracted=extracted,
+            worker_spec=spec,
         )
 
-    def _worker_factory(self, spec: dict[str, Any]) -> Callable[[str], WorkerProcess]:
+    def _worker_factory(
+        self, spec: dict[str, Any], next_gpu: Callable[[], int | None]
+    ) -> Callable[[str], WorkerProcess]:
         def make(worker_id: str) -> WorkerProcess:
             threads = self.config.worker_threads or max(
                 1, cpu_count() // max(1, self.total_workers())
             )
-            return WorkerProcess(worker_id, {**spec, "threads": threads}, self.spares.take())
+            assigned = {**spec, "threads": threads, "gpu_id": next_gpu()}
+            return WorkerProcess(worker_id, assigned, self.spares.take())
 
         return make
+
+    def _gpu_chooser(self, settings: ModelSettings) -> Callable[[], int | None]:
+        """The `gpu_id` of each next worker of a model, as TorchServe assigns them: none on a
+        machine without GPUs or for `deviceType: cpu`; else round robin over the model's
+        `deviceIds`, or over every GPU with a counter the whole server shares."""
+        gpus = self.config.number_of_gpu
+        if gpus == 0 or (settings.device_type or "").lower() == "cpu":
+            return lambda: None
+        if settings.device_ids:
+            unknown = [i for i in settings.device_ids if not 0 <= i < gpus]
+            if unknown:
+                raise ArchiveError(
+                    f"model-config.yaml: deviceIds: GPU {unknown[0]} does not exist "
+                    f"(this server uses {gpus}: 0 to {gpus - 1})"
+                )
+            return functools.partial(next, itertools.cycle(settings.device_ids))
+        return lambda: next(self._gpu_turns) % gpus
 
     def _discard(self, mv: ModelVersion) -> None:
         if mv.extracted:

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tsctl.errors import (
+    BadRequest,
     InferenceTimeout,
     PredictionFailed,
     ServiceUnavailable,
     TsctlError,
     WorkerDied,
+    prediction_failed,
 )
 from tsctl.protocol import (
     Assign,
@@ -36,6 +38,7 @@ from tsctl.protocol import (
     Chunk,
     Describe,
     Described,
+    Failure,
     Hello,
     InitFailed,
     Message,
@@ -46,9 +49,10 @@ from tsctl.protocol import (
     encode,
     read_message,
 )
-from tsctl.server.batching import Job, ModelQueue, next_batch
+from tsctl.server.batching import ClientGone, Job, ModelQueue, next_batch
 from tsctl.server.prometheus import HOSTNAME, Metrics
 from tsctl.server.spares import Spare, launch
+from tsctl.worker.envelope import INPUT_FAILURE_KIND
 
 log = logging.getLogger("tsctl.server")
 model_log = logging.getLogger("tsctl.model")
@@ -440,6 +444,9 @@ class WorkerPool:
         return bool(s.recycle_above_rss_mb and worker.rss_mb() > s.recycle_above_rss_mb)
 
     async def _dispatch(self, worker: WorkerProcess, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.gone is not None and not job.future.done() and job.gone():
+                job.future.set_exception(ClientGone())
         live = [job for job in jobs if not job.future.done()]
         if not live:
             return
@@ -462,14 +469,14 @@ class WorkerPool:
         self._failures = 0
         self._record_result(result, live, (loop.time() - now) * 1000)
         if result.failure is not None:
-            _fail(live, PredictionFailed(result.failure.message))
+            _fail(live, _failure_error(result.failure))
             return
         limit = self.settings.max_response_size
         for job, answer in zip(live, result.responses, strict=True):
             if job.future.done():
                 continue
             if answer.failure is not None:
-                job.future.set_exception(PredictionFailed(answer.failure.message))
+                job.future.set_exception(_failure_error(answer.failure))
             elif len(answer.body) > limit:
                 job.future.set_exception(
                     PredictionFailed(
@@ -597,3 +604,12 @@ def expire(job: Job, timeout: float) -> None:
         job.future.set_exception(
             InferenceTimeout(f"no answer within the response timeout of {timeout:g} s")
         )
+
+
+def _failure_error(failure: Failure) -> TsctlError:
+    """The error a worker's failure is answered with: a request the envelope could not read
+    is the client's mistake (400); anything else is a failed prediction, with the status the
+    handler chose, if it chose one (TorchServe's `PredictionException`)."""
+    if failure.kind == INPUT_FAILURE_KIND:
+        return BadRequest(failure.message)
+    return prediction_failed(failure.message, failure.status)

@@ -12,6 +12,7 @@ imported, or waits on the import lock for the rest; one that does not is not hel
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ from tsctl.protocol import (
     recv_message,
     send_message,
 )
+from tsctl.worker import envelope
 from tsctl.worker.context import Context
 from tsctl.worker.loader import HandlerLoadError, load_entry
 from tsctl.worker.metrics import MetricsCache
@@ -68,7 +70,10 @@ class Threads:
 
 
 def serve(
-    sock: socket.socket, stream: Any, spec: dict[str, Any], preloading: threading.Event | None
+    sock: socket.socket,
+    stream: io.BufferedReader,
+    spec: dict[str, Any],
+    preloading: threading.Event | None,
 ) -> int:
     log = logging.getLogger("tsctl.worker")
     context = Context(
@@ -84,7 +89,14 @@ def serve(
     threads = Threads(int(spec.get("threads", 0)), preloading)
     try:
         threads.apply()  # torch ops inside initialize() too, when torch is already imported
+        dep_path = spec.get("dep_path")
+        if dep_path:  # after the model folder and tsctl's `ts`, which load_entry put first
+            sys.path.insert(0, dep_path)
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                p for p in (dep_path, os.environ.get("PYTHONPATH")) if p
+            )
         entry = load_entry(spec["handler"], spec["model_dir"], context)
+        entry = envelope.wrap(entry, spec.get("service_envelope"))
         threads.apply()
     except BaseException as exc:
         detail = traceback.format_exc()
@@ -122,7 +134,8 @@ def main() -> None:
     # like TorchServe's workers: logging goes to stdout, which the frontend copies into
     # model_log.log line by line (stderr lines are marked as warnings there)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
-    stream = sock.makefile("rb", buffering=1 << 16)  # a BufferedReader: has readinto
+    stream = sock.makefile("rb", buffering=1 << 16)
+    assert isinstance(stream, io.BufferedReader)  # has readinto, which recv_message uses
     try:
         first = recv_message(stream)
     except EOFError:

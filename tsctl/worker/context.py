@@ -2,7 +2,9 @@
 
 A worker has one `Context`; before each batch the service gives it one `RequestProcessor` per
 request (headers in, status and headers out), so `idx` in every method is the request's
-position in the batch, as in TorchServe.
+position in the batch, as in TorchServe. TorchServe's `ts.context` re-exports these classes
+(tsctl/worker/compat/ts/context.py), and the constructor takes TorchServe's positional
+arguments, so handler tests that build a context themselves keep working.
 """
 
 from __future__ import annotations
@@ -12,19 +14,29 @@ from typing import Any
 
 
 class RequestProcessor:
-    """Per request: its headers, and the status and headers the handler sets for its answer."""
+    """Per request: its headers, and the status and headers the handler sets for its answer.
 
-    def __init__(self, request_header: Mapping[str, str]) -> None:
+    Header names are matched exactly first, then regardless of case (HTTP names are
+    case-insensitive, and the frontend may normalise them). As in TorchServe, each input part's
+    name maps to `{"content-type": ...}` beside the request's own headers.
+    """
+
+    def __init__(self, request_header: Mapping[str, Any]) -> None:
         self._request_header = dict(request_header)
+        self._folded: dict[str, Any] | None = None
         self._status_code = 200
         self._reason_phrase: str | None = None
         self._response_header: dict[str, str] = {}
 
-    def get_request_property(self, key: str) -> str | None:
+    def get_request_property(self, key: str) -> Any:
         value = self._request_header.get(key)
-        return self._request_header.get(key.lower()) if value is None else value
+        if value is None:
+            if self._folded is None:
+                self._folded = {k.lower(): v for k, v in self._request_header.items()}
+            value = self._folded.get(key.lower())
+        return value
 
-    def get_request_properties(self) -> dict[str, str]:
+    def get_request_properties(self) -> dict[str, Any]:
         return self._request_header
 
     def report_status(self, code: int, reason_phrase: str | None = None) -> None:
@@ -58,6 +70,8 @@ class Context:
         batch_size: int,
         gpu: int | None,
         server_version: str,
+        limit_max_image_pixels: bool = True,
+        metrics: Any = None,
         model_yaml_config: dict[str, Any] | None = None,
     ) -> None:
         self.model_name = model_name
@@ -68,12 +82,14 @@ class Context:
             "batch_size": batch_size,
             "server_name": "MMS",
             "server_version": server_version,
-            "limit_max_image_pixels": True,
+            "limit_max_image_pixels": limit_max_image_pixels,
         }
         self.model_yaml_config: dict[str, Any] = model_yaml_config or {}
         self.request_ids: dict[int, str] = {}
         self._request_processor: list[RequestProcessor] = []
-        self.metrics: Any = None
+        self.metrics: Any = metrics
+        #: TorchServe's hook for generation handlers; tsctl does not use it
+        self.stopping_criteria: Any = None
         #: set by the worker for each batch: sends intermediate answers (streaming handlers)
         self.send_intermediate: Any = None
 
@@ -92,11 +108,15 @@ class Context:
     def get_request_id(self, idx: int = 0) -> str | None:
         return self.request_ids.get(idx)
 
-    def get_request_header(self, idx: int, key: str) -> str | None:
+    def get_request_header(self, idx: int, key: str) -> Any:
         return self._request_processor[idx].get_request_property(key)
 
-    def get_all_request_header(self, idx: int) -> dict[str, str]:
+    def get_all_request_header(self, idx: int) -> dict[str, Any]:
         return self._request_processor[idx].get_request_properties()
+
+    def get_sequence_id(self, idx: int) -> Any:
+        """The sequence id of a stateful (sequence batching) request, from its header."""
+        return self.get_request_header(idx, "ts_request_sequence_id")
 
     def set_response_content_type(self, idx: int, value: str) -> None:
         self.set_response_header(idx, "content-type", value)

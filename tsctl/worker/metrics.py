@@ -3,13 +3,21 @@
 Values are collected during a batch and travel back with its result; the frontend exposes
 them on the metrics API and writes them to model_metrics.log. Dimensions may be given as a
 dict, or as TorchServe's `Dimension` objects (anything with `name` and `value`).
+
+TorchServe's metric objects work too: `add_metric_to_cache(name, unit, dimension_names,
+metric_type)` defines a metric and `get_metric(name, metric_type)` finds one (also one an
+`add_*` call made); its `add_or_update(value, dimension_values)` records a value.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 from tsctl.protocol import CustomMetric
+
+log = logging.getLogger("tsctl.worker")
 
 
 def _dimensions(dimensions: Any, model_name: str) -> dict[str, str]:
@@ -22,10 +30,92 @@ def _dimensions(dimensions: Any, model_name: str) -> dict[str, str]:
     return found
 
 
+def _kind(metric_type: Any) -> str:
+    """`counter` or `gauge` from a TorchServe `MetricTypes` member or its name."""
+    kind = str(getattr(metric_type, "value", metric_type)).lower()
+    return "counter" if kind == "counter" else "gauge"
+
+
+class MetricsCacheKeyError(KeyError):
+    """`get_metric` was asked for a metric this worker has not defined (TorchServe's
+    `ts.metrics.metric_cache_errors.MetricsCacheKeyError` is this class)."""
+
+
+class CachedMetric:
+    """A metric with fixed dimension names, as TorchServe's `get_metric` returns."""
+
+    def __init__(
+        self,
+        cache: MetricsCache,
+        name: str,
+        unit: str,
+        dimension_names: Sequence[str],
+        metric_type: Any,
+    ) -> None:
+        self.cache = cache
+        self.metric_name = name
+        self.unit = unit
+        self.dimension_names = list(dimension_names)
+        self.metric_type = metric_type
+
+    def add_or_update(
+        self, value: float, dimension_values: Sequence[Any] = (), request_id: str = ""
+    ) -> None:
+        """Record `value` with one value per dimension name (a mismatch is logged, as in
+        TorchServe, and the value dropped)."""
+        values = list(dimension_values or ())
+        if len(values) != len(self.dimension_names):
+            log.error(
+                "metric %s: dimension values %s do not match its dimension names %s",
+                self.metric_name, values, self.dimension_names,
+            )  # fmt: skip
+            return
+        if _kind(self.metric_type) == "counter" and value < 0:
+            log.error("metric %s: a counter cannot go down (value %s)", self.metric_name, value)
+            return
+        dims = dict(zip(self.dimension_names, values, strict=True))
+        self.cache.add_metric(
+            self.metric_name, value, self.unit, None, dims, self.metric_type, define=False
+        )
+
+    def update(self, value: float, request_id: str = "", dimensions: Sequence[Any] = ()) -> None:
+        """TorchServe's older form: dimensions as `Dimension` objects, replacing the names."""
+        self.dimension_names = [str(d.name) for d in dimensions]
+        self.add_or_update(value, [d.value for d in dimensions], request_id)
+
+
 class MetricsCache:
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
         self.collected: list[CustomMetric] = []
+        self._defined: dict[tuple[str, str], CachedMetric] = {}
+        #: set by TorchServe's worker per batch; kept for handlers that read it
+        self.request_ids: Any = None
+
+    def set_request_ids(self, request_ids: Any) -> None:
+        self.request_ids = request_ids
+
+    def add_metric_to_cache(
+        self,
+        metric_name: str,
+        unit: str,
+        dimension_names: Sequence[str] = (),
+        metric_type: Any = "counter",
+    ) -> CachedMetric:
+        """Define (or redefine) a metric; returns it for `add_or_update`."""
+        metric = CachedMetric(self, metric_name, unit, dimension_names, metric_type)
+        self._defined[(metric_name, _kind(metric_type))] = metric
+        return metric
+
+    def get_metric(self, metric_name: str, metric_type: Any = "counter") -> CachedMetric:
+        """The metric of that name and type; `MetricsCacheKeyError` if it was never defined."""
+        try:
+            return self._defined[(metric_name, _kind(metric_type))]
+        except KeyError:
+            raise MetricsCacheKeyError(
+                f"metric {metric_name!r} of type {_kind(metric_type)} is not defined: create it "
+                "with add_metric_to_cache() or one of the add_* methods first"
+            ) from None
 
     def take(self) -> list[CustomMetric]:
         taken, self.collected = self.collected, []
@@ -39,10 +129,14 @@ class MetricsCache:
         idx: Any = None,
         dimensions: Any = None,
         metric_type: Any = "counter",
+        *,
+        define: bool = True,
     ) -> None:
-        kind = str(getattr(metric_type, "value", metric_type)).lower()
-        kind = "counter" if kind == "counter" else "gauge"
+        kind = _kind(metric_type)
         dims = _dimensions(dimensions, self.model_name)
+        if define and (name, kind) not in self._defined:
+            names = [k for k in dims if k not in ("ModelName", "Level")]
+            self.add_metric_to_cache(name, unit, names, metric_type)
         self.collected.append(CustomMetric(name, unit, kind, float(value), dims))
 
     def add_counter(self, name: str, value: float, idx: Any = None, dimensions: Any = None) -> None:

@@ -4,7 +4,9 @@ Inputs are decoded as TorchServe does: a part whose content type is `application
 the parsed object, `text/*` a `str`, anything else stays a `bytearray`. Each answer becomes
 bytes: `bytes`/`bytearray` as they are, `str` as UTF-8, anything else as JSON. A handler that
 raises, or returns the wrong number of answers, fails the whole batch with a message saying
-which; an answer that cannot be serialised fails only its own request.
+which; an answer that cannot be serialised fails only its own request. As in TorchServe, a
+handler that raises `PredictionException(message, code)` has every request of the batch
+answered with that status and message, and one that runs out of memory gets 507.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -19,10 +22,57 @@ from typing import Any
 
 from tsctl.protocol import Batch, Chunk, Described, Failure, Part, Result, WireResponse
 from tsctl.worker.context import Context, RequestProcessor
+from tsctl.worker.envelope import INPUT_FAILURE_KIND, EnvelopeInputError
 from tsctl.worker.loader import Entry
 from tsctl.worker.metrics import MetricsCache
 
 log = logging.getLogger("tsctl.worker")
+
+
+class PredictionException(Exception):
+    """Raised by a handler to answer every request of its batch with `error_code` and
+    `message` (TorchServe's `ts.utils.util.PredictionException` is this class)."""
+
+    def __init__(self, message: str, error_code: int = 500) -> None:
+        self.message = message
+        self.error_code = error_code
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{self.message} : {self.error_code}"
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Host or accelerator memory ran out (TorchServe answers these 507 "Out of resources")."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return isinstance(oom, type) and isinstance(exc, oom)
+
+
+def failure_of(exc: Exception) -> Failure:
+    """How a batch whose handler raised `exc` is reported to the frontend."""
+    if isinstance(exc, PredictionException):
+        return Failure("PredictionException", str(exc.message), status=int(exc.error_code))
+    if _out_of_memory(exc):
+        return Failure("OutOfMemory", f"Out of resources: {type(exc).__name__}: {exc}", status=507)
+    return Failure("HandlerError", f"{type(exc).__name__}: {exc}")
+
+
+def _handler_object(entry: Any) -> Any:
+    """The handler object behind `entry`: a bound method's object, seen through TorchServe's
+    wrappers (a request envelope's `_handle_fn`, MicroBatching's `handler`)."""
+    found = entry
+    for _ in range(4):  # wrappers nest a level or two at most
+        owner = getattr(found, "__self__", found)
+        if hasattr(owner, "describe_handle"):
+            return owner
+        inner = getattr(owner, "_handle_fn", None) or getattr(owner, "handler", None)
+        if inner is None:
+            return owner
+        found = inner
+    return found
 
 
 def _last_of(produced: Iterator[Any], intermediate: Callable[[Sequence[Any]], None]) -> Any:
@@ -65,7 +115,12 @@ class Service:
         rows = [{p.name: decode_value(p) for p in request.parts} for request in batch.requests]
         context = self.context
         context.request_ids = {i: r.request_id for i, r in enumerate(batch.requests)}
-        context.request_processor = [RequestProcessor(dict(r.headers)) for r in batch.requests]
+        context.request_processor = [
+            RequestProcessor(
+                {**{p.name: {"content-type": p.content_type} for p in r.parts}, **dict(r.headers)}
+            )
+            for r in batch.requests
+        ]
 
         def intermediate(answers: Sequence[Any]) -> None:
             if send is not None:
@@ -79,10 +134,7 @@ class Service:
                 answers = _last_of(answers, intermediate)
         except Exception as exc:
             log.error("handler raised on a batch of %d:\n%s", len(rows), traceback.format_exc())
-            message = f"{type(exc).__name__}: {exc}"
-            return Result(
-                batch.batch_id, failure=Failure("HandlerError", message), metrics=self._metrics()
-            )
+            return Result(batch.batch_id, failure=failure_of(exc), metrics=self._metrics())
         elapsed = (time.perf_counter() - started) * 1000
         if isinstance(answers, (str, bytes, bytearray)) or not isinstance(answers, Sequence):
             message = f"handler returned {type(answers).__name__}, expected a list of {len(rows)}"
@@ -99,8 +151,7 @@ class Service:
 
     def describe(self) -> Described:
         """The handler object's `describe_handle()` answer, encoded like a prediction."""
-        owner = getattr(self.entry, "__self__", None)
-        describe = getattr(owner, "describe_handle", None)
+        describe = getattr(_handler_object(self.entry), "describe_handle", None)
         if describe is None:
             return Described(failure=Failure("NotSupported", "the handler has no describe_handle"))
         try:
@@ -108,6 +159,8 @@ class Service:
         except Exception as exc:
             log.error("describe_handle raised:\n%s", traceback.format_exc())
             return Described(failure=Failure("HandlerError", f"{type(exc).__name__}: {exc}"))
+        if answer is None:  # BaseHandler's default: nothing to describe
+            return Described(failure=Failure("NotSupported", "describe_handle returned None"))
         if isinstance(answer, (bytes, bytearray)):
             return Described(answer)
         if isinstance(answer, str):
@@ -122,6 +175,8 @@ class Service:
         return cache.take() if isinstance(cache, MetricsCache) else []
 
     def _response(self, idx: int, answer: Any) -> WireResponse:
+        if isinstance(answer, EnvelopeInputError):
+            return WireResponse(failure=Failure(INPUT_FAILURE_KIND, answer.message))
         processor = self.context.request_processor[idx]
         headers = processor.get_response_headers()
         content_type = headers.get("content-type") or headers.get("Content-Type") or ""

@@ -1,0 +1,1 @@
+"""`ts.handler_utils`: helpers for handlers (timing, streaming, micro-batching)."""

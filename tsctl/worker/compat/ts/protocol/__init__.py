@@ -1,0 +1,1 @@
+"""`ts.protocol`: only what handlers call directly (`otf_message_handler`)."""

@@ -1,0 +1,1 @@
+"""TorchServe handler classes: `BaseHandler` and the built-in handlers that extend it."""

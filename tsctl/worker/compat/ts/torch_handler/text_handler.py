@@ -1,0 +1,284 @@
+"""`TextHandler`: TorchServe's base class for text handlers, without torchtext or captum.
+
+It loads the archive's vocabulary and offers TorchServe's text clean-up steps (HTML removal,
+contraction expansion, accent and punctuation removal, a `basic_english` tokenizer).
+
+torchtext is not used (it is no longer maintained and does not install beside current torch).
+TorchServe's archives store a pickled torchtext `Vocab` as `source_vocab.pt`, which cannot be
+read without torchtext; tsctl reads a vocabulary saved as a plain `{token: id}` dict or a list
+of tokens (`torch.save(vocab.get_stoi(), "source_vocab.pt")`), or a `source_vocab.json` of
+either form, and says so clearly when it meets anything else. (With torchtext installed in
+the worker's environment, a torchtext `Vocab` still loads.) Unknown tokens get the id of
+`<unk>` when the vocabulary has one.
+
+Explanations use captum's LayerIntegratedGradients over `model.embedding` when captum is
+installed; it is imported on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import string
+import unicodedata
+from abc import ABC
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from ts.torch_handler.base_handler import BaseHandler
+from ts.torch_handler.vision_handler import captum_attr
+
+logger = logging.getLogger(__name__)
+
+#: HTML tags and character entities (`<br />`, `&amp;`, `&#39;`, `&#x27;`)
+HTML_REGEX = re.compile(r"<[^>]*>|&(?:[a-z0-9]+|#[0-9]{1,6}|#x[0-9a-f]{1,6});", re.IGNORECASE)
+
+VOCAB_HELP = (
+    "save the vocabulary as a plain {token: id} dict or a list of tokens, e.g. "
+    "torch.save(vocab.get_stoi(), 'source_vocab.pt'), or as source_vocab.json"
+)
+
+# contractions whose expansion is not their stem plus a word
+_WHOLE_WORDS = {
+    "won't": "will not",
+    "can't": "cannot",
+    "shan't": "shall not",
+    "ain't": "is not",
+    "let's": "let us",
+    "y'all": "you all",
+    "ma'am": "madam",
+    "o'clock": "of the clock",
+    "'cause": "because",
+}
+# endings that stand for a word of their own
+_ENDINGS = (
+    ("n't", " not"),
+    ("'re", " are"),
+    ("'ve", " have"),
+    ("'ll", " will"),
+    ("'d", " would"),
+    ("'m", " am"),
+)
+# "'s" is "is" after these (elsewhere it is a possessive, left as it is)
+_IS_STEMS = {"he", "she", "it", "that", "there", "here", "what", "where", "who", "how", "when"}
+_CONTRACTION = re.compile(r"'cause\b|[a-z]+(?:'[a-z]+)+", re.IGNORECASE)
+
+# basic_english: spacing around punctuation, then split on whitespace (as torchtext's)
+_BASIC_ENGLISH = [
+    (re.compile(r"\'"), " '  "),
+    (re.compile(r"\""), ""),
+    (re.compile(r"\."), " . "),
+    (re.compile(r"<br \/>"), " "),
+    (re.compile(r","), " , "),
+    (re.compile(r"\("), " ( "),
+    (re.compile(r"\)"), " ) "),
+    (re.compile(r"\!"), " ! "),
+    (re.compile(r"\?"), " ? "),
+    (re.compile(r"\;"), " "),
+    (re.compile(r"\:"), " "),
+    (re.compile(r"\s+"), " "),
+]
+
+
+def basic_english(line: str) -> list[str]:
+    """torchtext's `basic_english` tokenizer: lowercase, punctuation split off, whitespace."""
+    line = line.lower()
+    for pattern, replacement in _BASIC_ENGLISH:
+        line = pattern.sub(replacement, line)
+    return line.split()
+
+
+def ngrams_iterator(tokens: list[str], ngrams: int) -> Iterator[str]:
+    """The tokens, then every run of 2..`ngrams` consecutive tokens joined by a space."""
+    yield from tokens
+    for n in range(2, ngrams + 1):
+        for start in range(len(tokens) - n + 1):
+            yield " ".join(tokens[start : start + n])
+
+
+def expand_contraction(word: str) -> str:
+    """`don't` -> `do not`, `I'd've` -> `I would have`; the first letter keeps its case."""
+    lower = word.lower()
+    if lower in _WHOLE_WORDS:
+        expanded = _WHOLE_WORDS[lower]
+        return word[0] + expanded[1:] if word[0] != "'" else expanded
+    for ending, expansion in _ENDINGS:
+        if lower.endswith(ending) and len(lower) > len(ending):
+            return expand_contraction(word[: -len(ending)]) + expansion
+    if lower.endswith("'s") and lower[:-2] in _IS_STEMS:
+        return word[:-2] + " is"
+    return word
+
+
+class Vocab:
+    """A token -> id table with the parts of torchtext's `Vocab` that handlers use.
+
+    `vocab[token]` is the token's id, or the default index (that of `<unk>` when present)
+    for an unknown token; without a default index an unknown token raises `KeyError`.
+    """
+
+    def __init__(self, stoi: dict[str, int], default_index: int | None = None) -> None:
+        self._stoi = dict(stoi)
+        self._default = default_index
+
+    @classmethod
+    def from_object(cls, value: Any, source: str) -> Vocab:
+        """A `{token: id}` dict or a list of tokens (id = position)."""
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, int) for k, v in value.items()
+        ):
+            stoi = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value):
+            stoi = {token: i for i, token in enumerate(value)}
+        else:
+            raise ValueError(
+                f"{source} holds a {type(value).__name__}, not a vocabulary: {VOCAB_HELP}"
+            )
+        return cls(stoi, stoi.get("<unk>"))
+
+    def __getitem__(self, token: str) -> int:
+        found = self._stoi.get(token, self._default)
+        if found is None:
+            raise KeyError(f"token {token!r} is not in the vocabulary, which has no <unk>")
+        return found
+
+    def get(self, token: str) -> int | None:
+        """The token's id, the default index, or None."""
+        return self._stoi.get(token, self._default)
+
+    def __contains__(self, token: object) -> bool:
+        return token in self._stoi
+
+    def __len__(self) -> int:
+        return len(self._stoi)
+
+    def get_stoi(self) -> dict[str, int]:
+        return dict(self._stoi)
+
+    def get_itos(self) -> list[str]:
+        return [token for token, _ in sorted(self._stoi.items(), key=lambda item: item[1])]
+
+    def lookup_indices(self, tokens: Iterable[str]) -> list[int]:
+        return [self[token] for token in tokens]
+
+    def get_default_index(self) -> int | None:
+        return self._default
+
+    def set_default_index(self, index: int | None) -> None:
+        self._default = index
+
+
+def load_vocab(path: str) -> Any:
+    """The vocabulary in `path`: a `Vocab`, or a torchtext `Vocab` when torchtext is here."""
+    name = os.path.basename(path)
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as fh:
+            return Vocab.from_object(json.load(fh), name)
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError):
+        value = _load_pickled_vocab(path)
+    if hasattr(value, "get_stoi") and not isinstance(value, Vocab):
+        return value  # torchtext's own Vocab
+    return Vocab.from_object(value, name)
+
+
+def _load_pickled_vocab(path: str) -> Any:
+    """A vocabulary that is more than plain data: only torchtext's can be used."""
+    name = os.path.basename(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as exc:
+        raise ValueError(
+            f"{name} holds a pickled {exc.name or 'object'} object (TorchServe stores a "
+            f"torchtext Vocab there), which needs {exc.name or 'its module'} to load; tsctl "
+            f"does not use torchtext: {VOCAB_HELP}"
+        ) from exc
+    except Exception as exc:
+        raise ValueError(f"{name} cannot be read as a vocabulary ({exc}): {VOCAB_HELP}") from exc
+
+
+class TextHandler(BaseHandler, ABC):
+    """Base class of the text handlers: the vocabulary and the text clean-up steps."""
+
+    _lig: Any = None  # a class-level default: subclasses need not call our __init__
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source_vocab: Any = None
+        self.tokenizer: Callable[[str], list[str]] = basic_english
+        self.input_text: Any = None
+
+    def initialize(self, context: Any) -> None:
+        """BaseHandler's loading, then the vocabulary (`sourceVocab` in old manifests)."""
+        super().initialize(context)
+        self.initialized = False
+        legacy = (self.manifest or {}).get("model", {}).get("sourceVocab")
+        if legacy:
+            model_dir = context.system_properties.get("model_dir") or ""
+            self.source_vocab = load_vocab(os.path.join(model_dir, legacy))
+        else:
+            self.source_vocab = load_vocab(self.get_source_vocab_path(context))
+        self.initialized = True
+
+    @property
+    def lig(self) -> Any:
+        """captum's LayerIntegratedGradients over `model.embedding`, made on first use."""
+        if self._lig is None:
+            self._lig = captum_attr().LayerIntegratedGradients(self.model, self.model.embedding)
+        return self._lig
+
+    @lig.setter
+    def lig(self, value: Any) -> None:
+        self._lig = value
+
+    def get_source_vocab_path(self, ctx: Any) -> str:
+        """`source_vocab.pt` (or `source_vocab.json`) in the model directory."""
+        model_dir = ctx.system_properties.get("model_dir") or ""
+        for name in ("source_vocab.pt", "source_vocab.json"):
+            path = os.path.join(model_dir, name)
+            if os.path.isfile(path):
+                return path
+        raise FileNotFoundError(
+            f"the archive has no source_vocab.pt or source_vocab.json (add it with "
+            f"--extra-files): {VOCAB_HELP}"
+        )
+
+    def _expand_contractions(self, text: str) -> str:
+        """Contractions spelled out (`don't` -> `do not`), then apostrophes removed."""
+        text = _CONTRACTION.sub(lambda m: expand_contraction(m.group(0)), text)
+        return text.replace("'", "")
+
+    def _remove_accented_characters(self, text: str) -> str:
+        """Accented letters as plain ASCII; other non-ASCII characters dropped."""
+        return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+    def _remove_html_tags(self, text: str) -> str:
+        return HTML_REGEX.sub("", text)
+
+    def _remove_puncutation(self, *args: Any, **kwargs: Any) -> str:
+        """TorchServe's misspelt name, kept for handlers that call it."""
+        return self._remove_punctuation(*args, **kwargs)
+
+    def _remove_punctuation(self, text: str) -> str:
+        return text.translate(str.maketrans("", "", string.punctuation))
+
+    def _tokenize(self, text: str) -> list[str]:
+        return self.tokenizer(text)
+
+    def get_word_token(self, input_tokens: Iterable[str]) -> list[str]:
+        """Tokens without the BPE space marker `Ġ`."""
+        return [token.replace("Ġ", "") for token in input_tokens]
+
+    def summarize_attributions(self, attributions: torch.Tensor) -> torch.Tensor:
+        """Attributions softmaxed, then scaled by the norm of their sum over the last dim."""
+        dim = 0 if attributions.dim() in (0, 1, 3) else 1  # torch's implicit softmax dim
+        attributions = torch.softmax(attributions, dim=dim)
+        total = attributions.sum(dim=-1)
+        summary: torch.Tensor = attributions / torch.norm(total)
+        return summary

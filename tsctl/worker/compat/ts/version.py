@@ -1,0 +1,3 @@
+"""The TorchServe release whose handler API this package implements."""
+
+__version__ = "0.12.0"
