@@ -73,7 +73,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.nn.Modul
 def served(
     tmp_path_factory: pytest.TempPathFactory, models: dict[str, torch.nn.Module]
 ) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("tscompat"), properties={"enable_model_api": "true"})
+    # limit_max_image_pixels: TorchServe's key, which reaches handlers as a system property
+    properties = {"enable_model_api": "true", "limit_max_image_pixels": "false"}
+    srv = Server(tmp_path_factory.mktemp("tscompat"), properties=properties)
     work = srv.root / "work"
     work.mkdir()
     srv.store.mkdir()
@@ -191,6 +193,7 @@ def test_module_handler_imports_ts_names(served: Server) -> None:
         "exception": "m : 400",
         "handler_config": {"greeting": "hi", "nested": {"x": 1}},
         "batch_size": 1,
+        "limit_max_image_pixels": False,
     }
 
 

@@ -41,5 +41,6 @@ def handle(data, context):
         "exception": str(PredictionException("m", 400)),
         "handler_config": context.model_yaml_config["handler"],
         "batch_size": context.system_properties["batch_size"],
+        "limit_max_image_pixels": context.system_properties["limit_max_image_pixels"],
     }
     return [report for _ in data]

@@ -54,6 +54,9 @@ class ServerConfig(BaseModel):
     #: CLI resolves it to the GPUs this machine shows (`CUDA_VISIBLE_DEVICES` respected), at
     #: most the configured number
     number_of_gpu: int = Field(default=0, ge=0)
+    #: handlers see it in `context.system_properties`; TorchServe's vision handlers lift PIL's
+    #: image size limit when it is false
+    limit_max_image_pixels: bool = True
     #: torch intra-op threads per worker; 0 = share the machine's cores among all workers
     worker_threads: int = Field(default=0, ge=0)
     #: bound on a model archive's extracted size
@@ -144,6 +147,7 @@ def read_properties(path: Path) -> dict[str, str]:
 
 #: config.properties keys tsctl reads now; others are accepted and ignored (see docs)
 _PROPERTY_KEYS = {
+    "limit_max_image_pixels",
     "number_of_gpu",
     "enable_grpc",
     "grpc_inference_address",

@@ -301,6 +301,7 @@ class Registry:
             "handler": handler,
             "batch_size": batch_size,
             "gpu_id": None,
+            "limit_max_image_pixels": cfg.limit_max_image_pixels,
             "model_yaml_config": yaml_config,
             "startup_timeout": startup_timeout,
             "service_envelope": cfg.service_envelope or None,

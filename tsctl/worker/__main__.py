@@ -82,6 +82,7 @@ def serve(
         manifest=spec["manifest"],
         batch_size=int(spec["batch_size"]),
         gpu=spec.get("gpu_id"),
+        limit_max_image_pixels=bool(spec.get("limit_max_image_pixels", True)),
         server_version=__version__,
         model_yaml_config=spec.get("model_yaml_config") or {},
     )
