@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from tsctl.errors import InvalidInput
-from tsctl.server.config import build_config, is_loopback, read_properties, unknown_keys
+from tsctl.server.config import (
+    build_config,
+    is_loopback,
+    parse_properties,
+    property_line,
+    read_properties,
+    unknown_keys,
+)
 
 
 def test_properties_format(tmp_path: Path) -> None:
@@ -60,3 +68,36 @@ def test_unknown_keys_and_loopback() -> None:
     ]
     assert is_loopback("http://127.0.0.1:8081") and is_loopback("http://localhost:1")
     assert not is_loopback("http://0.0.0.0:8081")
+
+
+# the shape of a snapshot TorchServe 0.12 wrote on `torchserve --stop` (Java's escapes): its
+# model_snapshot is JSON on one line, newlines written as \n and colons as \:
+_SNAPSHOT_JSON = [
+    "{",
+    '  "name"\\: "20261202055825505-shutdown.cfg",',
+    '  "modelCount"\\: 1,',
+    '  "models"\\: {"mlp"\\: {"1.0"\\: {"defaultVersion"\\: true, "marName"\\: "mlp.mar",',
+    '    "minWorkers"\\: 2, "batchSize"\\: 8}}}',
+    "}",
+]
+TORCHSERVE_SNAPSHOT = (
+    "#Saving snapshot\n#Wed Dec 02 05:58:25 UTC 2026\n"
+    "inference_address=http\\://127.0.0.1\\:18300\n"
+    "load_models=mlp\\=mlp.mar\n"
+    "model_snapshot=" + "\\n".join(_SNAPSHOT_JSON) + "\n"
+    "key\\ with\\ spaces = caf\\u00e9\\t!\n"
+)
+
+
+def test_java_escapes_as_torchserve_writes_them() -> None:
+    props = parse_properties(TORCHSERVE_SNAPSHOT)
+    assert props["inference_address"] == "http://127.0.0.1:18300"
+    assert props["load_models"] == "mlp=mlp.mar"
+    assert props["key with spaces"] == "café\t!"
+    snapshot = json.loads(props["model_snapshot"])
+    assert snapshot["models"]["mlp"]["1.0"]["batchSize"] == 8
+
+
+@pytest.mark.parametrize("value", ["https://x\\.example\\.com/.*", "a\nb", "C:\\models\\", "plain"])
+def test_property_lines_read_back_unchanged(value: str) -> None:
+    assert parse_properties(property_line("k", value) + "\n") == {"k": value}

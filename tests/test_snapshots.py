@@ -113,6 +113,36 @@ def test_ts_config_naming_a_snapshot(server: Server) -> None:
         server.stop()
 
 
+def test_restores_a_snapshot_torchserve_wrote(server: Server) -> None:
+    """Switching from TorchServe: its shutdown snapshot (Java's escapes) in ./logs/config."""
+    folder = server.log_dir / "config"
+    folder.mkdir(parents=True)
+    snapshot = (
+        '{\\n  "name"\\: "20261202055825505-shutdown.cfg",\\n  "modelCount"\\: 2,\\n'
+        '  "models"\\: {\\n    "swiss"\\: {\\n'
+        '      "1.0"\\: {"defaultVersion"\\: true, "marName"\\: "swiss.mar", "minWorkers"\\: 2,'
+        ' "maxWorkers"\\: 2, "batchSize"\\: 4, "maxBatchDelay"\\: 50,'
+        ' "responseTimeout"\\: 120, "runtimeType"\\: "python"}},\\n'
+        '    "other"\\: {"1.0"\\: {"defaultVersion"\\: true, "marName"\\: "other.mar",'
+        ' "minWorkers"\\: 1, "maxWorkers"\\: 1, "batchSize"\\: 1, "maxBatchDelay"\\: 100}}\\n'
+        "  }\\n}"
+    )
+    (folder / "20261202055825505-shutdown.cfg").write_text(
+        "#Saving snapshot\n#Wed Dec 02 05:58:25 UTC 2026\n"
+        "inference_address=http\\://127.0.0.1\\:8080\n"
+        "load_models=swiss\\=swiss.mar\n"
+        f"model_snapshot={snapshot}\n"
+        "tsConfigFile=config.properties\nversion=0.12.0\n"
+    )
+    server.start(ncs=False)
+    try:
+        assert models(server) == {"other": ["1.0"], "swiss": ["1.0"]}
+        [swiss] = server.manage("GET", "/models/swiss").json()
+        assert (swiss["batchSize"], swiss["maxBatchDelay"], len(swiss["workers"])) == (4, 50, 2)
+    finally:
+        server.stop()
+
+
 def test_unknown_setting_is_a_warning(server: Server) -> None:
     server.properties["no_such_setting"] = "1"
     result = server.start("swiss.mar")

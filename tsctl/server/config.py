@@ -121,26 +121,62 @@ def is_loopback(address: str) -> bool:
 
 
 def read_properties(path: Path) -> dict[str, str]:
-    """Parse a Java `.properties` file (comments, `=`/`:`, backslash continuations)."""
+    """Read a Java `.properties` file, such as TorchServe's config and the snapshots it writes."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidInput(f"cannot read config file {path}: {exc.strerror}") from None
+    return parse_properties(text)
+
+
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+
+def _unescape(text: str) -> str:
+    out = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char != "\\" or i + 1 == len(text):
+            out.append(char)
+            i += 1
+            continue
+        follower = text[i + 1]
+        if follower == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2 : i + 6]):
+            out.append(chr(int(text[i + 2 : i + 6], 16)))
+            i += 6
+            continue
+        out.append(_ESCAPES.get(follower, follower))
+        i += 2
+    return "".join(out)
+
+
+def property_line(key: str, value: str) -> str:
+    """`key=value` as a `.properties` line that Java (TorchServe) and `parse_properties` read
+    back unchanged: backslashes and line breaks escaped."""
+    escaped = value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    return f"{key}={escaped}"
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """Java's `.properties` syntax: `#`/`!` comments, `key=value`, `key: value` or
+    `key value`, a line ending in an odd number of backslashes continues on the next, and
+    escapes (`\\:`, `\\=`, `\\n`, `\\uXXXX`, ...) in keys and values. TorchServe writes
+    its snapshots this way (`http\\://...`, JSON with `\\n`)."""
     result: dict[str, str] = {}
     logical = ""
     for raw in text.splitlines():
-        line = raw.strip() if not logical else raw.lstrip()
+        line = raw.lstrip()
         if not logical and (not line or line[0] in "#!"):
             continue
-        if line.endswith("\\") and not line.endswith("\\\\"):
+        trailing = len(line) - len(line.rstrip("\\"))
+        if trailing % 2 == 1:
             logical += line[:-1]
             continue
         logical += line
-        match = re.match(r"([^=:\s]+)\s*[=:\s]\s*(.*)$", logical)
-        if match:
-            result[match.group(1)] = match.group(2).strip()
-        elif logical:
-            result[logical] = ""
+        match = re.match(r"((?:\\.|[^=:\s\\])*)\s*[=:]?\s*(.*)$", logical, re.DOTALL)
+        assert match is not None  # every string matches
+        result[_unescape(match.group(1))] = _unescape(match.group(2)).strip()
         logical = ""
     return result
 
@@ -196,6 +232,10 @@ _ACCEPTED = {
     "vmargs",
     "model_snapshot",
     "tsConfigFile",
+    # bookkeeping TorchServe writes into its snapshots
+    "python",
+    "version",
+    "workflow_store",
 }
 
 

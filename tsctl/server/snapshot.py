@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tsctl.errors import TsctlError
-from tsctl.server.config import ServerConfig, read_properties
+from tsctl.server.config import ServerConfig, property_line, read_properties
 
 log = logging.getLogger("tsctl.server")
 
@@ -102,10 +102,11 @@ def write(config: ServerConfig, models: list[SnapshotModel], kind: str) -> Path 
     values = config.model_dump(mode="json")
     for key in _RECORDED:
         value = values[key]
-        lines.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        lines.append(property_line(key, text))
     if config.model_store is not None:
-        lines.append(f"model_store={config.model_store.resolve()}")
-    lines.append(f"model_snapshot={json.dumps(snapshot)}")
+        lines.append(property_line("model_store", str(config.model_store.resolve())))
+    lines.append(property_line("model_snapshot", json.dumps(snapshot)))
     temporary = folder / f".{path.name}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
