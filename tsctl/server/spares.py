@@ -41,7 +41,7 @@ class Spares:
             spare = self.waiting.pop(0)
             if spare.popen.poll() is None:
                 return spare
-            spare.sock.close()
+            spare.sock.close()  # it died waiting (its output is lost with it)
         return None
 
     def discard(self) -> None:
@@ -50,6 +50,9 @@ class Spares:
             with contextlib.suppress(ProcessLookupError):
                 spare.popen.kill()
             spare.popen.wait()
+            for pipe in (spare.popen.stdout, spare.popen.stderr):
+                if pipe is not None:
+                    pipe.close()
         self.waiting.clear()
 
 
