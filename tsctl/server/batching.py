@@ -42,8 +42,6 @@ class Job:
     on_chunk: Callable[[Any], None] | None = field(default=None, repr=False)
     #: a stateful sequence (gRPC `sequence_id`): all its jobs go to the same worker, in order
     sequence: str | None = None
-    #: tells whether the client has gone away (asked just before the job goes to a worker)
-    gone: Callable[[], bool] | None = field(default=None, repr=False)
 
 
 class ClientGone(Exception):

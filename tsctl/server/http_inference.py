@@ -14,9 +14,7 @@ path goes through an ordinary tornado `Application`.
 
 from __future__ import annotations
 
-import functools
 import re
-import socket
 import time
 from collections.abc import Awaitable
 from http import HTTPStatus
@@ -102,6 +100,9 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         self.answered = False
         self.streaming = False
         state.request_started()
+        if isinstance(self.connection, HTTP1Connection):
+            # called if the client disconnects, also while the answer is being computed
+            self.connection.set_close_callback(self.on_connection_close)
 
     def headers_received(
         self,
@@ -157,8 +158,7 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
                 self.arrival,
             )
             stream = getattr(self.connection, "stream", None)
-            gone = functools.partial(peer_closed, stream) if stream is not None else None
-            self.pending = Pending(self.mv, request, stream, self._on_chunk, gone=gone)
+            self.pending = Pending(self.mv, request, stream, self._on_chunk)
         except TsctlError as exc:
             self._answer_error(exc)
             return
@@ -255,8 +255,6 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         self.state.request_finished()
 
     def on_connection_close(self) -> None:
-        # tornado calls this when the client goes away while the request is being read; once
-        # it is read, `peer_closed` is asked just before the request would go to a worker
         if self.pending is not None:
             self.pending.abandon()
         elif not self.answered:
@@ -282,21 +280,6 @@ class PredictionDelegate(httputil.HTTPMessageDelegate):
         for name, uploads in files.items():
             parts.extend(Part(name, f.content_type or "", f.body) for f in uploads)
         return parts
-
-
-def peer_closed(stream: Any) -> bool:
-    """Whether the client of an HTTP/1.1 connection has closed it, asked without reading:
-    one non-blocking peek, cheaper per request than keeping a close callback registered
-    (which makes tornado change the socket's epoll registration twice per request)."""
-    sock = None if stream.closed() else stream.socket
-    if sock is None:
-        return True
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
-    except BlockingIOError:
-        return False  # open, nothing more sent
-    except OSError:
-        return True  # reset
 
 
 def _reason(status: int) -> str:

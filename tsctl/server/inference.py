@@ -3,8 +3,8 @@
 Runs on the daemon's event loop. `predict` puts a job on the model's queue (raising
 `QueueFull` at once when it is full), arms the job's deadline (counted from arrival, queue
 time included) and hands back a worker's answer, to `await result()` or to a `when_done`
-callback. A caller whose client has gone away calls `Pending.abandon()`, or gives a `gone`
-check that the pool asks just before dispatch: either way the job never reaches a worker.
+callback. A caller whose client has gone away calls `Pending.abandon()`: the job is dropped
+before it reaches a worker.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ class Pending:
         source: Hashable | None,
         on_chunk: Callable[[Response], None] | None = None,
         sequence: str | None = None,
-        gone: Callable[[], bool] | None = None,
     ):
         if mv.pool.target == 0:
             raise ServiceUnavailable(
@@ -57,7 +56,6 @@ class Pending:
             source,
             on_chunk=on_chunk,
             sequence=sequence,
-            gone=gone,
         )
         mv.queue.put(self.job)
         self.job.timer = loop.call_at(deadline, expire, self.job, mv.response_timeout)

@@ -49,7 +49,7 @@ from tsctl.protocol import (
     encode,
     read_message,
 )
-from tsctl.server.batching import ClientGone, Job, ModelQueue, next_batch
+from tsctl.server.batching import Job, ModelQueue, next_batch
 from tsctl.server.prometheus import HOSTNAME, Metrics
 from tsctl.server.spares import Spare, launch
 from tsctl.worker.envelope import INPUT_FAILURE_KIND
@@ -444,9 +444,6 @@ class WorkerPool:
         return bool(s.recycle_above_rss_mb and worker.rss_mb() > s.recycle_above_rss_mb)
 
     async def _dispatch(self, worker: WorkerProcess, jobs: list[Job]) -> None:
-        for job in jobs:
-            if job.gone is not None and not job.future.done() and job.gone():
-                job.future.set_exception(ClientGone())
         live = [job for job in jobs if not job.future.done()]
         if not live:
             return
