@@ -67,8 +67,13 @@ def test_predictions(stubs: Any, ts_protos: dict[str, ModuleType]) -> None:
     ("model", "inputs", "code", "needle"),
     [
         ("nope", {"data": b"x"}, grpc.StatusCode.NOT_FOUND, "Model not found: nope"),
-        ("swiss", {"body": b'{"action": "raise"}'}, grpc.StatusCode.INTERNAL, "boom from handler"),
-        ("swiss", {"body": b'{"action": "short"}'}, grpc.StatusCode.INTERNAL, "0 results"),
+        (
+            "swiss",
+            {"body": b'{"action": "raise"}'},
+            grpc.StatusCode.UNAVAILABLE,
+            "boom from handler",
+        ),
+        ("swiss", {"body": b'{"action": "short"}'}, grpc.StatusCode.UNAVAILABLE, "0 results"),
         (
             "slow",
             {"body": b'{"action": "sleep", "seconds": 30}'},

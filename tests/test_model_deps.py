@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import logging
+import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,8 +185,13 @@ def test_cancelling_stops_pip(tmp_path: Path, silent_index: str) -> None:
 
     async def cancel_while_pip_runs() -> None:
         task = asyncio.create_task(model_deps.install(cfg, "m", model, "requirements.txt", model))
-        while not pip_children():
-            await asyncio.sleep(0.02)  # readiness poll: pip has started
+        give_up = time.monotonic() + 120  # a guard against hanging, not a measurement
+        while not pip_children():  # readiness poll: pip has started
+            if task.done():
+                await task  # raises what stopped the install before pip started
+                pytest.fail("install returned before pip started")
+            assert time.monotonic() < give_up, "pip did not start"
+            await asyncio.sleep(0.02)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -226,6 +235,189 @@ def test_cache_location(tmp_path: Path) -> None:
     store = ServerConfig(model_store=tmp_path / "store")
     assert model_deps.cache_root(store, work) == tmp_path / "store" / ".tsctl-deps"
     assert model_deps.cache_root(ServerConfig(), work) == work / "deps"
+
+
+# --- what the cache key reads ---------------------------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside the model's: a wheel, a requirements file and a package."""
+    folder = tmp_path / "outside"
+    make_wheel(folder)
+    (folder / "more.txt").write_text("tinydep\n")
+    (folder / "pkg").mkdir()
+    (folder / "pkg" / "setup.py").write_text("raise SystemExit('never built')\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "-r {outside}/more.txt",
+        "-r ../outside/more.txt",
+        "--requirement=../outside/more.txt",
+        "-r../outside/more.txt",
+        "-c ../outside/more.txt",
+        "-e {outside}/pkg",
+        "--editable ../outside/pkg",
+        "{outside}/pkg",
+        "../outside/" + WHEEL,
+        "file://{outside}/" + WHEEL,
+        "tinydep @ file://{outside}/" + WHEEL,
+        "-f ../outside",
+        "--find-links {outside}",
+        "./link/" + WHEEL,
+        "-r link/more.txt",
+        "-r ${{HOME}}/more.txt",
+        "./${{TSCTL_TEST_WHEEL}}",
+    ],
+)
+def test_paths_outside_the_model_folder_are_refused(
+    tmp_path: Path, outside: Path, line: str
+) -> None:
+    text = line.format(outside=outside)
+    model = model_folder(tmp_path / "m", OFFLINE + "# a comment\n" + text + "\n")
+    (model / "link").symlink_to(outside)
+    with pytest.raises(DependencyInstallFailed) as failed:
+        install(config(tmp_path), model)
+    message = str(failed.value)
+    assert f"requirements.txt: {text!r}" in message
+    assert "outside the model's folder" in message or "environment variable" in message
+    assert failed.value.http_status == 400 and failed.value.type_name == "ModelException"
+    assert not (tmp_path / "deps").exists()  # refused before pip, before the cache
+
+
+def test_a_nested_file_is_named_in_the_error(tmp_path: Path, outside: Path) -> None:
+    model = model_folder(tmp_path / "m", "-r sub/more.txt\n")
+    (model / "sub").mkdir()
+    (model / "sub" / "more.txt").write_text("-r ../../outside/more.txt\n")
+    with pytest.raises(DependencyInstallFailed, match=r"sub/more.txt: '-r \.\./\.\./outside"):
+        model_deps.cache_key(model / "requirements.txt", model)
+
+
+def test_local_references_inside_the_model_folder(tmp_path: Path) -> None:
+    """Every form pip reads as a local path counts with its content (and nothing is refused)."""
+    changes = {  # a line: the file it names, or a file in the folder it names
+        "-r sub/more.txt": "sub/more.txt",
+        "-e ./pkg[extra]": "pkg/setup.py",
+        "pkg-tool @ file:./pkg2": "pkg2/setup.py",
+        "--find-links ./links": "links/index.txt",
+        "--constraint=sub/constraints.txt": "sub/constraints.txt",
+    }
+    model = model_folder(tmp_path / "m", "\n".join([*changes, "wheels/" + WHEEL]) + "\n")
+    make_wheel(model / "wheels")
+    for name in changes.values():
+        (model / name).parent.mkdir(exist_ok=True)
+        (model / name).write_text("tinydep\n")
+    key = model_deps.cache_key(model / "requirements.txt", model)[0]
+    for name in [*changes.values(), "wheels/" + WHEEL]:
+        (model / name).write_bytes((model / name).read_bytes() + b"\n")
+        changed = model_deps.cache_key(model / "requirements.txt", model)[0]
+        assert changed != key, name
+        key = changed
+    # files no line names do not count
+    (model / "weights.bin").write_bytes(b"weights")
+    assert model_deps.cache_key(model / "requirements.txt", model)[0] == key
+
+
+def test_symlinks_in_a_local_folder_are_not_followed(tmp_path: Path, outside: Path) -> None:
+    model = model_folder(tmp_path / "m", "./pkg\n")
+    (model / "pkg").mkdir()
+    (model / "pkg" / "setup.py").write_text("# a package\n")
+    (model / "pkg" / "data").symlink_to(outside / "more.txt")
+    (model / "pkg" / "tree").symlink_to(outside, target_is_directory=True)
+    key = model_deps.cache_key(model / "requirements.txt", model)[0]
+    (outside / "more.txt").write_text("changed outside: not read\n")
+    (outside / "new.txt").write_text("not walked\n")
+    assert model_deps.cache_key(model / "requirements.txt", model)[0] == key
+    (model / "pkg" / "data").unlink()
+    (model / "pkg" / "data").symlink_to(outside / "new.txt")  # where the link points counts
+    assert model_deps.cache_key(model / "requirements.txt", model)[0] != key
+
+
+def never_opened(fifo: Path, work: Any) -> Any:
+    """Run `work` in a thread and fail if it opens `fifo` (which would block it for good):
+    a reader waiting on a FIFO lets a non-blocking writer open it, which also frees it."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # handed to the test below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    opened = False
+    while thread.is_alive():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            opened = True  # somebody was reading it
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO  # no reader: the expected case
+        thread.join(0.01)
+    assert not opened, f"{fifo} was opened"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def test_fifos_are_never_opened(tmp_path: Path) -> None:
+    model = model_folder(tmp_path / "m", "./pkg\n")
+    (model / "pkg").mkdir()
+    os.mkfifo(model / "pkg" / "pipe")
+    requirements = model / "requirements.txt"
+    key = never_opened(model / "pkg" / "pipe", lambda: model_deps.cache_key(requirements, model))[0]
+    assert len(key) == 64
+    # a FIFO that a line names is refused
+    os.mkfifo(model / "more.txt")
+    (model / "requirements.txt").write_text("-r more.txt\n")
+    with pytest.raises(DependencyInstallFailed, match=r"requirements.txt: '-r more.txt'.*not a "):
+        never_opened(model / "more.txt", lambda: install(config(tmp_path), model))
+    # so is a requirements file that is one
+    os.mkfifo(model / "fifo.txt")
+    with pytest.raises(ArchiveError, match=r"'fifo.txt'.*not a regular file"):
+        never_opened(model / "fifo.txt", lambda: install(config(tmp_path), model, "fifo.txt"))
+
+
+def test_the_bytes_hashed_are_bounded(tmp_path: Path) -> None:
+    model = model_folder(tmp_path / "m", OFFLINE + f"./{WHEEL}\n")
+    size = (model / WHEEL).stat().st_size
+    model_deps.cache_key(model / "requirements.txt", model, max_bytes=size + 100)
+    with pytest.raises(DependencyInstallFailed, match=rf"requirements.txt: './{WHEEL}'.* {size} "):
+        model_deps.cache_key(model / "requirements.txt", model, max_bytes=size)
+
+
+def test_reading_counts_against_the_timeout(tmp_path: Path) -> None:
+    model = model_folder(tmp_path / "m", OFFLINE + f"./{WHEEL}\n")
+    with pytest.raises(DependencyInstallFailed, match="install_py_dep_timeout"):
+        model_deps.cache_key(model / "requirements.txt", model, deadline=time.monotonic())
+    cfg = config(tmp_path, install_py_dep_timeout=1e-9)
+    with pytest.raises(DependencyInstallFailed, match=r"reading .* within 1e-09 s"):
+        install(cfg, model)
+    assert pip_children() == []
+    assert not (tmp_path / "deps").exists()
+
+
+SHADOW = "raise SystemExit('a pip that is not the server\\'s ran')\n"
+
+
+@pytest.mark.parametrize("where", ["model folder", "PYTHONPATH"])
+def test_pip_is_the_servers_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """An archive's `pip/` folder, or the daemon's PYTHONPATH, cannot stand in for pip."""
+    model = model_folder(tmp_path / "m", OFFLINE + f"./{WHEEL}\n")
+    shadow = model if where == "model folder" else tmp_path / "path"
+    (shadow / "pip").mkdir(parents=True)
+    (shadow / "pip" / "__init__.py").write_text(SHADOW)
+    (shadow / "pip" / "__main__.py").write_text(SHADOW)
+    if where == "PYTHONPATH":
+        monkeypatch.setenv("PYTHONPATH", str(shadow))
+    entry = install(config(tmp_path), model)
+    assert entry is not None
+    assert (entry / "tinydep" / "__init__.py").read_text() == "VALUE = 42\n"
 
 
 # --- served by real daemons ----------------------------------------------------------------
@@ -290,6 +482,15 @@ def test_served_model_imports_its_dependency(deps_server: Server) -> None:
     cache = (deps_server.store / ".tsctl-deps").resolve()
     assert Path(doc["file"]).resolve().is_relative_to(cache)  # not the server's environment
     assert ts_log(deps_server).count("installing the Python dependencies") == 1
+
+
+@pytest.mark.slow
+def test_registering_a_registered_version_skips_pip(deps_server: Server) -> None:
+    """The 409 comes before pip runs: `broken.mar` would fail pip with a 400."""
+    response = deps_server.manage("POST", "/models?url=broken.mar&model_name=tiny")
+    assert response.status == 409, response.body
+    assert response.json()["type"] == "ConflictStatusException"
+    assert ts_log(deps_server).count("model tiny: installing") == 1
 
 
 @pytest.mark.slow

@@ -409,7 +409,7 @@ def test_workers_recycled_past_an_rss_limit(small_queue: Server) -> None:
 
 def test_customized_describe(server: Server) -> None:
     [doc] = server.request("GET", "/models/classy?customized=true", api="management").json()
-    assert json.loads(doc["customizedMetadata"]) == {"factor": 3, "kind": "doubler"}
+    assert doc["customizedMetadata"] == {"factor": 3, "kind": "doubler"}  # an object
     [plain] = server.request("GET", "/models/swiss?customized=true", api="management").json()
     assert "customizedMetadata" not in plain  # a function handler has no describe_handle
     assert ok(server)  # the worker still serves predictions after describing itself

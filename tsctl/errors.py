@@ -120,7 +120,7 @@ class PredictionFailed(TsctlError):
 
     exit_code = 1
     http_status = 503
-    grpc_code = "INTERNAL"
+    grpc_code = "UNAVAILABLE"  # TorchServe 0.12 maps this 503 as any other
     type_name = "InternalServerException"
 
 

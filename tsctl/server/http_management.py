@@ -20,11 +20,17 @@ from tsctl.server.registry import ModelVersion
 from tsctl.server.state import ServerState
 
 
+def _iso_millis(stamp: float) -> str:
+    """TorchServe's timestamps: `2026-12-02T05:55:43.353Z`."""
+    moment = datetime.fromtimestamp(stamp, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 def describe(mv: ModelVersion) -> dict[str, Any]:
     workers = [
         {
             "id": w.worker_id.split("-", 1)[0],
-            "startTime": datetime.fromtimestamp(w.started_at, timezone.utc).isoformat(),
+            "startTime": _iso_millis(w.started_at),
             "status": "READY" if w.state in ("READY", "BUSY") else w.state,
             "memoryUsage": int(w.rss_mb() * (1 << 20)),
             "pid": w.pid,
@@ -39,6 +45,24 @@ def describe(mv: ModelVersion) -> dict[str, Any]:
         "modelUrl": mv.url,
         "runtime": mv.manifest.get("runtime", "python"),
         **mv.settings(),
+        # TorchServe 0.12's other settings, at the values tsctl runs with (it has no retry
+        # timeout, client timeout, model parallelism, continuous batching, job tickets, venvs
+        # or stateful sequences to configure)
+        "maxRetryTimeoutInSec": 300,
+        "clientTimeoutInMills": 0,
+        "parallelType": "",
+        "parallelLevel": 0,
+        "deviceType": "gpu"
+        if any(w.spec.get("gpu_id") is not None for w in mv.pool.workers)
+        else "cpu",
+        "continuousBatching": False,
+        "useJobTicket": False,
+        "useVenv": False,
+        "stateful": False,
+        "sequenceMaxIdleMSec": 0,
+        "sequenceTimeoutMSec": 0,
+        "maxNumSequence": 0,
+        "maxSequenceJobQueueSize": 0,
         "loadedAtStartup": mv.loaded_at_startup,
         "workers": workers,
         "jobQueueStatus": {

@@ -8,6 +8,7 @@ the HTTP status to answer with.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -186,8 +187,10 @@ def set_default(state: ServerState, name: str, version: str) -> tuple[int, str]:
     return 200, f'Default version successfully updated for model "{name}" to "{version}"'
 
 
-async def customized(mv: ModelVersion) -> str | None:
-    """The handler's `describe_handle()` answer, from one of the model's workers."""
+async def customized(mv: ModelVersion) -> Any:
+    """The handler's `describe_handle()` answer, from one of the model's workers, as TorchServe
+    puts it in a description: the JSON object it returned, or `{}` when it is not one; None
+    when the handler has no `describe_handle`."""
     ready = [w for w in mv.pool.workers if w.state in ("READY", "BUSY")]
     if not ready:
         raise ServiceUnavailable(
@@ -199,4 +202,8 @@ async def customized(mv: ModelVersion) -> str | None:
         if answer.failure.kind == "NotSupported":
             return None
         raise PredictionFailed(answer.failure.message)
-    return bytes(answer.body).decode("utf-8", "replace")
+    try:
+        found = json.loads(bytes(answer.body))
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}

@@ -105,9 +105,9 @@ class ModelVersion:
             "minWorkers": self.pool.target,
             "maxWorkers": max(self.max_workers, self.pool.target),
             "batchSize": self.batch_size,
-            "maxBatchDelay": self.max_batch_delay,
-            "responseTimeout": self.response_timeout,
-            "startupTimeout": self.startup_timeout,
+            "maxBatchDelay": _whole(self.max_batch_delay),
+            "responseTimeout": _whole(self.response_timeout),
+            "startupTimeout": _whole(self.startup_timeout),
         }
 
 
@@ -157,7 +157,15 @@ class Registry:
         """Open, extract and register a model archive, with no workers yet."""
         path = self.resolve(url, options.trusted)
         mv = await asyncio.to_thread(self._prepare, path, url, options)
+
+        def refuse_a_duplicate() -> None:
+            if mv.version in self.models.get(mv.name, {}):
+                raise Conflict(
+                    f"Model version {mv.version} is already registered for model {mv.name}"
+                )
+
         try:
+            refuse_a_duplicate()  # before pip, which may take up to install_py_dep_timeout
             dep_path = await model_deps.install(
                 self.config,
                 mv.name,
@@ -165,13 +173,11 @@ class Registry:
                 mv.manifest["model"].get("requirementsFile"),
                 self.work_dir,
             )
+            refuse_a_duplicate()  # again: the same version may have been registered meanwhile
         except BaseException:
             self._discard(mv)
             raise
         mv.worker_spec["dep_path"] = None if dep_path is None else str(dep_path)
-        if mv.version in self.models.get(mv.name, {}):
-            self._discard(mv)
-            raise Conflict(f"Model version {mv.version} is already registered for model {mv.name}")
         mv.loaded_at_startup = options.startup
         self.models.setdefault(mv.name, {})[mv.version] = mv
         self.default.setdefault(mv.name, mv.version)
@@ -366,6 +372,11 @@ class Registry:
     def _discard(self, mv: ModelVersion) -> None:
         if mv.extracted:
             shutil.rmtree(mv.model_dir, ignore_errors=True)
+
+
+def _whole(value: float) -> float | int:
+    """An int when the value is whole: TorchServe's JSON has `100`, not `100.0`."""
+    return int(value) if float(value).is_integer() else value
 
 
 def _first(*values: Any) -> Any:
