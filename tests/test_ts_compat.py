@@ -55,6 +55,13 @@ def series(server: Server, name: str, model: str, key: str = "ModelName") -> lis
     return [(labels, float(v)) for labels, v in found if f'{key}="{model}"' in labels]
 
 
+def metadata(doc: dict[str, Any]) -> Any:
+    """A describe answer's `customizedMetadata`: an object, as in TorchServe 0.12."""
+    value = doc["customizedMetadata"]
+    assert isinstance(value, dict), value
+    return value
+
+
 def yaml_file(path: Path, doc: dict[str, Any]) -> Path:
     path.write_text(json.dumps(doc))  # JSON is YAML
     return path
@@ -141,7 +148,7 @@ def test_handler_time_is_recorded(served: Server) -> None:
 @pytest.mark.slow
 def test_describe_handle_shows_what_initialize_loaded(served: Server) -> None:
     [doc] = served.manage("GET", "/models/eager?customized=true").json()
-    assert json.loads(doc["customizedMetadata"]) == {
+    assert metadata(doc) == {
         "mapping": {"0": "cat", "1": "dog"},  # a list label becomes its last item
         "device": "cpu",
         "map_location": "cpu",
@@ -199,11 +206,12 @@ def test_module_handler_imports_ts_names(served: Server) -> None:
 
 @pytest.mark.slow
 def test_metrics_through_ts_names(served: Server) -> None:
+    before = [count for _, count in series(served, "CompatSeen", "imports")] or [0.0]
     assert served.predict("imports", {"x": 1}).status == 200
     [(labels, count)] = series(served, "CompatSeen", "imports")
     assert 'Kind="compat"' in labels
     # each request counts 1 through add_counter and 1 through get_metric().add_or_update()
-    assert count >= 2 and count % 2 == 0
+    assert count == before[0] + 2
     assert [value for _, value in series(served, "CompatGauge", "imports")] == [7.0]
 
 
@@ -226,6 +234,46 @@ def test_prediction_exception_sets_status_and_message(served: Server) -> None:
         "message": "bad thing",
     }
     assert served.predict("status", {}).status == 200  # the worker is still serving
+
+
+@pytest.mark.slow
+def test_prediction_exception_without_a_usable_code_is_500(served: Server) -> None:
+    response = served.predict("status", {}, headers={"X-Wanted-Status": "no-code"})
+    assert response.status == 500, response.body
+    assert response.json()["message"] == "no usable code"
+    assert served.predict("status", {}).status == 200  # the worker survived it
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(418, 418), ("404", 404), (None, 500), ("teapot", 500), (0, 500), (-3, 500), (200, 200)],
+)
+def test_prediction_exception_code_becomes_the_failure_status(code: Any, status: int) -> None:
+    from tsctl.worker.service import PredictionException, failure_of
+
+    failure = failure_of(PredictionException("m", code))
+    assert (failure.kind, failure.message, failure.status) == ("PredictionException", "m", status)
+
+
+def test_prediction_exception_subclass_without_init_still_fails_cleanly() -> None:
+    from tsctl.worker.service import PredictionException, failure_of
+
+    class Lazy(PredictionException):
+        def __init__(self, text: str) -> None:
+            Exception.__init__(self, text)  # neither message nor error_code is set
+
+    assert failure_of(Lazy("lazy")) == Failure("PredictionException", "lazy", status=500)
+
+
+def test_accelerator_out_of_memory_is_507(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tsctl.worker.service import failure_of
+
+    assert failure_of(torch.OutOfMemoryError("CUDA out of memory")).status == 507
+    assert failure_of(MemoryError()).status == 507
+    # torch before 2.5 has only torch.cuda.OutOfMemoryError
+    monkeypatch.delattr(torch, "OutOfMemoryError")
+    assert failure_of(torch.cuda.OutOfMemoryError("CUDA out of memory")).status == 507
+    assert failure_of(RuntimeError("CUDA out of memory")).status == 0  # text is not searched
 
 
 @pytest.mark.slow
@@ -298,6 +346,16 @@ def test_micro_batching_answers_in_order(
 
 
 @pytest.mark.slow
+def test_describe_reaches_a_micro_batching_handler(served: Server) -> None:
+    [doc] = served.manage("GET", "/models/micro?customized=true").json()
+    assert metadata(doc) == {
+        "micro_batch_size": 2,
+        "preprocess": 2,
+        "inference": 1,
+        "postprocess": 2,
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "needle"),
@@ -313,7 +371,7 @@ def test_model_formats_without_support_fail_clearly(
     served: Server, model: str, needle: str
 ) -> None:
     response = served.manage("POST", f"/models?url={model}.mar&initial_workers=1&synchronous=true")
-    assert response.status >= 400
+    assert response.status == 500, response.body  # TorchServe: "Failed to start workers"
     assert needle in response.json()["message"], response.body
 
 
@@ -331,7 +389,7 @@ def test_failure_status_round_trips(failure: Failure) -> None:
 @pytest.mark.parametrize(
     ("status", "http", "grpc"),
     [
-        (0, 503, "INTERNAL"),  # no status chosen: TorchServe's "Prediction failed" 503
+        (0, 503, "UNAVAILABLE"),  # no status chosen: TorchServe's "Prediction failed" 503
         (418, 418, "FAILED_PRECONDITION"),
         (404, 404, "NOT_FOUND"),
         (413, 507, "RESOURCE_EXHAUSTED"),  # TorchServe's frontend turns 413 into 507
@@ -361,7 +419,13 @@ def _micro_batching() -> Any:
 
 
 class Doubler:
-    """A handler's three steps; inference fails on a negative input."""
+    """A handler's three steps: each records which slice it works on; inference fails on a
+    negative input, postprocess on a 99."""
+
+    def __init__(self, micro: Any = None) -> None:
+        self.micro = micro
+        self.seen: list[tuple[int, int | None]] = []
+        self.lock = threading.Lock()
 
     def preprocess(self, data: list[int]) -> list[int]:
         return [x + 1 for x in data]
@@ -372,22 +436,70 @@ class Doubler:
         return [x * 2 for x in data]
 
     def postprocess(self, data: list[int]) -> list[int]:
+        if 200 in data:
+            raise KeyError("ninety-nine")
+        if self.micro is not None:
+            with self.lock:
+                self.seen.extend((x, self.micro.get_micro_batch_idx()) for x in data)
         return [x - 1 for x in data]
 
 
-def test_micro_batching_keeps_order_and_reports_errors() -> None:
-    micro = _micro_batching().MicroBatching(Doubler(), micro_batch_size=3)
+@pytest.fixture
+def micro_module() -> ModuleType:
+    return _micro_batching()
+
+
+def test_micro_batching_keeps_order_and_reports_errors(micro_module: ModuleType) -> None:
+    baseline = threading.active_count()
+    micro = micro_module.MicroBatching(Doubler(), micro_batch_size=3)
     try:
         micro.parallelism = {"preprocess": 3, "inference": 2, "postprocess": 3}
-        for size in (1, 3, 7, 20):
+        assert threading.active_count() == baseline + 8
+        for size in (0, 1, 3, 7, 20):
             assert micro.handle(list(range(size))) == [2 * x + 1 for x in range(size)]
         with pytest.raises(ValueError, match="negative input"):
             micro.handle([1, 2, 3, 4, -9, 5, 6])
+        with pytest.raises(KeyError, match="ninety-nine"):
+            micro.handle([1, 2, 3, 99, 5])
         assert micro.handle([5, 6, 7, 8]) == [11, 13, 15, 17]  # nothing left over
-        with pytest.raises(ValueError, match="positive integer"):
+    finally:
+        micro.shutdown()
+    assert micro.parallelism == {"preprocess": 0, "inference": 0, "postprocess": 0}
+    assert threading.active_count() == baseline
+    with pytest.raises(RuntimeError, match="shut down"):
+        micro.handle([1])
+
+
+def test_micro_batching_settings(micro_module: ModuleType) -> None:
+    micro = micro_module.MicroBatching(Doubler(), parallelism={"inference": 2})
+    try:
+        assert micro.parallelism == {"preprocess": 1, "inference": 2, "postprocess": 1}
+        micro.parallelism = {"postprocess": 3}  # the others keep theirs
+        assert micro.parallelism == {"preprocess": 1, "inference": 2, "postprocess": 3}
+        micro.parallelism["inference"] = 9  # a copy
+        micro.parallelism = {"postprocess": 1, "inference": 1}  # fewer threads
+        assert micro.parallelism == {"preprocess": 1, "inference": 1, "postprocess": 1}
+        assert micro.handle([1, 2, 3]) == [3, 5, 7]
+        assert micro.micro_batch_size == 1
+        with pytest.raises(ValueError, match="positive integer, not 0"):
             micro.parallelism = {"inference": 0}
         with pytest.raises(ValueError, match="'training'"):
             micro.parallelism = {"training": 1}
+        with pytest.raises(ValueError, match="micro_batch_size must be a positive integer"):
+            micro.micro_batch_size = 0
+        assert micro.parallelism == {"preprocess": 1, "inference": 1, "postprocess": 1}
     finally:
         micro.shutdown()
-    assert all(not group for group in micro.thread_groups.values())
+
+
+def test_micro_batching_tells_each_step_its_slice(micro_module: ModuleType) -> None:
+    doubler = Doubler()
+    micro = micro_module.MicroBatching(doubler, micro_batch_size=2, parallelism={"postprocess": 2})
+    doubler.micro = micro
+    try:
+        assert micro.handle([0, 1, 2, 3, 4]) == [1, 3, 5, 7, 9]
+    finally:
+        micro.shutdown()
+    # (value after inference, slice): slices of 2 are numbered from 0
+    assert sorted(doubler.seen) == [(2, 0), (4, 0), (6, 1), (8, 1), (10, 2)]
+    assert micro.get_micro_batch_idx() is None  # not on a pipeline thread

@@ -54,6 +54,27 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid frame."""
 
 
+#: `service_envelope` values (TorchServe's setting) and the class each one names in the
+#: worker's `ts.torch_handler.request_envelope.<value>` module; the frontend checks the setting
+#: against it, the worker loads the class
+ENVELOPES = {
+    "body": "BodyEnvelope",
+    "json": "JSONEnvelope",
+    "kserve": "KServeEnvelope",
+    "kservev2": "KServev2Envelope",
+}
+#: the `Failure.kind` of one request its envelope could not read: the frontend answers it 400
+INPUT_FAILURE_KIND = "InvalidInput"
+
+
+def check_envelope_name(name: str) -> str:
+    """`name` if it is an envelope tsctl has (or empty: none), else a ValueError naming it."""
+    if name and name not in ENVELOPES:
+        known = ", ".join(ENVELOPES)
+        raise ValueError(f"unknown service_envelope {name!r}: use one of {known}")
+    return name
+
+
 @dataclass(frozen=True)
 class Failure:
     """An error reported as data: `kind` chooses the status, `message` is shown to clients."""

@@ -13,9 +13,11 @@ from ts.torch_handler.base_handler import BaseHandler
 
 def hold(folder):
     """Keep the worker busy until the test creates `release` (the test queues a whole batch
-    meanwhile, so that the next batch is full)."""
+    meanwhile, so that the next batch is full), or 60 s have passed (a failed test must not
+    leave the worker stuck)."""
     (folder / "holding").touch()
-    while not (folder / "release").exists():
+    deadline = time.monotonic() + 60
+    while not (folder / "release").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -46,3 +48,6 @@ class MicroBatchingHandler(BaseHandler):
     def postprocess(self, data):
         index = self.handle.get_micro_batch_idx()
         return [{"output": row, "micro_batch": index} for row in data.tolist()]
+
+    def describe_handle(self):
+        return {"micro_batch_size": self.handle.micro_batch_size, **self.handle.parallelism}

@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tsctl.errors import InvalidInput
+from tsctl.protocol import check_envelope_name
 from tsctl.server.spares import cpu_count
 from tsctl.validation import describe
-from tsctl.worker.envelope import check_name as check_envelope
 
 # TorchServe's defaults
 DEFAULT_MAX_REQUEST_SIZE = 6553500
@@ -102,7 +102,7 @@ class ServerConfig(BaseModel):
     @field_validator("service_envelope")
     @classmethod
     def _envelope(cls, value: str) -> str:
-        return check_envelope(value.strip())
+        return check_envelope_name(value.strip())
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -33,6 +33,7 @@ from tsctl.errors import (
     prediction_failed,
 )
 from tsctl.protocol import (
+    INPUT_FAILURE_KIND,
     Assign,
     Batch,
     Chunk,
@@ -52,7 +53,6 @@ from tsctl.protocol import (
 from tsctl.server.batching import Job, ModelQueue, next_batch
 from tsctl.server.prometheus import HOSTNAME, Metrics
 from tsctl.server.spares import Spare, launch
-from tsctl.worker.envelope import INPUT_FAILURE_KIND
 
 log = logging.getLogger("tsctl.server")
 model_log = logging.getLogger("tsctl.model")

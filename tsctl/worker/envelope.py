@@ -16,20 +16,23 @@ frontend answers 400.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+# shared with the frontend, which checks `service_envelope` and answers input failures 400
+from tsctl.protocol import ENVELOPES, INPUT_FAILURE_KIND
+from tsctl.protocol import check_envelope_name as check_name
 
 if TYPE_CHECKING:
     from tsctl.worker.loader import Entry
 
-#: `service_envelope` values and the class each names in `ts.torch_handler.request_envelope.X`
-ENVELOPES = {
-    "body": "BodyEnvelope",
-    "json": "JSONEnvelope",
-    "kserve": "KServeEnvelope",
-    "kservev2": "KServev2Envelope",
-}
-#: the `Failure.kind` of a request the envelope could not read (the frontend answers 400)
-INPUT_FAILURE_KIND = "InvalidInput"
+__all__ = [
+    "ENVELOPES",
+    "INPUT_FAILURE_KIND",
+    "EnvelopeInputError",
+    "check_name",
+    "unwrap_handler",
+    "wrap",
+]
 
 
 class EnvelopeInputError(ValueError):
@@ -43,12 +46,23 @@ class EnvelopeInputError(ValueError):
         return self.message
 
 
-def check_name(name: str) -> str:
-    """`name` if it is an envelope tsctl has (or empty: none), else a ValueError naming it."""
-    if name and name not in ENVELOPES:
-        known = ", ".join(ENVELOPES)
-        raise ValueError(f"unknown service_envelope {name!r}: use one of {known}")
-    return name
+def unwrap_handler(entry: Any) -> Any:
+    """The handler object behind `entry`, the callable the worker calls for a batch.
+
+    A bound method stands for its object; an object that wraps another one (a request
+    envelope, `MicroBatching`) names it in `__wrapped__`, Python's attribute for "this wraps
+    that" (`functools.wraps`), and is seen through. Anything else is the handler itself: a
+    function handler is its own answer. The describe API uses this to reach the handler's
+    `describe_handle` however it is wrapped.
+    """
+    found = entry
+    for _ in range(16):  # wrappers nest two or three deep; a cycle must not loop forever
+        found = getattr(found, "__self__", found)
+        inner = getattr(found, "__wrapped__", None)
+        if inner is None:
+            return found
+        found = inner
+    return found
 
 
 def wrap(entry: Entry, name: str | None) -> Entry:

@@ -6,7 +6,8 @@ bytes: `bytes`/`bytearray` as they are, `str` as UTF-8, anything else as JSON. A
 raises, or returns the wrong number of answers, fails the whole batch with a message saying
 which; an answer that cannot be serialised fails only its own request. As in TorchServe, a
 handler that raises `PredictionException(message, code)` has every request of the batch
-answered with that status and message, and one that runs out of memory gets 507.
+answered with that status and message (500 when the code is not an HTTP status), and one
+that runs out of memory gets 507.
 """
 
 from __future__ import annotations
@@ -20,9 +21,18 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from tsctl.protocol import Batch, Chunk, Described, Failure, Part, Result, WireResponse
+from tsctl.protocol import (
+    INPUT_FAILURE_KIND,
+    Batch,
+    Chunk,
+    Described,
+    Failure,
+    Part,
+    Result,
+    WireResponse,
+)
 from tsctl.worker.context import Context, RequestProcessor
-from tsctl.worker.envelope import INPUT_FAILURE_KIND, EnvelopeInputError
+from tsctl.worker.envelope import EnvelopeInputError, unwrap_handler
 from tsctl.worker.loader import Entry
 from tsctl.worker.metrics import MetricsCache
 
@@ -43,36 +53,47 @@ class PredictionException(Exception):
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """Host or accelerator memory ran out (TorchServe answers these 507 "Out of resources")."""
+    """Host or accelerator memory ran out (TorchServe answers these 507 "Out of resources").
+
+    torch names the accelerator's error `torch.OutOfMemoryError` in recent releases and
+    `torch.cuda.OutOfMemoryError` in older ones (recent ones keep it as an alias); either
+    counts, and neither is looked up unless the handler has imported torch.
+    """
     if isinstance(exc, MemoryError):
         return True
     torch = sys.modules.get("torch")
-    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    return isinstance(oom, type) and isinstance(exc, oom)
+    if torch is None:
+        return False
+    candidates = (
+        getattr(torch, "OutOfMemoryError", None),
+        getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None),
+    )
+    return any(isinstance(kind, type) and isinstance(exc, kind) for kind in candidates)
+
+
+def _chosen_status(code: Any) -> int:
+    """The HTTP status a `PredictionException` asks for: its `error_code` as an int (text
+    such as "404" counts), or 500 when it is none (`None`, "oops", 0). A handler's odd code
+    must not take the worker down; the frontend answers a code that is no error status 500."""
+    try:
+        status = int(code)
+    except (TypeError, ValueError, OverflowError):
+        return 500
+    return status if status > 0 else 500
 
 
 def failure_of(exc: Exception) -> Failure:
     """How a batch whose handler raised `exc` is reported to the frontend."""
     if isinstance(exc, PredictionException):
-        return Failure("PredictionException", str(exc.message), status=int(exc.error_code))
+        # a subclass may skip PredictionException.__init__: read what it set, if anything
+        message = getattr(exc, "message", None)
+        if message is None:
+            message = exc.args[0] if exc.args else type(exc).__name__
+        code = getattr(exc, "error_code", None)
+        return Failure("PredictionException", str(message), status=_chosen_status(code))
     if _out_of_memory(exc):
         return Failure("OutOfMemory", f"Out of resources: {type(exc).__name__}: {exc}", status=507)
     return Failure("HandlerError", f"{type(exc).__name__}: {exc}")
-
-
-def _handler_object(entry: Any) -> Any:
-    """The handler object behind `entry`: a bound method's object, seen through TorchServe's
-    wrappers (a request envelope's `_handle_fn`, MicroBatching's `handler`)."""
-    found = entry
-    for _ in range(4):  # wrappers nest a level or two at most
-        owner = getattr(found, "__self__", found)
-        if hasattr(owner, "describe_handle"):
-            return owner
-        inner = getattr(owner, "_handle_fn", None) or getattr(owner, "handler", None)
-        if inner is None:
-            return owner
-        found = inner
-    return found
 
 
 def _last_of(produced: Iterator[Any], intermediate: Callable[[Sequence[Any]], None]) -> Any:
@@ -151,7 +172,7 @@ class Service:
 
     def describe(self) -> Described:
         """The handler object's `describe_handle()` answer, encoded like a prediction."""
-        describe = getattr(_handler_object(self.entry), "describe_handle", None)
+        describe = getattr(unwrap_handler(self.entry), "describe_handle", None)
         if describe is None:
             return Described(failure=Failure("NotSupported", "the handler has no describe_handle"))
         try:

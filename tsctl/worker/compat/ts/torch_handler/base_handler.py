@@ -31,6 +31,9 @@ from ts.utils.util import check_valid_pt2_backend, list_classes_from_module, loa
 
 logger = logging.getLogger(__name__)
 
+#: where profiled batches write their traces (one folder per model), as in TorchServe
+_TRACE_ROOT = "/tmp/pytorch_profiler"
+
 
 def _optional(name: str, purpose: str) -> Any:
     """Import an optional package, or fail saying which package the model needs and why."""
@@ -80,6 +83,16 @@ def _compile_options(pt2: Any) -> dict[str, Any] | None:
     if "backend" in options and not check_valid_pt2_backend(options["backend"]):
         return None
     return options
+
+
+def _explained_request(raw_data: list[Any]) -> tuple[Any, Any]:
+    """What `get_insights` is given besides the preprocessed batch: the first request's main
+    input and its `target` (0 when it has none, or a falsy one); (None, 0) when the first row
+    is not a dict of inputs."""
+    first = raw_data[0] if raw_data else None
+    if not isinstance(first, dict):
+        return None, 0
+    return first.get("data") or first.get("body"), first.get("target") or 0
 
 
 class BaseHandler(abc.ABC):  # noqa: B024 (abstract in name only, as TorchServe's)
@@ -273,49 +286,59 @@ class BaseHandler(abc.ABC):  # noqa: B024 (abstract in name only, as TorchServe'
         return bool(os.environ.get("ENABLE_TORCH_PROFILER"))
 
     def _infer_with_profiler(self, data: list[Any]) -> tuple[Any, Any]:
-        """Run the batch under `torch.profiler`, writing a trace per model under
-        /tmp/pytorch_profiler unless `profiler_args` says otherwise."""
-        from torch.profiler import ProfilerActivity, profile, record_function
+        """Answer the batch as `handle` would, under `torch.profiler`; returns the answers
+        and the profiler. Each step is a labelled region of the trace, and a summary of the
+        costliest operators goes to the log. `profiler_args` are the profiler's arguments;
+        what it leaves out gets TorchServe's defaults (`_profiler_arguments`)."""
+        from torch import profiler
 
-        if not self.profiler_args:
-            self.profiler_args["activities"] = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-            self.profiler_args["record_shapes"] = True
-        if "on_trace_ready" not in self.profiler_args:
-            name = ((self.manifest or {}).get("model") or {}).get("modelName", "")
-            path = os.path.join("/tmp/pytorch_profiler", name)
-            self.profiler_args["on_trace_ready"] = torch.profiler.tensorboard_trace_handler(path)
-            logger.info("Saving chrome trace to : %s", path)
-        with profile(**self.profiler_args) as prof:
-            with record_function("preprocess"):
-                data_preprocess = self.preprocess(data)
-            if self._is_explain():
-                with record_function("explain"):
-                    output = self.explain_handle(data_preprocess, data)
-            else:
-                with record_function("inference"):
-                    output = self.inference(data_preprocess)
-                with record_function("postprocess"):
-                    output = self.postprocess(output)
-        logger.info(prof.key_averages().table(sort_by="cpu_time_total", row_limit=10))
-        return output, prof
+        explaining = self._is_explain()
+        with profiler.profile(**self._profiler_arguments()) as recorded:
+            with profiler.record_function("preprocess"):
+                value: Any = self.preprocess(data)
+            steps: list[tuple[str, Any]] = (
+                [("explain", lambda batch: self.explain_handle(batch, data))]
+                if explaining
+                else [("inference", self.inference), ("postprocess", self.postprocess)]
+            )
+            for label, step in steps:
+                with profiler.record_function(label):
+                    value = step(value)
+        summary = recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        logger.info("profile of one batch, costliest operators first:\n%s", summary)
+        return value, recorded
+
+    def _profiler_arguments(self) -> dict[str, Any]:
+        """`profiler_args`, completed in place: with none set, CPU and CUDA activity and
+        tensor shapes are recorded; without `on_trace_ready`, TensorBoard traces are written
+        under /tmp/pytorch_profiler/<model name>."""
+        from torch import profiler
+
+        arguments = self.profiler_args
+        if not arguments:
+            arguments["activities"] = [
+                profiler.ProfilerActivity.CPU,
+                profiler.ProfilerActivity.CUDA,
+            ]
+            arguments["record_shapes"] = True
+        if "on_trace_ready" not in arguments:
+            model_name = ((self.manifest or {}).get("model") or {}).get("modelName") or ""
+            folder = os.path.join(_TRACE_ROOT, model_name)
+            arguments["on_trace_ready"] = profiler.tensorboard_trace_handler(folder)
+            logger.info("profiler traces for this model are written under %s", folder)
+        return arguments
 
     def explain_handle(self, data_preprocess: Any, raw_data: list[Any]) -> Any:
-        """Explanations (e.g. Captum attributions) for the batch: `get_insights` of the
-        subclass, given the preprocessed batch, the first request's `data`/`body` and its
-        `target` (0 when absent)."""
-        logger.info("Calculating Explanations")
-        inputs = None
-        target: Any = 0
-        row = raw_data[0] if raw_data else None
-        if isinstance(row, dict):
-            logger.info("Getting data and target")
-            inputs = row.get("data") or row.get("body")
-            target = row.get("target") or 0
+        """The batch's explanations (e.g. Captum attributions): the subclass's
+        `get_insights(preprocessed batch, input, target)`, where input and target come from
+        the batch's first request (its `data`, else `body`; its `target`, else 0)."""
         get_insights = getattr(self, "get_insights", None)
         if get_insights is None:
             raise NotImplementedError(
                 f"{type(self).__name__} cannot explain: it does not implement get_insights()"
             )
+        inputs, target = _explained_request(raw_data)
+        logger.debug("explaining a batch of %d for target %r", len(raw_data), target)
         return get_insights(data_preprocess, inputs, target)
 
     def _is_explain(self) -> bool:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
-import itertools
 import json
 import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 # raised by a handler: every request of its batch is answered `error_code` with `message`;
 # tsctl's worker catches this very class
@@ -80,34 +79,39 @@ def check_valid_pt2_backend(backend: str) -> bool:
 
 
 def load_label_mapping(mapping_file_path: str) -> dict[str, str] | None:
-    """Read `{class id: label}` from a JSON file; `None` (with a warning) when it is missing.
+    """`{class id: label}` from a JSON file such as an archive's `index_to_name.json`; None,
+    with a warning, when there is no such file.
 
-    A label given as a list (`["n01440764", "tench"]`) becomes its last item; the older
-    `{"object_type_names": [...]}` form becomes `{"0": ..., "1": ...}`.
+    Each label is a string, or a list whose last item is the label (ImageNet's
+    `["n01440764", "tench"]`). The older `{"object_type_names": [...]}` layout numbers its
+    labels from 0. Any other shape raises `Exception` (the class TorchServe raises, which
+    handlers may catch) naming the file.
     """
     if not os.path.isfile(mapping_file_path):
         logger.warning(
-            "%r is missing. Inference output will not include class name.", mapping_file_path
+            "no label file %r: answers will name classes by their ids", mapping_file_path
         )
         return None
     with open(mapping_file_path, encoding="utf-8") as fh:
-        mapping = json.load(fh)
-    if not isinstance(mapping, dict):
-        raise Exception(  # TorchServe raises a plain Exception here; handlers may catch it
-            f'{mapping_file_path}: index->name JSON mapping should be in "class": "label" format.'
+        document = json.load(fh)
+    if not isinstance(document, dict):
+        raise Exception(  # TorchServe raises this class; handlers may catch it
+            f"{mapping_file_path} must hold a JSON object of class id to label, not a "
+            f"{type(document).__name__}"
         )
-    names = mapping.get("object_type_names")
-    if isinstance(names, list):
-        return {str(i): name for i, name in enumerate(names)}
-    for key, value in mapping.items():
-        label = value[-1] if isinstance(value, list) and value else value
-        if not isinstance(label, str):
-            raise Exception(
-                f"{mapping_file_path}: label of {key!r} must be a str or a list of str, "
-                f"not {value!r}"
-            )
-        mapping[key] = label
-    return mapping
+    ordered = document.get("object_type_names")
+    if isinstance(ordered, list):
+        return {str(position): label for position, label in enumerate(ordered)}
+    return {key: _label_of(mapping_file_path, key, entry) for key, entry in document.items()}
+
+
+def _label_of(path: str, key: str, entry: Any) -> str:
+    label = entry[-1] if isinstance(entry, list) and entry else entry
+    if isinstance(label, str):
+        return label
+    raise Exception(  # TorchServe raises this class; handlers may catch it
+        f"{path}: class {key!r} needs a label string or a list ending in one, not {entry!r}"
+    )
 
 
 def map_class_to_label(
@@ -115,24 +119,33 @@ def map_class_to_label(
     mapping: dict[str, str] | None = None,
     lbl_classes: Iterable[Sequence[Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One `{label: probability}` dict per row of `probs`.
+    """Per row of `probs`, a dict `{label: probability}`.
 
-    `lbl_classes` gives each row's class ids (e.g. top-k indices); without it the ids are
-    0..n-1. Ids are looked up in `mapping` as strings, or used as labels themselves.
+    `lbl_classes` holds each row's class ids (e.g. its top-k indices); without it, every row
+    uses the ids 0..n-1, n being the first row's length. An id is looked up in `mapping` as a
+    string, or is the label itself (as a string) when there is no mapping. Rows and ids pair
+    up as far as both go.
     """
     if not isinstance(probs, list):
-        raise Exception("Convert classes to list before doing mapping")
+        raise Exception(  # TorchServe raises this class; handlers may catch it
+            f"map_class_to_label takes probabilities as a list (use .tolist()), not "
+            f"{type(probs).__name__}"
+        )
     if mapping is not None and not isinstance(mapping, dict):
-        raise Exception("Mapping must be a dict")
+        raise Exception(  # TorchServe raises this class; handlers may catch it
+            f"map_class_to_label takes a dict of class id to label, not {type(mapping).__name__}"
+        )
     if lbl_classes is None:
-        lbl_classes = itertools.repeat(range(len(probs[0])), len(probs))
-    return [
-        {
-            (mapping[str(cls)] if mapping is not None else str(cls)): prob
-            for cls, prob in zip(classes, row, strict=False)
-        }
-        for classes, row in zip(lbl_classes, probs, strict=False)
-    ]
+        width = len(probs[0])  # an empty batch raises here, as in TorchServe
+        lbl_classes = [range(width)] * len(probs)
+
+    def label(class_id: Any) -> str:
+        return str(class_id) if mapping is None else mapping[str(class_id)]
+
+    labelled: list[dict[str, Any]] = []
+    for row_ids, row in zip(lbl_classes, probs, strict=False):
+        labelled.append({label(c): p for c, p in zip(row_ids, row, strict=False)})
+    return labelled
 
 
 def get_yaml_config(yaml_file_path: str) -> dict[str, Any]:
@@ -147,18 +160,19 @@ def get_yaml_config(yaml_file_path: str) -> dict[str, Any]:
 def deprecated(
     version: str, replacement: str = "", klass: type[Warning] = PendingDeprecationWarning
 ) -> Callable[[F], F]:
-    """Mark a function deprecated: calling it warns with `klass`."""
+    """A decorator: each call of the decorated function warns (category `klass`) that it is
+    deprecated since `version`, pointing to `replacement`, then runs it."""
 
-    def deprecator(func: F) -> F:
+    def mark(func: F) -> F:
+        notice = f"{func.__name__} is deprecated since {version}"
+        if replacement:
+            notice += f"; use {replacement} instead"
+
         @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            warnings.warn(
-                f"{func.__name__} is deprecated in {version} and moved to {replacement}",
-                klass,
-                stacklevel=2,
-            )
+        def warn_then_call(*args: Any, **kwargs: Any) -> Any:
+            warnings.warn(notice, klass, stacklevel=2)
             return func(*args, **kwargs)
 
-        return wrapper  # type: ignore[return-value]
+        return cast(F, warn_then_call)
 
-    return deprecator
+    return mark

@@ -8,17 +8,22 @@ tsctl's envelopes read each request on its own: the inputs of all requests are j
 list for the handler (one call per batch, however many inputs each request carries), and its
 results are cut back into the requests' shares in order. A request that does not fit the
 envelope is answered with an `EnvelopeInputError` and takes no part in the handler call, so one
-malformed request never fails the others.
+malformed request never fails the others. While the handler runs, the context's per-request
+lists (`request_ids`, `request_processor`) hold only the requests it reads, in order, so the
+`idx` a handler passes to `context.get_request_header(idx, ...)` or
+`context.set_response_status(..., idx)` names one of them; the full lists are back when the
+envelope writes the answers.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from tsctl.worker.envelope import EnvelopeInputError
+from tsctl.worker.envelope import EnvelopeInputError, unwrap_handler
 
 Handle = Callable[[Any, Any], Any]
 
@@ -28,6 +33,8 @@ class BaseEnvelope(ABC):
 
     def __init__(self, handle_fn: Handle) -> None:
         self._handle_fn = handle_fn
+        #: what this envelope wraps, for `tsctl.worker.envelope.unwrap_handler`
+        self.__wrapped__ = handle_fn
         self.context: Any = None
         #: per request of the current batch: how many handler inputs it gave, or its error
         self._shares: list[int | EnvelopeInputError] = []
@@ -36,14 +43,20 @@ class BaseEnvelope(ABC):
         self.context = context
         if not data:  # TorchServe's load-time call `handle(None, context)`, or no requests
             return self._handle_fn(data, context)
+        self._shares = []  # filled by `_gather`; an envelope that does not use it rejects none
         inputs = self.parse_input(data)
-        results = self._handle_fn(inputs, context) if inputs else []
+        if not inputs:
+            return self.format_output([])
+        shares = self._shares
+        readable = [i for i in range(len(data)) if i >= len(shares) or not _rejected(shares[i])]
+        with _only_requests(context, readable):
+            results = self._handle_fn(inputs, context)
         return self.format_output(results)
 
     def describe_handle(self) -> Any:
         """The wrapped handler's `describe_handle()` (the describe API reaches the handler
         through its envelope), or None when it has none."""
-        describe = getattr(getattr(self._handle_fn, "__self__", None), "describe_handle", None)
+        describe = getattr(unwrap_handler(self._handle_fn), "describe_handle", None)
         return describe() if callable(describe) else None
 
     @abstractmethod
@@ -101,10 +114,18 @@ class BaseEnvelope(ABC):
         return answers
 
 
+def row_input(row: Any) -> Any:
+    """A request row's main input: its `data` part, else its `body` part (TorchServe's
+    lookup: an empty `data` counts as missing); None when the row has neither or is no row."""
+    if not isinstance(row, dict):
+        return None
+    return row.get("data") or row.get("body")
+
+
 def request_body(row: Any, envelope: str, expected: str) -> Any:
-    """The JSON document a request row carries: its `data` or `body` input (TorchServe's
-    lookup), parsed when it arrived as bytes or text; the row itself when it has neither."""
-    body = row.get("data") or row.get("body") if isinstance(row, dict) else None
+    """The JSON document a request row carries: its main input (`row_input`), parsed when it
+    arrived as bytes or text; the row itself when it has none."""
+    body = row_input(row)
     if body is None:
         body = row
     if isinstance(body, (bytes, bytearray, memoryview, str)):
@@ -121,6 +142,35 @@ def request_body(row: Any, envelope: str, expected: str) -> Any:
             f"not a JSON {_json_type(body)}"
         )
     return body
+
+
+def _rejected(share: int | EnvelopeInputError) -> bool:
+    return isinstance(share, EnvelopeInputError)
+
+
+@contextmanager
+def _only_requests(context: Any, keep: list[int]) -> Iterator[None]:
+    """Narrow `context`'s per-request lists to the requests at positions `keep` (renumbered
+    0, 1, ...) for the duration of the block; the full lists come back afterwards.
+
+    The processors are the same objects, so a status or header the handler sets through a
+    narrowed index lands on the right request. Nothing changes when every request is kept,
+    or when the context has no such lists (a handler test's own stand-in).
+    """
+    processors = getattr(context, "request_processor", None)
+    ids = getattr(context, "request_ids", None)
+    if not isinstance(processors, list) or keep == list(range(len(processors))):
+        yield
+        return
+    context.request_processor = [processors[i] for i in keep]
+    if isinstance(ids, dict):
+        context.request_ids = {new: ids[old] for new, old in enumerate(keep) if old in ids}
+    try:
+        yield
+    finally:
+        context.request_processor = processors
+        if isinstance(ids, dict):
+            context.request_ids = ids
 
 
 def _json_type(value: Any) -> str:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ts.torch_handler.request_envelope.base import BaseEnvelope
+from ts.torch_handler.request_envelope.base import BaseEnvelope, row_input
 
 
 class BodyEnvelope(BaseEnvelope):
     """Bodies in, results out unchanged."""
 
     def parse_input(self, data: Any) -> list[Any]:
-        return [row.get("data") or row.get("body") for row in data]
+        return [row_input(row) for row in data]
 
     def format_output(self, data: Any) -> Any:
         return data
