@@ -5,20 +5,27 @@ tsctl/worker/compat first on `sys.path` and puts `sys.path` and `sys.modules` ba
 (the real TorchServe `ts` is installed in the dev venv too). End-to-end tests archive small
 models with the real torch-model-archiver 0.12, naming the built-in handlers as TorchServe
 users do (`--handler image_classifier`), plus a custom `ImageClassifier` subclass serving a
-digit net trained on generated glyphs, and serve them all from one tsctl daemon.
+digit net trained on generated glyphs, and serve them all from one tsctl daemon. One more
+archive, `held` (the ObjectDetector with a hook that keeps its worker busy, batch size 4),
+lets a test queue four requests and have them run as one real batch.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import importlib
 import io
 import json
+import re
 import shutil
+import struct
 import subprocess
 import sys
+import threading
 import types
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +37,9 @@ from PIL import Image, ImageDraw
 import tsctl
 from tests.helpers import BIN
 from tests.server import Response, Server
+from tests.torchserve import venv_from_environment
 from tests.ts_models.glyphs import digit_set
+from tsctl.worker.envelope import EnvelopeInputError
 
 COMPAT = Path(tsctl.__file__).resolve().parent / "worker" / "compat"
 TS_MODELS = Path(__file__).resolve().parent / "ts_models"
@@ -41,6 +50,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 JIT_LOAD_DEPRECATED = "ignore:`torch.jit.load` is deprecated:DeprecationWarning"
 #: the modules build.py's eager models are imported as (from a model directory)
 MODEL_MODULES = ("colour_detector", "text_model", "mnist_net", "mnist_handler")
+#: requests the `held` model runs as one batch
+HELD_BATCH = 4
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -68,6 +79,8 @@ def ts() -> Iterator[Any]:
             text=importlib.import_module("ts.torch_handler.text_handler"),
             text_classifier=importlib.import_module("ts.torch_handler.text_classifier"),
             util=importlib.import_module("ts.utils.util"),
+            per_request=importlib.import_module("ts.torch_handler._per_request"),
+            micro=importlib.import_module("ts.handler_utils.micro_batching"),
         )
     finally:
         sys.path[:] = saved_path
@@ -123,7 +136,17 @@ def served(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         "--serialized-file", built / "mnist_state.pt",
         "--handler", TS_MODELS / "mnist_handler.py",
     )  # fmt: skip
-    srv.start("colours.mar", "detector.mar", "segmenter.mar", "sentiment.mar", "digits.mar")
+    held_config = tmp_path_factory.mktemp("held") / "held.yaml"
+    held_config.write_text(f"batchSize: {HELD_BATCH}\nmaxBatchDelay: 10000\n")
+    archive(
+        store, "held", "--model-file", TS_MODELS / "colour_detector.py",
+        "--serialized-file", built / "detector_state.pt",
+        "--handler", TS_MODELS / "held_detector.py", "--config-file", held_config,
+        "--extra-files", built / "detector" / "index_to_name.json",
+    )  # fmt: skip
+    srv.start(
+        "colours.mar", "detector.mar", "segmenter.mar", "sentiment.mar", "digits.mar", "held.mar"
+    )
     yield srv
     srv.stop()
 
@@ -168,6 +191,44 @@ def multipart(*parts: tuple[str, bytes, str]) -> tuple[bytes, dict[str, str]]:
 def ok(response: Response) -> Any:
     assert response.status == 200, (response.status, response.body[:500])
     return response.json()
+
+
+def bad_request(response: Response) -> str:
+    """The message of a 400 answer."""
+    assert response.status == 400, (response.status, response.body[:500])
+    doc = response.json()
+    assert doc["code"] == 400, doc
+    message: str = doc["message"]
+    return message
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A PNG whose header claims `width` x `height` pixels (a decompression bomb's header:
+    PIL refuses it on opening, before any pixel is decoded)."""
+    png = bytearray(encode(Image.new("RGB", (1, 1))))
+    png[16:24] = struct.pack(">II", width, height)  # IHDR's data follows its length and type
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def queued(server: Server, model: str) -> float:
+    """How many requests of `model` wait in its queue (`tsctl_queue_depth`)."""
+    assert server.info is not None
+    host, port = server.info.metrics_address.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    series = f'tsctl_queue_depth{{model_name="{model}",model_version="1.0"}}'
+    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def plain(answers: list[Any]) -> list[Any]:
+    """Answers with each per-request error as `("error", message)`, to compare lists."""
+    return [("error", a.message) if isinstance(a, EnvelopeInputError) else a for a in answers]
 
 
 def context_for(model_dir: Path, model: dict[str, str], **settings: Any) -> Any:
@@ -312,29 +373,81 @@ def test_vision_preprocess_reads_bytes_base64_and_lists(ts: Any) -> None:
         {"body": [[[0.5] * 224] * 224] * 3},
         {"data": encode(Image.new("LA", (50, 60)))},  # grayscale + alpha becomes RGB
     ]
-    batch = handler.preprocess(rows)
+    prepared = handler.preprocess(rows)
+    assert isinstance(prepared, ts.per_request.Carried)
+    batch = prepared.value
     assert tuple(batch.shape) == (5, 3, 224, 224)
     assert batch[0].equal(batch[2])
     assert batch[3].max().item() == 0.5
-    assert handler.images_per_request == [1, 1, 1, 1, 1]
+    assert prepared.layout.entries == (1, 1, 1, 1, 1) and prepared.layout.plain
 
 
-def test_vision_preprocess_names_what_is_wrong(ts: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vision_preprocess_answers_each_unreadable_request_alone(
+    ts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each request that cannot be read becomes its own error; the others are batched."""
     handler = bare(ts.classifier.ImageClassifier)
-    with pytest.raises(ts.util.PredictionException, match="request 1 holds no image") as info:
-        handler.preprocess([{"data": encode(solid((1, 1, 1)))}, {"note": "x"}])
-    assert info.value.error_code == 400
-    with pytest.raises(ts.util.PredictionException, match="5 bytes that PIL cannot read"):
-        handler.preprocess([{"body": b"hello"}])
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(ts.util.PredictionException, match="limit_max_image_pixels") as info:
-        handler.preprocess([{"data": encode(solid((1, 1, 1), (20, 20)))}])  # 400 > 2 x 100
-    assert info.value.error_code == 413
+    image = encode(solid((1, 1, 1), (10, 10)))
+    # PIL fails past twice the limit (and warns past it): the 224x224 crop stays below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60000)  # restored after the test
+    prepared = handler.preprocess(
+        [
+            {"data": image},
+            {"note": "x"},
+            {"body": b"hello"},
+            {"data": encode(solid((1, 1, 1), (400, 400)))},  # 160000 pixels > 2 x 60000
+            {"body": "%%%"},
+            {"body": [[1.0, 2.0]]},  # a tensor of another shape than the batch's images
+            {"body": {"not": "an image"}},
+        ]
+    )
     monkeypatch.undo()
-    with pytest.raises(ts.util.PredictionException, match="one shape after image_processing"):
-        bare(ts.detector.ObjectDetector).preprocess(
-            [{"data": encode(solid((1, 1, 1), (10, 10)))}, {"data": encode(solid((1, 1, 1)))}]
-        )
+    assert tuple(prepared.value.shape) == (1, 3, 224, 224)
+    ok_entry, *errors = prepared.layout.entries
+    assert ok_entry == 1 and all(isinstance(e, EnvelopeInputError) for e in errors)
+    messages = [e.message for e in errors]
+    assert "the request holds no image" in messages[0] and "'note'" in messages[0]
+    assert "5 bytes that PIL cannot read as an image" in messages[1]
+    assert "decompression-bomb limit of 120000 pixels" in messages[2]
+    assert "limit_max_image_pixels=false" in messages[2]
+    assert "PIL cannot read" in messages[3]  # "%%%" is no base64: decoded to nothing
+    assert "shape (1, 2)" in messages[4] and "(3, 224, 224)" in messages[4]
+    assert "not dict" in messages[5]
+
+
+def test_vision_preprocess_several_images_of_one_request(ts: Any) -> None:
+    handler = bare(ts.classifier.ImageClassifier)
+    red, blue = encode(solid((250, 0, 0))), encode(solid((0, 0, 250)))
+    prepared = handler.preprocess([{"a.png": red, "b.png": blue}, {"data": red}])
+    assert prepared.layout.entries == (2, 1) and len(prepared.value) == 3
+    broken = handler.preprocess([{"a.png": red, "b.png": b"junk"}])
+    [error] = broken.layout.entries
+    assert isinstance(error, EnvelopeInputError)
+    assert error.message.startswith("image 2 of the request: 4 bytes that PIL cannot read")
+
+
+def test_layout_places_answers_at_their_requests(ts: Any) -> None:
+    layout_of = ts.per_request.gather
+    error = EnvelopeInputError("no")
+    _, layout = layout_of([["a"], error, ["b", "c"], ["d"]])
+    assert layout.inputs == 4 and not layout.plain
+    assert layout.place(["A", "B", "C", "D"]) == ["A", error, ["B", "C"], "D"]
+    with pytest.raises(ValueError, match="3 answers for the batch's 4 model inputs"):
+        layout.place(["A", "B", "C"])
+    with pytest.raises(TypeError, match="postprocess returned dict"):
+        layout.place({"A": 1})
+    _, simple = layout_of([["a"], ["b"]])
+    answers = {"any": "thing"}  # one input per request: answers pass as they are
+    assert simple.plain and simple.place(answers) is answers
+
+
+def test_request_value_reads_data_then_body(ts: Any) -> None:
+    value = ts.per_request.request_value
+    assert value({"data": b"a", "body": b"b"}) == b"a"
+    assert value({"data": None, "body": "x"}) == "x"
+    assert value({"body": 0}) == 0  # a falsy JSON body is still the input
+    assert value({"other": 1}) is None
+    assert value("raw") == "raw"
 
 
 def test_image_classifier_postprocess_topk_and_mapping(ts: Any) -> None:
@@ -418,6 +531,84 @@ def test_text_cleanup_steps(ts: Any) -> None:
     ]  # fmt: skip
 
 
+def test_contractions_expand_as_torchserve_does(ts: Any) -> None:
+    handler = bare(ts.text_classifier.TextClassifier)
+    expected = {
+        "how'd": "how did",
+        "where'd": "where did",
+        "so's": "so as",
+        "why's": "why is",
+        "can't": "cannot",
+        "i'm": "i am",
+        "it'd": "it would",
+        "who's": "who is",
+        "let's": "let us",
+        "o'clock": "of the clock",
+        "they'd've": "they would have",
+        "y'all'd've": "you all would have",
+        # not in the table: the apostrophe goes, as in TorchServe
+        "here's": "heres",
+        "who'd": "whod",
+        "bob's": "bobs",
+    }
+    for word, expansion in expected.items():
+        assert handler._expand_contractions(word) == expansion, word
+    assert handler.clean("How'd you know? So's to see, why's that") == [
+        "how", "did", "you", "know", "so", "as", "to", "see", "why", "is", "that",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_contractions_match_torchserves_own_expansions(ts: Any, tmp_path: Path) -> None:
+    """Every contraction TorchServe 0.12's table lists, through TorchServe's own
+    `_expand_contractions` (run in its venv) and through ours."""
+    python = venv_from_environment() / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"no TorchServe venv at {python.parent.parent}")
+    script = (
+        "import json\n"
+        "from ts.torch_handler.contractions import CONTRACTION_MAP\n"
+        "from ts.torch_handler.text_handler import TextHandler\n"
+        "words = [w.lower() for w in CONTRACTION_MAP]\n"
+        "print(json.dumps({w: TextHandler._expand_contractions(None, w) for w in words}))\n"
+    )
+    run = subprocess.run(
+        [str(python), "-c", script], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(theirs) > 100
+    handler = bare(ts.text_classifier.TextClassifier)
+    # where TorchServe garbles its own table: it copies the contraction's first character
+    # onto the expansion ("ain't" -> "as not"), and of a double contraction it expands the
+    # first part only ("they'd've" -> "they wouldve")
+    garbled = {"ain't": "is not", "'cause": "because"}
+    for word, expansion in theirs.items():
+        ours = handler._expand_contractions(word)
+        if word in garbled:
+            assert ours == garbled[word], word
+        elif word.count("'") > 1 and word != "sha'n't":
+            assert " " in ours and "'" not in ours, (word, ours)
+        else:
+            assert ours == expansion, word
+
+
+def test_cleanup_honours_both_punctuation_hook_names(ts: Any) -> None:
+    """TorchServe's own name is misspelt (`_remove_puncutation`); either override counts."""
+
+    class Misspelt(ts.text_classifier.TextClassifier):
+        def _remove_puncutation(self, text: str) -> str:
+            return text.replace("!", " bang ")
+
+    class Spelt(ts.text_classifier.TextClassifier):
+        def _remove_punctuation(self, text: str) -> str:
+            return text.replace("!", " bang ")
+
+    for cls in (Misspelt, Spelt):
+        assert bare(cls).clean("wow!") == ["wow", "bang"], cls.__name__
+    assert bare(ts.text_classifier.TextClassifier).clean("wow!") == ["wow"]
+
+
 def test_vocabulary_forms(ts: Any, tmp_path: Path) -> None:
     import torch
 
@@ -478,8 +669,11 @@ def test_text_classifier_classifies_a_batch_in_one_call(
         built / "text" / "index_to_name.json",
     )
     texts = ["what a GREAT film", "boring, awful", "nothing known here"]
+    prepared = handler.preprocess([{"body": t.encode()} for t in texts])
+    assert prepared.value.offsets.tolist() == [0, 7, 10]  # 4 words + 3 bigrams, 2 + 1, ...
+    text_tensor, first_tokens = prepared.value  # TorchServe's (token ids, tokens) pair
+    assert len(text_tensor) == 15 and first_tokens == ["what", "a", "great", "film"]
     together = _handle(handler, [{"body": t.encode()} for t in texts])
-    assert handler.offsets.tolist()[0] == 0 and len(handler.offsets) == 3
     alone = [_handle(handler, [{"data": t}])[0] for t in texts]
     assert len(together) == 3
     for row, single in zip(together, alone, strict=True):
@@ -487,6 +681,155 @@ def test_text_classifier_classifies_a_batch_in_one_call(
         assert all(close(row[k], single[k]) for k in row)
     assert together[0]["positive"] > 0.9 and together[1]["negative"] > 0.9
     assert close(together[2]["positive"], 0.5)  # only unknown tokens: no evidence either way
+
+
+@pytest.fixture
+def sentiment(ts: Any, built: Path, tmp_path: Path) -> Any:
+    """The TextClassifier on the sentiment model, initialized in this process."""
+    return initialized(
+        ts.text_classifier.TextClassifier(),
+        tmp_path / "model",
+        {"modelFile": "text_model.py", "serializedFile": "text_state.pt"},
+        TS_MODELS / "text_model.py",
+        built / "text_state.pt",
+        built / "text" / "source_vocab.pt",
+        built / "text" / "index_to_name.json",
+    )
+
+
+@pytest.mark.slow
+def test_text_classifier_answers_an_unreadable_text_alone(sentiment: Any) -> None:
+    answers = _handle(
+        sentiment, [{"body": b"good"}, {"body": b"\xff\xfe"}, {"data": {"x": 1}}, {"data": "bad"}]
+    )
+    assert answers[0]["positive"] > 0.9 and answers[3]["negative"] > 0.9
+    assert isinstance(answers[1], EnvelopeInputError) and "not UTF-8" in answers[1].message
+    assert isinstance(answers[2], EnvelopeInputError)
+    assert "expected a text" in answers[2].message and "not dict" in answers[2].message
+    every_one_bad = _handle(sentiment, [{"body": b"\xff"}, {"body": 3}])
+    assert all(isinstance(a, EnvelopeInputError) for a in every_one_bad)
+
+
+@pytest.mark.slow
+def test_text_classifier_inside_micro_batching_answers_as_without(ts: Any, sentiment: Any) -> None:
+    """MicroBatching preprocesses one slice while the one before it is in the model: nothing
+    of a slice may live on the handler. 7 texts of different lengths, slices of 2."""
+    texts = ["good", "bad awful boring film", "love it", "not good at all, no", "great", "", "x"]
+    rows = [{"body": t.encode()} for t in texts]
+    alone = _handle(sentiment, rows)
+    micro = ts.micro.MicroBatching(sentiment, micro_batch_size=2)
+    try:
+        for _ in range(10):
+            context = sentiment.context
+            assert micro(rows, context) == alone
+    finally:
+        micro.shutdown()
+
+
+def _colour_model() -> Any:
+    """Mean of each (normalised) channel -> 3 logits: red, green, blue."""
+    import torch
+
+    model = torch.nn.Sequential(
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 3)
+    )
+    with torch.no_grad():
+        model[2].weight.copy_(torch.eye(3))
+        model[2].bias.zero_()
+    return model.eval()
+
+
+def _in_process(cls: Any, tmp_path: Path) -> Any:
+    """An instance of `cls` serving `_colour_model()` in this process (set up as `initialize`
+    would, so that `cls` need not call our __init__)."""
+    import torch
+
+    handler = cls()
+    handler.device = torch.device("cpu")
+    handler.model = _colour_model()
+    handler.mapping = None
+    handler.context = context_for(tmp_path, {})
+    return handler
+
+
+def test_subclasses_overriding_one_step_get_torchserves_values(ts: Any, tmp_path: Path) -> None:
+    """A request that cannot be read is answered alone whichever step a subclass overrides,
+    and each overridden step sees what it sees under TorchServe: tensors."""
+    import torch
+
+    classifier = ts.classifier.ImageClassifier
+    seen: dict[str, type] = {}
+
+    class Digits(classifier):
+        def postprocess(self, data: Any) -> list[int]:  # as TorchServe's MNIST example
+            seen["postprocess"] = type(data)
+            return [int(i) for i in data.argmax(1).tolist()]
+
+    class Forward(classifier):
+        def inference(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+            seen["inference"] = type(data)
+            with torch.no_grad():
+                return self.model(data)
+
+    class Halved(classifier):
+        def preprocess(self, data: Any) -> Any:
+            batch = super().preprocess(data)
+            seen["super().preprocess"] = type(batch)
+            return batch / 2
+
+    rows = [
+        {"data": encode(solid((250, 0, 0)))},
+        {"body": b"junk"},
+        {"data": encode(solid((0, 0, 250)))},
+    ]
+    for cls in (Digits, Forward, Halved, classifier):
+        answers = _handle(_in_process(cls, tmp_path), rows)
+        assert len(answers) == 3 and isinstance(answers[1], EnvelopeInputError), cls
+        if cls is Digits:
+            assert answers[0] == 0 and answers[2] == 2
+        else:
+            assert first(answers[0]) == "0" and first(answers[2]) == "2", cls
+    assert seen == {
+        "postprocess": torch.Tensor, "inference": torch.Tensor, "super().preprocess": torch.Tensor,
+    }  # fmt: skip
+
+    class Own(classifier):
+        def preprocess(self, data: Any) -> Any:  # its own batch: every request a model row
+            return torch.stack([torch.as_tensor(row["body"]) for row in data])
+
+    tensors = [{"body": [[[v] * 4] * 4 for v in rgb]} for rgb in ((1.0, 0.0, 0.0), (0.0, 0.0, 1.0))]
+    answers = _handle(_in_process(Own, tmp_path), tensors)
+    assert [first(a) for a in answers] == ["0", "2"]
+
+
+def test_image_classifier_inside_micro_batching_answers_as_without(ts: Any, tmp_path: Path) -> None:
+    """TorchServe's micro-batching example handler (an ImageClassifier subclass that does not
+    call our __init__), on a batch of 6 in slices of 2, with unreadable requests and a
+    request of two images among them."""
+
+    class MicroClassifier(ts.classifier.ImageClassifier):
+        def __init__(self) -> None:
+            self.handle = ts.micro.MicroBatching(self, micro_batch_size=2)
+
+    red, green, blue = (encode(solid(c)) for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250)))
+    rows = [
+        {"data": red},
+        {"body": b"junk"},
+        {"a.png": green, "b.png": blue},
+        {"data": blue},
+        {"note": "no image"},
+        {"data": green},
+    ]
+    alone = _handle(_in_process(ts.classifier.ImageClassifier, tmp_path), rows)
+    kinds = [dict, EnvelopeInputError, list, dict, EnvelopeInputError, dict]
+    assert [type(a) for a in alone] == kinds
+    assert [first(a) for a in alone[2]] == ["1", "2"]
+    handler = _in_process(MicroClassifier, tmp_path)
+    try:
+        for _ in range(5):
+            assert plain(_handle(handler, rows)) == plain(alone)
+    finally:
+        handler.handle.shutdown()
 
 
 @pytest.mark.slow
@@ -577,6 +920,51 @@ def test_a_request_without_an_image_is_a_400(served: Server) -> None:
     assert response.status == 400, response.body
     assert "PIL cannot read" in response.json()["message"]
     assert ok(served.predict("colours", encode(solid((1, 200, 1)))))
+
+
+@pytest.mark.slow
+def test_an_image_over_pils_limit_is_a_400_naming_the_limit(served: Server) -> None:
+    response = served.predict("colours", bomb_png(), headers={"Content-Type": "image/png"})
+    message = bad_request(response)
+    assert f"limit of {2 * Image.MAX_IMAGE_PIXELS} pixels" in message
+    assert "limit_max_image_pixels=false" in message
+
+
+@pytest.mark.slow
+def test_a_served_batch_answers_each_request_on_its_own(served: Server) -> None:
+    """One real batch of the object detector: two images of different sizes are both
+    detected, while an unreadable body and an image over PIL's limit get their own 400."""
+    bodies = {
+        "boxes": encode(boxes_image()),  # 80x60
+        "small": encode(solid((250, 0, 0), (20, 30))),
+        "junk": b"not an image",
+        "bomb": bomb_png(),
+    }
+    assert len(bodies) == HELD_BATCH
+    folder = served.root / f"hold-{uuid.uuid4().hex}"
+    folder.mkdir()
+    answers: dict[str, Response] = {}
+
+    def send(key: str, body: Any) -> None:
+        answers[key] = served.predict("held", body)
+
+    # the worker is kept busy while the batch queues up, then takes all of it at once
+    holder = threading.Thread(target=send, args=("hold", {"hold": str(folder)}))
+    holder.start()
+    served.wait_for((folder / "holding").exists)
+    clients = [threading.Thread(target=send, args=item) for item in bodies.items()]
+    for client in clients:
+        client.start()
+    served.wait_for(lambda: queued(served, "held") == HELD_BATCH)
+    (folder / "release").touch()
+    for thread in [holder, *clients]:
+        thread.join(120)
+    assert ok(answers["hold"]) == {"held": 1}
+    found = ok(answers["boxes"])
+    assert [first(d) for d in found] == ["red", "green"]
+    assert ok(answers["small"]) == [{"red": [0.0, 0.0, 20.0, 30.0], "score": pytest.approx(0.9)}]
+    assert "PIL cannot read" in bad_request(answers["junk"])
+    assert "limit_max_image_pixels=false" in bad_request(answers["bomb"])
 
 
 @pytest.mark.slow

@@ -15,22 +15,23 @@ import json
 from typing import Any
 
 import torch
+from ts.torch_handler._per_request import request_value
 from ts.torch_handler.base_handler import BaseHandler as TorchServeBaseHandler
 
 
-def request_value(row: dict[str, Any]) -> Any:
-    """The main input of a request: `data`, else `body`, else its first field."""
-    for key in ("data", "body"):
-        if row.get(key) is not None:
-            return row[key]
-    return next(iter(row.values()), None)
+def main_input(row: Any) -> Any:
+    """The input of a request: its `data` or `body` (`request_value`), else its first field."""
+    value = request_value(row)
+    if value is None and isinstance(row, dict):
+        return next(iter(row.values()), None)
+    return value
 
 
 class BaseHandler(TorchServeBaseHandler):
     def preprocess(self, data: list[dict[str, Any]]) -> torch.Tensor:
         tensors = []
         for row in data:
-            value = request_value(row)
+            value = main_input(row)
             if isinstance(value, (bytes, bytearray, str)):
                 value = json.loads(value)
             if isinstance(value, dict):

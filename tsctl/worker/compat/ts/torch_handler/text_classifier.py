@@ -9,37 +9,40 @@ each text is answered with every class's probability, `{label: probability}`, la
 `index_to_name.json` when the archive has one.
 
 TorchServe's handler reads only the first request of a batch; this one classifies every
-request of the batch in one call (one bag per text, as `offsets` allows).
+request of the batch in one call (one bag per text, as `offsets` allows). A request that is
+not a UTF-8 text is answered 400 alone; the others are classified as usual. Every value of a
+batch travels in what `preprocess` returns (a `TokenBatch`, which unpacks as TorchServe's
+`(token_ids, tokens)` pair), never on the handler, so it is safe inside `MicroBatching`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ts.torch_handler.text_handler import TextHandler, Vocab, ngrams_iterator
+from ts.torch_handler._per_request import Carried, gather, request_value
+from ts.torch_handler.text_handler import TextHandler, TokenBatch, Vocab, ngrams_iterator
 from ts.torch_handler.vision_handler import captum_attr
-from ts.utils.util import PredictionException, map_class_to_label
+from ts.utils.util import map_class_to_label
+from tsctl.worker.envelope import EnvelopeInputError
 
 logger = logging.getLogger(__name__)
 
 
-def request_text(row: Any, idx: int) -> str:
-    """The text of one request: its `data` field or body, as UTF-8."""
-    text = (row.get("data") or row.get("body")) if isinstance(row, dict) else row
+def request_text(row: Any) -> str:
+    """The text of one request: its `data` field or body, as UTF-8; an `EnvelopeInputError`
+    when it is not one."""
+    text = request_value(row)
     if isinstance(text, (bytes, bytearray)):
         try:
             return bytes(text).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise PredictionException(f"request {idx}: the text is not UTF-8 ({exc})", 400) from exc
+            raise EnvelopeInputError(f"the text is not UTF-8 ({exc})") from exc
     if not isinstance(text, str):
-        raise PredictionException(
-            f"request {idx}: expected a text (the body or a field named 'data'), "
-            f"not {type(text).__name__}",
-            400,
+        raise EnvelopeInputError(
+            f"expected a text (the body or a field named 'data'), not {type(text).__name__}"
         )
     return text
 
@@ -48,10 +51,6 @@ class TextClassifier(TextHandler):
     """Texts in, each class's probability per text out."""
 
     ngrams = 2
-    #: where each text's token ids start in the batch's tensor (set by `preprocess`)
-    offsets: torch.Tensor | None = None
-    #: the tokens of every text of the last batch (set by `preprocess`)
-    batch_tokens: Sequence[list[str]] = ()
 
     def clean(self, text: str) -> list[str]:
         """TorchServe's clean-up steps, then the tokenizer."""
@@ -59,7 +58,7 @@ class TextClassifier(TextHandler):
         text = text.lower()
         text = self._expand_contractions(text)
         text = self._remove_accented_characters(text)
-        text = self._remove_punctuation(text)
+        text = self._remove_puncutation(text)
         return self._tokenize(text)
 
     def token_ids(self, tokens: list[str]) -> list[int]:
@@ -71,28 +70,30 @@ class TextClassifier(TextHandler):
             return [i for i in map(vocab.get, grams) if i is not None]
         return [int(vocab[gram]) for gram in grams]
 
-    def preprocess(self, data: list[Any]) -> tuple[torch.Tensor, list[str]]:
-        """All texts' token ids in one tensor (with `self.offsets`), and the first's tokens."""
-        self.batch_tokens = [self.clean(request_text(row, i)) for i, row in enumerate(data)]
-        ids = [self.token_ids(tokens) for tokens in self.batch_tokens]
+    def preprocess(self, data: list[Any]) -> Carried:
+        """Every readable text's token ids in one `TokenBatch`; each unreadable one an error."""
+        per_request: list[list[list[str]] | EnvelopeInputError] = []
+        for row in data:
+            try:
+                per_request.append([self.clean(request_text(row))])
+            except EnvelopeInputError as exc:
+                per_request.append(exc)
+        texts, layout = gather(per_request)
+        ids = [self.token_ids(tokens) for tokens in texts]
         starts = [0]
-        for row in ids[:-1]:
-            starts.append(starts[-1] + len(row))
-        self.offsets = torch.as_tensor(starts, dtype=torch.long, device=self.device)
-        flat = [i for row in ids for i in row]
-        text_tensor = torch.as_tensor(flat, dtype=torch.long, device=self.device)
-        self.input_text = self.batch_tokens
-        return text_tensor, self.batch_tokens[0] if self.batch_tokens else []
-
-    def _offsets(self) -> torch.Tensor:
-        if self.offsets is None:
-            return torch.as_tensor([0], device=self.device)
-        return self.offsets.to(self.device)
+        for row_ids in ids[:-1]:
+            starts.append(starts[-1] + len(row_ids))
+        offsets = torch.as_tensor(starts, dtype=torch.long, device=self.device)
+        flat = torch.as_tensor([i for row_ids in ids for i in row_ids], dtype=torch.long)
+        return Carried(TokenBatch(flat.to(self.device), offsets, texts), layout)
 
     def inference(self, data: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """`model(token_ids, offsets)`."""
+        """`model(token_ids, offsets)`; one bag (offsets `[0]`) for a plain TorchServe pair."""
         text_tensor, _ = data
-        result: torch.Tensor = super().inference(text_tensor, self._offsets())
+        offsets = getattr(data, "offsets", None)
+        if offsets is None:
+            offsets = torch.as_tensor([0], device=self.device)
+        result: torch.Tensor = super().inference(text_tensor, offsets.to(self.device))
         return result
 
     def postprocess(self, data: torch.Tensor) -> list[dict[str, Any]]:
@@ -105,7 +106,7 @@ class TextClassifier(TextHandler):
     def get_insights(self, text_preprocess: Any, _: Any, target: Any = 0) -> list[dict[str, Any]]:
         """Each word's importance for class `target` in the first text (captum)."""
         text_tensor, all_tokens = text_preprocess
-        offsets = self.offsets
+        offsets = getattr(text_preprocess, "offsets", None)
         if offsets is not None and len(offsets) > 1:
             text_tensor = text_tensor[: int(offsets[1])]
         references = captum_attr().TokenReferenceBase()

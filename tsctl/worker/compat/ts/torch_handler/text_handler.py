@@ -1,7 +1,12 @@
 """`TextHandler`: TorchServe's base class for text handlers, without torchtext or captum.
 
 It loads the archive's vocabulary and offers TorchServe's text clean-up steps (HTML removal,
-contraction expansion, accent and punctuation removal, a `basic_english` tokenizer).
+contraction expansion, accent and punctuation removal, a `basic_english` tokenizer), with
+TorchServe's method names: the clean-up calls `_remove_puncutation` (sic), which calls
+`_remove_punctuation`, so a subclass overriding either is honoured. Contractions are expanded
+from `CONTRACTIONS`, which gives TorchServe's expansions. `TokenBatch` is what a text
+handler's `preprocess` hands to `inference`: TorchServe's `(token_ids, tokens)` pair, plus
+where each text of the batch starts.
 
 torchtext is not used (it is no longer maintained and does not install beside current torch).
 TorchServe's archives store a pickled torchtext `Vocab` as `source_vocab.pt`, which cannot be
@@ -30,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ts.torch_handler._per_request import PerRequestSteps
 from ts.torch_handler.base_handler import BaseHandler
 from ts.torch_handler.vision_handler import captum_attr
 
@@ -43,29 +49,101 @@ VOCAB_HELP = (
     "torch.save(vocab.get_stoi(), 'source_vocab.pt'), or as source_vocab.json"
 )
 
-# contractions whose expansion is not their stem plus a word
-_WHOLE_WORDS = {
-    "won't": "will not",
-    "can't": "cannot",
-    "shan't": "shall not",
+#: common English contractions and their expansions, as TorchServe's text handlers expand
+#: them (a contraction not listed only loses its apostrophe, as there: "here's" -> "heres")
+CONTRACTIONS = {
+    # a verb and "not"
     "ain't": "is not",
-    "let's": "let us",
+    "aren't": "are not",
+    "can't": "cannot",
+    "couldn't": "could not",
+    "didn't": "did not",
+    "doesn't": "does not",
+    "don't": "do not",
+    "hadn't": "had not",
+    "hasn't": "has not",
+    "haven't": "have not",
+    "isn't": "is not",
+    "mayn't": "may not",
+    "mightn't": "might not",
+    "mustn't": "must not",
+    "needn't": "need not",
+    "oughtn't": "ought not",
+    "shan't": "shall not",
+    "sha'n't": "shall not",
+    "shouldn't": "should not",
+    "wasn't": "was not",
+    "weren't": "were not",
+    "won't": "will not",
+    "wouldn't": "would not",
+    # a pronoun and a verb
+    "i'm": "i am",
+    "i've": "i have",
+    "i'll": "i will",
+    "i'd": "i would",
+    "you're": "you are",
+    "you've": "you have",
+    "you'll": "you will",
+    "you'd": "you would",
+    "he's": "he is",
+    "he'll": "he will",
+    "he'd": "he would",
+    "she's": "she is",
+    "she'll": "she will",
+    "she'd": "she would",
+    "it's": "it is",
+    "it'll": "it will",
+    "it'd": "it would",
+    "we're": "we are",
+    "we've": "we have",
+    "we'll": "we will",
+    "we'd": "we would",
+    "they're": "they are",
+    "they've": "they have",
+    "they'll": "they will",
+    "they'd": "they would",
     "y'all": "you all",
+    "that's": "that is",
+    "that'd": "that would",
+    "there's": "there is",
+    "there'd": "there would",
+    # a question word and a verb ("'d" is "did" after how and where)
+    "how's": "how is",
+    "how'll": "how will",
+    "how'd": "how did",
+    "how'd'y": "how do you",
+    "what's": "what is",
+    "what're": "what are",
+    "what've": "what have",
+    "what'll": "what will",
+    "when's": "when is",
+    "when've": "when have",
+    "where's": "where is",
+    "where've": "where have",
+    "where'd": "where did",
+    "who's": "who is",
+    "who've": "who have",
+    "who'll": "who will",
+    "why's": "why is",
+    "why've": "why have",
+    # a word and "have"
+    "could've": "could have",
+    "might've": "might have",
+    "must've": "must have",
+    "should've": "should have",
+    "would've": "would have",
+    "will've": "will have",
+    "so've": "so have",
+    "to've": "to have",
+    # the rest
+    "so's": "so as",
+    "let's": "let us",
     "ma'am": "madam",
     "o'clock": "of the clock",
     "'cause": "because",
 }
-# endings that stand for a word of their own
-_ENDINGS = (
-    ("n't", " not"),
-    ("'re", " are"),
-    ("'ve", " have"),
-    ("'ll", " will"),
-    ("'d", " would"),
-    ("'m", " am"),
-)
-# "'s" is "is" after these (elsewhere it is a possessive, left as it is)
-_IS_STEMS = {"he", "she", "it", "that", "there", "here", "what", "where", "who", "how", "when"}
+#: what a second contraction adds to a listed one ("they'd've", "y'all'd")
+_SECOND_PARTS = {"'ve": " have", "'d": " would", "'re": " are"}
 _CONTRACTION = re.compile(r"'cause\b|[a-z]+(?:'[a-z]+)+", re.IGNORECASE)
 
 # basic_english: spacing around punctuation, then split on whitespace (as torchtext's)
@@ -101,18 +179,26 @@ def ngrams_iterator(tokens: list[str], ngrams: int) -> Iterator[str]:
             yield " ".join(tokens[start : start + n])
 
 
+def _expansion(lower: str) -> str | None:
+    """The expansion of a lowercase contraction, or None when it is not one we know."""
+    found = CONTRACTIONS.get(lower)
+    if found is not None:
+        return found
+    for part, words in _SECOND_PARTS.items():
+        if lower.endswith(part):
+            first = _expansion(lower[: -len(part)])
+            if first is not None:
+                return first + words
+    return None
+
+
 def expand_contraction(word: str) -> str:
-    """`don't` -> `do not`, `I'd've` -> `I would have`; the first letter keeps its case."""
-    lower = word.lower()
-    if lower in _WHOLE_WORDS:
-        expanded = _WHOLE_WORDS[lower]
-        return word[0] + expanded[1:] if word[0] != "'" else expanded
-    for ending, expansion in _ENDINGS:
-        if lower.endswith(ending) and len(lower) > len(ending):
-            return expand_contraction(word[: -len(ending)]) + expansion
-    if lower.endswith("'s") and lower[:-2] in _IS_STEMS:
-        return word[:-2] + " is"
-    return word
+    """`don't` -> `do not`, `I'd've` -> `I would have`; a capital first letter stays one
+    (`Ain't` -> `Is not`). A word that is no known contraction comes back as it is."""
+    expanded = _expansion(word.lower())
+    if expanded is None or not word[0].isupper():
+        return word if expanded is None else expanded
+    return expanded[0].upper() + expanded[1:]
 
 
 class Vocab:
@@ -203,7 +289,24 @@ def _load_pickled_vocab(path: str) -> Any:
         raise ValueError(f"{name} cannot be read as a vocabulary ({exc}): {VOCAB_HELP}") from exc
 
 
-class TextHandler(BaseHandler, ABC):
+class TokenBatch(tuple[torch.Tensor, list[str]]):
+    """`(token_ids, tokens)`, as TorchServe's `preprocess` returns them: the ids of every text
+    of the batch, one after the other, and the first text's tokens; plus `offsets`, where
+    each text's ids start, and `texts`, every text's tokens."""
+
+    offsets: torch.Tensor
+    texts: list[list[str]]
+
+    def __new__(
+        cls, ids: torch.Tensor, offsets: torch.Tensor, texts: list[list[str]]
+    ) -> TokenBatch:
+        batch = super().__new__(cls, (ids, texts[0] if texts else []))
+        batch.offsets = offsets
+        batch.texts = texts
+        return batch
+
+
+class TextHandler(PerRequestSteps, BaseHandler, ABC):
     """Base class of the text handlers: the vocabulary and the text clean-up steps."""
 
     _lig: Any = None  # a class-level default: subclasses need not call our __init__
@@ -262,10 +365,12 @@ class TextHandler(BaseHandler, ABC):
         return HTML_REGEX.sub("", text)
 
     def _remove_puncutation(self, *args: Any, **kwargs: Any) -> str:
-        """TorchServe's misspelt name, kept for handlers that call it."""
+        """TorchServe's misspelt name for `_remove_punctuation`, which the clean-up calls: a
+        subclass that overrides either name is honoured."""
         return self._remove_punctuation(*args, **kwargs)
 
     def _remove_punctuation(self, text: str) -> str:
+        """ASCII punctuation removed."""
         return text.translate(str.maketrans("", "", string.punctuation))
 
     def _tokenize(self, text: str) -> list[str]:
