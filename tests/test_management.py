@@ -295,7 +295,8 @@ def test_register_from_allowed_urls_only(archive_site: tuple[str, Path], tmp_pat
     base, site = archive_site
     srv = Server(tmp_path / "srv", properties={
         "enable_model_api": "true",
-        "allowed_urls": r"http://127\.0\.0\.1:\d+/ok/.*",
+        # a .properties file, read as Java (and TorchServe) reads it: a backslash is written \\
+        "allowed_urls": r"http://127\\.0\\.0\\.1:\\d+/ok/.*",
         "max_archive_expanded_size": 200000,
     })  # fmt: skip
     make_archive(site / "ok", "remote", "swiss")
