@@ -68,3 +68,15 @@ def test_unknown_command_is_one_line() -> None:
     result = run_tsctl("frobnicate")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["tsctl: error: No such command 'frobnicate'."]
+
+
+def test_early_daemon_only_for_a_background_start_with_models() -> None:
+    from tsctl.entry import wants_early_daemon
+
+    assert wants_early_daemon(["serve", "start", "--models", "a.mar"])
+    assert wants_early_daemon(["serve", "start", "--ncs", "--models=a.mar,b.mar"])
+    assert not wants_early_daemon(["serve", "start"])  # snapshots: nothing known to start
+    assert not wants_early_daemon(["serve", "start", "--models", "a.mar", "--foreground"])
+    assert not wants_early_daemon(["serve", "start", "--models", "a.mar", "-h"])
+    assert not wants_early_daemon(["serve", "status", "--models"])
+    assert not wants_early_daemon(["infer", "serve", "start", "--models"])

@@ -118,6 +118,14 @@ def test_start_twice_is_refused(server: Server) -> None:
         server.stop()
 
 
+def test_a_bad_flag_leaves_no_early_daemon_behind(server: Server) -> None:
+    """`serve start --models` launches the daemon before parsing its flags (tsctl.entry); a
+    start that then fails on a flag must leave nothing running."""
+    result = server.tsctl("serve", "start", "--models", "swiss.mar", "--no-such-flag")
+    assert result.returncode == 2 and "--no-such-flag" in result.stderr
+    server.wait_for(lambda: not _started_here(server.root))
+
+
 def test_port_in_use(server: Server) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -1,6 +1,6 @@
 """`python -m tsctl` runs the CLI."""
 
-from tsctl.cli import main
+from tsctl.entry import main
 
 if __name__ == "__main__":
     main()

@@ -55,10 +55,11 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; never lets a user error end in a traceback."""
+def main(argv: list[str] | None = None, early: object = None) -> None:
+    """Run the CLI; never lets a user error end in a traceback. `early` is a daemon
+    `tsctl.entry` launched ahead for `serve start`; the command finds it in its context."""
     try:
-        code = app(args=argv, prog_name="tsctl", standalone_mode=False)
+        code = app(args=argv, prog_name="tsctl", standalone_mode=False, obj=early)
     except TsctlError as exc:
         fail(exc.message, exc.exit_code)
     except typer.TyperException as exc:

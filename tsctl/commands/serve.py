@@ -26,6 +26,7 @@ def _state_dir(value: Path | None) -> Path:
 
 @app.command("start")
 def start(
+    ctx: typer.Context,
     model_store: Path | None = typer.Option(None, "--model-store", help="Model store folder."),
     models: list[str] | None = typer.Option(
         None,
@@ -67,10 +68,10 @@ def start(
     ),
 ) -> None:
     """Start the server: `torchserve --start`'s flags."""
-    launched = None
-    if not foreground and (models or more_models):
-        from tsctl.server.boot import launch
+    from tsctl.server.boot import Launched, launch
 
+    launched = ctx.obj if isinstance(ctx.obj, Launched) else None  # see tsctl.entry
+    if launched is None and not foreground and (models or more_models):
         # before anything slow: its first worker imports torch while this process and the
         # daemon read the configuration (it exits if this process sends none)
         launched = launch(early_spares=1)
