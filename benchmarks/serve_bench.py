@@ -346,10 +346,16 @@ class TsctlServer(_Base):
         self._wait_ready(model, workers)
 
     def worker_threads(self) -> list[int]:
-        """Each live worker's torch threads, from its `worker ready (pid P, N threads)` line."""
-        log_text = (self.run_dir / "logs" / "model_log.log").read_text(errors="replace")
-        ready = dict(re.findall(r"worker ready \(pid (\d+), (\d+) threads\)", log_text))
-        return [int(ready[str(pid)]) for pid in self.workers() if str(pid) in ready]
+        """Each live worker's torch threads, from its `worker ready (pid P, N threads)` line
+        (the daemon writes the model log in batches: wait a little for the lines)."""
+        deadline = time.monotonic() + 5
+        while True:
+            log_text = (self.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+            ready = dict(re.findall(r"worker ready \(pid (\d+), (\d+) threads\)", log_text))
+            pids = self.workers()
+            if all(str(pid) in ready for pid in pids) or time.monotonic() > deadline:
+                return [int(ready[str(pid)]) for pid in pids if str(pid) in ready]
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.root_pid is None and self.proc is None:
