@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -153,6 +154,21 @@ class Server:
 
     def manage(self, method: str, path: str, body: bytes | str = b"", **kw: Any) -> Response:
         return self.request(method, path, body, api="management", **kw)
+
+    def queued(self, model: str, version: str = "1.0") -> float:
+        """How many requests of a model version wait in its queue (`tsctl_queue_depth`, from
+        the metrics API)."""
+        assert self.info is not None
+        host, port = self.info.metrics_address.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        series = f'tsctl_queue_depth{{model_name="{model}",model_version="{version}"}}'
+        found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
 
     def model_log(self) -> str:
         return (self.log_dir / "model_log.log").read_text()

@@ -3,9 +3,7 @@ called directly with a real `Context`, then served by real daemons over real HTT
 
 from __future__ import annotations
 
-import http.client
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -508,21 +506,6 @@ def v2_server(tmp_path_factory: pytest.TempPathFactory, tma_exe: Path) -> Iterat
     srv.stop()
 
 
-def queued(server: Server, model: str) -> float:
-    """`tsctl_queue_depth` of the model's version 1.0, from the metrics API."""
-    assert server.info is not None
-    host, port = server.info.metrics_address.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    series = f'tsctl_queue_depth{{model_name="{model}",model_version="1.0"}}'
-    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
 def one_batch(server: Server, hold: Callable[[str], dict[str, Any]], *bodies: Any) -> list[Any]:
     """Answers to `bodies`, sent by separate clients and run by `pair` as one batch: its only
     worker is kept busy (by a request `hold(path)` that waits for `path`) until all of them
@@ -539,7 +522,7 @@ def one_batch(server: Server, hold: Callable[[str], dict[str, Any]], *bodies: An
     clients = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate(bodies)]
     for client in clients:
         client.start()
-    server.wait_for(lambda: queued(server, "pair") == len(bodies))
+    server.wait_for(lambda: server.queued("pair") == len(bodies))
     go.touch()
     for thread in [busy, *clients]:
         thread.join(120)
@@ -600,7 +583,7 @@ def test_served_json_bad_request_in_a_batch_fails_alone(json_server: Server) -> 
     bad = threading.Thread(target=send, args=("bad", {"wrong": 1}))
     good.start()
     bad.start()
-    json_server.wait_for(lambda: queued(json_server, "pair") == 2)
+    json_server.wait_for(lambda: json_server.queued("pair") == 2)
     go.touch()
     for thread in (busy, good, bad):
         thread.join(120)

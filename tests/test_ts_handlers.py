@@ -13,11 +13,9 @@ lets a test queue four requests and have them run as one real batch.
 from __future__ import annotations
 
 import base64
-import http.client
 import importlib
 import io
 import json
-import re
 import shutil
 import struct
 import subprocess
@@ -209,21 +207,6 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     png[16:24] = struct.pack(">II", width, height)  # IHDR's data follows its length and type
     png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
     return bytes(png)
-
-
-def queued(server: Server, model: str) -> float:
-    """How many requests of `model` wait in its queue (`tsctl_queue_depth`)."""
-    assert server.info is not None
-    host, port = server.info.metrics_address.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    series = f'tsctl_queue_depth{{model_name="{model}",model_version="1.0"}}'
-    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 def plain(answers: list[Any]) -> list[Any]:
@@ -955,7 +938,7 @@ def test_a_served_batch_answers_each_request_on_its_own(served: Server) -> None:
     clients = [threading.Thread(target=send, args=item) for item in bodies.items()]
     for client in clients:
         client.start()
-    served.wait_for(lambda: queued(served, "held") == HELD_BATCH)
+    served.wait_for(lambda: served.queued("held") == HELD_BATCH)
     (folder / "release").touch()
     for thread in [holder, *clients]:
         thread.join(120)
