@@ -28,7 +28,6 @@ import re
 import subprocess
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +39,11 @@ from PIL import Image, ImageDraw
 
 from tests.helpers import BIN
 from tests.server import Server
-from tests.test_ts_compat import HANDLERS, MICRO_BATCH, yaml_file
+from tests.test_ts_compat import MICRO_BATCH, make_models
 from tests.test_ts_compat import archive as archive_handler
+from tests.test_ts_compat import build_archives as build_compat_archives
 from tests.test_ts_handlers import TS_MODELS, boxes_image, encode, multipart, solid
-from tests.test_ts_handlers import archive as archive_with
+from tests.test_ts_handlers import build_archives as build_default_archives
 from tests.torchserve import (
     ModelLoadFailed,
     Reply,
@@ -75,77 +75,18 @@ TEXT = {"Content-Type": "text/plain"}
 
 
 def build_handler_archives(store: Path, work: Path) -> None:
-    """tests/test_ts_compat.py's archives (its `served` fixture), made the same way."""
-    import torch
-
-    from tests.ts_handlers.eager_model import TinyLinear
-
-    torch.manual_seed(7)
-    torch.save(TinyLinear().eval().state_dict(), work / "eager_state.pt")
-    (work / "index_to_name.json").write_text(json.dumps({"0": "cat", "1": ["n02", "dog"]}))
-    archive_handler(
-        store, "eager", "eager_handler.py",
-        "--model-file", HANDLERS / "eager_model.py",
-        "--serialized-file", work / "eager_state.pt",
-        "--extra-files", work / "index_to_name.json",
-    )  # fmt: skip
-    handler_config = {"handler": {"greeting": "hi", "nested": {"x": 1}}}
-    archive_handler(
-        store, "imports", "imports_handler.py",
-        "--config-file", yaml_file(work / "imports.yaml", handler_config),
-    )  # fmt: skip
-    archive_handler(store, "status", "status_handler.py")
+    """tests/test_ts_compat.py's archives, plus its status handler as a tgz and a folder."""
+    build_compat_archives(store, work, make_models())
     archive_handler(store, "status_tgz", "status_handler.py", "--archive-format", "tgz")
     archive_handler(store, "status_dir", "status_handler.py", "--archive-format", "no-archive")
-    archive_handler(store, "streaming", "stream_handler.py")
-    with warnings.catch_warnings():  # TorchScript is deprecated, and still what .pt holds
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(torch.nn.Linear(3, 2).eval()).save(str(work / "micro.pt"))
-    micro_config = {
-        "batchSize": MICRO_BATCH,
-        "maxBatchDelay": 10000,
-        "micro_batching": {
-            "micro_batch_size": 2,
-            "parallelism": {"preprocess": 2, "inference": 1, "postprocess": 2},
-        },
-    }
-    archive_handler(
-        store, "micro", "micro_handler.py",
-        "--serialized-file", work / "micro.pt",
-        "--config-file", yaml_file(work / "micro.yaml", micro_config),
-    )  # fmt: skip
 
 
 def build_default_handler_archives(store: Path, work: Path) -> None:
-    """tests/test_ts_handlers.py's archives (its `built` and `served` fixtures)."""
+    """tests/test_ts_handlers.py's archives, from tests/ts_models/build.py's models."""
     built = work / "built"
     built.mkdir()
     subprocess.run([sys.executable, str(TS_MODELS / "build.py"), str(built)], check=True)
-    archive_with(
-        store, "colours", "--serialized-file", built / "classifier.pt",
-        "--handler", "image_classifier",
-        "--extra-files", built / "classifier" / "index_to_name.json",
-    )  # fmt: skip
-    archive_with(
-        store, "detector", "--model-file", TS_MODELS / "colour_detector.py",
-        "--serialized-file", built / "detector_state.pt", "--handler", "object_detector",
-        "--extra-files", built / "detector" / "index_to_name.json",
-    )  # fmt: skip
-    archive_with(
-        store, "segmenter", "--serialized-file", built / "segmenter.pt",
-        "--handler", "image_segmenter",
-    )  # fmt: skip
-    text = built / "text"
-    archive_with(
-        store, "sentiment", "--model-file", TS_MODELS / "text_model.py",
-        "--serialized-file", built / "text_state.pt", "--handler", "text_classifier",
-        "--extra-files", f"{text / 'index_to_name.json'},{text / 'source_vocab.pt'}",
-    )  # fmt: skip
-    archive_with(
-        store, "digits", "--model-file", TS_MODELS / "mnist_net.py",
-        "--serialized-file", built / "mnist_state.pt",
-        "--handler", TS_MODELS / "mnist_handler.py",
-    )  # fmt: skip
+    build_default_archives(store, built)
 
 
 # -- the two servers --------------------------------------------------------------------------

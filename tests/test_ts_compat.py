@@ -67,40 +67,32 @@ def yaml_file(path: Path, doc: dict[str, Any]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.nn.Module]:
-    """The tiny nets the archives hold, built here (weights fixed by a seed)."""
+def make_models() -> dict[str, torch.nn.Module]:
+    """The tiny nets the archives hold (weights fixed by a seed)."""
     torch.manual_seed(7)
     from tests.ts_handlers.eager_model import TinyLinear
 
     return {"eager": TinyLinear().eval(), "micro": torch.nn.Linear(3, 2).eval()}
 
 
-@pytest.fixture(scope="module")
-def served(
-    tmp_path_factory: pytest.TempPathFactory, models: dict[str, torch.nn.Module]
-) -> Iterator[Server]:
-    # limit_max_image_pixels: TorchServe's key, which reaches handlers as a system property
-    properties = {"enable_model_api": "true", "limit_max_image_pixels": "false"}
-    srv = Server(tmp_path_factory.mktemp("tscompat"), properties=properties)
-    work = srv.root / "work"
-    work.mkdir()
-    srv.store.mkdir()
+def build_archives(store: Path, work: Path, models: dict[str, torch.nn.Module]) -> None:
+    """The TorchServe-style archives of this module, made by the real torch-model-archiver
+    (test_torchserve_parity.py serves the same ones on TorchServe)."""
     torch.save(models["eager"].state_dict(), work / "eager_state.pt")
     (work / "index_to_name.json").write_text(json.dumps({"0": "cat", "1": ["n02", "dog"]}))
     archive(
-        srv.store, "eager", "eager_handler.py",
+        store, "eager", "eager_handler.py",
         "--model-file", HANDLERS / "eager_model.py",
         "--serialized-file", work / "eager_state.pt",
         "--extra-files", work / "index_to_name.json",
     )  # fmt: skip
     handler_config = {"handler": {"greeting": "hi", "nested": {"x": 1}}}
     archive(
-        srv.store, "imports", "imports_handler.py",
+        store, "imports", "imports_handler.py",
         "--config-file", yaml_file(work / "imports.yaml", handler_config),
     )  # fmt: skip
-    archive(srv.store, "status", "status_handler.py")
-    archive(srv.store, "streaming", "stream_handler.py")
+    archive(store, "status", "status_handler.py")
+    archive(store, "streaming", "stream_handler.py")
     with warnings.catch_warnings():  # TorchScript is deprecated, and still what .pt holds
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(models["micro"]).save(str(work / "micro.pt"))
@@ -113,10 +105,28 @@ def served(
         },
     }
     archive(
-        srv.store, "micro", "micro_handler.py",
+        store, "micro", "micro_handler.py",
         "--serialized-file", work / "micro.pt",
         "--config-file", yaml_file(work / "micro.yaml", micro_config),
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    return make_models()
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory, models: dict[str, torch.nn.Module]
+) -> Iterator[Server]:
+    # limit_max_image_pixels: TorchServe's key, which reaches handlers as a system property
+    properties = {"enable_model_api": "true", "limit_max_image_pixels": "false"}
+    srv = Server(tmp_path_factory.mktemp("tscompat"), properties=properties)
+    work = srv.root / "work"
+    work.mkdir()
+    srv.store.mkdir()
+    build_archives(srv.store, work, models)
     for name, suffix in (("onnx", "onnx"), ("aot", "so")):  # registered by a test: they fail
         (work / f"{name}.{suffix}").write_bytes(b"not a model")
         archive(srv.store, name, "base_handler", "--serialized-file", work / f"{name}.{suffix}")

@@ -104,11 +104,10 @@ def archive(store: Path, name: str, *args: str | Path) -> None:
     assert made.returncode == 0, made.stdout + made.stderr
 
 
-@pytest.fixture(scope="module")
-def served(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("ts_handlers"))
-    store = srv.store
-    store.mkdir()
+def build_archives(store: Path, built: Path) -> None:
+    """The default-handler archives of this module from tests/ts_models/build.py's output
+    `built`, made by the real torch-model-archiver (test_torchserve_parity.py serves the same
+    ones on TorchServe)."""
     archive(
         store, "colours", "--serialized-file", built / "classifier.pt",
         "--handler", "image_classifier",
@@ -134,6 +133,14 @@ def served(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         "--serialized-file", built / "mnist_state.pt",
         "--handler", TS_MODELS / "mnist_handler.py",
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("ts_handlers"))
+    store = srv.store
+    store.mkdir()
+    build_archives(store, built)
     held_config = tmp_path_factory.mktemp("held") / "held.yaml"
     held_config.write_text(f"batchSize: {HELD_BATCH}\nmaxBatchDelay: 10000\n")
     archive(
