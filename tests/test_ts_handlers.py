@@ -646,18 +646,8 @@ def _handle(handler: Any, rows: list[Any], headers: dict[str, str] | None = None
 
 
 @pytest.mark.slow
-def test_text_classifier_classifies_a_batch_in_one_call(
-    ts: Any, built: Path, tmp_path: Path
-) -> None:
-    handler = initialized(
-        ts.text_classifier.TextClassifier(),
-        tmp_path / "model",
-        {"modelFile": "text_model.py", "serializedFile": "text_state.pt"},
-        TS_MODELS / "text_model.py",
-        built / "text_state.pt",
-        built / "text" / "source_vocab.pt",
-        built / "text" / "index_to_name.json",
-    )
+def test_text_classifier_classifies_a_batch_in_one_call(sentiment: Any) -> None:
+    handler = sentiment
     texts = ["what a GREAT film", "boring, awful", "nothing known here"]
     prepared = handler.preprocess([{"body": t.encode()} for t in texts])
     assert prepared.value.offsets.tolist() == [0, 7, 10]  # 4 words + 3 bigrams, 2 + 1, ...

@@ -146,29 +146,22 @@ CONTRACTIONS = {
 _SECOND_PARTS = {"'ve": " have", "'d": " would", "'re": " are"}
 _CONTRACTION = re.compile(r"'cause\b|[a-z]+(?:'[a-z]+)+", re.IGNORECASE)
 
-# basic_english: spacing around punctuation, then split on whitespace (as torchtext's)
-_BASIC_ENGLISH = [
-    (re.compile(r"\'"), " '  "),
-    (re.compile(r"\""), ""),
-    (re.compile(r"\."), " . "),
-    (re.compile(r"<br \/>"), " "),
-    (re.compile(r","), " , "),
-    (re.compile(r"\("), " ( "),
-    (re.compile(r"\)"), " ) "),
-    (re.compile(r"\!"), " ! "),
-    (re.compile(r"\?"), " ? "),
-    (re.compile(r"\;"), " "),
-    (re.compile(r"\:"), " "),
-    (re.compile(r"\s+"), " "),
-]
+#: marks torchtext's `basic_english` keeps as tokens of their own, and those it drops
+_KEPT_MARKS = ".,()!?"
+_DROPPED_MARKS = ";:"
 
 
 def basic_english(line: str) -> list[str]:
-    """torchtext's `basic_english` tokenizer: lowercase, punctuation split off, whitespace."""
-    line = line.lower()
-    for pattern, replacement in _BASIC_ENGLISH:
-        line = pattern.sub(replacement, line)
-    return line.split()
+    """Tokens as torchtext's `basic_english` gives them: lowercased; an apostrophe starts a
+    token of its own (`don't` gives `don`, `'`, `t`); `<br />` is a space; the marks in
+    `_KEPT_MARKS` become tokens, double quotes and `_DROPPED_MARKS` vanish; split on
+    whitespace."""
+    text = line.lower().replace("'", " ' ").replace('"', "").replace("<br />", " ")
+    for mark in _DROPPED_MARKS:
+        text = text.replace(mark, " ")
+    for mark in _KEPT_MARKS:
+        text = text.replace(mark, f" {mark} ")
+    return text.split()
 
 
 def ngrams_iterator(tokens: list[str], ngrams: int) -> Iterator[str]:
