@@ -32,6 +32,10 @@ def handle(data, context):
             context.set_response_header(i, "X-Custom", "yes")
             out.append("a,b\n1,2")
             continue
+        if action == "header":  # a header the request names, e.g. one with a line break
+            context.set_response_header(i, command["name"], command["value"])
+            out.append("ok")
+            continue
         if action == "bytes":
             out.append(bytes(range(256)))
             continue

@@ -101,7 +101,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         try:
-            addresses = self._listen(state)
+            addresses = await self._listen(state)
             if config.enable_grpc:
                 addresses.update(await self._start_grpc(state))
             pidfile.write(
@@ -197,7 +197,7 @@ class Daemon:
             await mv.pool.scale(mv.min_workers)
             log.info("loaded model %s version %s from %s", mv.name, mv.version, url)
 
-    def _listen(self, state: ServerState) -> dict[str, str]:
+    async def _listen(self, state: ServerState) -> dict[str, str]:
         from tornado.httpserver import HTTPServer
 
         from tsctl.server import http_inference, http_management, http_metrics
@@ -205,8 +205,8 @@ class Daemon:
         config = self.config
         inference_sockets = _bind(config.inference_address, "inference")
         management_sockets = _bind(config.management_address, "management")
+        self.servers.append(await http_inference.serve(state, inference_sockets))
         apps: list[tuple[Any, list[socket.socket]]] = [
-            (http_inference.make_app(state), inference_sockets),
             (http_management.make_app(state), management_sockets),
         ]
         addresses = {
@@ -230,8 +230,14 @@ class Daemon:
         for server in self.servers:
             server.stop()
         if drain and state.in_flight:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(state.idle.wait(), self.config.drain_timeout)
+            except TimeoutError:
+                log.warning(
+                    "stopping with %d request(s) still in flight after %s s of draining",
+                    state.in_flight,
+                    self.config.drain_timeout,
+                )
         for grpc_server in self.grpc_servers:
             await grpc_server.stop(self.config.drain_timeout if drain else 0)
         await state.registry.close()

@@ -114,11 +114,9 @@ class NotFoundHandler(ApiHandler):
 
 
 def access_line(
-    connection: object, method: str | None, uri: str | None, version: str, status: int, ms: float
+    client: str, method: str | None, uri: str | None, version: str, status: int, ms: float
 ) -> str:
     """One access-log line, TorchServe's layout (the last number is milliseconds)."""
-    peer = getattr(getattr(connection, "context", None), "address", None)
-    client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
     return f'/{client} "{method} {uri} {version}" {status} {ms:.0f}'
 
 
@@ -128,9 +126,9 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         status = handler.get_status()
         request = handler.request
         ms = request.request_time() * 1000
+        peer = getattr(getattr(request.connection, "context", None), "address", None)
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         state.access_log.write(
-            access_line(
-                request.connection, request.method, request.uri, request.version, status, ms
-            )
+            access_line(client, request.method, request.uri, request.version, status, ms)
         )
         state.answered(status)
