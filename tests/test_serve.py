@@ -67,6 +67,15 @@ def test_raw_json_body(server: Server) -> None:
     assert doc["version"] == "1.0"
 
 
+def test_worker_collects_garbage_once_initialized(server: Server) -> None:
+    """The worker imports torch and initializes with the collector off, then turns it back
+    on with what start-up built frozen."""
+    gc_state = ok(server)["gc"]
+    assert isinstance(gc_state, dict)
+    assert gc_state["enabled"] is True
+    assert gc_state["frozen"] > 10_000  # everything start-up built
+
+
 @pytest.mark.parametrize(
     ("content_type", "body", "kind"),
     [

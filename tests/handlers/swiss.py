@@ -1,5 +1,6 @@
 """A test handler whose behaviour each request chooses with a JSON body {"action": ...}."""
 
+import gc
 import json
 import os
 import time
@@ -54,6 +55,7 @@ def handle(data, context):
                 "probe": context.get_request_header(i, "X-Probe"),
                 "request_id": context.get_request_id(i),
                 "threads": os.environ.get("OMP_NUM_THREADS"),
+                "gc": {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()},
                 "batch_keys": [sorted(r) for r in data],
             }
         )

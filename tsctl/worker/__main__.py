@@ -8,10 +8,16 @@ then answers each `Batch` with a `Result` until it reads `Stop` or its socket cl
 With `--preload` (a spare started before its model is known, see `tsctl.server.spares`) it
 imports torch on a background thread while it waits: a handler that needs torch then finds it
 imported, or waits on the import lock for the rest; one that does not is not held up.
+
+The garbage collector is off until the handler is initialized: importing torch creates
+hundreds of thousands of objects, none of them garbage, and collecting while it does so costs
+about a tenth of the import. What start-up built is then frozen (`gc.freeze`), so the
+collections made while serving do not walk torch's modules again and again.
 """
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
@@ -107,6 +113,8 @@ def serve(
         send_message(sock, InitFailed(Failure(kind, message, detail)))
         return 1
     service = Service(entry, context)
+    gc.freeze()
+    gc.enable()
     send_message(sock, Hello(os.getpid()))
     log.info("worker ready (pid %d, %s threads)", os.getpid(), spec.get("threads", "default"))
     while True:
@@ -126,6 +134,7 @@ def serve(
 
 
 def main() -> None:
+    gc.disable()  # until the handler is initialized (see the module's docstring)
     sock = socket.socket(fileno=int(sys.argv[1]))
     preloading: threading.Event | None = None
     if "--preload" in sys.argv[2:]:
