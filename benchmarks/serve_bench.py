@@ -302,9 +302,12 @@ class _Base:
 class TsctlServer(_Base):
     name = "tsctl"
 
-    def __init__(self, work: Path, store: Path, tsctl: Path) -> None:
+    def __init__(
+        self, work: Path, store: Path, tsctl: Path, env: dict[str, str] | None = None
+    ) -> None:
         super().__init__(work, store)
         self.tsctl = tsctl
+        self.env = env or {}
 
     def launch(self, models: str, workers: int, threads: int) -> None:
         run = self._new_run()
@@ -323,7 +326,7 @@ class TsctlServer(_Base):
             "--ts-config", str(config),
             "--state-dir", str(run / "state"), "--log-dir", str(run / "logs"),
         ]  # fmt: skip
-        env = {**os.environ, "TMPDIR": str(run)}
+        env = {**os.environ, **self.env, "TMPDIR": str(run)}
         out = (run / "start.out").open("wb")
         with out:
             self.proc = subprocess.Popen(
@@ -1268,6 +1271,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="seconds in all to wait for other processes to go quiet (default 300, quick 60)",
     )
+    parser.add_argument(
+        "--tsctl-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set in tsctl's environment only (workers inherit it); repeatable",
+    )
     parser.add_argument("--json-out", type=Path, default=None, help="also write raw results")
     parser.add_argument("--workdir", type=Path, default=None, help="where to make the temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (for its logs)")
@@ -1377,7 +1387,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="serve-bench-", dir=args.workdir))
     store = work / "store"
     store.mkdir()
-    servers: dict[str, Server] = {"tsctl": TsctlServer(work, store, tsctl)}
+    tsctl_env = dict(item.split("=", 1) for item in args.tsctl_env)
+    servers: dict[str, Server] = {"tsctl": TsctlServer(work, store, tsctl, tsctl_env)}
     if not args.no_torchserve:
         servers["TorchServe"] = TorchServeServer(work, store, args.ts_venv)
     results = Results()

@@ -76,6 +76,7 @@ class Server:
         ncs: bool = True,
         auth: bool = False,
         flags: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Any:
         self.store.mkdir(parents=True, exist_ok=True)
         props = {
@@ -98,7 +99,7 @@ class Server:
         args += ["--state-dir", self.state_dir, "--log-dir", self.log_dir]
         if models:
             args += ["--models", ",".join(models)]
-        result = run_tsctl(*args, cwd=self.root)
+        result = run_tsctl(*args, cwd=self.root, env=env)
         if expect_ok:
             assert result.returncode == 0, result.stdout + result.stderr
             assert "Model server started" in result.stdout

@@ -256,6 +256,24 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def test_serve_start_imports_nothing_heavy(server: Server) -> None:
+    """`tsctl serve start` shares two cores with the worker importing torch: the CLI itself
+    must not import the daemon's modules (tornado, the registry, the worker pool) or torch."""
+    make_archive(server.store, "light", "swiss", config={"minWorkers": 1, "maxWorkers": 1})
+    result = server.start("light.mar", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    try:
+        imported = {
+            line.rsplit("|", 1)[1].strip()
+            for line in result.stderr.splitlines()
+            if line.startswith("import time:") and "|" in line
+        }
+        assert "tsctl.cli" in imported  # the check sees the CLI's imports
+        heavy = {"torch", "tornado", "grpc", "tsctl.server.daemon", "tsctl.server.registry"}
+        assert not heavy & imported, heavy & imported
+    finally:
+        server.stop()
+
+
 def test_start_up_workers_are_started_ahead(server: Server) -> None:
     """The daemon starts the workers its start-up models will need before its own imports (they
     import torch meanwhile); the model takes one, and the spare it did not need is stopped."""

@@ -124,8 +124,7 @@ def start(
 
     from rich.console import Console
 
-    from tsctl.server.daemon import STARTED_LINE
-    from tsctl.server.lifecycle import StartFailed
+    from tsctl.server.lifecycle import STARTED_LINE, StartFailed
     from tsctl.server.lifecycle import start as start_daemon
 
     err = Console(stderr=True)

@@ -28,6 +28,7 @@ from tsctl.errors import InvalidInput, TsctlError
 from tsctl.server import logs, pidfile, snapshot
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig, parse_address
+from tsctl.server.lifecycle import STARTED_LINE
 from tsctl.server.metrics import Reporter
 from tsctl.server.prometheus import Metrics
 from tsctl.server.registry import LoadOptions, Registry
@@ -36,7 +37,6 @@ from tsctl.server.state import ServerState
 
 log = logging.getLogger("tsctl.server")
 
-STARTED_LINE = "Model server started."
 
 
 def _bind(address: str, what: str) -> list[socket.socket]:

@@ -23,6 +23,10 @@ from tsctl.server import logs, pidfile
 from tsctl.server.boot import Launched, launch
 from tsctl.server.config import ServerConfig
 
+#: printed (with more after it) once the server is up, as TorchServe prints it: scripts wait
+#: for it
+STARTED_LINE = "Model server started."
+
 
 class StartFailed(TsctlError):
     """The daemon did not come up; `message` says why, `log_tail` shows the model log."""
