@@ -38,7 +38,6 @@ from tsctl.server.state import ServerState
 log = logging.getLogger("tsctl.server")
 
 
-
 def _bind(address: str, what: str) -> list[socket.socket]:
     from tornado.netutil import bind_sockets
 
