@@ -680,6 +680,9 @@ class ResnetResult:
     threads: dict[str, list[int]] = field(default_factory=dict)
 
 
+FLOOR_NAME = "floor"
+
+
 @dataclass
 class StartupResult:
     server: str
@@ -993,11 +996,46 @@ def section_resnet(
         before = after
 
 
-def section_startup(plan: Plan, servers: dict[str, Server], body: bytes, results: Results) -> None:
+#: what any Python server's worker must do before its first answer: import torch, load the
+#: model, run it once (with the collector off during the import, as tsctl's worker does)
+_FLOOR = (
+    "import gc, sys; gc.disable(); import torch; gc.enable(); "
+    "m = torch.jit.load(sys.argv[1]); m(torch.zeros(1, 16)); import time; print(time.time())"
+)
+
+
+def startup_floor(python: Path, model: Path, threads: int) -> float:
+    """Seconds from launching a fresh Python process to its having imported torch, loaded the
+    MLP and run it once (the wall clock it prints then: its exit, slow with torch, is not
+    counted)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    started = time.time()
+    out = run_checked(
+        [python, "-W", "ignore", "-c", _FLOOR, model], timeout=START_TIMEOUT_S, env=env
+    )
+    return float(out.strip().splitlines()[-1]) - started
+
+
+def section_startup(
+    plan: Plan,
+    servers: dict[str, Server],
+    body: bytes,
+    results: Results,
+    floor: Callable[[int], float],
+) -> None:
     outcomes = {name: StartupResult(name) for name in plan.servers}
     results.startup.extend(outcomes.values())
+    plain = StartupResult(FLOOR_NAME)
+    results.startup.append(plain)
     threads = threads_for(1)
     for trial in range(plan.startup_trials):
+        GATE.wait(None)
+        with CpuMeter(None) as meter:
+            seconds = floor(threads)
+        log(f"(c) floor, trial {trial + 1}: {seconds:.2f} s (others {meter.other_cores:.2f})")
+        plain.first_200_s.append(seconds)
+        plain.launcher_s.append(seconds)
+        plain.other_cores.append(meter.other_cores)
         for name in server_order(plan, trial):
             server = servers[name]
             log(f"(c) start to first prediction: {name}, trial {trial + 1}")
@@ -1217,8 +1255,16 @@ def print_startup(results: Results) -> None:
             f"{s.server:<11} {medians[s.server]:>11.2f} {statistics.median(s.launcher_s):>19.2f}"
             f"  {trials}"
         )
-    if len(medians) == 2:
-        print(f"tsctl / TorchServe: {ratio(medians['tsctl'], medians['TorchServe'])}")
+    if "TorchServe" in medians:
+        for name in ("tsctl", FLOOR_NAME):
+            if name in medians:
+                print(f"{name} / TorchServe: {ratio(medians[name], medians['TorchServe'])}")
+    if FLOOR_NAME in medians:
+        print(
+            f"({FLOOR_NAME}: from launching a Python process to its having imported torch, "
+            "loaded the MLP and run it once: what a Python worker must do before its first "
+            "answer)"
+        )
 
 
 def print_rss(results: Results) -> None:
@@ -1400,7 +1446,16 @@ def main(argv: list[str] | None = None) -> int:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("ad", lambda: section_mlp(plan, servers, body_file, results)),
             ("b", lambda: section_resnet(plan, servers, python, work, results)),
-            ("c", lambda: section_startup(plan, servers, body_file.read_bytes(), results)),
+            (
+                "c",
+                lambda: section_startup(
+                    plan,
+                    servers,
+                    body_file.read_bytes(),
+                    results,
+                    lambda threads: startup_floor(python, work / "mlp.pt", threads),
+                ),
+            ),
         ]
         for keys, step in steps:
             if plan.sections & set(keys):

@@ -1,6 +1,6 @@
 """The daemon process: one asyncio loop running the HTTP APIs, the registry and the workers.
 
-`tsctl serve start` launches it through `python -m tsctl.server.boot CONFIG_JSON [NOTIFY_FD]`,
+`tsctl serve start` launches it through `tsctl.server.boot` (a fork of the CLI),
 which starts spare workers first (or runs it in-process with `--foreground`). Start-up binds
 every API first (so a port in use fails at once), writes the pid file, loads the start-up
 models, then reports readiness on the notify pipe as one JSON line: `{"ok": true, ...}` or

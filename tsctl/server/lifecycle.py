@@ -1,8 +1,8 @@
 """Start, stop and find the daemon from the CLI process (never from inside the daemon).
 
-`start` launches `python -m tsctl.server.boot` (the daemon) in its own session with a notify
-pipe and waits for its one readiness line; `stop` signals the recorded pid after checking it is
-still our daemon and waits for it to drain and exit.
+`start` launches the daemon (`tsctl.server.boot.launch`: a fork in its own session) with a
+notify pipe and waits for its one readiness line; `stop` signals the recorded pid after
+checking it is still our daemon and waits for it to drain and exit.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import select
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -63,11 +62,10 @@ def start(config: ServerConfig, timeout: float, launched: Launched | None = None
             f"tsctl is already running (pid {live.pid}, {live.inference_address}); "
             "run `tsctl serve stop` first"
         )
-    proc = launched.proc
     try:
         config.log_dir.mkdir(parents=True, exist_ok=True)
         launched.configure(config.model_dump_json())
-        line = _read_line(launched.notify_fd, proc, timeout)
+        line = _read_line(launched, timeout)
     except OSError as exc:  # it exited before reading its configuration
         line = ""
         if not isinstance(exc, BrokenPipeError):
@@ -75,20 +73,21 @@ def start(config: ServerConfig, timeout: float, launched: Launched | None = None
     finally:
         os.close(launched.notify_fd)
     if not line:
-        code = proc.poll()
+        code = launched.poll()
         if code is None:
-            proc.kill()
+            launched.kill()
             raise StartFailed(f"the server did not become ready within {timeout:g} s")
         tail = logs.tail(config.log_dir / "ts_log.log")
         raise StartFailed(f"the server exited during start-up (exit status {code})", tail)
     message: dict[str, Any] = json.loads(line)
     if not message.get("ok"):
-        proc.wait(timeout=30)
+        launched.wait(timeout=30)
         raise StartFailed(str(message.get("error")), list(message.get("log_tail", [])))
     return message
 
 
-def _read_line(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> str:
+def _read_line(launched: Launched, timeout: float) -> str:
+    fd = launched.notify_fd
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
@@ -101,7 +100,7 @@ def _read_line(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> str:
             if not chunk:
                 break
             data += chunk
-        elif proc.poll() is not None:
+        elif launched.poll() is not None:
             break
     return data.decode("utf-8", "replace").strip()
 
