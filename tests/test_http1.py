@@ -48,7 +48,7 @@ class Raw:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def reply(self) -> Reply:
+    def reply(self, head_only: bool = False) -> Reply:
         status_line = self.reader.readline()
         assert status_line.startswith(b"HTTP/1.1 "), status_line
         status = int(status_line.split()[1])
@@ -56,7 +56,9 @@ class Raw:
         while (line := self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
-        if "content-length" in headers:
+        if head_only:
+            body = b""
+        elif "content-length" in headers:
             body = self.reader.read(int(headers["content-length"]))
         elif headers.get("transfer-encoding") == "chunked":
             body = b""
@@ -159,6 +161,15 @@ def test_http_1_0_closes_unless_asked_to_keep_alive(server: Server) -> None:
     assert reply.status == 200 and reply.headers["connection"] == "close"
     assert client.at_eof()
     client.close()
+
+
+def test_head_gets_no_body_and_the_connection_goes_on(raw: Raw) -> None:
+    raw.send(b"HEAD /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = raw.reply(head_only=True)
+    assert reply.status == 405 and int(reply.headers["content-length"]) > 0
+    raw.send(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")  # parsed right after the head alone
+    reply = raw.reply()
+    assert reply.status == 200 and reply.json() == {"status": "Healthy"}
 
 
 def test_connection_close_is_honoured(raw: Raw) -> None:

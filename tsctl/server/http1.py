@@ -460,7 +460,11 @@ class Connection(asyncio.Protocol):
             items.append(("Connection", "close"))
         elif self.head is not None and self.head.version == "HTTP/1.0":
             items.append(("Connection", "keep-alive"))
-        transport.write(_header_block(status, reason or reason_phrase(status), items) + body)
+        block = _header_block(status, reason or reason_phrase(status), items)
+        if self.head is not None and self.head.method == "HEAD":
+            transport.write(block)  # the length a GET would have had, and no body
+        else:
+            transport.write(block + body)
         if self.body_done:  # else: answered early, the rest of the body is read and dropped
             self._next()
         return True
