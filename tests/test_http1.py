@@ -149,6 +149,15 @@ def test_expect_100_continue(raw: Raw) -> None:
     assert raw.reply().status == 200
 
 
+def test_expect_100_continue_refused_before_the_body(raw: Raw) -> None:
+    size = 6553500 + 1
+    head = f"POST /predictions/swiss HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+    raw.send(f"{head}Content-Type: text/plain\r\nExpect: 100-continue\r\n\r\n".encode())
+    reply = raw.reply()  # the final answer, no 100 Continue before it
+    assert reply.status == 413 and reply.headers["connection"] == "close"
+    assert raw.at_eof()  # the body was never wanted: nothing left to read on this connection
+
+
 def test_http_1_0_closes_unless_asked_to_keep_alive(server: Server) -> None:
     client = Raw(server)
     client.send(

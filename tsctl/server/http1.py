@@ -359,15 +359,17 @@ class Connection(asyncio.Protocol):
         exchange.headers_received()
         if self.state == _CLOSED:
             return
+        expects = head.get("expect").lower() == "100-continue"
         if self.limit is not None and length > self.limit:
             self.discarding = True
-            exchange.too_large(length)
-            if length > self.limit + self.server.discard_limit:
-                # too big to read and throw away: answer, then close
+            if expects or length > self.limit + self.server.discard_limit:
+                # a client told "no" before sending may never send the body, and one too big
+                # is not worth reading: answer, then close
                 self.close_after = True
+            exchange.too_large(length)
+            if self.close_after:
                 self._close_if_done()
                 return
-        expects = head.get("expect").lower() == "100-continue"
         if (length or chunked) and expects and not self.answered and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if chunked:
