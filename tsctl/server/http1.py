@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
 
+from tsctl.errors import BadRequest, TsctlError
+
 log = logging.getLogger("tsctl.server")
 
 #: the largest request head (request line plus headers) read before answering 431
@@ -41,13 +43,22 @@ _CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?$")
 _HEAD, _BODY, _CHUNK_HEAD, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _BUSY, _CLOSED = range(8)
 
 
-class ProtocolError(Exception):
-    """The client broke HTTP/1.1: answered with `status` and the connection is closed."""
+class HeadTooLarge(BadRequest):
+    """A request head over `MAX_HEAD`."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    http_status = 431
+
+
+class UnsupportedTransferCoding(BadRequest):
+    """A transfer coding other than chunked."""
+
+    http_status = 501
+
+
+#: the application's error funnel: (status, JSON body, extra headers) for an exception. A
+#: request that breaks HTTP/1.1 raises `BadRequest` (400) or one of the two above while it is
+#: parsed; it is answered through the funnel and the connection is closed
+ErrorResponse = Callable[[BaseException], tuple[int, bytes, dict[str, str]]]
 
 
 class RequestHead:
@@ -107,14 +118,10 @@ class Exchange:
         """The client went away before the answer was written (called even when the answer
         is already out: ignore it then)."""
 
-    def refuse(self, status: int, message: str) -> None:
-        """The request broke HTTP/1.1 after its head was read (a malformed chunked body):
-        answer `status` (the connection closes after it)."""
-        self.conn.respond(
-            status,
-            {"Content-Type": "application/json"},
-            self.conn.server.error_body(status, message),
-        )
+    def refuse(self, exc: BaseException) -> None:
+        """The request broke HTTP/1.1 after its head was read (a malformed chunked body), or
+        handling it failed: answer `exc` (the connection closes after it)."""
+        self.conn.refuse(exc)
 
 
 def reason_phrase(status: int) -> str:
@@ -167,6 +174,7 @@ class Connection(asyncio.Protocol):
         self.parsing = False
         self.answered = False
         self.streaming = False
+        self.chunked = False  # the streamed answer is sent in chunks (HTTP/1.1)
         self.close_after = False
         self.paused = False
         self.last_active = 0.0
@@ -224,11 +232,11 @@ class Connection(asyncio.Protocol):
             while self.state not in (_BUSY, _CLOSED):
                 if not self._step():
                     return
-        except ProtocolError as exc:
-            self._fail(exc.status, exc.message)
-        except Exception:
+        except TsctlError as exc:
+            self._fail(exc)
+        except Exception as exc:
             log.exception("error handling a request from %s", self.client)
-            self._fail(500, "internal server error; the server log (ts_log.log) has the details")
+            self._fail(exc)  # the funnel answers 500 without the details
         finally:
             self.parsing = False
 
@@ -240,38 +248,41 @@ class Connection(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD:
-                    raise ProtocolError(431, "the request head is over 64 KiB")
+                    raise HeadTooLarge("the request head is over 64 KiB")
                 if buf[:2] == b"\r\n":  # tolerate blank lines between requests
                     del buf[:2]
                     return True
                 return False
             if end > MAX_HEAD:
-                raise ProtocolError(431, "the request head is over 64 KiB")
+                raise HeadTooLarge("the request head is over 64 KiB")
             raw = bytes(buf[:end])
             del buf[: end + 4]
             if not raw:
                 return True
             self._start(raw)
             return True
-        if state == _BODY:
+        if state in (_BODY, _CHUNK_DATA):  # `remaining` bytes of body (or of this chunk)
             if not buf:
                 return False
             take = min(self.remaining, len(buf))
-            self._body(bytes(buf[:take]) if take < len(buf) else bytes(buf))
+            self._body(bytes(buf[:take]))
             del buf[:take]
             self.remaining -= take
-            if self.remaining == 0:
+            if self.remaining == 0 and state == _BODY:
                 self._complete()
+            elif self.remaining == 0:
+                self.state = _CHUNK_END
             return True
         if state == _CHUNK_HEAD:
             end = buf.find(b"\r\n")
             if end < 0:
                 if len(buf) > 4096:
-                    raise ProtocolError(400, "malformed chunked body: chunk size line too long")
+                    raise BadRequest("malformed chunked body: chunk size line too long")
                 return False
-            match = _CHUNK_SIZE.match(bytes(buf[:end]).strip())
+            line = bytes(buf[:end]).strip()
+            match = _CHUNK_SIZE.match(line)
             if match is None:
-                raise ProtocolError(400, "malformed chunked body: bad chunk size")
+                raise BadRequest(f"malformed chunked body: bad chunk size {line[:40]!r}")
             del buf[: end + 2]
             size = int(match.group(1), 16)
             if size == 0:
@@ -280,21 +291,13 @@ class Connection(asyncio.Protocol):
                 self.remaining = size
                 self.state = _CHUNK_DATA
             return True
-        if state == _CHUNK_DATA:
-            if not buf:
-                return False
-            take = min(self.remaining, len(buf))
-            self._body(bytes(buf[:take]))
-            del buf[:take]
-            self.remaining -= take
-            if self.remaining == 0:
-                self.state = _CHUNK_END
-            return True
         if state == _CHUNK_END:
             if len(buf) < 2:
                 return False
             if buf[:2] != b"\r\n":
-                raise ProtocolError(400, "malformed chunked body: chunk not followed by CRLF")
+                raise BadRequest(
+                    f"malformed chunked body: chunk followed by {bytes(buf[:2])!r}, not CRLF"
+                )
             del buf[:2]
             self.state = _CHUNK_HEAD
             return True
@@ -302,7 +305,7 @@ class Connection(asyncio.Protocol):
             end = buf.find(b"\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD:
-                    raise ProtocolError(431, "the request trailers are over 64 KiB")
+                    raise HeadTooLarge("the request trailers are over 64 KiB")
                 return False
             del buf[: end + 2]
             if end == 0:  # the empty line after the (ignored) trailers
@@ -314,22 +317,25 @@ class Connection(asyncio.Protocol):
         """A request head: parse it, pick the exchange, set up reading the body."""
         lines = raw.split(b"\r\n")
         request_line = lines[0].split(b" ")
-        if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
-            raise ProtocolError(400, "malformed HTTP request line")
+        if (
+            len(request_line) != 3
+            or not request_line[2].startswith(b"HTTP/1.")
+            or not _TOKEN.match(request_line[0])
+            or not request_line[1]
+        ):
+            raise BadRequest(f"malformed HTTP request line {lines[0][:80]!r}")
         method, target, version = (part.decode("latin-1") for part in request_line)
-        if not _TOKEN.match(request_line[0]) or not target:
-            raise ProtocolError(400, "malformed HTTP request line")
         headers: list[tuple[str, str]] = []
         for line in lines[1:]:
             if line[:1] in (b" ", b"\t"):  # obsolete line folding: continues the last value
                 if not headers:
-                    raise ProtocolError(400, "malformed HTTP header: continuation first")
+                    raise BadRequest("malformed HTTP header: a continuation line comes first")
                 last, folded = headers[-1]
                 headers[-1] = (last, f"{folded} {line.strip().decode('latin-1')}")
                 continue
             name, sep, value = line.partition(b":")
             if not sep or not _TOKEN.match(name):
-                raise ProtocolError(400, f"malformed HTTP header line {line[:80]!r}")
+                raise BadRequest(f"malformed HTTP header line {line[:80]!r}")
             headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
         head = RequestHead(method, target, version, headers)
         self.head = head
@@ -342,14 +348,14 @@ class Connection(asyncio.Protocol):
         declared = head.get("content-length")
         if chunked:
             if declared:
-                raise ProtocolError(400, "both Content-Length and Transfer-Encoding were sent")
+                raise BadRequest("both Content-Length and Transfer-Encoding were sent")
             if chunked != "chunked":
-                raise ProtocolError(501, f"unsupported Transfer-Encoding {chunked!r}")
+                raise UnsupportedTransferCoding(f"unsupported Transfer-Encoding {chunked!r}")
         length = 0
         if declared:
             values = {value.strip() for value in declared.split(",")}  # the same one twice is ok
             if len(values) != 1 or not (single := values.pop()).isdigit():
-                raise ProtocolError(400, f"malformed Content-Length {declared[:40]!r}")
+                raise BadRequest(f"malformed Content-Length {declared[:40]!r}")
             length = int(single)
         exchange = self.server.route(self, head)
         self.exchange = exchange
@@ -428,16 +434,20 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, exc: BaseException) -> None:
         """Answer a broken request (when nothing was answered yet) and close."""
         self.close_after = True
         if not self.answered and self.transport is not None:
             if self.exchange is not None:
-                self.exchange.refuse(status, message)
+                self.exchange.refuse(exc)
             else:
-                body = self.server.error_body(status, message)
-                self.respond(status, {"Content-Type": "application/json"}, body)
+                self.refuse(exc)
         self._close()
+
+    def refuse(self, exc: BaseException) -> None:
+        """Answer `exc` through the server's error funnel."""
+        status, body, extra = self.server.error_response(exc)
+        self.respond(status, {"Content-Type": "application/json", **extra}, body)
 
     # --- answering (called by exchanges)
 
@@ -479,11 +489,12 @@ class Connection(asyncio.Protocol):
             return False
         self.answered = True
         self.streaming = True
+        self.chunked = self.head is not None and self.head.version == "HTTP/1.1"
         items = list(headers.items())
         items.append(("Date", http_date()))
-        if self.head is not None and self.head.version == "HTTP/1.1":
+        if self.chunked:
             items.append(("Transfer-Encoding", "chunked"))
-        else:
+        else:  # an HTTP/1.0 client reads the answer until the connection closes
             self.close_after = True
         if self.close_after:
             items.append(("Connection", "close"))
@@ -496,7 +507,7 @@ class Connection(asyncio.Protocol):
             return
         if not piece:
             return
-        if self.head is not None and self.head.version == "HTTP/1.1":
+        if self.chunked:
             self.transport.write(b"%x\r\n%b\r\n" % (len(piece), piece))
         else:
             self.transport.write(piece)
@@ -507,8 +518,7 @@ class Connection(asyncio.Protocol):
         self.stream(last)
         self.streaming = False
         transport = self.transport
-        chunked = self.head is not None and self.head.version == "HTTP/1.1"
-        if chunked and transport is not None and not transport.is_closing():
+        if self.chunked and transport is not None and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
         if self.body_done:
             self._next()
@@ -520,12 +530,12 @@ class Server:
     def __init__(
         self,
         route: Callable[[Connection, RequestHead], Exchange],
-        error_body: Callable[[int, str], bytes],
+        error_response: ErrorResponse,
         discard_limit: int,
         idle_timeout: float = 3600.0,
     ) -> None:
         self.route = route
-        self.error_body = error_body
+        self.error_response = error_response
         self.discard_limit = discard_limit
         self.idle_timeout = idle_timeout
         self.loop = asyncio.get_running_loop()

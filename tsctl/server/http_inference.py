@@ -18,7 +18,6 @@ import json
 import re
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
@@ -56,10 +55,6 @@ DISCARD_LIMIT = 64 << 20
 _PREDICTIONS = re.compile(r"^/(predictions|explanations)/([^/]+)(?:/([^/]+))?/?$")
 #: the header TorchServe's frontend adds to an explanation request for the handler to see
 EXPLAIN_HEADER = ("explain", "True")
-_PROTOCOL_ERRORS = {
-    413: "RequestEntityTooLargeException",
-    500: "InternalServerException",
-}
 
 
 class _Exchange(http1.Exchange):
@@ -95,8 +90,8 @@ class _Exchange(http1.Exchange):
         status, body, extra = error_response(exc)
         self.answer(status, body, extra=extra)
 
-    def refuse(self, status: int, message: str) -> None:
-        self.answer(status, error_body(status, message))
+    def refuse(self, exc: BaseException) -> None:
+        self.answer_error(exc)
 
     def too_large(self, size: int | None) -> None:
         limit = self.state.config.max_request_size
@@ -120,28 +115,23 @@ class _Exchange(http1.Exchange):
 
 
 class FixedExchange(_Exchange):
-    """A request whose answer does not depend on its body: computed when the body is in."""
+    """A request whose answer does not depend on its body: a JSON document, or an error,
+    sent once the body is in."""
 
     def __init__(
-        self,
-        state: ServerState,
-        conn: http1.Connection,
-        head: http1.RequestHead,
-        answer: Callable[[], tuple[int, bytes]],
+        self, state: ServerState, conn: http1.Connection, head: http1.RequestHead, answer: Any
     ) -> None:
         super().__init__(state, conn, head)
-        self.compute = answer
+        self.fixed = answer
 
     def body_limit(self) -> int | None:
         return self.state.config.max_request_size
 
     def finish(self) -> None:
-        try:
-            status, body = self.compute()
-        except TsctlError as exc:
-            self.answer_error(exc)
-            return
-        self.answer(status, body)
+        if isinstance(self.fixed, TsctlError):
+            self.answer_error(self.fixed)
+        else:
+            self.answer(200, json.dumps(self.fixed, indent=2).encode())
 
 
 class PredictionExchange(_Exchange):
@@ -280,17 +270,6 @@ class PredictionExchange(_Exchange):
         return parts
 
 
-def _json(doc: Any) -> tuple[int, bytes]:
-    return 200, json.dumps(doc, indent=2).encode()
-
-
-def _raise(exc: TsctlError) -> Callable[[], tuple[int, bytes]]:
-    def answer() -> tuple[int, bytes]:
-        raise exc
-
-    return answer
-
-
 class InferenceApi:
     """Routes the inference port's requests: `route` is `http1.Server`'s callback."""
 
@@ -304,28 +283,22 @@ class InferenceApi:
         if match is not None and method not in ("OPTIONS", "HEAD"):
             api, model, version = match.groups()
             return PredictionExchange(state, conn, head, model, version, api == "explanations")
-        answer: Callable[[], tuple[int, bytes]]
+        answer: Any
         if path == "/ping" and method == "GET":
-            answer = lambda: _json({"status": "Healthy"})  # noqa: E731
+            answer = {"status": "Healthy"}
         elif (path == "/api-description" and method == "GET") or (
             path == "/" and method in ("GET", "OPTIONS")
         ):
-            answer = lambda: _json(inference_api_description())  # noqa: E731
+            answer = inference_api_description()
         elif match is not None or path in ("/ping", "/api-description", "/"):
-            answer = _raise(MethodNotAllowed(NOT_ALLOWED_MESSAGE))
+            answer = MethodNotAllowed(NOT_ALLOWED_MESSAGE)
         else:
-            answer = _raise(NotFound(NOT_FOUND_MESSAGE))
+            answer = NotFound(NOT_FOUND_MESSAGE)
         return FixedExchange(state, conn, head, answer)
-
-
-def error_body(status: int, message: str) -> bytes:
-    """The JSON body of an answer to a request the HTTP layer itself refused."""
-    kind = _PROTOCOL_ERRORS.get(status, "BadRequestException")
-    return json.dumps({"code": status, "type": kind, "message": message}, indent=2).encode()
 
 
 async def serve(state: ServerState, sockets: list[socket.socket]) -> http1.Server:
     """The inference API on `sockets` (already bound and listening)."""
-    server = http1.Server(InferenceApi(state).route, error_body, DISCARD_LIMIT)
+    server = http1.Server(InferenceApi(state).route, error_response, DISCARD_LIMIT)
     await server.add_sockets(sockets)
     return server
