@@ -193,23 +193,18 @@ class BaseHandler(abc.ABC):  # noqa: B024 (abstract in name only, as TorchServe'
 
     def _load_torch_export_aot_compile(self, model_so_path: str) -> Any:
         """Load an AOT-compiled model (`torch._export.aot_compile` `.so`, or a `.pt2` package)."""
-        if model_so_path.endswith(".pt2"):
-            inductor = importlib.import_module("torch._inductor")
-            load_package = getattr(inductor, "aoti_load_package", None)
-            if load_package is None:
-                raise RuntimeError(
-                    f"torch {torch.__version__} cannot load the AOT-compiled package "
-                    f"{os.path.basename(model_so_path)!r} (it has no aoti_load_package)"
-                )
-            return load_package(model_so_path)
-        export = importlib.import_module("torch._export")
-        aot_load = getattr(export, "aot_load", None)
-        if aot_load is None:
+        package = model_so_path.endswith(".pt2")
+        module, name = (
+            ("torch._inductor", "aoti_load_package") if package else ("torch._export", "aot_load")
+        )
+        loader = getattr(importlib.import_module(module), name, None)
+        if loader is None:
             raise RuntimeError(
-                f"torch {torch.__version__} cannot load the AOT-compiled model "
-                f"{os.path.basename(model_so_path)!r} (it has no torch._export.aot_load)"
+                f"torch {torch.__version__} cannot load the AOT-compiled "
+                f"{'package' if package else 'model'} {os.path.basename(model_so_path)!r} "
+                f"(it has no {module}.{name})"
             )
-        return aot_load(model_so_path, self.map_location)
+        return loader(model_so_path) if package else loader(model_so_path, self.map_location)
 
     def _load_torchscript_model(self, model_pt_path: str) -> Any:
         return torch.jit.load(model_pt_path, map_location=self.device)  # type: ignore[no-untyped-call]

@@ -144,6 +144,20 @@ def request_body(row: Any, envelope: str, expected: str) -> Any:
     return body
 
 
+def request_list(
+    row: Any, envelope: str, expected: str, key: str
+) -> tuple[dict[str, Any], list[Any]]:
+    """The row's JSON document (`request_body`) and the list under `key` in it, which
+    `envelope` requires."""
+    body = request_body(row, envelope, expected)
+    items = body.get(key)
+    if not isinstance(items, list):
+        raise EnvelopeInputError(
+            f'the {envelope} envelope expects {expected}: the body has no "{key}" list'
+        )
+    return body, items
+
+
 def _rejected(share: int | EnvelopeInputError) -> bool:
     return isinstance(share, EnvelopeInputError)
 

@@ -15,7 +15,7 @@ import json
 from base64 import b64decode
 from typing import Any
 
-from ts.torch_handler.request_envelope.base import BaseEnvelope, request_body
+from ts.torch_handler.request_envelope.base import BaseEnvelope, request_list
 from tsctl.worker.envelope import EnvelopeInputError
 
 _EXPECTED = '{"instances": [...]}'
@@ -31,12 +31,7 @@ class JSONEnvelope(BaseEnvelope):
         return self._scatter(data, self._predictions)
 
     def _instances(self, idx: int, row: Any) -> list[Any]:
-        body = request_body(row, "json", _EXPECTED)
-        rows = body.get("instances")
-        if not isinstance(rows, list):
-            raise EnvelopeInputError(
-                f'the json envelope expects {_EXPECTED}: the body has no "instances" list'
-            )
+        _, rows = request_list(row, "json", _EXPECTED, "instances")
         return [_decode_b64(instance) for instance in rows]
 
     def _predictions(self, idx: int, results: Any, count: int) -> str:

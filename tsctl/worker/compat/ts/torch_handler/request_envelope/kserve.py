@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ts.torch_handler.request_envelope.base import BaseEnvelope, request_body
-from tsctl.worker.envelope import EnvelopeInputError
+from ts.torch_handler.request_envelope.base import BaseEnvelope, request_list
 
 _EXPECTED = '{"instances": [...]}'
 
@@ -30,12 +29,7 @@ class KServeEnvelope(BaseEnvelope):
         return self._scatter(data, self._answer)
 
     def _instances(self, idx: int, row: Any) -> list[Any]:
-        body = request_body(row, "kserve", _EXPECTED)
-        instances = body.get("instances")
-        if not isinstance(instances, list):
-            raise EnvelopeInputError(
-                f'the kserve envelope expects {_EXPECTED}: the body has no "instances" list'
-            )
+        _, instances = request_list(row, "kserve", _EXPECTED, "instances")
         return instances
 
     def _answer(self, idx: int, results: Any, count: int) -> dict[str, Any]:

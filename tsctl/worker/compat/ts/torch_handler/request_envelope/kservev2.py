@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ts.torch_handler.request_envelope.base import BaseEnvelope, request_body
+from ts.torch_handler.request_envelope.base import BaseEnvelope, request_list
 from tsctl.worker.envelope import EnvelopeInputError
 
 _EXPECTED = '{"inputs": [{"name": ..., "shape": [...], "datatype": ..., "data": [...]}]}'
@@ -75,12 +75,7 @@ class KServev2Envelope(BaseEnvelope):
                 del self.context.input_names
 
     def _inputs(self, idx: int, row: Any) -> list[Any]:
-        body = request_body(row, "kservev2", _EXPECTED)
-        inputs = body.get("inputs")
-        if not isinstance(inputs, list):
-            raise EnvelopeInputError(
-                f'the kservev2 envelope expects {_EXPECTED}: the body has no "inputs" list'
-            )
+        body, inputs = request_list(row, "kservev2", _EXPECTED, "inputs")
         parsed = [_read_input(pos, tensor) for pos, tensor in enumerate(inputs)]
         request_id = body.get("id")
         own_id = request_id if isinstance(request_id, str) and request_id.strip() else None
