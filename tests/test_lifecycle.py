@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.server import Server, make_archive
-from tsctl.server import pidfile
+from tsctl.errors import TsctlError
+from tsctl.server import boot, pidfile
 from tsctl.server.spares import cpu_count
 
 pytestmark = pytest.mark.slow
@@ -292,3 +294,17 @@ def test_start_up_workers_are_started_ahead(server: Server) -> None:
         assert answer["pid"] == worker["pid"] and answer["threads"] == str(cpu_count())
     finally:
         server.stop()
+
+
+def test_a_failed_fork_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running out of processes cannot be caused for real here (root is exempt from
+    RLIMIT_NPROC), so `os.fork` fails as the kernel would make it fail."""
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    open_before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(TsctlError, match="cannot start the server process: Resource temp"):
+        boot.launch(early_spares=0)
+    assert set(os.listdir("/proc/self/fd")) == open_before  # its pipes are closed again

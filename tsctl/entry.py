@@ -27,9 +27,13 @@ def wants_early_daemon(args: list[str]) -> bool:
 def main() -> None:
     early = None
     if wants_early_daemon(sys.argv[1:]):
+        from tsctl.errors import TsctlError
         from tsctl.server.boot import launch
 
-        early = launch(early_spares=1)
+        try:
+            early = launch(early_spares=1)
+        except TsctlError:
+            early = None  # the command launches it again and reports the error on one line
     from tsctl.cli import main as cli_main
 
     cli_main(early=early)

@@ -18,6 +18,8 @@ import signal
 import sys
 import time
 
+from tsctl.errors import TsctlError
+
 
 class Launched:
     """A daemon started by `launch`, waiting for its configuration: the CLI's handle on it."""
@@ -72,7 +74,12 @@ def launch(early_spares: int) -> Launched:
     notify_r, notify_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:  # out of processes or memory
+        for fd in (config_r, config_w, notify_r, notify_w):
+            os.close(fd)
+        raise TsctlError(f"cannot start the server process: {exc.strerror}") from None
     if pid == 0:  # the daemon: never returns to the caller
         code = 1
         try:
