@@ -208,7 +208,7 @@ class _Source:
 
 
 def _closed(source: Hashable) -> bool:
-    """A source that can tell (a tornado IOStream) and whose connection is closed."""
+    """A source that can tell (an `http1.Connection`) and whose connection is closed."""
     closed = getattr(source, "closed", None)
     return bool(closed()) if callable(closed) else False
 

@@ -1,4 +1,4 @@
-"""What every tornado handler of the daemon shares: request ids, the one error funnel, and the
+"""What every HTTP API of the daemon shares: request ids, the one error funnel, and the
 JSON error shape `{"code": N, "type": "...", "message": "..."}` TorchServe clients parse.
 
 Runs on the daemon's event loop. Handlers never block: anything slow is awaited.
