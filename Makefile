@@ -33,13 +33,13 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Shell completion scripts, generated from the CLI; tests/test_completions.py fails when stale.
+# Shell completion scripts, generated from the CLI; tests/e2e/test_completions.py fails when stale.
 completions: $(STAMP)
 	_TSCTL_COMPLETE=source_bash $(BIN)/tsctl > completions/tsctl.bash
 	_TSCTL_COMPLETE=source_zsh $(BIN)/tsctl > completions/_tsctl
 	_TSCTL_COMPLETE=source_fish $(BIN)/tsctl > completions/tsctl.fish
 
-# gRPC code from proto/ into tsctl/proto_gen/; tests/test_protos.py fails when it is stale.
+# gRPC code from proto/ into tsctl/proto_gen/; tests/e2e/test_protos.py fails when it is stale.
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 

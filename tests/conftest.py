@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.helpers import BIN
+from tests.support.cli import BIN
 
 
 @pytest.fixture(autouse=True)

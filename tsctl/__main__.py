@@ -1,6 +1,6 @@
 """`python -m tsctl` runs the CLI."""
 
-from tsctl.entry import main
+from tsctl.cli.entry import main
 
 if __name__ == "__main__":
     main()

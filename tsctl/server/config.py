@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tsctl.errors import InvalidInput
-from tsctl.protocol import check_envelope_name
-from tsctl.server.spares import cpu_count
+from tsctl.ipc.codec import check_envelope_name
+from tsctl.server.workers.spares import cpu_count
 from tsctl.validation import describe
 
 # TorchServe's defaults

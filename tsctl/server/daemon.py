@@ -1,6 +1,6 @@
 """The daemon process: one asyncio loop running the HTTP APIs, the registry and the workers.
 
-`tsctl serve start` launches it through `tsctl.server.boot` (a fork of the CLI),
+`tsctl serve start` launches it through `tsctl.local.launch` (a fork of the CLI),
 which starts spare workers first (or runs it in-process with `--foreground`). Start-up binds
 every API first (so a port in use fails at once), writes the pid file, loads the start-up
 models, then reports readiness on the notify pipe as one JSON line: `{"ok": true, ...}` or
@@ -25,15 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from tsctl.errors import InvalidInput, TsctlError
-from tsctl.server import logs, pidfile, snapshot
+from tsctl.local import pidfile
+from tsctl.local.lifecycle import STARTED_LINE
+from tsctl.server import snapshot
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig, parse_address
-from tsctl.server.lifecycle import STARTED_LINE
-from tsctl.server.metrics import Reporter
-from tsctl.server.prometheus import Metrics
 from tsctl.server.registry import LoadOptions, Registry
-from tsctl.server.spares import Spares
 from tsctl.server.state import ServerState
+from tsctl.server.telemetry import logs
+from tsctl.server.telemetry.metric_log import Reporter
+from tsctl.server.telemetry.prometheus import Metrics
+from tsctl.server.workers.spares import Spares
 
 log = logging.getLogger("tsctl.server")
 
@@ -154,7 +156,7 @@ class Daemon:
         return 0
 
     async def _start_grpc(self, state: ServerState) -> dict[str, str]:
-        from tsctl.server import grpc_api
+        from tsctl.server.api import grpc_api
 
         config = self.config
         found = {}
@@ -199,7 +201,9 @@ class Daemon:
     async def _listen(self, state: ServerState) -> dict[str, str]:
         from tornado.httpserver import HTTPServer
 
-        from tsctl.server import http_inference, http_management, http_metrics
+        from tsctl.server.api import rest_inference as http_inference
+        from tsctl.server.api import rest_management as http_management
+        from tsctl.server.api import rest_metrics as http_metrics
 
         config = self.config
         inference_sockets = _bind(config.inference_address, "inference")
@@ -253,7 +257,7 @@ def run(
     spares: Spares | None = None,
 ) -> int:
     """Run the daemon until stopped; returns its exit status. `spares` are workers started
-    ahead (see `tsctl.server.spares`) for the start-up models to take."""
+    ahead (see `tsctl.server.workers.spares`) for the start-up models to take."""
 
     def notify(message: dict[str, Any]) -> None:
         if foreground and message.get("ok"):
@@ -269,6 +273,6 @@ def run(
 
 
 def main(raw_config: str, notify_fd: int | None, spares: Spares) -> int:
-    """The launched daemon (from `tsctl.server.boot`)."""
+    """The launched daemon (from `tsctl.local.launch`)."""
     config = ServerConfig.model_validate_json(raw_config)
     return run(config, foreground=False, notify_fd=notify_fd, spares=spares)

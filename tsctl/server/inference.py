@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tsctl.errors import ServiceUnavailable
-from tsctl.protocol import Part
+from tsctl.ipc.codec import Part
 from tsctl.server.batching import ClientGone, Job
 from tsctl.server.registry import ModelVersion
-from tsctl.server.workers import Response, expire
+from tsctl.server.workers.pool import Response, expire
 
 
 @dataclass(frozen=True)

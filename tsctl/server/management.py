@@ -23,7 +23,7 @@ from tsctl.errors import (
     TsctlError,
 )
 from tsctl.server import download
-from tsctl.server.http_common import NOT_ALLOWED_MESSAGE
+from tsctl.server.api.rest import NOT_ALLOWED_MESSAGE
 from tsctl.server.registry import LoadOptions, ModelVersion
 from tsctl.server.state import ServerState
 from tsctl.validation import describe

@@ -29,12 +29,12 @@ from tsctl.errors import (
     ModelVersionNotFound,
     ServiceUnavailable,
 )
-from tsctl.server import model_deps
 from tsctl.server.batching import ModelQueue
 from tsctl.server.config import ServerConfig
-from tsctl.server.prometheus import Metrics
-from tsctl.server.spares import Spares, cpu_count
-from tsctl.server.workers import PoolSettings, WorkerPool, WorkerProcess
+from tsctl.server.deps import install as model_deps
+from tsctl.server.telemetry.prometheus import Metrics
+from tsctl.server.workers.pool import PoolSettings, WorkerPool, WorkerProcess
+from tsctl.server.workers.spares import Spares, cpu_count
 from tsctl.validation import first_problem
 
 log = logging.getLogger("tsctl.server")

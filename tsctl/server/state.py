@@ -8,10 +8,10 @@ from functools import cached_property
 
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig
-from tsctl.server.logs import LineLog
-from tsctl.server.metrics import Reporter
-from tsctl.server.prometheus import Metrics
 from tsctl.server.registry import Registry
+from tsctl.server.telemetry.logs import LineLog
+from tsctl.server.telemetry.metric_log import Reporter
+from tsctl.server.telemetry.prometheus import Metrics
 
 
 @dataclass

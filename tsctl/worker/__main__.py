@@ -5,7 +5,7 @@ reads is `Assign`: the model, its directory and the settings the handler's conte
 The worker reports `Hello` once its handler is initialized (or `InitFailed` with the error),
 then answers each `Batch` with a `Result` until it reads `Stop` or its socket closes.
 
-With `--preload` (a spare started before its model is known, see `tsctl.server.spares`) it
+With `--preload` (a spare started before its model is known, see `tsctl.server.workers.spares`) it
 imports torch on a background thread while it waits: a handler that needs torch then finds it
 imported, or waits on the import lock for the rest; one that does not is not held up.
 
@@ -28,7 +28,7 @@ import traceback
 from typing import Any
 
 from tsctl import __version__
-from tsctl.protocol import (
+from tsctl.ipc.codec import (
     Assign,
     Batch,
     Describe,

@@ -19,8 +19,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 # shared with the frontend, which checks `service_envelope` and answers input failures 400
-from tsctl.protocol import ENVELOPES, INPUT_FAILURE_KIND
-from tsctl.protocol import check_envelope_name as check_name
+from tsctl.ipc.codec import ENVELOPES, INPUT_FAILURE_KIND
+from tsctl.ipc.codec import check_envelope_name as check_name
 
 if TYPE_CHECKING:
     from tsctl.worker.loader import Entry

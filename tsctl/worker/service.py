@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from tsctl.protocol import (
+from tsctl.ipc.codec import (
     INPUT_FAILURE_KIND,
     Batch,
     Chunk,

@@ -1,0 +1,226 @@
+"""`tsctl serve start/stop/status`: `torchserve --start/--stop` and a status table."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    help="Start, stop and inspect the model server daemon.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+STATE_DIR_HELP = "Where the pid file lives (default: the temporary directory, $TMPDIR)."
+
+
+def _state_dir(value: Path | None) -> Path:
+    from tsctl.local.pidfile import default_state_dir
+
+    return value if value is not None else default_state_dir()
+
+
+@app.command("start")
+def start(
+    ctx: typer.Context,
+    model_store: Path | None = typer.Option(None, "--model-store", help="Model store folder."),
+    models: list[str] | None = typer.Option(
+        None,
+        "--models",
+        help="Models to load at start: NAME=PATH, PATH.mar or all (repeat, or comma-separate).",
+    ),
+    more_models: list[str] | None = typer.Argument(None, hidden=True),
+    ts_config: Path | None = typer.Option(
+        None, "--ts-config", help="A TorchServe config.properties file.", envvar="TS_CONFIG_FILE"
+    ),
+    ncs: bool = typer.Option(
+        False, "--ncs", "--no-config-snapshots", help="Do not write or restore config snapshots."
+    ),
+    foreground: bool = typer.Option(
+        False, "--foreground", help="Run in this process; logs to stdout."
+    ),
+    disable_token_auth: bool = typer.Option(
+        False, "--disable-token-auth", "--dt", help="Serve without token authorization."
+    ),
+    enable_model_api: bool = typer.Option(
+        False, "--enable-model-api", help="Allow registering and unregistering models."
+    ),
+    log_config: Path | None = typer.Option(
+        None, "--log-config", help="Accepted for compatibility (a log4j file); not used."
+    ),
+    cpp_log_config: Path | None = typer.Option(
+        None, "--cpp-log-config", help="Accepted for compatibility; not used."
+    ),
+    workflow_store: Path | None = typer.Option(
+        None, "--workflow-store", help="Accepted for compatibility; workflows are not served."
+    ),
+    plugins_path: Path | None = typer.Option(
+        None, "--plugins-path", "--ppath", help="Accepted for compatibility (Java plugin jars)."
+    ),
+    log_dir: Path | None = typer.Option(None, "--log-dir", help="Log folder (default: ./logs)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    start_timeout: float = typer.Option(
+        300, "--start-timeout", help="Seconds to wait for readiness."
+    ),
+) -> None:
+    """Start the server: `torchserve --start`'s flags."""
+    from tsctl.local.launch import Launched, launch
+
+    launched = ctx.obj if isinstance(ctx.obj, Launched) else None  # see tsctl.cli.entry
+    if launched is None and not foreground and (models or more_models):
+        # before anything slow: its first worker imports torch while this process and the
+        # daemon read the configuration (it exits if this process sends none)
+        launched = launch(early_spares=1)
+    from tsctl.errors import InvalidInput
+    from tsctl.server.config import build_config, is_loopback, read_properties, unknown_keys
+
+    entries = [*(models or []), *(more_models or [])]
+    if more_models and not models:
+        raise InvalidInput(f"unexpected argument {more_models[0]!r}; did you mean --models?")
+    wanted = tuple(m.strip() for e in entries for m in e.split(",") if m.strip())
+    for flag, value in (
+        ("--log-config", log_config),
+        ("--cpp-log-config", cpp_log_config),
+        ("--workflow-store", workflow_store),
+        ("--plugins-path", plugins_path),
+    ):
+        if value is not None:
+            sys.stderr.write(f"tsctl: warning: {flag} {value} is TorchServe-only (ignored)\n")
+    properties = read_properties(ts_config) if ts_config else {}
+    for key in unknown_keys(properties):
+        sys.stderr.write(f"tsctl: warning: unknown setting {key!r} in {ts_config} (ignored)\n")
+    overrides: dict[str, Any] = {
+        "model_store": model_store,
+        "load_models": wanted or None,
+        "log_dir": log_dir,
+        "state_dir": _state_dir(state_dir),
+        "no_config_snapshots": ncs,
+        "disable_token_authorization": True if disable_token_auth else None,
+        "enable_model_api": True if enable_model_api else None,
+    }
+    if model_store is not None and not model_store.is_dir():
+        raise InvalidInput(f"model store {str(model_store)!r} is not a directory")
+    config = build_config(properties, overrides, dict(os.environ))
+    for what, address in (
+        ("management", config.management_address),
+        ("metrics", config.metrics_address),
+    ):
+        if config.disable_token_authorization and not is_loopback(address):
+            sys.stderr.write(
+                f"tsctl: warning: the {what} API listens on {address}, beyond this machine, "
+                "with token authorization off\n"
+            )
+    if foreground:
+        from tsctl.server.workers import spares
+
+        ahead = spares.prestart(spares.expected(config.model_dump(), spares.cpu_count()))
+        from tsctl.server.daemon import run
+
+        raise typer.Exit(run(config, foreground=True, spares=ahead))
+
+    from rich.console import Console
+
+    from tsctl.local.lifecycle import STARTED_LINE, StartFailed
+    from tsctl.local.lifecycle import start as start_daemon
+
+    err = Console(stderr=True)
+    try:
+        if err.is_terminal:
+            with err.status("starting tsctl..."):
+                ready = start_daemon(config, start_timeout, launched)
+        else:
+            ready = start_daemon(config, start_timeout, launched)
+    except StartFailed as exc:
+        for line in exc.log_tail:
+            sys.stderr.write(f"  | {line}\n")
+        raise
+    typer.echo(
+        f"{STARTED_LINE} pid {ready['pid']}; inference {ready['inference']}, "
+        f"management {ready['management']}"
+    )
+    if ready.get("key_file"):
+        typer.echo(
+            f"Token authorization is on: keys are in {ready['key_file']} "
+            "(tsctl commands use them; curl needs -H 'Authorization: Bearer <key>')."
+        )
+
+
+@app.command("stop")
+def stop(
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    timeout: float = typer.Option(60, "--timeout", help="Seconds to wait before killing it."),
+) -> None:
+    """Stop the server: drain in-flight requests, stop workers, exit."""
+    from tsctl.local.lifecycle import StopOutcome
+    from tsctl.local.lifecycle import stop as stop_daemon
+
+    done = stop_daemon(_state_dir(state_dir), timeout)
+    messages = {
+        StopOutcome.STOPPED: f"tsctl stopped (pid {done.pid}).",
+        StopOutcome.KILLED: f"tsctl did not stop within {timeout:g} s; killed pid {done.pid}.",
+        StopOutcome.NOT_RUNNING: "tsctl is not running.",
+        StopOutcome.STALE: "tsctl is not running (removed a stale pid file).",
+    }
+    typer.echo(messages[done.outcome])
+
+
+@app.command("status")
+def status(
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Show whether the server runs, and its models, versions and workers."""
+    import json
+
+    from tsctl.client.connect import connect
+    from tsctl.local.lifecycle import running
+
+    info = running(_state_dir(state_dir))
+    if info is None:
+        if as_json:
+            typer.echo(json.dumps({"running": False}))
+        else:
+            typer.echo("tsctl is not running.")
+        raise typer.Exit(1)
+    client = connect("management", timeout=30, info=info)
+    listing: Any = client.request("GET", "/models?limit=0").json()
+    described: list[Any] = []
+    for entry in listing.get("models", []):
+        found: Any = client.request("GET", f"/models/{entry['modelName']}/all").json()
+        described.extend(found)
+    if as_json:
+        doc = {
+            "running": True,
+            "pid": info.pid,
+            "inference_address": info.inference_address,
+            "management_address": info.management_address,
+            "models": described,
+        }
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"tsctl is running: pid {info.pid}, inference {info.inference_address}, "
+        f"management {info.management_address}, logs {info.log_dir}"
+    )
+    table = Table("model", "version", "batch", "worker", "pid", "state", title_justify="left")
+    for model in described:
+        workers = model.get("workers") or [{}]
+        for i, worker in enumerate(workers):
+            first = i == 0
+            table.add_row(
+                model["modelName"] if first else "",
+                model["modelVersion"] if first else "",
+                str(model["batchSize"]) if first else "",
+                str(worker.get("id", "-")),
+                str(worker.get("pid", "-")),
+                str(worker.get("status", "no workers")),
+            )
+    console.print(table)

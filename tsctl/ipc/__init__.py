@@ -1,0 +1,1 @@
+"""The frontend <-> worker protocol: typed messages and their frame codec, used by both sides."""

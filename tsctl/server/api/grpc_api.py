@@ -1,0 +1,271 @@
+"""The gRPC inference and management APIs: thin grpc.aio adapters on the daemon's event loop.
+
+They speak TorchServe 0.12's protos (wire-identical, see proto/) and go down the same request
+path as REST: `Predictions` builds the same `InferenceRequest` (each `input` entry one field,
+as bytes) and waits on the same queue, batches and workers; management calls run the same
+operations and answer the REST call's JSON in `msg`. Errors map once, from the error's
+`grpc_code`. Message sizes follow `max_request_size` / `max_response_size`. Event-loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from tsctl.errors import TsctlError
+from tsctl.ipc.codec import Part
+from tsctl.proto_gen import (
+    health_pb2,
+    health_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    management_pb2,
+    management_pb2_grpc,
+)
+from tsctl.server import management
+from tsctl.server.api.rest import new_request_id
+from tsctl.server.api.rest_management import describe_models
+from tsctl.server.inference import InferenceRequest, Pending
+from tsctl.server.state import ServerState
+from tsctl.server.workers.pool import Response
+
+HEALTHY = json.dumps({"status": "Healthy"}, indent=2)
+
+
+def _metadata(context: aio.ServicerContext) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+async def _abort(context: aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, TsctlError):
+        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal server error; see ts_log.log")
+
+
+class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type: ignore[misc]
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def Ping(self, request: Any, context: aio.ServicerContext) -> Any:
+        return inference_pb2.TorchServeHealthResponse(health=HEALTHY)
+
+    async def _predict(
+        self,
+        request: Any,
+        context: aio.ServicerContext,
+        on_chunk: Callable[[Response], None] | None = None,
+        sequence: str | None = None,
+    ) -> bytes:
+        meta = _metadata(context)
+        state = self.state
+        state.authorize("inference", meta.get("authorization"))
+        mv = state.registry.get(request.model_name, request.model_version or None)
+        parts = [Part(name, "", bytes(value)) for name, value in request.input.items()]
+        request_id = new_request_id(meta.get("x-request-id"))
+        wire = InferenceRequest(request_id, parts, list(meta.items()), time.monotonic())
+        # the peer (one HTTP/2 connection, many calls) is the batcher's source
+        pending = Pending(mv, wire, context.peer(), on_chunk, sequence)
+        try:
+            response = await pending.result()
+        except BaseException:
+            pending.abandon()  # a cancelled call: its request must not reach a worker
+            raise
+        state.answered(response.status)
+        return bytes(response.body)
+
+    async def Predictions(self, request: Any, context: aio.ServicerContext) -> Any:
+        try:
+            body = await self._predict(request, context)
+        except TsctlError as exc:
+            self.state.answered(exc.http_status)
+            await _abort(context, exc)
+        return inference_pb2.PredictionResponse(prediction=body)
+
+    async def StreamPredictions(
+        self, request: Any, context: aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """One message per intermediate answer of a streaming handler, then the final one."""
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        final = asyncio.ensure_future(
+            self._predict(request, context, lambda r: chunks.put_nowait(bytes(r.body)))
+        )
+        final.add_done_callback(lambda _: chunks.put_nowait(None))
+        try:
+            while (body := await chunks.get()) is not None:
+                yield inference_pb2.PredictionResponse(prediction=body)
+            answer = await final
+        except TsctlError as exc:
+            await _abort(context, exc)
+        finally:
+            final.cancel()
+        yield inference_pb2.PredictionResponse(prediction=answer)
+
+    async def StreamPredictions2(
+        self, requests: AsyncIterator[Any], context: aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        from google.rpc import status_pb2
+
+        async for request in requests:
+            sequence = request.sequence_id if request.HasField("sequence_id") else None
+            try:
+                body = await self._predict(request, context, sequence=sequence)
+                answer = inference_pb2.PredictionResponse(prediction=body)
+            except TsctlError as exc:
+                code = getattr(grpc.StatusCode, exc.grpc_code).value[0]
+                answer = inference_pb2.PredictionResponse(
+                    status=status_pb2.Status(code=code, message=exc.message)
+                )
+            if sequence is not None:
+                answer.sequence_id = sequence
+            yield answer
+
+
+class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # type: ignore[misc]
+    """Each call does exactly what its REST twin does and answers the same JSON in `msg`."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def _run(self, context: aio.ServicerContext, call: Any) -> Any:
+        try:
+            self.state.authorize("management", _metadata(context).get("authorization"))
+            doc = await call()
+        except TsctlError as exc:
+            await _abort(context, exc)
+        return management_pb2.ManagementResponse(msg=json.dumps(doc, indent=2))
+
+    async def DescribeModel(self, request: Any, context: aio.ServicerContext) -> Any:
+        async def call() -> Any:
+            version = request.model_version or None
+            return await describe_models(
+                self.state, request.model_name, version, request.customized
+            )
+
+        return await self._run(context, call)
+
+    async def ListModels(self, request: Any, context: aio.ServicerContext) -> Any:
+        async def call() -> Any:
+            return management.list_models(
+                self.state, request.limit or 100, request.next_page_token or 0
+            )
+
+        return await self._run(context, call)
+
+    async def RegisterModel(self, request: Any, context: aio.ServicerContext) -> Any:
+        async def call() -> Any:
+            values = {
+                "url": request.url,
+                "model_name": request.model_name or None,
+                "handler": request.handler or None,
+                "runtime": request.runtime or None,
+                "batch_size": request.batch_size or None,
+                "max_batch_delay": request.max_batch_delay or None,
+                "initial_workers": request.initial_workers or None,
+                "synchronous": request.synchronous,
+                "response_timeout": request.response_timeout or None,
+                "startup_timeout": request.startup_timeout or None,
+            }
+            params = management.parse(management.RegisterParams, values)
+            _, message = await management.register(self.state, params)
+            return {"status": message}
+
+        return await self._run(context, call)
+
+    async def ScaleWorker(self, request: Any, context: aio.ServicerContext) -> Any:
+        async def call() -> Any:
+            values = {
+                "min_worker": request.min_worker,
+                "max_worker": request.max_worker or None,
+                "synchronous": request.synchronous,
+            }
+            params = management.parse(management.ScaleParams, values)
+            version = request.model_version or None
+            _, message = await management.scale(self.state, request.model_name, version, params)
+            return {"status": message}
+
+        return await self._run(context, call)
+
+    async def SetDefault(self, request: Any, context: aio.ServicerContext) -> Any:
+        async def call() -> Any:
+            _, message = management.set_default(
+                self.state, request.model_name, request.model_version
+            )
+            return {"status": message}
+
+        return await self._run(context, call)
+
+    async def UnregisterModel(self, request: Any, context: aio.ServicerContext) -> Any:
+        async def call() -> Any:
+            version = request.model_version or None
+            _, message = await management.unregister(self.state, request.model_name, version)
+            return {"status": message}
+
+        return await self._run(context, call)
+
+
+class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1: "" is the server; a model name is SERVING once it has a ready worker."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def _status(self, service: str) -> int | None:
+        status = health_pb2.HealthCheckResponse
+        if not service:
+            return int(status.NOT_SERVING if self.state.draining else status.SERVING)
+        name, _, version = service.partition("/")
+        try:
+            mv = self.state.registry.get(name, version or None)
+        except TsctlError:
+            return None
+        ready = any(w.state in ("READY", "BUSY") for w in mv.pool.workers)
+        return int(status.SERVING if ready else status.NOT_SERVING)
+
+    async def Check(self, request: Any, context: aio.ServicerContext) -> Any:
+        found = self._status(request.service)
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=found)
+
+    async def Watch(self, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        last: int | None = -1
+        while True:
+            found = self._status(request.service)
+            current = found if found is not None else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            if current != last:
+                last = current
+                yield health_pb2.HealthCheckResponse(status=current)
+            await asyncio.sleep(0.5)
+
+
+async def start(state: ServerState, address: str, api: str) -> tuple[aio.Server, str]:
+    """Start one gRPC server ("inference" or "management"); returns it and its address."""
+    config = state.config
+    server = aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_request_size),
+            ("grpc.max_send_message_length", config.max_response_size),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(HealthService(state), server)
+    if api == "inference":
+        inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(
+            InferenceService(state), server
+        )
+    else:
+        management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server(
+            ManagementService(state), server
+        )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise TsctlError(f"cannot listen on gRPC {api} address {address}")
+    await server.start()
+    host = address.rsplit(":", 1)[0]
+    return server, f"{host}:{port}"

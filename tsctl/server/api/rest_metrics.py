@@ -1,0 +1,33 @@
+"""The metrics API: Prometheus text at `/metrics` (`?name[]=` picks families). Event-loop only."""
+
+from __future__ import annotations
+
+import tornado.web
+
+from tsctl.server.api.rest import ApiHandler, NotFoundHandler, log_request
+from tsctl.server.state import ServerState
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class MetricsHandler(ApiHandler):
+    def initialize(self, state: ServerState) -> None:
+        self.state = state
+
+    def get(self) -> None:
+        stats = self.state.stats
+        for versions in self.state.registry.models.values():
+            for mv in versions.values():
+                stats.queue_depth.set((mv.name, mv.version), len(mv.queue))
+        names = {v.decode() for v in self.request.query_arguments.get("name[]", [])}
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(stats.render(names or None))
+
+
+def make_app(state: ServerState) -> tornado.web.Application:
+    return tornado.web.Application(
+        [(r"/metrics", MetricsHandler, {"state": state})],
+        default_handler_class=NotFoundHandler,
+        log_function=log_request,
+        state=state,
+    )

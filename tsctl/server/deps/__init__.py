@@ -1,0 +1,1 @@
+"""Per-model Python dependencies: requirements files, the install cache, pip."""

@@ -1,0 +1,1 @@
+"""Worker processes: starting them (spares), supervising them (the pool)."""
