@@ -1,9 +1,11 @@
 """The errors tsctl raises on purpose, each carrying how it is reported.
 
-Every front end maps these once: the CLI prints ``tsctl: error: <message>`` on stderr and exits
-with ``exit_code``; the HTTP and gRPC servers (later) answer with ``http_status`` and
-``grpc_code``. ``message`` is written for the person who caused the error and must name the bad
-value; log detail never goes into it. Anything that is not a ``TsctlError`` is a bug.
+Every surface maps these once: the CLI prints ``tsctl: error: <message>`` on stderr and exits
+with ``exit_code`` (`tsctl.cli.app`); the REST APIs answer ``http_status`` with TorchServe's
+JSON error shape (`tsctl.server.api.rest.error_response`); the gRPC APIs answer ``grpc_code``
+(`tsctl.server.api.grpc_errors`). ``message`` is written for the person who caused the error
+and must name the bad value; log detail never goes into it. Anything that is not a
+``TsctlError`` is a bug.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ class InvalidModelVersion(InvalidInput):
     type_name = "InvalidModelVersionException"
 
 
+NOT_ALLOWED_MESSAGE = "Requested method is not allowed, please refer to API document."
+
+
 class MethodNotAllowed(TsctlError):
     exit_code = 1
     http_status = 405
@@ -122,6 +127,31 @@ class PredictionFailed(TsctlError):
     http_status = 503
     grpc_code = "UNAVAILABLE"  # TorchServe 0.12 maps this 503 as any other
     type_name = "InternalServerException"
+
+
+class OutOfResources(PredictionFailed):
+    """The handler ran out of host or accelerator memory (TorchServe: 507 "Out of resources")."""
+
+    http_status = 507
+    grpc_code = "INTERNAL"  # TorchServe maps a 5xx it has no rule for to INTERNAL
+
+
+class StartFailed(TsctlError):
+    """Something could not start: the daemon (`log_tail` then has the last lines of its log),
+    or a model's workers."""
+
+    http_status = 500
+    type_name = "InternalServerException"
+
+    def __init__(self, message: str, log_tail: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.log_tail = log_tail or []
+
+
+class WorkerStartFailed(StartFailed):
+    """A worker could not load its handler; the message carries the handler's own error."""
+
+    type_name = "WorkerInitializationException"
 
 
 class WorkerDied(TsctlError):

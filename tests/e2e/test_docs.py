@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tests.support.paths import ROOT
 from tsctl.server.config import ServerConfig
-from tsctl.server.registry import ModelSettings
+from tsctl.server.settings import ModelSettings
 
 DOC = (ROOT / "docs" / "configuration.md").read_text()
 

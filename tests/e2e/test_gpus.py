@@ -13,7 +13,8 @@ import pytest
 
 from tsctl.errors import ArchiveError
 from tsctl.server.config import ServerConfig, build_config, visible_gpus
-from tsctl.server.registry import ModelSettings, Registry
+from tsctl.server.registry import Registry
+from tsctl.server.settings import ModelSettings
 
 
 @pytest.fixture

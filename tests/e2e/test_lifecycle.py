@@ -16,8 +16,9 @@ import pytest
 
 from tests.support.daemon import Server, make_archive
 from tsctl.errors import TsctlError
-from tsctl.local import launch as boot
 from tsctl.local import pidfile
+from tsctl.local.launch import launch_daemon
+from tsctl.server import boot
 from tsctl.server.workers.spares import cpu_count
 
 pytestmark = pytest.mark.slow
@@ -307,5 +308,5 @@ def test_a_failed_fork_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(os, "fork", no_fork)
     open_before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(TsctlError, match="cannot start the server process: Resource temp"):
-        boot.launch(early_spares=0)
+        launch_daemon(boot.main, early_spares=0)
     assert set(os.listdir("/proc/self/fd")) == open_before  # its pipes are closed again

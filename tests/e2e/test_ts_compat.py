@@ -24,7 +24,9 @@ from tests.support.cli import BIN
 from tests.support.daemon import Server
 from tests.support.paths import FIXTURES, ROOT
 from tsctl.errors import PredictionFailed, prediction_failed
-from tsctl.ipc.codec import Failure, Kind, Result, decode, encode
+from tsctl.ipc.codec import decode, encode
+from tsctl.ipc.messages import Failure, FailureKind, Kind, Result
+from tsctl.server.workers.pool import error_for
 
 HANDLERS = FIXTURES / "ts_handlers"
 MICRO_BATCH = 6  # the micro model's batchSize: one batch of 6, cut into slices of 2
@@ -263,7 +265,8 @@ def test_prediction_exception_code_becomes_the_failure_status(code: Any, status:
     from tsctl.worker.service import PredictionException, failure_of
 
     failure = failure_of(PredictionException("m", code))
-    assert (failure.kind, failure.message, failure.status) == ("PredictionException", "m", status)
+    expected = (FailureKind.PREDICTION_EXCEPTION, "m", status)
+    assert (failure.kind, failure.message, failure.status) == expected
 
 
 def test_prediction_exception_subclass_without_init_still_fails_cleanly() -> None:
@@ -273,18 +276,24 @@ def test_prediction_exception_subclass_without_init_still_fails_cleanly() -> Non
         def __init__(self, text: str) -> None:
             Exception.__init__(self, text)  # neither message nor error_code is set
 
-    assert failure_of(Lazy("lazy")) == Failure("PredictionException", "lazy", status=500)
+    assert failure_of(Lazy("lazy")) == Failure(FailureKind.PREDICTION_EXCEPTION, "lazy", status=500)
 
 
 def test_accelerator_out_of_memory_is_507(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker reports the kind; the frontend (`error_for`) alone picks the status."""
     from tsctl.worker.service import failure_of
 
-    assert failure_of(torch.OutOfMemoryError("CUDA out of memory")).status == 507
-    assert failure_of(MemoryError()).status == 507
+    def answered(exc: Exception) -> int:
+        return error_for(failure_of(exc)).http_status
+
+    assert failure_of(MemoryError()).kind is FailureKind.OUT_OF_MEMORY
+    assert failure_of(MemoryError()).status == 0  # the worker chooses no status
+    assert answered(torch.OutOfMemoryError("CUDA out of memory")) == 507
+    assert answered(MemoryError()) == 507
     # torch before 2.5 has only torch.cuda.OutOfMemoryError
     monkeypatch.delattr(torch, "OutOfMemoryError")
-    assert failure_of(torch.cuda.OutOfMemoryError("CUDA out of memory")).status == 507
-    assert failure_of(RuntimeError("CUDA out of memory")).status == 0  # text is not searched
+    assert answered(torch.cuda.OutOfMemoryError("CUDA out of memory")) == 507
+    assert answered(RuntimeError("CUDA out of memory")) == 503  # text is not searched
 
 
 @pytest.mark.slow
@@ -387,14 +396,20 @@ def test_model_formats_without_support_fail_clearly(
 
 
 @pytest.mark.parametrize(
-    "failure", [Failure("HandlerError", "boom", "tb"), Failure("P", "m", "", 418)]
+    "failure",
+    [
+        Failure(FailureKind.HANDLER_ERROR, "boom", "tb"),
+        Failure(FailureKind.PREDICTION_EXCEPTION, "m", "", 418),
+    ],
 )
 def test_failure_status_round_trips(failure: Failure) -> None:
     frame = encode(Result(3, failure=failure))
     meta = json.loads(frame[1])
     assert decode(Kind.RESULT, meta, []) == Result(3, [], failure, 0.0, [])
     legacy = {**meta, "fail": ["HandlerError", "boom", "tb"]}  # a frame without the status
-    assert decode(Kind.RESULT, legacy, []).failure == Failure("HandlerError", "boom", "tb", 0)
+    assert decode(Kind.RESULT, legacy, []).failure == Failure(
+        FailureKind.HANDLER_ERROR, "boom", "tb", 0
+    )
 
 
 @pytest.mark.parametrize(

@@ -28,10 +28,11 @@ def main() -> None:
     early = None
     if wants_early_daemon(sys.argv[1:]):
         from tsctl.errors import TsctlError
-        from tsctl.local.launch import launch
+        from tsctl.local.launch import launch_daemon
+        from tsctl.server import boot
 
         try:
-            early = launch(early_spares=1)
+            early = launch_daemon(boot.main, early_spares=1)
         except TsctlError:
             early = None  # the command launches it again and reports the error on one line
     from tsctl.cli.app import main as cli_main

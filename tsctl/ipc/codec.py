@@ -1,4 +1,4 @@
-"""The frontend ↔ worker wire protocol: typed messages in length-prefixed frames.
+"""The frontend ↔ worker frame codec: `tsctl.ipc.messages` in length-prefixed frames.
 
 One module owns the format; both sides use it. A frame is::
 
@@ -15,18 +15,39 @@ The worker reads frames with blocking calls on its own socket; the frontend read
 Failures travel as data (`Failure`: a kind and a message), never as pickled exceptions. In a
 frame's meta a failure is the list `[kind, message, detail]`, or `[kind, message, detail,
 status]` when the handler chose the HTTP status itself (TorchServe's `PredictionException`);
-readers accept both.
+readers accept both. Anything malformed (a bad prefix, meta that is not the message's shape,
+lengths that do not add up, an unknown failure kind or spec field) is a `ProtocolError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
+
+from tsctl.ipc.messages import (
+    Assign,
+    Batch,
+    Chunk,
+    CustomMetric,
+    Describe,
+    Described,
+    Failure,
+    FailureKind,
+    Hello,
+    InitFailed,
+    Kind,
+    Message,
+    Part,
+    Result,
+    Stop,
+    WireRequest,
+    WireResponse,
+    WorkerSpec,
+)
 
 if TYPE_CHECKING:
     import asyncio
@@ -36,158 +57,17 @@ VERSION = 1
 PREFIX = struct.Struct("!2sBBII")
 #: a frame's meta is small by construction; anything larger is a protocol error
 MAX_META = 16 << 20
-
-
-class Kind(IntEnum):
-    HELLO = 1  # worker → frontend: initialized, ready for batches
-    INIT_FAILED = 2  # worker → frontend: loading the handler failed
-    BATCH = 3  # frontend → worker: requests to run together
-    RESULT = 4  # worker → frontend: one response per request of a batch
-    STOP = 5  # frontend → worker: finish and exit
-    DESCRIBE = 6  # frontend → worker: call the handler's describe_handle
-    DESCRIBED = 7  # worker → frontend: its answer
-    CHUNK = 8  # worker → frontend: intermediate answers of a streaming handler
-    ASSIGN = 9  # frontend → worker, first: the model to load and its settings
+_SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(WorkerSpec))
 
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame."""
 
 
-#: `service_envelope` values (TorchServe's setting) and the class each one names in the
-#: worker's `ts.torch_handler.request_envelope.<value>` module; the frontend checks the setting
-#: against it, the worker loads the class
-ENVELOPES = {
-    "body": "BodyEnvelope",
-    "json": "JSONEnvelope",
-    "kserve": "KServeEnvelope",
-    "kservev2": "KServev2Envelope",
-}
-#: the `Failure.kind` of one request its envelope could not read: the frontend answers it 400
-INPUT_FAILURE_KIND = "InvalidInput"
-
-
-def check_envelope_name(name: str) -> str:
-    """`name` if it is an envelope tsctl has (or empty: none), else a ValueError naming it."""
-    if name and name not in ENVELOPES:
-        known = ", ".join(ENVELOPES)
-        raise ValueError(f"unknown service_envelope {name!r}: use one of {known}")
-    return name
-
-
-@dataclass(frozen=True)
-class Failure:
-    """An error reported as data: `kind` chooses the status, `message` is shown to clients."""
-
-    kind: str
-    message: str
-    detail: str = ""  # e.g. a traceback: for logs, never for clients
-    #: the HTTP status the handler asked for (`PredictionException(message, status)`); 0 when
-    #: the frontend chooses it from `kind`
-    status: int = 0
-
-
-@dataclass(frozen=True)
-class Assign:
-    """The first frame a worker reads: what to load (model, handler, directory, settings).
-    A worker may be started before its model is known, so this does not travel in argv."""
-
-    spec: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Hello:
-    pid: int
-
-
-@dataclass(frozen=True)
-class InitFailed:
-    failure: Failure
-
-
-@dataclass(frozen=True)
-class Part:
-    """One named input of a request: a raw body, a multipart field or file, a form field."""
-
-    name: str
-    content_type: str
-    data: bytes | bytearray | memoryview
-
-
-@dataclass(frozen=True)
-class WireRequest:
-    request_id: str
-    parts: Sequence[Part]
-    headers: Sequence[tuple[str, str]] = ()
-
-
-@dataclass(frozen=True)
-class Batch:
-    batch_id: int
-    requests: Sequence[WireRequest]
-
-
-@dataclass(frozen=True)
-class WireResponse:
-    status: int = 200
-    content_type: str = ""
-    body: bytes | bytearray = b""
-    headers: Sequence[tuple[str, str]] = ()
-    reason: str = ""
-    failure: Failure | None = None
-
-
-@dataclass(frozen=True)
-class Result:
-    batch_id: int
-    responses: Sequence[WireResponse] = ()
-    #: set when the batch as a whole failed (the handler raised, or returned a wrong shape)
-    failure: Failure | None = None
-    handler_ms: float = 0.0
-    #: metrics the handler emitted through `context.metrics` during this batch
-    metrics: Sequence[CustomMetric] = ()
-
-
-@dataclass(frozen=True)
-class CustomMetric:
-    name: str
-    unit: str
-    kind: str  # counter | gauge
-    value: float
-    dimensions: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Stop:
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Intermediate answers of the running batch, one per request, before its `Result`."""
-
-    batch_id: int
-    responses: Sequence[WireResponse] = ()
-
-
-@dataclass(frozen=True)
-class Describe:
-    pass
-
-
-@dataclass(frozen=True)
-class Described:
-    body: bytes | bytearray = b""
-    failure: Failure | None = None
-
-
-Message = Assign | Hello | InitFailed | Batch | Result | Stop | Describe | Described | Chunk
-
-
 def _failure_meta(failure: Failure | None) -> list[str | int] | None:
     if failure is None:
         return None
-    meta: list[str | int] = [failure.kind, failure.message, failure.detail]
+    meta: list[str | int] = [failure.kind.value, failure.message, failure.detail]
     if failure.status:
         meta.append(failure.status)
     return meta
@@ -197,7 +77,14 @@ def _failure(raw: Any) -> Failure | None:
     if raw is None:
         return None
     status = int(raw[3]) if len(raw) > 3 else 0
-    return Failure(str(raw[0]), str(raw[1]), str(raw[2]), status)
+    return Failure(FailureKind(raw[0]), str(raw[1]), str(raw[2]), status)
+
+
+def _spec(raw: Any) -> WorkerSpec:
+    unknown = set(raw) - _SPEC_FIELDS
+    if unknown:
+        raise ProtocolError(f"unknown worker spec fields {sorted(unknown)}")
+    return WorkerSpec(**raw)
 
 
 def encode(message: Message) -> list[bytes | bytearray | memoryview]:
@@ -238,7 +125,7 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
     elif isinstance(message, Hello):
         kind, meta = Kind.HELLO, {"pid": message.pid}
     elif isinstance(message, Assign):
-        kind, meta = Kind.ASSIGN, {"spec": message.spec}
+        kind, meta = Kind.ASSIGN, {"spec": dataclasses.asdict(message.spec)}
     elif isinstance(message, InitFailed):
         kind, meta = Kind.INIT_FAILED, {"fail": _failure_meta(message.failure)}
     elif isinstance(message, Describe):
@@ -286,7 +173,7 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
         if kind == Kind.HELLO:
             return Hello(int(meta["pid"]))
         if kind == Kind.ASSIGN:
-            return Assign(dict(meta["spec"]))
+            return Assign(_spec(meta["spec"]))
         if kind == Kind.INIT_FAILED:
             failure = _failure(meta["fail"])
             if failure is None:

@@ -1,14 +1,12 @@
-"""How the CLI starts the daemon (`launch`), and the daemon's first steps (`main`).
+"""How the CLI starts the daemon: `launch_daemon` forks it, `Launched` is the CLI's handle.
 
 The CLI forks the daemon before it has even read the configuration (importing pydantic and
-validating takes it a few tenths of a second): the new process, in its own session, at once
-starts `early_spares` workers (`tsctl.server.workers.spares`), which import torch meanwhile, then
-reads the validated configuration, one JSON line, from a pipe. If the CLI closes the pipe
-without sending one (a bad setting, a daemon already running), it stops its spares and exits.
-Otherwise it sends its output to `ts_log.log`, starts the further spares the configuration
-calls for, and only then imports the daemon (tornado, grpc, pydantic) and runs it. Standard
-library imports only here, and at the top only what forking needs: the CLI imports this
-module first thing, and every import before the fork delays the spares.
+validating takes it a few tenths of a second). The child runs the function it is given (the
+daemon's `tsctl.server.boot.main`), which starts spare workers at once and then waits for the
+validated configuration, one JSON line, on a pipe (`Launched.configure`); if the CLI closes
+the pipe without sending one (`Launched.abandon`: a bad setting, a daemon already running),
+the daemon stops and exits. Standard library imports only: the CLI imports this module first
+thing, and every import before the fork delays the spares.
 """
 
 from __future__ import annotations
@@ -17,8 +15,12 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from tsctl.errors import TsctlError
+
+#: the daemon's side of a launch: (config pipe fd, notify pipe fd, early spares) -> exit status
+DaemonMain = Callable[[int, int, int], int]
 
 
 class Launched:
@@ -63,8 +65,9 @@ class Launched:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def launch(early_spares: int) -> Launched:
-    """Start the daemon in its own session; it waits for `Launched.configure`.
+def launch_daemon(daemon_main: DaemonMain, early_spares: int) -> Launched:
+    """Fork a process in its own session that runs `daemon_main`, which waits for
+    `Launched.configure`.
 
     The daemon is a fork of this process rather than a new interpreter: it starts the
     early spares at once, without paying for Python's start and these imports again (the
@@ -90,7 +93,7 @@ def launch(early_spares: int) -> Launched:
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.close(null)
-            code = main(config_r, notify_w, early_spares)
+            code = daemon_main(config_r, notify_w, early_spares)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -106,39 +109,3 @@ def launch(early_spares: int) -> Launched:
     os.close(config_r)
     os.close(notify_w)
     return Launched(pid, config_w, notify_r)
-
-
-def _redirect_output(log_dir: str) -> None:
-    from pathlib import Path
-
-    log_dir_path = Path(log_dir)
-    log_dir_path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log_dir_path / "ts_log.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    os.close(null)
-
-
-def main(config_fd: int, notify_fd: int, early: int) -> int:
-    """The daemon's life: spares first, then its configuration, then the server."""
-    import json
-
-    from tsctl.server.workers import spares
-
-    ahead = spares.prestart(early)
-    with os.fdopen(config_fd, "rb") as pipe:
-        raw = pipe.readline().decode()
-    if not raw.strip():
-        ahead.discard()
-        return 0
-    settings = json.loads(raw)
-    _redirect_output(settings["log_dir"])
-    more = spares.prestart(spares.expected(settings, spares.cpu_count()) - early)
-    ahead.waiting.extend(more.waiting)
-
-    from tsctl.server import daemon
-
-    return daemon.main(raw, notify_fd, ahead)

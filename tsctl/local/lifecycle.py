@@ -17,23 +17,30 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from tsctl.errors import TsctlError
+from tsctl.errors import StartFailed, TsctlError
 from tsctl.local import pidfile
-from tsctl.local.launch import Launched, launch
-from tsctl.server.config import ServerConfig
-from tsctl.server.telemetry import logs
+from tsctl.local.launch import Launched
 
 #: printed (with more after it) once the server is up, as TorchServe prints it: scripts wait
 #: for it
 STARTED_LINE = "Model server started."
 
 
-class StartFailed(TsctlError):
-    """The daemon did not come up; `message` says why, `log_tail` shows the model log."""
+def started_line(pid: int, inference: str, management: str) -> str:
+    """What `serve start` prints once the server is up (the daemon logs the same line)."""
+    return f"{STARTED_LINE} pid {pid}; inference {inference}, management {management}"
 
-    def __init__(self, message: str, log_tail: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.log_tail = log_tail or []
+
+def tail(path: Path, lines: int = 20) -> list[str]:
+    """The last `lines` lines of a log file (empty when it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]
 
 
 class AlreadyRunning(TsctlError):
@@ -52,11 +59,12 @@ def running(state_dir: Path) -> pidfile.PidInfo | None:
     return None
 
 
-def start(config: ServerConfig, timeout: float, launched: Launched | None = None) -> dict[str, Any]:
-    """Configure the daemon (`launched` early by the caller, or launched now) and wait until
-    it is ready; raises `StartFailed` with the reason."""
-    launched = launched or launch(early_spares=0)
-    live = running(config.state_dir)
+def start(
+    launched: Launched, config_json: str, state_dir: Path, log_dir: Path, timeout: float
+) -> dict[str, Any]:
+    """Send the `launched` daemon its configuration (`ServerConfig` as JSON) and wait until it
+    is ready; raises `StartFailed` with the reason."""
+    live = running(state_dir)
     if live is not None:
         launched.abandon()
         raise AlreadyRunning(
@@ -64,8 +72,8 @@ def start(config: ServerConfig, timeout: float, launched: Launched | None = None
             "run `tsctl serve stop` first"
         )
     try:
-        config.log_dir.mkdir(parents=True, exist_ok=True)
-        launched.configure(config.model_dump_json())
+        log_dir.mkdir(parents=True, exist_ok=True)
+        launched.configure(config_json)
         line = _read_line(launched, timeout)
     except OSError as exc:  # it exited before reading its configuration
         line = ""
@@ -78,8 +86,8 @@ def start(config: ServerConfig, timeout: float, launched: Launched | None = None
         if code is None:
             launched.kill()
             raise StartFailed(f"the server did not become ready within {timeout:g} s")
-        tail = logs.tail(config.log_dir / "ts_log.log")
-        raise StartFailed(f"the server exited during start-up (exit status {code})", tail)
+        last = tail(log_dir / "ts_log.log")
+        raise StartFailed(f"the server exited during start-up (exit status {code})", last)
     message: dict[str, Any] = json.loads(line)
     if not message.get("ok"):
         launched.wait(timeout=30)

@@ -1,1 +1,1 @@
-"""The tsctl daemon (built in later issues)."""
+"""The daemon: one process, one asyncio loop (see docs/architecture.md)."""

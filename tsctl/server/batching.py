@@ -17,35 +17,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Hashable
+from dataclasses import dataclass
 
 from tsctl.errors import QueueFull
+from tsctl.server.request import Job
 
 #: how long an answered connection counts as "about to send again" (seconds)
 SOURCE_WINDOW = 1.0
 #: sequences remembered for stickiness; the least recently used is forgotten past this
 MAX_SEQUENCES = 10000
-
-
-@dataclass(eq=False)
-class Job:
-    """One request waiting for, or being run by, a worker."""
-
-    request: Any  # tsctl.server.inference.InferenceRequest
-    future: asyncio.Future[Any]
-    deadline: float
-    source: Hashable | None = None
-    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
-    #: receives a streaming handler's intermediate answers (a `workers.Response` each)
-    on_chunk: Callable[[Any], None] | None = field(default=None, repr=False)
-    #: a stateful sequence (gRPC `sequence_id`): all its jobs go to the same worker, in order
-    sequence: str | None = None
-
-
-class ClientGone(Exception):
-    """The client disconnected; nobody is waiting for this answer."""
 
 
 class ModelQueue:

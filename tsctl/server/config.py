@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tsctl.errors import InvalidInput
-from tsctl.ipc.codec import check_envelope_name
+from tsctl.ipc.messages import check_envelope_name
 from tsctl.server.workers.spares import cpu_count
 from tsctl.validation import describe
 

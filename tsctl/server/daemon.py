@@ -26,14 +26,15 @@ from typing import Any
 
 from tsctl.errors import InvalidInput, TsctlError
 from tsctl.local import pidfile
-from tsctl.local.lifecycle import STARTED_LINE
+from tsctl.local.lifecycle import started_line, tail
 from tsctl.server import snapshot
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig, parse_address
-from tsctl.server.registry import LoadOptions, Registry
+from tsctl.server.registry import Registry
+from tsctl.server.settings import LoadOptions
 from tsctl.server.state import ServerState
 from tsctl.server.telemetry import logs
-from tsctl.server.telemetry.metric_log import Reporter
+from tsctl.server.telemetry.metric_log import MetricLog
 from tsctl.server.telemetry.prometheus import Metrics
 from tsctl.server.workers.spares import Spares
 
@@ -93,8 +94,8 @@ class Daemon:
         access_log = logs.setup(config.log_dir, self.foreground)
         stats = Metrics()
         registry = Registry(config, stats, spares=self.spares)
-        reporter = Reporter(config.log_dir)
-        state = ServerState(config, registry, reporter, stats, access_log, started_at=time.time())
+        metric_log = MetricLog(config.log_dir)
+        state = ServerState(config, registry, stats, metric_log, access_log, started_at=time.time())
         if not config.disable_token_authorization:
             state.auth = TokenAuth.create(Path.cwd(), config.token_expiration_min)
             log.info("token authorization is on; keys in %s", state.auth.path)
@@ -129,28 +130,23 @@ class Daemon:
                 {
                     "ok": False,
                     "error": message,
-                    "log_tail": logs.tail(config.log_dir / "model_log.log"),
+                    "log_tail": tail(config.log_dir / "model_log.log"),
                 }
             )
             await self._shutdown(state, drain=False)
             return 1
-        log.info(
-            "%s Inference API at %s, management API at %s",
-            STARTED_LINE,
-            addresses["inference"],
-            addresses["management"],
-        )
+        log.info(started_line(os.getpid(), addresses["inference"], addresses["management"]))
         self.spares.discard()  # what start-up did not take would only hold memory
         state.snapshot("startup")
         key_file = str(state.auth.path) if state.auth else ""
         notify({"ok": True, "pid": os.getpid(), "key_file": key_file, **addresses})
-        reporting = asyncio.create_task(reporter.run())
+        reporting = asyncio.create_task(metric_log.run())
         await self.stopping.wait()
         reporting.cancel()
         log.info("stopping: draining in-flight requests")
         state.snapshot("shutdown")
         await self._shutdown(state, drain=True)
-        reporter.report()
+        metric_log.report()
         access_log.flush()
         log.info("stopped")
         return 0
@@ -261,7 +257,10 @@ def run(
 
     def notify(message: dict[str, Any]) -> None:
         if foreground and message.get("ok"):
-            print(STARTED_LINE, flush=True)
+            print(
+                started_line(message["pid"], message["inference"], message["management"]),
+                flush=True,
+            )
         elif foreground:
             print(f"tsctl: error: {message['error']}", file=sys.stderr, flush=True)
         if notify_fd is not None:

@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
 from typing import Any
 
-from tsctl.errors import ServiceUnavailable
-from tsctl.ipc.codec import Part
-from tsctl.server.batching import ClientGone, Job
+from tsctl.errors import InferenceTimeout, ServiceUnavailable
 from tsctl.server.registry import ModelVersion
-from tsctl.server.workers.pool import Response, expire
+from tsctl.server.request import ClientGone, InferenceRequest, Job, Response
 
 
-@dataclass(frozen=True)
-class InferenceRequest:
-    request_id: str
-    parts: Sequence[Part]
-    headers: Sequence[tuple[str, str]]
-    arrival: float  # loop.time() when the request arrived
+def expire(job: Job, timeout: float) -> None:
+    """A job's deadline passed: answer it with a timeout, wherever it is."""
+    if not job.future.done():
+        job.future.set_exception(
+            InferenceTimeout(f"no answer within the response timeout of {timeout:g} s")
+        )
 
 
 class Pending:

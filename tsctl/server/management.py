@@ -1,8 +1,9 @@
-"""Model management operations, shared by the REST (and later gRPC) management APIs.
+"""Model management operations, shared by the REST and gRPC management APIs.
 
-Runs on the daemon's event loop. Each operation checks its parameters, changes the registry,
-writes a snapshot, and returns TorchServe's status message (its `{"status": ...}` text) with
-the HTTP status to answer with.
+Protocol-neutral and event-loop only. Each operation checks its parameters, changes the
+registry, writes a snapshot, and returns an `Outcome`: TorchServe's status message (its
+`{"status": ...}` text) and whether the work goes on in the background; each API decides how to
+answer it. The describe documents (TorchServe's JSON shape) are built here too, for both APIs.
 """
 
 from __future__ import annotations
@@ -10,25 +11,39 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tsctl.errors import (
+    NOT_ALLOWED_MESSAGE,
     BadRequest,
     InvalidModelVersion,
     MethodNotAllowed,
     PredictionFailed,
     ServiceUnavailable,
+    StartFailed,
     TsctlError,
 )
+from tsctl.ipc.messages import FailureKind
 from tsctl.server import download
-from tsctl.server.api.rest import NOT_ALLOWED_MESSAGE
-from tsctl.server.registry import LoadOptions, ModelVersion
+from tsctl.server.registry import ModelVersion
+from tsctl.server.settings import LoadOptions
 from tsctl.server.state import ServerState
 from tsctl.validation import describe
 
 log = logging.getLogger("tsctl.server")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an operation reports: TorchServe's status text, and `accepted` when the work goes
+    on after the answer (REST answers that 202)."""
+
+    message: str
+    accepted: bool = False
 
 
 class RegisterParams(BaseModel):
@@ -85,7 +100,7 @@ def require_model_api(state: ServerState) -> None:
         raise MethodNotAllowed(NOT_ALLOWED_MESSAGE)
 
 
-async def register(state: ServerState, params: RegisterParams) -> tuple[int, str]:
+async def register(state: ServerState, params: RegisterParams) -> Outcome:
     require_model_api(state)
     if not params.url:
         raise BadRequest("Parameter url is required.")
@@ -116,24 +131,19 @@ async def register(state: ServerState, params: RegisterParams) -> tuple[int, str
     if not params.synchronous:
         state.track(asyncio.ensure_future(_start_in_background(state, mv, count)))
         state.snapshot("snapshot")
-        return 202, registered
+        return Outcome(registered, accepted=True)
     try:
         await mv.pool.scale(count)
     except TsctlError as exc:
         log.error("starting workers for %s %s failed: %s", mv.name, mv.version, exc)
         await registry.unload(mv)
-        raise _StartFailed(
+        raise StartFailed(
             f"Failed to start workers for model {mv.name} version: {mv.version}: {exc.message}"
         ) from None
     state.snapshot("snapshot")
     if count == 0:
         registered += ". Use scale workers API to add workers for the model."
-    return 200, registered
-
-
-class _StartFailed(TsctlError):
-    http_status = 500
-    type_name = "InternalServerException"
+    return Outcome(registered)
 
 
 async def _start_in_background(state: ServerState, mv: ModelVersion, count: int) -> None:
@@ -143,9 +153,7 @@ async def _start_in_background(state: ServerState, mv: ModelVersion, count: int)
         log.error("starting workers for %s %s failed: %s", mv.name, mv.version, exc)
 
 
-async def scale(
-    state: ServerState, name: str, version: str | None, params: ScaleParams
-) -> tuple[int, str]:
+async def scale(state: ServerState, name: str, version: str | None, params: ScaleParams) -> Outcome:
     mv = state.registry.get(name, version)
     low = params.min_worker if params.min_worker is not None else mv.min_workers
     high = params.max_worker if params.max_worker is not None else max(low, mv.max_workers)
@@ -155,10 +163,10 @@ async def scale(
     suffix = f", version: {version}" if version else ""
     if not params.synchronous:
         state.track(asyncio.ensure_future(_scale_in_background(state, mv, low)))
-        return 202, "Processing worker updates..."
+        return Outcome("Processing worker updates...", accepted=True)
     await mv.pool.scale(low)
     state.snapshot("snapshot")
-    return 200, f"Workers scaled to {low} for model: {name}{suffix}"
+    return Outcome(f"Workers scaled to {low} for model: {name}{suffix}")
 
 
 async def _scale_in_background(state: ServerState, mv: ModelVersion, count: int) -> None:
@@ -169,7 +177,7 @@ async def _scale_in_background(state: ServerState, mv: ModelVersion, count: int)
     state.snapshot("snapshot")
 
 
-async def unregister(state: ServerState, name: str, version: str | None) -> tuple[int, str]:
+async def unregister(state: ServerState, name: str, version: str | None) -> Outcome:
     require_model_api(state)
     registry = state.registry
     mv = registry.get(name, version)
@@ -178,20 +186,20 @@ async def unregister(state: ServerState, name: str, version: str | None) -> tupl
         raise InvalidModelVersion(f"Cannot remove default version for model {name}")
     await registry.unregister(mv, state.config.unregister_model_timeout)
     state.snapshot("snapshot")
-    return 200, f'Model "{name}" unregistered'
+    return Outcome(f'Model "{name}" unregistered')
 
 
-def set_default(state: ServerState, name: str, version: str) -> tuple[int, str]:
+def set_default(state: ServerState, name: str, version: str) -> Outcome:
     state.registry.set_default(name, version)
     state.snapshot("snapshot")
-    return 200, f'Default version successfully updated for model "{name}" to "{version}"'
+    return Outcome(f'Default version successfully updated for model "{name}" to "{version}"')
 
 
 async def customized(mv: ModelVersion) -> Any:
     """The handler's `describe_handle()` answer, from one of the model's workers, as TorchServe
     puts it in a description: the JSON object it returned, or `{}` when it is not one; None
     when the handler has no `describe_handle`."""
-    ready = [w for w in mv.pool.workers if w.state in ("READY", "BUSY")]
+    ready = [w for w in mv.pool.workers if w.state.serving]
     if not ready:
         raise ServiceUnavailable(
             f'Model "{mv.name}" has no worker to serve describe request. '
@@ -199,7 +207,7 @@ async def customized(mv: ModelVersion) -> Any:
         )
     answer = await ready[0].describe()
     if answer.failure is not None:
-        if answer.failure.kind == "NotSupported":
+        if answer.failure.kind is FailureKind.NOT_SUPPORTED:
             return None
         raise PredictionFailed(answer.failure.message)
     try:
@@ -207,3 +215,74 @@ async def customized(mv: ModelVersion) -> Any:
     except ValueError:
         return {}
     return found if isinstance(found, dict) else {}
+
+
+def _iso_millis(stamp: float) -> str:
+    """TorchServe's timestamps: `2026-12-02T05:55:43.353Z`."""
+    moment = datetime.fromtimestamp(stamp, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def describe_model(mv: ModelVersion) -> dict[str, Any]:
+    """One model version as TorchServe's describe API shows it."""
+    workers = [
+        {
+            "id": w.worker_id.split("-", 1)[0],
+            "startTime": _iso_millis(w.started_at),
+            "status": "READY" if w.state.serving else w.state.value,
+            "memoryUsage": int(w.rss_mb() * (1 << 20)),
+            "pid": w.pid,
+            "gpu": w.spec.gpu_id is not None,
+            "gpuUsage": "N/A",
+        }
+        for w in mv.pool.workers
+    ]
+    return {
+        "modelName": mv.name,
+        "modelVersion": mv.version,
+        "modelUrl": mv.url,
+        "runtime": mv.manifest.get("runtime", "python"),
+        **mv.settings(),
+        # TorchServe 0.12's other settings, at the values tsctl runs with (it has no retry
+        # timeout, client timeout, model parallelism, continuous batching, job tickets, venvs
+        # or stateful sequences to configure)
+        "maxRetryTimeoutInSec": 300,
+        "clientTimeoutInMills": 0,
+        "parallelType": "",
+        "parallelLevel": 0,
+        "deviceType": "gpu" if any(w.spec.gpu_id is not None for w in mv.pool.workers) else "cpu",
+        "continuousBatching": False,
+        "useJobTicket": False,
+        "useVenv": False,
+        "stateful": False,
+        "sequenceMaxIdleMSec": 0,
+        "sequenceTimeoutMSec": 0,
+        "maxNumSequence": 0,
+        "maxSequenceJobQueueSize": 0,
+        "loadedAtStartup": mv.loaded_at_startup,
+        "workers": workers,
+        "jobQueueStatus": {
+            "remainingCapacity": mv.queue.capacity - len(mv.queue),
+            "pendingRequests": len(mv.queue),
+        },
+    }
+
+
+async def describe_models(
+    state: ServerState, name: str, version: str | None, with_custom: bool
+) -> list[dict[str, Any]]:
+    """TorchServe's describe list for one version, the default one, or `all`; with
+    `with_custom`, each handler's own `describe_handle()` answer too."""
+    registry = state.registry
+    if version == "all":
+        registry.get(name)
+        found = list(registry.models[name].values())
+    else:
+        found = [registry.get(name, version)]
+    described = [describe_model(mv) for mv in found]
+    if with_custom:
+        for doc, mv in zip(described, found, strict=True):
+            custom = await customized(mv)
+            if custom is not None:
+                doc["customizedMetadata"] = custom
+    return described

@@ -13,11 +13,11 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from tsctl.archive.manifest import check_model_name
 from tsctl.archive.reader import ArchiveKind, open_archive
@@ -29,53 +29,20 @@ from tsctl.errors import (
     ModelVersionNotFound,
     ServiceUnavailable,
 )
+from tsctl.ipc.messages import WorkerSpec
 from tsctl.server.batching import ModelQueue
 from tsctl.server.config import ServerConfig
 from tsctl.server.deps import install as model_deps
+from tsctl.server.settings import LoadOptions, ModelSettings, first, read_yaml, whole
 from tsctl.server.telemetry.prometheus import Metrics
-from tsctl.server.workers.pool import PoolSettings, WorkerPool, WorkerProcess
+from tsctl.server.workers.pool import PoolSettings, WorkerPool
+from tsctl.server.workers.process import WorkerProcess
 from tsctl.server.workers.spares import Spares, cpu_count
 from tsctl.validation import first_problem
 
 log = logging.getLogger("tsctl.server")
-
-
-class ModelSettings(BaseModel):
-    """The frontend keys of a `model-config.yaml` (TorchServe's names) plus tsctl's own."""
-
-    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
-
-    min_workers: int | None = Field(default=None, alias="minWorkers", ge=0)
-    max_workers: int | None = Field(default=None, alias="maxWorkers", ge=0)
-    batch_size: int | None = Field(default=None, alias="batchSize", ge=1)
-    max_batch_delay: float | None = Field(default=None, alias="maxBatchDelay", ge=0)
-    response_timeout: float | None = Field(default=None, alias="responseTimeout", gt=0)
-    startup_timeout: float | None = Field(default=None, alias="startupTimeout", gt=0)
-    recycle_after_requests: int = Field(default=0, alias="recycleAfterRequests", ge=0)
-    recycle_above_rss_mb: int = Field(default=0, alias="recycleAboveRssMb", ge=0)
-    #: `cpu` keeps the model off GPUs; `gpu` (or unset) spreads its workers over them
-    device_type: str | None = Field(default=None, alias="deviceType")
-    #: the GPUs this model's workers take, round robin (default: every GPU of the server)
-    device_ids: list[int] | None = Field(default=None, alias="deviceIds")
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """What a registration may override: API parameters win over model-config.yaml, which
-    wins over config.properties (TorchServe's documented priority)."""
-
-    name: str | None = None
-    handler: str | None = None
-    runtime: str | None = None
-    batch_size: int | None = None
-    max_batch_delay: float | None = None
-    response_timeout: float | None = None
-    startup_timeout: float | None = None
-    min_workers: int | None = None
-    max_workers: int | None = None
-    startup: bool = False
-    #: operator-given paths (`--models`) may lie anywhere; API ones must be in the model store
-    trusted: bool = False
+#: a registration that overrides nothing
+DEFAULTS = LoadOptions()
 
 
 @dataclass
@@ -94,10 +61,10 @@ class ModelVersion:
     max_workers: int
     queue: ModelQueue
     pool: WorkerPool
+    #: what each worker of this version is assigned (the pool's worker factory reads it)
+    worker_spec: WorkerSpec
     extracted: bool = False
     loaded_at_startup: bool = False
-    #: what each worker of this version is assigned (shared with the pool's worker factory)
-    worker_spec: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
         """The frontend settings, under TorchServe's names (describe output, snapshots)."""
@@ -105,9 +72,9 @@ class ModelVersion:
             "minWorkers": self.pool.target,
             "maxWorkers": max(self.max_workers, self.pool.target),
             "batchSize": self.batch_size,
-            "maxBatchDelay": _whole(self.max_batch_delay),
-            "responseTimeout": _whole(self.response_timeout),
-            "startupTimeout": _whole(self.startup_timeout),
+            "maxBatchDelay": whole(self.max_batch_delay),
+            "responseTimeout": whole(self.response_timeout),
+            "startupTimeout": whole(self.startup_timeout),
         }
 
 
@@ -143,7 +110,7 @@ class Registry:
             max(mv.pool.target, mv.min_workers) for vs in self.models.values() for mv in vs.values()
         )
 
-    async def load(self, url: str, options: LoadOptions = LoadOptions()) -> ModelVersion:
+    async def load(self, url: str, options: LoadOptions = DEFAULTS) -> ModelVersion:
         """Open, extract and register a model archive, then start its workers."""
         mv = await self.add(url, options)
         try:
@@ -153,7 +120,7 @@ class Registry:
             raise
         return mv
 
-    async def add(self, url: str, options: LoadOptions = LoadOptions()) -> ModelVersion:
+    async def add(self, url: str, options: LoadOptions = DEFAULTS) -> ModelVersion:
         """Open, extract and register a model archive, with no workers yet."""
         path = self.resolve(url, options.trusted)
         mv = await asyncio.to_thread(self._prepare, path, url, options)
@@ -177,7 +144,7 @@ class Registry:
         except BaseException:
             self._discard(mv)
             raise
-        mv.worker_spec["dep_path"] = None if dep_path is None else str(dep_path)
+        mv.worker_spec = replace(mv.worker_spec, dep_path="" if dep_path is None else str(dep_path))
         mv.loaded_at_startup = options.startup
         self.models.setdefault(mv.name, {})[mv.version] = mv
         self.default.setdefault(mv.name, mv.version)
@@ -192,21 +159,6 @@ class Registry:
         while (len(mv.queue) or mv.pool.busy()) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         await self._stop(mv)
-
-    def snapshot_models(self) -> list[Any]:
-        from tsctl.server.snapshot import SnapshotModel
-
-        return [
-            SnapshotModel(
-                mv.name,
-                mv.version,
-                mv.url,
-                self.default.get(mv.name) == mv.version,
-                mv.settings(),
-            )
-            for versions in self.models.values()
-            for mv in versions.values()
-        ]
 
     def set_default(self, name: str, version: str) -> None:
         self.get(name, version)
@@ -270,7 +222,7 @@ class Registry:
         model = manifest.model
         model_name = check_model_name(options.name or model.model_name)
         version = model.model_version or "1.0"
-        yaml_config = _read_yaml(model_dir, model.config_file)
+        yaml_config = read_yaml(model_dir, model.config_file)
         try:
             settings = ModelSettings.model_validate(yaml_config)
         except ValidationError as exc:
@@ -278,16 +230,16 @@ class Registry:
             raise ArchiveError(f"{path}: model-config.yaml: {where}: {problem}") from None
         cfg = self.config
         # API parameters > model-config.yaml > config.properties
-        min_workers = _first(
+        min_workers = first(
             options.min_workers, settings.min_workers, cfg.default_workers_per_model
         )
-        max_workers = _first(options.max_workers, settings.max_workers, min_workers)
-        batch_size = _first(options.batch_size, settings.batch_size, cfg.batch_size)
-        delay = _first(options.max_batch_delay, settings.max_batch_delay, cfg.max_batch_delay)
-        response_timeout = _first(
+        max_workers = first(options.max_workers, settings.max_workers, min_workers)
+        batch_size = first(options.batch_size, settings.batch_size, cfg.batch_size)
+        delay = first(options.max_batch_delay, settings.max_batch_delay, cfg.max_batch_delay)
+        response_timeout = first(
             options.response_timeout, settings.response_timeout, cfg.default_response_timeout
         )
-        startup_timeout = _first(
+        startup_timeout = first(
             options.startup_timeout, settings.startup_timeout, cfg.default_startup_timeout
         )
         handler = options.handler or model.handler
@@ -300,28 +252,27 @@ class Registry:
             recycle_after_requests=settings.recycle_after_requests,
             recycle_above_rss_mb=settings.recycle_above_rss_mb,
         )
-        spec = {
-            "model_name": model_name,
-            "model_dir": str(model_dir),
-            "manifest": manifest.to_dict(),
-            "handler": handler,
-            "batch_size": batch_size,
-            "gpu_id": None,
-            "limit_max_image_pixels": cfg.limit_max_image_pixels,
-            "model_yaml_config": yaml_config,
-            "startup_timeout": startup_timeout,
-            "service_envelope": cfg.service_envelope or None,
-            "dep_path": None,
-        }
+        spec = WorkerSpec(
+            model_name=model_name,
+            model_dir=str(model_dir),
+            handler=handler,
+            manifest=manifest.to_dict(),
+            batch_size=batch_size,
+            model_yaml_config=yaml_config,
+            limit_max_image_pixels=cfg.limit_max_image_pixels,
+            startup_timeout=startup_timeout,
+            service_envelope=cfg.service_envelope,
+        )
         pool = WorkerPool(
             f"{model_name}_{version}",
             (model_name, version),
             queue,
             pool_settings,
-            self._worker_factory(spec, self._gpu_chooser(settings)),
+            # the spec as it is when a worker starts (`add` fills in its dependencies)
+            self._worker_factory(lambda: mv.worker_spec, self._gpu_chooser(settings)),
             self.metrics,
         )
-        return ModelVersion(
+        mv = ModelVersion(
             name=model_name,
             version=version,
             url=url,
@@ -339,16 +290,17 @@ class Registry:
             extracted=extracted,
             worker_spec=spec,
         )
+        return mv
 
     def _worker_factory(
-        self, spec: dict[str, Any], next_gpu: Callable[[], int | None]
+        self, spec: Callable[[], WorkerSpec], next_gpu: Callable[[], int | None]
     ) -> Callable[[str], WorkerProcess]:
         def make(worker_id: str) -> WorkerProcess:
             threads = self.config.worker_threads or max(
                 1, cpu_count() // max(1, self.total_workers())
             )
-            assigned = {**spec, "threads": threads, "gpu_id": next_gpu()}
-            return WorkerProcess(worker_id, assigned, self.spares.take())
+            assigned = replace(spec(), worker_id=worker_id, threads=threads, gpu_id=next_gpu())
+            return WorkerProcess(assigned, self.spares.take())
 
         return make
 
@@ -372,32 +324,3 @@ class Registry:
     def _discard(self, mv: ModelVersion) -> None:
         if mv.extracted:
             shutil.rmtree(mv.model_dir, ignore_errors=True)
-
-
-def _whole(value: float) -> float | int:
-    """An int when the value is whole: TorchServe's JSON has `100`, not `100.0`."""
-    return int(value) if float(value).is_integer() else value
-
-
-def _first(*values: Any) -> Any:
-    """The first value that is not None (the priority order of settings)."""
-    return next(v for v in values if v is not None)
-
-
-def _read_yaml(model_dir: Path, config_file: str | None) -> dict[str, Any]:
-    if not config_file:
-        return {}
-    import yaml
-
-    path = model_dir / config_file
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ArchiveError(f"cannot read {config_file} in the archive: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ArchiveError(f"{config_file} in the archive is not valid YAML: {exc}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ArchiveError(f"{config_file} in the archive must be a mapping of settings")
-    return loaded

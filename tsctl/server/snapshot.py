@@ -21,6 +21,8 @@ from typing import Any
 
 from tsctl.errors import TsctlError
 from tsctl.server.config import ServerConfig, property_line, read_properties
+from tsctl.server.registry import Registry
+from tsctl.server.settings import LoadOptions
 
 log = logging.getLogger("tsctl.server")
 
@@ -61,10 +63,19 @@ def from_models_setting(models: dict[str, dict[str, dict[str, Any]]]) -> list[Sn
     return found
 
 
-def load_options(entry: SnapshotModel) -> Any:
-    """How to load a snapshot's model version: with the settings it had."""
-    from tsctl.server.registry import LoadOptions
+def models_of(registry: Registry) -> list[SnapshotModel]:
+    """Every registered model version, as a snapshot records it."""
+    return [
+        SnapshotModel(
+            mv.name, mv.version, mv.url, registry.default.get(mv.name) == mv.version, mv.settings()
+        )
+        for versions in registry.models.values()
+        for mv in versions.values()
+    ]
 
+
+def load_options(entry: SnapshotModel) -> LoadOptions:
+    """How to load a snapshot's model version: with the settings it had."""
     s = entry.settings
     return LoadOptions(
         name=entry.name,

@@ -6,11 +6,12 @@ import asyncio
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from tsctl.server import snapshot
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig
 from tsctl.server.registry import Registry
 from tsctl.server.telemetry.logs import LineLog
-from tsctl.server.telemetry.metric_log import Reporter
+from tsctl.server.telemetry.metric_log import MetricLog
 from tsctl.server.telemetry.prometheus import Metrics
 
 
@@ -18,8 +19,10 @@ from tsctl.server.telemetry.prometheus import Metrics
 class ServerState:
     config: ServerConfig
     registry: Registry
-    metrics: Reporter
-    stats: Metrics
+    #: the Prometheus registry the metrics API renders
+    metrics: Metrics
+    #: the periodic host metrics written to ts_metrics.log
+    metric_log: MetricLog
     access_log: LineLog
     auth: TokenAuth | None = None
     started_at: float = 0.0
@@ -37,9 +40,7 @@ class ServerState:
         """Record the models' state (after every change), unless snapshots are off."""
         if self.config.no_config_snapshots:
             return
-        from tsctl.server import snapshot
-
-        snapshot.write(self.config, self.registry.snapshot_models(), kind)
+        snapshot.write(self.config, snapshot.models_of(self.registry), kind)
 
     @cached_property
     def cors(self) -> dict[str, str]:
@@ -59,8 +60,8 @@ class ServerState:
 
     def answered(self, status: int) -> None:
         """Count an answer in the metrics API and the periodic metrics log."""
-        self.metrics.count(status)
-        self.stats.count_status(status)
+        self.metric_log.count(status)
+        self.metrics.count_status(status)
 
     def request_started(self) -> None:
         self.in_flight += 1

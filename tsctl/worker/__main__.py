@@ -25,19 +25,19 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any
 
 from tsctl import __version__
-from tsctl.ipc.codec import (
+from tsctl.ipc.codec import recv_message, send_message
+from tsctl.ipc.messages import (
     Assign,
     Batch,
     Describe,
     Failure,
+    FailureKind,
     Hello,
     InitFailed,
     Stop,
-    recv_message,
-    send_message,
+    WorkerSpec,
 )
 from tsctl.worker import envelope
 from tsctl.worker.context import Context
@@ -78,45 +78,47 @@ class Threads:
 def serve(
     sock: socket.socket,
     stream: io.BufferedReader,
-    spec: dict[str, Any],
+    spec: WorkerSpec,
     preloading: threading.Event | None,
 ) -> int:
     log = logging.getLogger("tsctl.worker")
     context = Context(
-        model_name=spec["model_name"],
-        model_dir=spec["model_dir"],
-        manifest=spec["manifest"],
-        batch_size=int(spec["batch_size"]),
-        gpu=spec.get("gpu_id"),
-        limit_max_image_pixels=bool(spec.get("limit_max_image_pixels", True)),
+        model_name=spec.model_name,
+        model_dir=spec.model_dir,
+        manifest=dict(spec.manifest),
+        batch_size=spec.batch_size,
+        gpu=spec.gpu_id,
+        limit_max_image_pixels=spec.limit_max_image_pixels,
         server_version=__version__,
-        model_yaml_config=spec.get("model_yaml_config") or {},
+        model_yaml_config=dict(spec.model_yaml_config),
     )
-    context.metrics = MetricsCache(spec["model_name"])
-    threads = Threads(int(spec.get("threads", 0)), preloading)
+    context.metrics = MetricsCache(spec.model_name)
+    threads = Threads(spec.threads, preloading)
     try:
         threads.apply()  # torch ops inside initialize() too, when torch is already imported
-        dep_path = spec.get("dep_path")
+        dep_path = spec.dep_path
         if dep_path:  # after the model folder and tsctl's `ts`, which load_entry put first
             sys.path.insert(0, dep_path)
             os.environ["PYTHONPATH"] = os.pathsep.join(
                 p for p in (dep_path, os.environ.get("PYTHONPATH")) if p
             )
-        entry = load_entry(spec["handler"], spec["model_dir"], context)
-        entry = envelope.wrap(entry, spec.get("service_envelope"))
+        entry = load_entry(spec.handler, spec.model_dir, context)
+        entry = envelope.wrap(entry, spec.service_envelope)
         threads.apply()
     except BaseException as exc:
         detail = traceback.format_exc()
-        log.error("loading handler %r failed:\n%s", spec["handler"], detail)
-        kind = "HandlerLoadError" if isinstance(exc, HandlerLoadError) else "HandlerInitError"
-        message = f"{type(exc).__name__}: {exc}" if kind == "HandlerInitError" else str(exc)
+        log.error("loading handler %r failed:\n%s", spec.handler, detail)
+        if isinstance(exc, HandlerLoadError):
+            kind, message = FailureKind.HANDLER_LOAD, str(exc)
+        else:
+            kind, message = FailureKind.HANDLER_INIT, f"{type(exc).__name__}: {exc}"
         send_message(sock, InitFailed(Failure(kind, message, detail)))
         return 1
     service = Service(entry, context)
     gc.freeze()
     gc.enable()
     send_message(sock, Hello(os.getpid()))
-    log.info("worker ready (pid %d, %s threads)", os.getpid(), spec.get("threads", "default"))
+    log.info("worker ready (pid %d, %s threads)", os.getpid(), spec.threads or "default")
     while True:
         try:
             incoming = recv_message(stream)
@@ -153,7 +155,7 @@ def main() -> None:
     if not isinstance(first, Assign):
         sys.exit(f"tsctl worker: expected an Assign frame first, got {type(first).__name__}")
     spec = first.spec
-    threads = int(spec.get("threads", 0))
+    threads = spec.threads
     if threads > 0:  # for what the handler starts, and torch ops before it is applied
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     sys.exit(serve(sock, stream, spec, preloading))

@@ -9,8 +9,8 @@ puts first on `sys.path`; `wrap` imports them from there.
 
 A request whose body does not fit the envelope fails alone: the envelope answers it with an
 `EnvelopeInputError` instead of a result, and the other requests of the batch are answered as
-usual. The worker reports such an answer as a `Failure` of kind `INPUT_FAILURE_KIND`, which the
-frontend answers 400.
+usual. The worker reports such an answer as a `Failure` of kind `FailureKind.INVALID_INPUT`,
+which the frontend answers 400.
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 # shared with the frontend, which checks `service_envelope` and answers input failures 400
-from tsctl.ipc.codec import ENVELOPES, INPUT_FAILURE_KIND
-from tsctl.ipc.codec import check_envelope_name as check_name
+from tsctl.ipc.messages import ENVELOPES
+from tsctl.ipc.messages import check_envelope_name as check_name
 
 if TYPE_CHECKING:
     from tsctl.worker.loader import Entry
 
 __all__ = [
     "ENVELOPES",
-    "INPUT_FAILURE_KIND",
     "EnvelopeInputError",
     "check_name",
     "unwrap_handler",

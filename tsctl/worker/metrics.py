@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from tsctl.ipc.codec import CustomMetric
+from tsctl.ipc.messages import CustomMetric
 
 log = logging.getLogger("tsctl.worker")
 

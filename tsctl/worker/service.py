@@ -4,10 +4,9 @@ Inputs are decoded as TorchServe does: a part whose content type is `application
 the parsed object, `text/*` a `str`, anything else stays a `bytearray`. Each answer becomes
 bytes: `bytes`/`bytearray` as they are, `str` as UTF-8, anything else as JSON. A handler that
 raises, or returns the wrong number of answers, fails the whole batch with a message saying
-which; an answer that cannot be serialised fails only its own request. As in TorchServe, a
-handler that raises `PredictionException(message, code)` has every request of the batch
-answered with that status and message (500 when the code is not an HTTP status), and one
-that runs out of memory gets 507.
+which; an answer that cannot be serialised fails only its own request. Failures are reported
+by kind (`FailureKind`); the frontend chooses the status. A handler that raises TorchServe's
+`PredictionException(message, code)` reports the code it asked for with its failure.
 """
 
 from __future__ import annotations
@@ -21,12 +20,12 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from tsctl.ipc.codec import (
-    INPUT_FAILURE_KIND,
+from tsctl.ipc.messages import (
     Batch,
     Chunk,
     Described,
     Failure,
+    FailureKind,
     Part,
     Result,
     WireResponse,
@@ -90,10 +89,10 @@ def failure_of(exc: Exception) -> Failure:
         if message is None:
             message = exc.args[0] if exc.args else type(exc).__name__
         code = getattr(exc, "error_code", None)
-        return Failure("PredictionException", str(message), status=_chosen_status(code))
+        return Failure(FailureKind.PREDICTION_EXCEPTION, str(message), status=_chosen_status(code))
     if _out_of_memory(exc):
-        return Failure("OutOfMemory", f"Out of resources: {type(exc).__name__}: {exc}", status=507)
-    return Failure("HandlerError", f"{type(exc).__name__}: {exc}")
+        return Failure(FailureKind.OUT_OF_MEMORY, f"Out of resources: {type(exc).__name__}: {exc}")
+    return Failure(FailureKind.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
 
 
 def _last_of(produced: Iterator[Any], intermediate: Callable[[Sequence[Any]], None]) -> Any:
@@ -160,12 +159,12 @@ class Service:
         if isinstance(answers, (str, bytes, bytearray)) or not isinstance(answers, Sequence):
             message = f"handler returned {type(answers).__name__}, expected a list of {len(rows)}"
             return Result(
-                batch.batch_id, failure=Failure("BadHandlerOutput", message), handler_ms=elapsed
+                batch.batch_id, failure=Failure(FailureKind.BAD_OUTPUT, message), handler_ms=elapsed
             )
         if len(answers) != len(rows):
             message = f"handler returned {len(answers)} results for a batch of {len(rows)} requests"
             return Result(
-                batch.batch_id, failure=Failure("BadHandlerOutput", message), handler_ms=elapsed
+                batch.batch_id, failure=Failure(FailureKind.BAD_OUTPUT, message), handler_ms=elapsed
             )
         responses = [self._response(i, answer) for i, answer in enumerate(answers)]
         return Result(batch.batch_id, responses, handler_ms=elapsed, metrics=self._metrics())
@@ -174,14 +173,20 @@ class Service:
         """The handler object's `describe_handle()` answer, encoded like a prediction."""
         describe = getattr(unwrap_handler(self.entry), "describe_handle", None)
         if describe is None:
-            return Described(failure=Failure("NotSupported", "the handler has no describe_handle"))
+            return Described(
+                failure=Failure(FailureKind.NOT_SUPPORTED, "the handler has no describe_handle")
+            )
         try:
             answer = describe()
         except Exception as exc:
             log.error("describe_handle raised:\n%s", traceback.format_exc())
-            return Described(failure=Failure("HandlerError", f"{type(exc).__name__}: {exc}"))
+            return Described(
+                failure=Failure(FailureKind.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+            )
         if answer is None:  # BaseHandler's default: nothing to describe
-            return Described(failure=Failure("NotSupported", "describe_handle returned None"))
+            return Described(
+                failure=Failure(FailureKind.NOT_SUPPORTED, "describe_handle returned None")
+            )
         if isinstance(answer, (bytes, bytearray)):
             return Described(answer)
         if isinstance(answer, str):
@@ -189,7 +194,7 @@ class Service:
         try:
             return Described(json.dumps(answer, indent=2).encode("utf-8"))
         except (TypeError, ValueError) as exc:
-            return Described(failure=Failure("BadHandlerOutput", f"not serialisable: {exc}"))
+            return Described(failure=Failure(FailureKind.BAD_OUTPUT, f"not serialisable: {exc}"))
 
     def _metrics(self) -> list[Any]:
         cache = self.context.metrics
@@ -197,7 +202,7 @@ class Service:
 
     def _response(self, idx: int, answer: Any) -> WireResponse:
         if isinstance(answer, EnvelopeInputError):
-            return WireResponse(failure=Failure(INPUT_FAILURE_KIND, answer.message))
+            return WireResponse(failure=Failure(FailureKind.INVALID_INPUT, answer.message))
         processor = self.context.request_processor[idx]
         headers = processor.get_response_headers()
         content_type = headers.get("content-type") or headers.get("Content-Type") or ""
@@ -213,6 +218,6 @@ class Service:
                 body = json.dumps(answer, indent=2).encode("utf-8")
             except (TypeError, ValueError) as exc:
                 message = f"handler output for request {idx} is not serialisable: {exc}"
-                return WireResponse(failure=Failure("BadHandlerOutput", message))
+                return WireResponse(failure=Failure(FailureKind.BAD_OUTPUT, message))
             content_type = content_type or "application/json"
         return WireResponse(status, content_type, body, extra, reason)

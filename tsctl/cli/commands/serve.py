@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -68,13 +69,15 @@ def start(
     ),
 ) -> None:
     """Start the server: `torchserve --start`'s flags."""
-    from tsctl.local.launch import Launched, launch
+    from tsctl.local.launch import Launched, launch_daemon
 
     launched = ctx.obj if isinstance(ctx.obj, Launched) else None  # see tsctl.cli.entry
-    if launched is None and not foreground and (models or more_models):
-        # before anything slow: its first worker imports torch while this process and the
-        # daemon read the configuration (it exits if this process sends none)
-        launched = launch(early_spares=1)
+    if launched is None and not foreground:
+        from tsctl.server import boot
+
+        # before anything slow: the daemon's first worker imports torch while this process
+        # and the daemon read the configuration (it exits if this process sends none)
+        launched = launch_daemon(boot.main, early_spares=1 if models or more_models else 0)
     from tsctl.errors import InvalidInput
     from tsctl.server.config import build_config, is_loopback, read_properties, unknown_keys
 
@@ -124,24 +127,23 @@ def start(
 
     from rich.console import Console
 
-    from tsctl.local.lifecycle import STARTED_LINE, StartFailed
+    from tsctl.errors import StartFailed
     from tsctl.local.lifecycle import start as start_daemon
+    from tsctl.local.lifecycle import started_line
 
+    assert launched is not None
     err = Console(stderr=True)
+    config_json = config.model_dump_json()
     try:
-        if err.is_terminal:
-            with err.status("starting tsctl..."):
-                ready = start_daemon(config, start_timeout, launched)
-        else:
-            ready = start_daemon(config, start_timeout, launched)
+        with err.status("starting tsctl...") if err.is_terminal else contextlib.nullcontext():
+            ready = start_daemon(
+                launched, config_json, config.state_dir, config.log_dir, start_timeout
+            )
     except StartFailed as exc:
         for line in exc.log_tail:
             sys.stderr.write(f"  | {line}\n")
         raise
-    typer.echo(
-        f"{STARTED_LINE} pid {ready['pid']}; inference {ready['inference']}, "
-        f"management {ready['management']}"
-    )
+    typer.echo(started_line(ready["pid"], ready["inference"], ready["management"]))
     if ready.get("key_file"):
         typer.echo(
             f"Token authorization is on: keys are in {ready['key_file']} "

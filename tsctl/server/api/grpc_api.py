@@ -19,7 +19,7 @@ import grpc
 from grpc import aio
 
 from tsctl.errors import TsctlError
-from tsctl.ipc.codec import Part
+from tsctl.ipc.messages import Part
 from tsctl.proto_gen import (
     health_pb2,
     health_pb2_grpc,
@@ -29,11 +29,9 @@ from tsctl.proto_gen import (
     management_pb2_grpc,
 )
 from tsctl.server import management
-from tsctl.server.api.rest import new_request_id
-from tsctl.server.api.rest_management import describe_models
-from tsctl.server.inference import InferenceRequest, Pending
+from tsctl.server.inference import Pending
+from tsctl.server.request import InferenceRequest, Response, new_request_id
 from tsctl.server.state import ServerState
-from tsctl.server.workers.pool import Response
 
 HEALTHY = json.dumps({"status": "Healthy"}, indent=2)
 
@@ -143,7 +141,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
     async def DescribeModel(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
             version = request.model_version or None
-            return await describe_models(
+            return await management.describe_models(
                 self.state, request.model_name, version, request.customized
             )
 
@@ -172,7 +170,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
                 "startup_timeout": request.startup_timeout or None,
             }
             params = management.parse(management.RegisterParams, values)
-            _, message = await management.register(self.state, params)
+            message = (await management.register(self.state, params)).message
             return {"status": message}
 
         return await self._run(context, call)
@@ -186,16 +184,18 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
             }
             params = management.parse(management.ScaleParams, values)
             version = request.model_version or None
-            _, message = await management.scale(self.state, request.model_name, version, params)
+            message = (
+                await management.scale(self.state, request.model_name, version, params)
+            ).message
             return {"status": message}
 
         return await self._run(context, call)
 
     async def SetDefault(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
-            _, message = management.set_default(
+            message = management.set_default(
                 self.state, request.model_name, request.model_version
-            )
+            ).message
             return {"status": message}
 
         return await self._run(context, call)
@@ -203,7 +203,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
     async def UnregisterModel(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
             version = request.model_version or None
-            _, message = await management.unregister(self.state, request.model_name, version)
+            message = (await management.unregister(self.state, request.model_name, version)).message
             return {"status": message}
 
         return await self._run(context, call)
@@ -224,7 +224,7 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             mv = self.state.registry.get(name, version or None)
         except TsctlError:
             return None
-        ready = any(w.state in ("READY", "BUSY") for w in mv.pool.workers)
+        ready = any(w.state.serving for w in mv.pool.workers)
         return int(status.SERVING if ready else status.NOT_SERVING)
 
     async def Check(self, request: Any, context: aio.ServicerContext) -> Any:

@@ -8,31 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from random import getrandbits
 from typing import Any
 
 import tornado.web
 
-from tsctl.errors import MethodNotAllowed, NotFound, TsctlError
+from tsctl.errors import NOT_ALLOWED_MESSAGE, MethodNotAllowed, NotFound, TsctlError
+from tsctl.server.request import new_request_id
 
 log = logging.getLogger("tsctl.server")
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 NOT_FOUND_MESSAGE = "Requested resource is not found, please refer to API document."
-NOT_ALLOWED_MESSAGE = "Requested method is not allowed, please refer to API document."
-
-
-def new_request_id(incoming: str | None) -> str:
-    """The client's `x-request-id` when it is sane, else a fresh random version-4 UUID.
-
-    Request ids need to be unique, not secret: `random` makes one several times faster than
-    `uuid.uuid4()` (which reads the OS entropy pool), and this runs once per request.
-    """
-    if incoming and _CLIENT_ID.match(incoming):
-        return incoming
-    h = f"{getrandbits(128):032x}"
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def base_headers(request_id: str) -> dict[str, str]:

@@ -23,6 +23,7 @@ from typing import Any
 from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
 from tsctl.errors import (
+    NOT_ALLOWED_MESSAGE,
     BadRequest,
     MethodNotAllowed,
     NotFound,
@@ -30,24 +31,21 @@ from tsctl.errors import (
     ServiceUnavailable,
     TsctlError,
 )
-from tsctl.ipc.codec import Part
+from tsctl.ipc.messages import Part
 from tsctl.server.api import http1
 from tsctl.server.api.openapi import inference_api_description
 from tsctl.server.api.rest import (
-    NOT_ALLOWED_MESSAGE,
     NOT_FOUND_MESSAGE,
     access_line,
     base_headers,
     error_response,
     log,
-    new_request_id,
 )
-from tsctl.server.batching import ClientGone
-from tsctl.server.inference import InferenceRequest, Pending
+from tsctl.server.inference import Pending
 from tsctl.server.registry import ModelVersion
+from tsctl.server.request import ClientGone, InferenceRequest, Response, new_request_id
 from tsctl.server.state import ServerState
 from tsctl.server.telemetry.prometheus import HOSTNAME
-from tsctl.server.workers.pool import Response
 
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 #: how far past max_request_size a body is still read (and discarded) to answer 413 cleanly
@@ -210,7 +208,7 @@ class PredictionExchange(_Exchange):
         response = outcome
         assert self.mv is not None
         labels = (self.mv.name, self.mv.version, HOSTNAME)
-        stats = self.state.stats
+        stats = self.state.metrics
         stats.requests_total.inc(labels)
         stats.latency.inc(labels, (time.perf_counter() - self.started) * 1e6)
         if self.streaming:

@@ -7,7 +7,6 @@ operations themselves live in `tsctl.server.management`.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from typing import Any
 
 import tornado.web
@@ -16,80 +15,7 @@ from tsctl.errors import BadRequest
 from tsctl.server import management
 from tsctl.server.api.openapi import management_api_description
 from tsctl.server.api.rest import ApiHandler, NotFoundHandler, log_request
-from tsctl.server.registry import ModelVersion
 from tsctl.server.state import ServerState
-
-
-def _iso_millis(stamp: float) -> str:
-    """TorchServe's timestamps: `2026-12-02T05:55:43.353Z`."""
-    moment = datetime.fromtimestamp(stamp, timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def describe(mv: ModelVersion) -> dict[str, Any]:
-    workers = [
-        {
-            "id": w.worker_id.split("-", 1)[0],
-            "startTime": _iso_millis(w.started_at),
-            "status": "READY" if w.state in ("READY", "BUSY") else w.state,
-            "memoryUsage": int(w.rss_mb() * (1 << 20)),
-            "pid": w.pid,
-            "gpu": w.spec.get("gpu_id") is not None,
-            "gpuUsage": "N/A",
-        }
-        for w in mv.pool.workers
-    ]
-    return {
-        "modelName": mv.name,
-        "modelVersion": mv.version,
-        "modelUrl": mv.url,
-        "runtime": mv.manifest.get("runtime", "python"),
-        **mv.settings(),
-        # TorchServe 0.12's other settings, at the values tsctl runs with (it has no retry
-        # timeout, client timeout, model parallelism, continuous batching, job tickets, venvs
-        # or stateful sequences to configure)
-        "maxRetryTimeoutInSec": 300,
-        "clientTimeoutInMills": 0,
-        "parallelType": "",
-        "parallelLevel": 0,
-        "deviceType": "gpu"
-        if any(w.spec.get("gpu_id") is not None for w in mv.pool.workers)
-        else "cpu",
-        "continuousBatching": False,
-        "useJobTicket": False,
-        "useVenv": False,
-        "stateful": False,
-        "sequenceMaxIdleMSec": 0,
-        "sequenceTimeoutMSec": 0,
-        "maxNumSequence": 0,
-        "maxSequenceJobQueueSize": 0,
-        "loadedAtStartup": mv.loaded_at_startup,
-        "workers": workers,
-        "jobQueueStatus": {
-            "remainingCapacity": mv.queue.capacity - len(mv.queue),
-            "pendingRequests": len(mv.queue),
-        },
-    }
-
-
-async def describe_models(
-    state: ServerState, name: str, version: str | None, customized: bool
-) -> list[dict[str, Any]]:
-    """TorchServe's describe list for one version, the default one, or `all`; with
-    `customized`, each handler's own `describe_handle()` answer too."""
-    registry = state.registry
-    if version == "all":
-        registry.get(name)
-        found = list(registry.models[name].values())
-    else:
-        found = [registry.get(name, version)]
-    described = [describe(mv) for mv in found]
-    if customized:
-        for doc, mv in zip(described, found, strict=True):
-            custom = await management.customized(mv)
-            if custom is not None:
-                doc["customizedMetadata"] = custom
-    return described
 
 
 class ManagementHandler(ApiHandler):
@@ -117,9 +43,9 @@ class ManagementHandler(ApiHandler):
             values.update(body)
         return values
 
-    def status(self, result: tuple[int, str]) -> None:
-        code, message = result
-        self.write_json({"status": message}, code)
+    def status(self, outcome: management.Outcome) -> None:
+        """TorchServe's `{"status": ...}` answer: 202 when the work goes on after it."""
+        self.write_json({"status": outcome.message}, 202 if outcome.accepted else 200)
 
 
 class ModelsHandler(ManagementHandler):
@@ -146,7 +72,7 @@ class ModelHandler(ManagementHandler):
 
     async def get(self, name: str, version: str | None = None) -> None:
         customized = self.get_query_argument("customized", "false").lower() == "true"
-        self.write_json(await describe_models(self.state, name, version, customized))
+        self.write_json(await management.describe_models(self.state, name, version, customized))
 
 
 class SetDefaultHandler(ManagementHandler):

@@ -15,7 +15,7 @@ class MetricsHandler(ApiHandler):
         self.state = state
 
     def get(self) -> None:
-        stats = self.state.stats
+        stats = self.state.metrics
         for versions in self.state.registry.models.values():
             for mv in versions.values():
                 stats.queue_depth.set((mv.name, mv.version), len(mv.queue))

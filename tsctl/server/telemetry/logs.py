@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -151,14 +150,3 @@ def flush_all() -> None:
     for name in ("tsctl.model", "tsctl.metrics.model"):
         for handler in logging.getLogger(name).handlers:
             handler.flush()
-
-
-def tail(path: Path, lines: int = 20) -> list[str]:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 16384))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return []
-    return text.splitlines()[-lines:]

@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import socket
 import time
 from collections import Counter
 from pathlib import Path
 
+from tsctl.server.telemetry.prometheus import HOSTNAME
+
 log = logging.getLogger("tsctl.metrics.ts")
-HOSTNAME = socket.gethostname()
 
 
-class Reporter:
+class MetricLog:
     def __init__(self, disk_path: Path) -> None:
         self.disk_path = disk_path
         self.requests: Counter[str] = Counter()

@@ -1,12 +1,12 @@
-"""Worker processes and the pool that supervises them. Runs on the daemon's event loop.
+"""The pool that keeps one model version's workers serving its queue. Event-loop only.
 
-`WorkerProcess` is one child (`python -m tsctl.worker`) connected by a socketpair; it sends a
-batch, awaits the result frame, and reports its own death. `WorkerPool` keeps a model version's
-target number of workers alive: one serving loop per worker takes batches from the model's
-queue, a worker that dies fails only the requests it held and is restarted with exponential
-backoff, a batch past its deadline gets its worker killed and replaced, and workers are
-recycled gracefully after N requests or past an RSS limit. Nothing here blocks the loop:
-process creation and socket I/O go through asyncio.
+`WorkerPool` keeps `target` workers (`tsctl.server.workers.process`) alive: one serving loop
+per worker takes batches from the model's queue (`tsctl.server.batching`) and sends them; a
+worker that dies fails only the requests it held and is replaced after a backoff that grows
+with consecutive failures (`restart_delay`); a batch past its deadline gets its worker killed
+and replaced; workers are recycled gracefully after N requests or past an RSS limit (the
+successor starts first). Worker failures arrive as data (`Failure`) and become the errors
+clients see in `error_for`: the statuses are chosen here, on the frontend, never by workers.
 """
 
 from __future__ import annotations
@@ -15,69 +15,51 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import subprocess
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from tsctl.errors import (
     BadRequest,
-    InferenceTimeout,
+    OutOfResources,
     PredictionFailed,
     ServiceUnavailable,
     TsctlError,
     WorkerDied,
     prediction_failed,
 )
-from tsctl.ipc.codec import (
-    INPUT_FAILURE_KIND,
-    Assign,
-    Batch,
-    Chunk,
-    Describe,
-    Described,
-    Failure,
-    Hello,
-    InitFailed,
-    Message,
-    ProtocolError,
-    Result,
-    Stop,
-    WireRequest,
-    encode,
-    read_message,
-)
-from tsctl.server.batching import Job, ModelQueue, next_batch
+from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, WireRequest, WorkerState
+from tsctl.server.batching import ModelQueue, next_batch
+from tsctl.server.request import Job, Response
 from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
-from tsctl.server.workers.spares import Spare, launch
+from tsctl.server.workers.process import WorkerProcess
 
 log = logging.getLogger("tsctl.server")
-model_log = logging.getLogger("tsctl.model")
 metrics_log = logging.getLogger("tsctl.metrics.model")
 
+#: the longest wait before restarting a worker, however often it has failed (seconds)
 MAX_BACKOFF = 30.0
 _batch_ids = itertools.count(1)
 
 
-class WorkerStartFailed(TsctlError):
-    """A worker could not load its handler; the message carries the handler's own error."""
+def restart_delay(failures: int) -> float:
+    """Seconds to wait before starting a replacement worker after `failures` consecutive
+    failures (deaths or failed starts): at once after the first, then 1, 2, 4, ... seconds,
+    at most `MAX_BACKOFF`. A batch answered resets the count."""
+    return 0.0 if failures <= 0 else min(MAX_BACKOFF, 2.0 ** (failures - 1))
 
-    http_status = 500
-    type_name = "WorkerInitializationException"
 
-
-@dataclass(frozen=True)
-class Response:
-    """What a worker answered for one request."""
-
-    status: int
-    content_type: str
-    body: bytes | bytearray
-    headers: tuple[tuple[str, str], ...] = ()
-    reason: str = ""
+def error_for(failure: Failure) -> TsctlError:
+    """The error a worker's failure is answered with (and so its HTTP and gRPC status): a
+    request its envelope could not read is the client's mistake (400); memory that ran out is
+    507, as TorchServe answers it; a handler's `PredictionException` gets the status the
+    handler chose; anything else is a failed prediction (503)."""
+    if failure.kind is FailureKind.INVALID_INPUT:
+        return BadRequest(failure.message)
+    if failure.kind is FailureKind.OUT_OF_MEMORY:
+        return OutOfResources(failure.message)
+    return prediction_failed(failure.message, failure.status)
 
 
 @dataclass(frozen=True)
@@ -88,257 +70,6 @@ class PoolSettings:
     max_response_size: int
     recycle_after_requests: int = 0  # 0 = never
     recycle_above_rss_mb: int = 0  # 0 = never
-
-
-class Child(Protocol):
-    """The process handle a worker needs: what `asyncio.subprocess.Process` offers."""
-
-    @property
-    def pid(self) -> int: ...
-    @property
-    def returncode(self) -> int | None: ...
-
-    stdout: asyncio.StreamReader | None
-    stderr: asyncio.StreamReader | None
-
-    def kill(self) -> None: ...
-    async def wait(self) -> int: ...
-
-
-class AdoptedChild:
-    """A worker process started with `subprocess.Popen` (a spare), watched from the loop:
-    its exit through a pidfd (a thread's blocking wait where there is none), its output
-    through read pipes."""
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self._popen = popen
-        self.stdout: asyncio.StreamReader | None = None
-        self.stderr: asyncio.StreamReader | None = None
-        self._exited: asyncio.Future[int] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self._popen.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._popen.returncode
-
-    @classmethod
-    async def adopt(cls, popen: subprocess.Popen[bytes]) -> AdoptedChild:
-        child = cls(popen)
-        loop = asyncio.get_running_loop()
-        assert popen.stdout is not None and popen.stderr is not None
-        child.stdout = await _stream_from(loop, popen.stdout)
-        child.stderr = await _stream_from(loop, popen.stderr)
-        child._exited = loop.create_future()
-        try:
-            pidfd = os.pidfd_open(popen.pid)
-        except (AttributeError, OSError):  # not Linux 5.3+: a thread waits instead
-            waiting = loop.run_in_executor(None, popen.wait)
-            waiting.add_done_callback(lambda f: child._set_exited(f.result()))
-        else:
-            loop.add_reader(pidfd, child._on_exit, loop, pidfd)
-        return child
-
-    def _on_exit(self, loop: asyncio.AbstractEventLoop, pidfd: int) -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        self._set_exited(self._popen.wait())
-
-    def _set_exited(self, code: int) -> None:
-        if self._exited is not None and not self._exited.done():
-            self._exited.set_result(code)
-
-    def kill(self) -> None:
-        if self._popen.returncode is None:
-            self._popen.kill()
-
-    async def wait(self) -> int:
-        assert self._exited is not None
-        return await asyncio.shield(self._exited)
-
-
-async def _stream_from(loop: asyncio.AbstractEventLoop, pipe: Any) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader(loop=loop)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
-    return reader
-
-
-class WorkerProcess:
-    """One worker child and its socket. `spare`, when given, is a process started ahead that
-    this worker takes over instead of starting one."""
-
-    def __init__(self, worker_id: str, spec: dict[str, Any], spare: Spare | None = None):
-        self.worker_id = worker_id
-        self.spec = spec
-        self.spare = spare
-        self._pumps: list[asyncio.Task[None]] = []
-        self.proc: Child | None = None
-        self.started_at = time.time()
-        self.served = 0
-        self.recycling = False
-        self.state = "STARTING"
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader: asyncio.StreamReader | None = None
-        #: answers the worker owes, in the order it will send them, with who wants its chunks
-        self._pending: deque[tuple[asyncio.Future[Any], Callable[[Chunk], None] | None]] = deque()
-        self._reader_task: asyncio.Task[None] | None = None
-        self.dead = asyncio.Event()
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    async def start(self) -> None:
-        if self.spare is not None:
-            popen, parent = self.spare.popen, self.spare.sock
-            self.spare = None
-        else:
-            # Popen's fork and exec take a few milliseconds: fine on the loop, and one way
-            # of starting workers whether they are spares or not
-            popen, parent = launch(preload=False)
-        self.proc = await AdoptedChild.adopt(popen)
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._pumps = [
-            asyncio.create_task(self._pump(self.proc.stdout, logging.INFO, "stdout")),
-            asyncio.create_task(self._pump(self.proc.stderr, logging.WARNING, "stderr")),
-        ]
-        self._reader, self._writer = await asyncio.open_connection(sock=parent)
-        self._writer.writelines(encode(Assign({**self.spec, "worker_id": self.worker_id})))
-        timeout = float(self.spec.get("startup_timeout", 120))
-        try:
-            first: Message = await asyncio.wait_for(read_message(self._reader), timeout)
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
-            code = await self._reap()
-            raise WorkerStartFailed(
-                f"worker {self.worker_id} exited during start-up (exit status {code})"
-            ) from None
-        except TimeoutError:
-            self.kill()
-            await self._reap()
-            raise WorkerStartFailed(
-                f"worker {self.worker_id} did not load its handler within {timeout:g} s"
-            ) from None
-        if isinstance(first, InitFailed):
-            await self._reap()
-            raise WorkerStartFailed(first.failure.message)
-        if not isinstance(first, Hello):
-            self.kill()
-            raise WorkerStartFailed(f"worker {self.worker_id} sent {type(first).__name__} first")
-        self.state = "READY"
-        self._reader_task = asyncio.create_task(self._read_loop())
-
-    async def _pump(self, stream: asyncio.StreamReader, level: int, name: str) -> None:
-        """Copy the worker's output, line by line, into model_log.log."""
-        extra = {"worker": f"W-{self.worker_id}-{name}"}
-        while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line longer than the stream's limit
-                line = await stream.read(1 << 16)
-            if not line:
-                return
-            model_log.log(level, line.decode("utf-8", "replace").rstrip("\n"), extra=extra)
-
-    async def _read_loop(self) -> None:
-        assert self._reader is not None
-        try:
-            while True:
-                message = await read_message(self._reader)
-                if isinstance(message, Chunk) and self._pending:
-                    on_chunk = self._pending[0][1]
-                    if on_chunk is not None:
-                        on_chunk(message)
-                elif isinstance(message, (Result, Described)) and self._pending:
-                    waiter, _ = self._pending.popleft()
-                    if not waiter.done():
-                        waiter.set_result(message)
-                else:
-                    log.warning("worker %s sent an unexpected %s", self.worker_id, message)
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
-            if not isinstance(exc, asyncio.IncompleteReadError):
-                log.error("worker %s: %s; stopping it", self.worker_id, exc)
-                self.kill()
-        finally:
-            code = await self._reap()
-            self.state = "DEAD"
-            while self._pending:
-                waiter, _ = self._pending.popleft()
-                if not waiter.done():
-                    waiter.set_exception(
-                        WorkerDied(f"worker {self.worker_id} died (exit status {code})")
-                    )
-            self.dead.set()
-
-    async def run(self, batch: Batch, on_chunk: Callable[[Chunk], None] | None = None) -> Result:
-        """Send one batch and wait for its result; `WorkerDied` if the process goes away.
-        Intermediate answers of a streaming handler go to `on_chunk` as they come."""
-        if self.state != "READY" or self._writer is None:
-            raise WorkerDied(f"worker {self.worker_id} is not running")
-        self.state = "BUSY"
-        try:
-            result: Result = await self._ask(batch, on_chunk)
-            return result
-        finally:
-            if self.state == "BUSY":
-                self.state = "READY"
-
-    async def describe(self) -> Described:
-        """The handler's own description (`describe_handle`), queued behind any batch."""
-        if self.state not in ("READY", "BUSY") or self._writer is None:
-            raise WorkerDied(f"worker {self.worker_id} is not running")
-        described: Described = await self._ask(Describe())
-        return described
-
-    async def _ask(
-        self, message: Batch | Describe, on_chunk: Callable[[Chunk], None] | None = None
-    ) -> Any:
-        assert self._writer is not None
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((waiter, on_chunk))
-        try:
-            self._writer.writelines(encode(message))
-            await self._writer.drain()
-            return await waiter
-        except ConnectionError:
-            raise WorkerDied(f"worker {self.worker_id} closed its connection") from None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-
-    async def stop(self, timeout: float = 10) -> None:
-        """Ask the worker to exit; kill it if it does not within `timeout`."""
-        if self.state == "DEAD":
-            return
-        if self._writer is not None and not self._writer.is_closing():
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                self._writer.writelines(encode(Stop("stop")))
-        self.state = "STOPPING"
-        try:
-            await asyncio.wait_for(self.dead.wait() if self._reader_task else self._reap(), timeout)
-        except TimeoutError:
-            self.kill()
-            await self._reap()
-
-    async def _reap(self) -> int | None:
-        if self.proc is None:
-            return None
-        code = await self.proc.wait()
-        await asyncio.gather(*self._pumps, return_exceptions=True)  # the output is all logged
-        if self._writer is not None:
-            self._writer.close()
-        return code
-
-    def rss_mb(self) -> float:
-        try:
-            with open(f"/proc/{self.pid}/statm", encoding="ascii") as fh:
-                pages = int(fh.read().split()[1])
-            return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
-        except (OSError, ValueError, IndexError):
-            return 0.0
 
 
 class WorkerPool:
@@ -368,7 +99,7 @@ class WorkerPool:
         self._tasks: set[asyncio.Future[Any]] = set()
 
     def busy(self) -> bool:
-        return any(w.state == "BUSY" for w in self.workers)
+        return any(w.state == WorkerState.BUSY for w in self.workers)
 
     async def scale(self, target: int) -> None:
         """Start or stop workers until `target` are running; raises if a new one fails."""
@@ -399,7 +130,7 @@ class WorkerPool:
     async def _serve(self, worker: WorkerProcess) -> None:
         settings = self.settings
         try:
-            while worker.state == "READY":
+            while worker.state == WorkerState.READY:
                 batch = await next_batch(
                     self.queue, settings.batch_size, settings.max_batch_delay, worker
                 )
@@ -415,10 +146,10 @@ class WorkerPool:
             self.queue.release(worker)
             if worker in self.workers:
                 self.workers.remove(worker)
-        if worker.state == "DEAD" and not self._closed:
+        if worker.state == WorkerState.DEAD and not self._closed:
             self.metrics.restarts.inc((self.model_name, self.version))
             self._schedule_restart()
-        elif worker.state != "DEAD":
+        elif worker.state != WorkerState.DEAD:
             await worker.stop()
 
     async def _replace(self, old: WorkerProcess) -> None:
@@ -432,7 +163,7 @@ class WorkerPool:
         if old in self.workers:
             await self._retire(old)
 
-    def _background(self, coroutine: Any) -> None:
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -466,14 +197,14 @@ class WorkerPool:
         self._failures = 0
         self._record_result(result, live, (loop.time() - now) * 1000)
         if result.failure is not None:
-            _fail(live, _failure_error(result.failure))
+            _fail(live, error_for(result.failure))
             return
         limit = self.settings.max_response_size
         for job, answer in zip(live, result.responses, strict=True):
             if job.future.done():
                 continue
             if answer.failure is not None:
-                job.future.set_exception(_failure_error(answer.failure))
+                job.future.set_exception(error_for(answer.failure))
             elif len(answer.body) > limit:
                 job.future.set_exception(
                     PredictionFailed(
@@ -524,10 +255,12 @@ class WorkerPool:
         log.error("worker %s overran the response timeout; replacing it", worker.worker_id)
         worker.kill()
 
-    def _schedule_restart(self) -> None:
-        if len(self.workers) + len(self._tasks) >= self.target:
+    def _schedule_restart(self, retrying: bool = False) -> None:
+        """Start a replacement worker after `restart_delay`. `retrying`: a restart that failed
+        asks again (it is itself one of the pool's tasks, so it does not count as pending)."""
+        if not retrying and len(self.workers) + len(self._tasks) >= self.target:
             return
-        delay = 0.0 if self._failures == 0 else min(MAX_BACKOFF, 2.0 ** (self._failures - 1))
+        delay = restart_delay(self._failures)
         self._failures += 1
         self._background(self._restart_after(delay))
 
@@ -541,27 +274,19 @@ class WorkerPool:
             await self._start_one()
         except TsctlError as exc:
             log.error("restarting a %s worker failed: %s", self.name, exc)
-            self._schedule_restart_later()
-
-    def _schedule_restart_later(self) -> None:
-        # called from inside a restart task, which is still in self._tasks
-        delay = min(MAX_BACKOFF, 2.0**self._failures)
-        self._failures += 1
-        task = asyncio.create_task(self._restart_after(delay))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            self._schedule_restart(retrying=True)
 
     async def _retire(self, worker: WorkerProcess) -> None:
         """Stop one worker after its current batch; an idle one stops at once."""
         if worker in self.workers:
             self.workers.remove(worker)
         loop_task = self._loops.get(worker)
-        if loop_task is not None and worker.state == "READY":
+        if loop_task is not None and worker.state == WorkerState.READY:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
         elif loop_task is not None:
-            worker.state = "RETIRING"
+            worker.state = WorkerState.RETIRING
             await asyncio.gather(loop_task, return_exceptions=True)
         await worker.stop()
 
@@ -593,20 +318,3 @@ def _fail(jobs: list[Job], error: Exception) -> None:
     for job in jobs:
         if not job.future.done():
             job.future.set_exception(error)
-
-
-def expire(job: Job, timeout: float) -> None:
-    """A job's deadline passed: answer it with a timeout, wherever it is."""
-    if not job.future.done():
-        job.future.set_exception(
-            InferenceTimeout(f"no answer within the response timeout of {timeout:g} s")
-        )
-
-
-def _failure_error(failure: Failure) -> TsctlError:
-    """The error a worker's failure is answered with: a request the envelope could not read
-    is the client's mistake (400); anything else is a failed prediction, with the status the
-    handler chose, if it chose one (TorchServe's `PredictionException`)."""
-    if failure.kind == INPUT_FAILURE_KIND:
-        return BadRequest(failure.message)
-    return prediction_failed(failure.message, failure.status)

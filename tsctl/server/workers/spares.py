@@ -69,7 +69,7 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def launch(preload: bool) -> tuple[subprocess.Popen[bytes], socket.socket]:
+def spawn(preload: bool) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """Start `python -m tsctl.worker FD`; returns the process and the daemon's socket end.
     With `preload`, the worker imports torch while it waits for its assignment."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -108,7 +108,7 @@ def prestart(count: int) -> Spares:
     spares = Spares()
     for _ in range(count):
         try:
-            popen, sock = launch(preload=True)
+            popen, sock = spawn(preload=True)
         except OSError:
             break  # the pool starts workers itself and reports the error there
         spares.waiting.append(Spare(popen, sock))

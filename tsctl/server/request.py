@@ -1,0 +1,71 @@
+"""The request types every part of the daemon shares: what an API adapter submits
+(`InferenceRequest`), what a worker answered (`Response`), and a queued `Job`.
+
+Plain data, importing nothing of the daemon: the API adapters, the batcher and the worker pool
+all depend on this module, never on each other for these types. Event-loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from random import getrandbits
+
+from tsctl.ipc.messages import Part
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One prediction request, whatever API it came from."""
+
+    request_id: str
+    parts: Sequence[Part]
+    headers: Sequence[tuple[str, str]]
+    arrival: float  # loop.time() when the request arrived
+
+
+@dataclass(frozen=True)
+class Response:
+    """What a worker answered for one request."""
+
+    status: int
+    content_type: str
+    body: bytes | bytearray
+    headers: tuple[tuple[str, str], ...] = ()
+    reason: str = ""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting for, or being run by, a worker."""
+
+    request: InferenceRequest
+    future: asyncio.Future[Response]
+    deadline: float
+    #: who sent it (an HTTP/1.1 connection, a gRPC peer): the batcher's arrival hints
+    source: Hashable | None = None
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    #: receives a streaming handler's intermediate answers
+    on_chunk: Callable[[Response], None] | None = field(default=None, repr=False)
+    #: a stateful sequence (gRPC `sequence_id`): all its jobs go to the same worker, in order
+    sequence: str | None = None
+
+
+class ClientGone(Exception):
+    """The client disconnected; nobody is waiting for this answer."""
+
+
+def new_request_id(incoming: str | None) -> str:
+    """The client's `x-request-id` when it is sane, else a fresh random version-4 UUID.
+
+    Request ids need to be unique, not secret: `random` makes one several times faster than
+    `uuid.uuid4()` (which reads the OS entropy pool), and this runs once per request.
+    """
+    if incoming and _CLIENT_ID.match(incoming):
+        return incoming
+    h = f"{getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"

@@ -1,0 +1,82 @@
+"""Per-model settings: a `model-config.yaml`'s keys, what a registration may override, and
+the priority between them (API call > model-config.yaml > config.properties, TorchServe's).
+
+Plain data and pure functions; `tsctl.server.registry` applies them when it loads a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tsctl.errors import ArchiveError
+
+
+class ModelSettings(BaseModel):
+    """The frontend keys of a `model-config.yaml` (TorchServe's names) plus tsctl's own."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    min_workers: int | None = Field(default=None, alias="minWorkers", ge=0)
+    max_workers: int | None = Field(default=None, alias="maxWorkers", ge=0)
+    batch_size: int | None = Field(default=None, alias="batchSize", ge=1)
+    max_batch_delay: float | None = Field(default=None, alias="maxBatchDelay", ge=0)
+    response_timeout: float | None = Field(default=None, alias="responseTimeout", gt=0)
+    startup_timeout: float | None = Field(default=None, alias="startupTimeout", gt=0)
+    recycle_after_requests: int = Field(default=0, alias="recycleAfterRequests", ge=0)
+    recycle_above_rss_mb: int = Field(default=0, alias="recycleAboveRssMb", ge=0)
+    #: `cpu` keeps the model off GPUs; `gpu` (or unset) spreads its workers over them
+    device_type: str | None = Field(default=None, alias="deviceType")
+    #: the GPUs this model's workers take, round robin (default: every GPU of the server)
+    device_ids: list[int] | None = Field(default=None, alias="deviceIds")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a registration may override: API parameters win over model-config.yaml, which
+    wins over config.properties (TorchServe's documented priority)."""
+
+    name: str | None = None
+    handler: str | None = None
+    runtime: str | None = None
+    batch_size: int | None = None
+    max_batch_delay: float | None = None
+    response_timeout: float | None = None
+    startup_timeout: float | None = None
+    min_workers: int | None = None
+    max_workers: int | None = None
+    startup: bool = False
+    #: operator-given paths (`--models`) may lie anywhere; API ones must be in the model store
+    trusted: bool = False
+
+
+def whole(value: float) -> float | int:
+    """An int when the value is whole: TorchServe's JSON has `100`, not `100.0`."""
+    return int(value) if float(value).is_integer() else value
+
+
+def first(*values: Any) -> Any:
+    """The first value that is not None (the priority order of settings)."""
+    return next(v for v in values if v is not None)
+
+
+def read_yaml(model_dir: Path, config_file: str | None) -> dict[str, Any]:
+    if not config_file:
+        return {}
+    import yaml
+
+    path = model_dir / config_file
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ArchiveError(f"cannot read {config_file} in the archive: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ArchiveError(f"{config_file} in the archive is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ArchiveError(f"{config_file} in the archive must be a mapping of settings")
+    return loaded

@@ -1,0 +1,292 @@
+"""One worker process as the daemon sees it. Runs on the daemon's event loop.
+
+`WorkerProcess` is one child (`python -m tsctl.worker`) connected by a socketpair: it hands the
+child its `WorkerSpec`, waits for `Hello`, then sends batches and describe calls and awaits
+their answers in order, passing a streaming handler's chunks on as they come, and reports its
+own death (`dead`). Its output is copied line by line into model_log.log. Nothing here blocks
+the loop: process creation takes a few milliseconds, socket I/O goes through asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from tsctl.errors import WorkerDied, WorkerStartFailed
+from tsctl.ipc.codec import ProtocolError, encode, read_message
+from tsctl.ipc.messages import (
+    Assign,
+    Batch,
+    Chunk,
+    Describe,
+    Described,
+    Hello,
+    InitFailed,
+    Message,
+    Result,
+    Stop,
+    WorkerSpec,
+    WorkerState,
+)
+from tsctl.server.workers.spares import Spare, spawn
+
+log = logging.getLogger("tsctl.server")
+model_log = logging.getLogger("tsctl.model")
+
+
+class Child(Protocol):
+    """The process handle a worker needs: what `asyncio.subprocess.Process` offers."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+
+    stdout: asyncio.StreamReader | None
+    stderr: asyncio.StreamReader | None
+
+    def kill(self) -> None: ...
+    async def wait(self) -> int: ...
+
+
+class AdoptedChild:
+    """A worker process started with `subprocess.Popen` (a spare), watched from the loop:
+    its exit through a pidfd (a thread's blocking wait where there is none), its output
+    through read pipes."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr: asyncio.StreamReader | None = None
+        self._exited: asyncio.Future[int] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    @classmethod
+    async def adopt(cls, popen: subprocess.Popen[bytes]) -> AdoptedChild:
+        child = cls(popen)
+        loop = asyncio.get_running_loop()
+        assert popen.stdout is not None and popen.stderr is not None
+        child.stdout = await _stream_from(loop, popen.stdout)
+        child.stderr = await _stream_from(loop, popen.stderr)
+        child._exited = loop.create_future()
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # not Linux 5.3+: a thread waits instead
+            waiting = loop.run_in_executor(None, popen.wait)
+            waiting.add_done_callback(lambda f: child._set_exited(f.result()))
+        else:
+            loop.add_reader(pidfd, child._on_exit, loop, pidfd)
+        return child
+
+    def _on_exit(self, loop: asyncio.AbstractEventLoop, pidfd: int) -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        self._set_exited(self._popen.wait())
+
+    def _set_exited(self, code: int) -> None:
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(code)
+
+    def kill(self) -> None:
+        if self._popen.returncode is None:
+            self._popen.kill()
+
+    async def wait(self) -> int:
+        assert self._exited is not None
+        return await asyncio.shield(self._exited)
+
+
+async def _stream_from(loop: asyncio.AbstractEventLoop, pipe: Any) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(loop=loop)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
+    return reader
+
+
+class WorkerProcess:
+    """One worker child and its socket. `spare`, when given, is a process started ahead that
+    this worker takes over instead of starting one."""
+
+    def __init__(self, spec: WorkerSpec, spare: Spare | None = None):
+        self.worker_id = spec.worker_id
+        self.spec = spec
+        self.spare = spare
+        self._pumps: list[asyncio.Task[None]] = []
+        self.proc: Child | None = None
+        self.started_at = time.time()
+        self.served = 0
+        self.recycling = False
+        self.state = WorkerState.STARTING
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+        #: answers the worker owes, in the order it will send them, with who wants its chunks
+        self._pending: deque[tuple[asyncio.Future[Any], Callable[[Chunk], None] | None]] = deque()
+        self._reader_task: asyncio.Task[None] | None = None
+        self.dead = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def start(self) -> None:
+        if self.spare is not None:
+            popen, parent = self.spare.popen, self.spare.sock
+            self.spare = None
+        else:
+            # Popen's fork and exec take a few milliseconds: fine on the loop, and one way
+            # of starting workers whether they are spares or not
+            popen, parent = spawn(preload=False)
+        self.proc = await AdoptedChild.adopt(popen)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._pumps = [
+            asyncio.create_task(self._pump(self.proc.stdout, logging.INFO, "stdout")),
+            asyncio.create_task(self._pump(self.proc.stderr, logging.WARNING, "stderr")),
+        ]
+        self._reader, self._writer = await asyncio.open_connection(sock=parent)
+        self._writer.writelines(encode(Assign(self.spec)))
+        timeout = self.spec.startup_timeout
+        try:
+            first: Message = await asyncio.wait_for(read_message(self._reader), timeout)
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+            code = await self._reap()
+            raise WorkerStartFailed(
+                f"worker {self.worker_id} exited during start-up (exit status {code})"
+            ) from None
+        except TimeoutError:
+            self.kill()
+            await self._reap()
+            raise WorkerStartFailed(
+                f"worker {self.worker_id} did not load its handler within {timeout:g} s"
+            ) from None
+        if isinstance(first, InitFailed):
+            await self._reap()
+            raise WorkerStartFailed(first.failure.message)
+        if not isinstance(first, Hello):
+            self.kill()
+            raise WorkerStartFailed(f"worker {self.worker_id} sent {type(first).__name__} first")
+        self.state = WorkerState.READY
+        self._reader_task = asyncio.create_task(self._read_loop())
+
+    async def _pump(self, stream: asyncio.StreamReader, level: int, name: str) -> None:
+        """Copy the worker's output, line by line, into model_log.log."""
+        extra = {"worker": f"W-{self.worker_id}-{name}"}
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line longer than the stream's limit
+                line = await stream.read(1 << 16)
+            if not line:
+                return
+            model_log.log(level, line.decode("utf-8", "replace").rstrip("\n"), extra=extra)
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                message = await read_message(self._reader)
+                if isinstance(message, Chunk) and self._pending:
+                    on_chunk = self._pending[0][1]
+                    if on_chunk is not None:
+                        on_chunk(message)
+                elif isinstance(message, (Result, Described)) and self._pending:
+                    waiter, _ = self._pending.popleft()
+                    if not waiter.done():
+                        waiter.set_result(message)
+                else:
+                    log.warning("worker %s sent an unexpected %s", self.worker_id, message)
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
+            if not isinstance(exc, asyncio.IncompleteReadError):
+                log.error("worker %s: %s; stopping it", self.worker_id, exc)
+                self.kill()
+        finally:
+            code = await self._reap()
+            self.state = WorkerState.DEAD
+            while self._pending:
+                waiter, _ = self._pending.popleft()
+                if not waiter.done():
+                    waiter.set_exception(
+                        WorkerDied(f"worker {self.worker_id} died (exit status {code})")
+                    )
+            self.dead.set()
+
+    async def run(self, batch: Batch, on_chunk: Callable[[Chunk], None] | None = None) -> Result:
+        """Send one batch and wait for its result; `WorkerDied` if the process goes away.
+        Intermediate answers of a streaming handler go to `on_chunk` as they come."""
+        if self.state != WorkerState.READY or self._writer is None:
+            raise WorkerDied(f"worker {self.worker_id} is not running")
+        self.state = WorkerState.BUSY
+        try:
+            result: Result = await self._ask(batch, on_chunk)
+            return result
+        finally:
+            if self.state == WorkerState.BUSY:
+                self.state = WorkerState.READY
+
+    async def describe(self) -> Described:
+        """The handler's own description (`describe_handle`), queued behind any batch."""
+        if not self.state.serving or self._writer is None:
+            raise WorkerDied(f"worker {self.worker_id} is not running")
+        described: Described = await self._ask(Describe())
+        return described
+
+    async def _ask(
+        self, message: Batch | Describe, on_chunk: Callable[[Chunk], None] | None = None
+    ) -> Any:
+        assert self._writer is not None
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((waiter, on_chunk))
+        try:
+            self._writer.writelines(encode(message))
+            await self._writer.drain()
+            return await waiter
+        except ConnectionError:
+            raise WorkerDied(f"worker {self.worker_id} closed its connection") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    async def stop(self, timeout: float = 10) -> None:
+        """Ask the worker to exit; kill it if it does not within `timeout`."""
+        if self.state == WorkerState.DEAD:
+            return
+        if self._writer is not None and not self._writer.is_closing():
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                self._writer.writelines(encode(Stop("stop")))
+        self.state = WorkerState.STOPPING
+        try:
+            await asyncio.wait_for(self.dead.wait() if self._reader_task else self._reap(), timeout)
+        except TimeoutError:
+            self.kill()
+            await self._reap()
+
+    async def _reap(self) -> int | None:
+        if self.proc is None:
+            return None
+        code = await self.proc.wait()
+        await asyncio.gather(*self._pumps, return_exceptions=True)  # the output is all logged
+        if self._writer is not None:
+            self._writer.close()
+        return code
+
+    def rss_mb(self) -> float:
+        try:
+            with open(f"/proc/{self.pid}/statm", encoding="ascii") as fh:
+                pages = int(fh.read().split()[1])
+            return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+        except (OSError, ValueError, IndexError):
+            return 0.0
