@@ -49,6 +49,14 @@ class UnsafeArchive(ArchiveError):
     """An archive entry would escape the target, is a link, or the archive expands too far."""
 
 
+class DependencyInstallFailed(ArchiveError):
+    """pip could not install a model's requirements (or took too long, or they name files
+    outside the archive); the model is not loaded. TorchServe answers these 400 with the type
+    `ModelException`; so does tsctl."""
+
+    type_name = "ModelException"
+
+
 class BadRequest(InvalidInput):
     """A request the server cannot use (malformed body, bad parameter)."""
 

@@ -23,10 +23,11 @@ import psutil
 import pytest
 
 from tests.support.daemon import Server, dedent
-from tsctl.errors import ArchiveError
+from tsctl.errors import ArchiveError, DependencyInstallFailed
 from tsctl.server.config import ServerConfig
 from tsctl.server.deps import install as model_deps
-from tsctl.server.deps.install import DependencyInstallFailed
+from tsctl.server.deps.cache_key import cache_key
+from tsctl.server.deps.pip import RECORD_FILE
 
 WHEEL = "tinydep-0.1-py3-none-any.whl"
 #: pip reads options from the requirements file: nothing here needs the network
@@ -93,7 +94,7 @@ def test_installs_into_a_cache_entry_and_reuses_it(
     entry = install(cfg, model)
     assert entry is not None and entry.parent == tmp_path / "deps"
     assert (entry / "tinydep" / "__init__.py").read_text() == "VALUE = 42\n"
-    assert (entry / model_deps.RECORD_FILE).read_text() == OFFLINE + f"./{WHEEL}\n"
+    assert (entry / RECORD_FILE).read_text() == OFFLINE + f"./{WHEEL}\n"
     assert leftovers(entry.parent) == []
     assert "installing the Python dependencies" in caplog.text
     caplog.clear()
@@ -109,15 +110,15 @@ def test_the_key_follows_the_files_the_requirements_name(tmp_path: Path) -> None
     first = model_folder(tmp_path / "a", OFFLINE + f"./{WHEEL}\n", value=1)
     same = model_folder(tmp_path / "b", OFFLINE + f"./{WHEEL}\n", value=1)
     changed = model_folder(tmp_path / "c", OFFLINE + f"./{WHEEL}\n", value=2)
-    key = model_deps.cache_key(first / "requirements.txt", first)[0]
-    assert model_deps.cache_key(same / "requirements.txt", same)[0] == key
-    assert model_deps.cache_key(changed / "requirements.txt", changed)[0] != key
+    key = cache_key(first / "requirements.txt", first)[0]
+    assert cache_key(same / "requirements.txt", same)[0] == key
+    assert cache_key(changed / "requirements.txt", changed)[0] != key
     # a nested requirements file counts with its content
     nested = model_folder(tmp_path / "d", "-r more.txt\n")
     (nested / "more.txt").write_text("tinydep==0.1\n")
-    before = model_deps.cache_key(nested / "requirements.txt", nested)[0]
+    before = cache_key(nested / "requirements.txt", nested)[0]
     (nested / "more.txt").write_text("tinydep==0.2\n")
-    assert model_deps.cache_key(nested / "requirements.txt", nested)[0] != before
+    assert cache_key(nested / "requirements.txt", nested)[0] != before
 
 
 def test_concurrent_installs_of_the_same_requirements(tmp_path: Path) -> None:
@@ -293,7 +294,7 @@ def test_a_nested_file_is_named_in_the_error(tmp_path: Path, outside: Path) -> N
     (model / "sub").mkdir()
     (model / "sub" / "more.txt").write_text("-r ../../outside/more.txt\n")
     with pytest.raises(DependencyInstallFailed, match=r"sub/more.txt: '-r \.\./\.\./outside"):
-        model_deps.cache_key(model / "requirements.txt", model)
+        cache_key(model / "requirements.txt", model)
 
 
 def test_local_references_inside_the_model_folder(tmp_path: Path) -> None:
@@ -310,15 +311,15 @@ def test_local_references_inside_the_model_folder(tmp_path: Path) -> None:
     for name in changes.values():
         (model / name).parent.mkdir(exist_ok=True)
         (model / name).write_text("tinydep\n")
-    key = model_deps.cache_key(model / "requirements.txt", model)[0]
+    key = cache_key(model / "requirements.txt", model)[0]
     for name in [*changes.values(), "wheels/" + WHEEL]:
         (model / name).write_bytes((model / name).read_bytes() + b"\n")
-        changed = model_deps.cache_key(model / "requirements.txt", model)[0]
+        changed = cache_key(model / "requirements.txt", model)[0]
         assert changed != key, name
         key = changed
     # files no line names do not count
     (model / "weights.bin").write_bytes(b"weights")
-    assert model_deps.cache_key(model / "requirements.txt", model)[0] == key
+    assert cache_key(model / "requirements.txt", model)[0] == key
 
 
 def test_symlinks_in_a_local_folder_are_not_followed(tmp_path: Path, outside: Path) -> None:
@@ -327,13 +328,13 @@ def test_symlinks_in_a_local_folder_are_not_followed(tmp_path: Path, outside: Pa
     (model / "pkg" / "setup.py").write_text("# a package\n")
     (model / "pkg" / "data").symlink_to(outside / "more.txt")
     (model / "pkg" / "tree").symlink_to(outside, target_is_directory=True)
-    key = model_deps.cache_key(model / "requirements.txt", model)[0]
+    key = cache_key(model / "requirements.txt", model)[0]
     (outside / "more.txt").write_text("changed outside: not read\n")
     (outside / "new.txt").write_text("not walked\n")
-    assert model_deps.cache_key(model / "requirements.txt", model)[0] == key
+    assert cache_key(model / "requirements.txt", model)[0] == key
     (model / "pkg" / "data").unlink()
     (model / "pkg" / "data").symlink_to(outside / "new.txt")  # where the link points counts
-    assert model_deps.cache_key(model / "requirements.txt", model)[0] != key
+    assert cache_key(model / "requirements.txt", model)[0] != key
 
 
 def never_opened(fifo: Path, work: Any) -> Any:
@@ -368,7 +369,7 @@ def test_fifos_are_never_opened(tmp_path: Path) -> None:
     (model / "pkg").mkdir()
     os.mkfifo(model / "pkg" / "pipe")
     requirements = model / "requirements.txt"
-    key = never_opened(model / "pkg" / "pipe", lambda: model_deps.cache_key(requirements, model))[0]
+    key = never_opened(model / "pkg" / "pipe", lambda: cache_key(requirements, model))[0]
     assert len(key) == 64
     # a FIFO that a line names is refused
     os.mkfifo(model / "more.txt")
@@ -384,15 +385,15 @@ def test_fifos_are_never_opened(tmp_path: Path) -> None:
 def test_the_bytes_hashed_are_bounded(tmp_path: Path) -> None:
     model = model_folder(tmp_path / "m", OFFLINE + f"./{WHEEL}\n")
     size = (model / WHEEL).stat().st_size
-    model_deps.cache_key(model / "requirements.txt", model, max_bytes=size + 100)
+    cache_key(model / "requirements.txt", model, max_bytes=size + 100)
     with pytest.raises(DependencyInstallFailed, match=rf"requirements.txt: './{WHEEL}'.* {size} "):
-        model_deps.cache_key(model / "requirements.txt", model, max_bytes=size)
+        cache_key(model / "requirements.txt", model, max_bytes=size)
 
 
 def test_reading_counts_against_the_timeout(tmp_path: Path) -> None:
     model = model_folder(tmp_path / "m", OFFLINE + f"./{WHEEL}\n")
     with pytest.raises(DependencyInstallFailed, match="install_py_dep_timeout"):
-        model_deps.cache_key(model / "requirements.txt", model, deadline=time.monotonic())
+        cache_key(model / "requirements.txt", model, deadline=time.monotonic())
     cfg = config(tmp_path, install_py_dep_timeout=1e-9)
     with pytest.raises(DependencyInstallFailed, match=r"reading .* within 1e-09 s"):
         install(cfg, model)
