@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
 
-.PHONY: venv demo test lint typecheck pytest completions protos bench-archive clean
+.PHONY: venv demo test lint typecheck pytest unit completions protos bench-archive clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
+
+# the fast unit tests alone (no processes, no sockets): a few seconds
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
 
 # Shell completion scripts, generated from the CLI; tests/e2e/test_completions.py fails when stale.
 completions: $(STAMP)

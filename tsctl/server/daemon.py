@@ -197,16 +197,14 @@ class Daemon:
     async def _listen(self, state: ServerState) -> dict[str, str]:
         from tornado.httpserver import HTTPServer
 
-        from tsctl.server.api import rest_inference as http_inference
-        from tsctl.server.api import rest_management as http_management
-        from tsctl.server.api import rest_metrics as http_metrics
+        from tsctl.server.api import rest_inference, rest_management, rest_metrics
 
         config = self.config
         inference_sockets = _bind(config.inference_address, "inference")
         management_sockets = _bind(config.management_address, "management")
-        self.servers.append(await http_inference.serve(state, inference_sockets))
+        self.servers.append(await rest_inference.serve(state, inference_sockets))
         apps: list[tuple[Any, list[socket.socket]]] = [
-            (http_management.make_app(state), management_sockets),
+            (rest_management.make_app(state), management_sockets),
         ]
         addresses = {
             "inference": _address_of(inference_sockets),
@@ -214,7 +212,7 @@ class Daemon:
         }
         if config.enable_metrics_api:
             metrics_sockets = _bind(config.metrics_address, "metrics")
-            apps.append((http_metrics.make_app(state), metrics_sockets))
+            apps.append((rest_metrics.make_app(state), metrics_sockets))
             addresses["metrics"] = _address_of(metrics_sockets)
         for app, sockets in apps:
             server = HTTPServer(

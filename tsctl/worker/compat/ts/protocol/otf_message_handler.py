@@ -1,5 +1,5 @@
 """`ts.protocol.otf_message_handler`: only `send_intermediate_predict_response`, which streaming
-handlers import from here. tsctl's worker protocol is `tsctl.protocol`; TorchServe's socket
+handlers import from here. tsctl's worker protocol is `tsctl.ipc`; TorchServe's socket
 codec has no counterpart here."""
 
 from tsctl.worker.streaming import send_intermediate_predict_response
