@@ -2,8 +2,10 @@
 
 `main()` is the one place where errors become exit codes: a `TsctlError` or a usage error
 prints one line, `tsctl: error: <message>`, on stderr and exits with the error's code (2 for
-anything the user can fix). Nothing heavy is imported here: `tsctl --help` and shell
-completion must answer without loading torch, grpc or tornado.
+anything the user can fix). Any other exception is a bug in tsctl: it prints one generic line
+(`INTERNAL_ERROR`), never the exception's class, text or traceback, and exits with
+`EXIT_INTERNAL` (70, sysexits' EX_SOFTWARE). Nothing heavy is imported here: `tsctl --help`
+and shell completion must answer without loading torch, grpc or tornado.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def _root(
     """Serve PyTorch models: archive them, run a server, manage models and send requests."""
 
 
+#: the one line a bug in tsctl prints (after `tsctl: error: `)
+INTERNAL_ERROR = "internal error: this is a bug in tsctl, please report it with the command line"
+EXIT_INTERNAL = 70
+
+
 def fail(message: str, code: int) -> None:
     """Print the one-line error and exit."""
     sys.stderr.write(f"tsctl: error: {message}\n")
@@ -71,4 +78,6 @@ def main(argv: list[str] | None = None, early: object = None) -> None:
         fail("aborted", 130)
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except Exception:
+        fail(INTERNAL_ERROR, EXIT_INTERNAL)
     sys.exit(code if isinstance(code, int) else 0)

@@ -3,8 +3,10 @@
 They speak TorchServe 0.12's protos (wire-identical, see proto/) and go down the same request
 path as REST: `Predictions` builds the same `InferenceRequest` (each `input` entry one field,
 as bytes) and waits on the same queue, batches and workers; management calls run the same
-operations and answer the REST call's JSON in `msg`. Errors map once, from the error's
-`grpc_code`. Message sizes follow `max_request_size` / `max_response_size`. Event-loop only.
+operations and answer the REST call's JSON in `msg`. Every servicer method wears
+`tsctl.server.api.grpc_errors`' funnel: a `TsctlError` answers its `grpc_code`, anything else
+INTERNAL with a request id and no details. Message sizes follow `max_request_size` /
+`max_response_size`. Event-loop only.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -29,6 +31,7 @@ from tsctl.proto_gen import (
     management_pb2_grpc,
 )
 from tsctl.server import management
+from tsctl.server.api.grpc_errors import funnel, funnel_stream, status_of
 from tsctl.server.inference import Pending
 from tsctl.server.request import InferenceRequest, Response, new_request_id
 from tsctl.server.state import ServerState
@@ -40,16 +43,11 @@ def _metadata(context: aio.ServicerContext) -> dict[str, str]:
     return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
-async def _abort(context: aio.ServicerContext, exc: BaseException) -> None:
-    if isinstance(exc, TsctlError):
-        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal server error; see ts_log.log")
-
-
 class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type: ignore[misc]
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
+    @funnel
     async def Ping(self, request: Any, context: aio.ServicerContext) -> Any:
         return inference_pb2.TorchServeHealthResponse(health=HEALTHY)
 
@@ -77,17 +75,19 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         state.answered(response.status)
         return bytes(response.body)
 
+    @funnel
     async def Predictions(self, request: Any, context: aio.ServicerContext) -> Any:
         try:
             body = await self._predict(request, context)
         except TsctlError as exc:
-            self.state.answered(exc.http_status)
-            await _abort(context, exc)
+            self.state.answered(exc.http_status)  # counted; the funnel answers it
+            raise
         return inference_pb2.PredictionResponse(prediction=body)
 
+    @funnel_stream
     async def StreamPredictions(
         self, request: Any, context: aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """One message per intermediate answer of a streaming handler, then the final one."""
         chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
         final = asyncio.ensure_future(
@@ -98,15 +98,16 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
             while (body := await chunks.get()) is not None:
                 yield inference_pb2.PredictionResponse(prediction=body)
             answer = await final
-        except TsctlError as exc:
-            await _abort(context, exc)
         finally:
             final.cancel()
         yield inference_pb2.PredictionResponse(prediction=answer)
 
+    @funnel_stream
     async def StreamPredictions2(
         self, requests: AsyncIterator[Any], context: aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
+        """One answer per request, in order; a request that fails has its error in the
+        answer's `status`, and the stream goes on (a bug ends it through the funnel)."""
         from google.rpc import status_pb2
 
         async for request in requests:
@@ -115,9 +116,9 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
                 body = await self._predict(request, context, sequence=sequence)
                 answer = inference_pb2.PredictionResponse(prediction=body)
             except TsctlError as exc:
-                code = getattr(grpc.StatusCode, exc.grpc_code).value[0]
+                code, message = status_of(exc)
                 answer = inference_pb2.PredictionResponse(
-                    status=status_pb2.Status(code=code, message=exc.message)
+                    status=status_pb2.Status(code=code.value[0], message=message)
                 )
             if sequence is not None:
                 answer.sequence_id = sequence
@@ -131,13 +132,11 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
         self.state = state
 
     async def _run(self, context: aio.ServicerContext, call: Any) -> Any:
-        try:
-            self.state.authorize("management", _metadata(context).get("authorization"))
-            doc = await call()
-        except TsctlError as exc:
-            await _abort(context, exc)
+        self.state.authorize("management", _metadata(context).get("authorization"))
+        doc = await call()
         return management_pb2.ManagementResponse(msg=json.dumps(doc, indent=2))
 
+    @funnel
     async def DescribeModel(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
             version = request.model_version or None
@@ -147,6 +146,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
 
         return await self._run(context, call)
 
+    @funnel
     async def ListModels(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
             return management.list_models(
@@ -155,6 +155,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
 
         return await self._run(context, call)
 
+    @funnel
     async def RegisterModel(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
             values = {
@@ -175,6 +176,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
 
         return await self._run(context, call)
 
+    @funnel
     async def ScaleWorker(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
             values = {
@@ -191,6 +193,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
 
         return await self._run(context, call)
 
+    @funnel
     async def SetDefault(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
             message = management.set_default(
@@ -200,6 +203,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
 
         return await self._run(context, call)
 
+    @funnel
     async def UnregisterModel(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
             version = request.model_version or None
@@ -227,13 +231,15 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         ready = any(w.state.serving for w in mv.pool.workers)
         return int(status.SERVING if ready else status.NOT_SERVING)
 
+    @funnel
     async def Check(self, request: Any, context: aio.ServicerContext) -> Any:
         found = self._status(request.service)
         if found is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=found)
 
-    async def Watch(self, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    @funnel_stream
+    async def Watch(self, request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
         last: int | None = -1
         while True:
             found = self._status(request.service)

@@ -30,11 +30,13 @@ def base_headers(request_id: str) -> dict[str, str]:
     }
 
 
-def error_response(exc: BaseException | None) -> tuple[int, bytes, dict[str, str]]:
+def error_response(
+    exc: BaseException | None, request_id: str = ""
+) -> tuple[int, bytes, dict[str, str]]:
     """The one error funnel: (status, JSON body, extra headers) for any exception.
 
     A `TsctlError` shows its own message; anything else is a 500 whose details stay in the
-    server log, never in the answer.
+    server log, never in the answer, which names the `request_id` the log has them under.
     """
     headers: dict[str, str] = dict(getattr(exc, "headers", {}))
     if isinstance(exc, TsctlError):
@@ -46,7 +48,8 @@ def error_response(exc: BaseException | None) -> tuple[int, bytes, dict[str, str
         message = exc.log_message or exc.reason or "bad request"
     else:
         code, kind = 500, "InternalServerException"
-        message = "internal server error; the server log (ts_log.log) has the details"
+        where = f" (request id {request_id})" if request_id else ""
+        message = f"internal server error{where}; the server log (ts_log.log) has the details"
     body = json.dumps({"code": code, "type": kind, "message": message}, indent=2).encode()
     return code, body, headers
 
@@ -72,7 +75,8 @@ class ApiHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(doc, indent=2))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        code, body, headers = error_response(kwargs.get("exc_info", (None, None, None))[1])
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        code, body, headers = error_response(exc, self.request_id)
         self.set_status(code)
         self.set_header("Content-Type", "application/json")
         for name, value in headers.items():
@@ -88,7 +92,14 @@ class ApiHandler(tornado.web.RequestHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, (TsctlError, tornado.web.HTTPError)):
             return  # an answer, not a server fault: the access log records it
-        super().log_exception(typ, value, tb)
+        request = self.request
+        log.error(
+            "%s %s failed (request id %s)",
+            request.method,
+            request.uri,
+            self.request_id,
+            exc_info=(typ, value, tb),
+        )
 
 
 class NotFoundHandler(ApiHandler):
