@@ -1,13 +1,14 @@
 """The real TorchServe 0.12, run from its own virtual environment, for parity tests.
 
-`TorchServe` starts `torchserve --start` on free ports with its own folder: the launcher's pid
-file (`$TMPDIR/.model_server.pid`), the Java frontend's temp dir (`$TEMP`: its worker sockets
-and extracted models) and its `logs/` (the working directory) all live under `root`, so it
-never touches another TorchServe, another test run, or tsctl. It waits for models through the
-management API (a READY worker) and recognises a model whose worker dies while loading from
-TorchServe's logs (`ts_log.log`, `model_log.log`). `stop()` runs `torchserve --stop` and then
-makes sure the Java frontend and its Python workers are gone (they share the launcher's process
-group, which is killed when they linger).
+`TorchServe` starts `torchserve --start` on free ports through the launcher the benchmarks use
+(benchmarks/lib/torchserve.py, which says why the tests import it and not the other way
+round): the launcher's pid file, the Java frontend's temp dir (worker sockets and extracted
+models) and its `logs/` all live under `root`, so it never touches another TorchServe, another
+test run, or tsctl. It waits for models through the management API (a READY worker) and
+recognises a model whose worker dies while loading from TorchServe's logs (`ts_log.log`,
+`model_log.log`). `stop()` runs `torchserve --stop` and then makes sure the Java frontend and
+its Python workers are gone (they share the launcher's process group, which is killed when
+they linger).
 
 `unavailable(venv)` says why TorchServe cannot run here (no venv, no `java`); tests skip then.
 `call()` sends one HTTP request to either server, so both get byte-identical requests.
@@ -17,23 +18,27 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.lib.procs import free_ports, group_members
+from benchmarks.lib.rest import Reply, call, ready_workers
+from benchmarks.lib.torchserve import (
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    TorchServeLauncher,
+    write_properties,
+)
+
 #: where the TorchServe venv is unless the environment variable names another
 DEFAULT_VENV = Path("/work/ts-venv")
 VENV_VARIABLE = "TSCTL_TS_VENV"
-START_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 60.0
 #: the last line of a Python traceback, as TorchServe's model_log.log carries it
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
 
@@ -56,55 +61,6 @@ def unavailable(venv: Path) -> str | None:
     return None
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports free on 127.0.0.1 right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-@dataclass
-class Reply:
-    """One HTTP answer: status, reason phrase, lower-cased headers, body."""
-
-    status: int
-    reason: str
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def call(
-    address: str,
-    method: str,
-    path: str,
-    body: bytes | str = b"",
-    headers: dict[str, str] | None = None,
-    timeout: float = 60,
-) -> Reply:
-    """Send one request to `address` (`http://host:port`) and read the whole answer."""
-    host, port = address.removeprefix("http://").rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        data = body.encode() if isinstance(body, str) else body
-        conn.request(method, path, body=data, headers=headers or {})
-        reply = conn.getresponse()
-        answer = reply.read()
-        found = {k.lower(): v for k, v in reply.getheaders()}
-        return Reply(reply.status, reply.reason, found, answer)
-    finally:
-        conn.close()
-
-
 class ModelLoadFailed(RuntimeError):
     """TorchServe's worker for a model died while loading it; `reason`: its error lines."""
 
@@ -112,25 +68,6 @@ class ModelLoadFailed(RuntimeError):
         super().__init__(f"TorchServe could not load {model!r}: {reason}")
         self.model = model
         self.reason = reason
-
-
-def _process_group(pid: int) -> int | None:
-    """The process group of a live (non-zombie) process, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[2])
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes in process group `pgid` (one pass over /proc)."""
-    return [
-        int(entry)
-        for entry in os.listdir("/proc")
-        if entry.isdigit() and _process_group(int(entry)) == pgid
-    ]
 
 
 @dataclass
@@ -145,8 +82,13 @@ class TorchServe:
     pgid: int | None = None
 
     @property
-    def tmp(self) -> Path:
-        return self.root / "tmp"
+    def launcher(self) -> TorchServeLauncher:
+        return TorchServeLauncher(
+            self.venv,
+            self.root,
+            {"OMP_NUM_THREADS": "1"},  # small models, a shared machine
+            unset=("VIRTUAL_ENV", "PYTHONPATH"),
+        )
 
     @property
     def model_log(self) -> Path:
@@ -164,52 +106,27 @@ class TorchServe:
     def grpc_inference(self) -> str:
         return f"127.0.0.1:{self.ports['grpc_inference']}"
 
-    def env(self) -> dict[str, str]:
-        """The launcher's environment: this venv first on PATH, this folder for temp files."""
-        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-        env.update(
-            PATH=f"{self.venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-            TMPDIR=str(self.tmp),  # the launcher's pid file
-            TEMP=str(self.tmp),  # the frontend's java.io.tmpdir: worker sockets, models
-            OMP_NUM_THREADS="1",  # small models, a shared machine
-        )
-        return env
-
     def start(self, *models: str) -> None:
         """`torchserve --start --ncs` with `models` (archive names in the store); returns once
         the management API answers. Wait for each model with `wait_loaded`."""
-        self.tmp.mkdir(parents=True, exist_ok=True)
         names = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
-        props = {
-            "inference_address": self.inference,
-            "management_address": self.management,
-            "metrics_address": f"http://127.0.0.1:{self.ports['metrics']}",
-            "grpc_inference_port": self.ports["grpc_inference"],
-            "grpc_management_port": self.ports["grpc_management"],
-            "default_workers_per_model": 1,
-            "install_py_dep_per_model": "false",
-            "disable_system_metrics": "true",
-            "enable_model_api": "true",  # lets `unregister` stop a model that cannot load
-            **self.properties,
-        }
-        config = self.root / "config.properties"
-        config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-        command = [
-            str(self.venv / "bin" / "torchserve"), "--start", "--ncs", "--disable-token-auth",
-            "--model-store", str(self.store), "--ts-config", str(config),
-        ]  # fmt: skip
-        if models:
-            command += ["--models", ",".join(models)]
-        with (self.root / "start.out").open("wb") as out:
-            launcher = subprocess.Popen(
-                command,
-                cwd=self.root,
-                env=self.env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # the frontend and its workers join this group
-            )
+        config = write_properties(
+            self.root / "config.properties",
+            {
+                "inference_address": self.inference,
+                "management_address": self.management,
+                "metrics_address": f"http://127.0.0.1:{self.ports['metrics']}",
+                "grpc_inference_port": self.ports["grpc_inference"],
+                "grpc_management_port": self.ports["grpc_management"],
+                "default_workers_per_model": 1,
+                "install_py_dep_per_model": "false",
+                "disable_system_metrics": "true",
+                "enable_model_api": "true",  # lets `unregister` stop a model that cannot load
+                **self.properties,
+            },
+        )
+        launcher = self.launcher.launch(self.store, config, ",".join(models))
         self.pgid = launcher.pid
         code = launcher.wait(START_TIMEOUT_S)
         if code != 0:
@@ -254,14 +171,7 @@ class TorchServe:
         """`torchserve --stop`, then wait for the whole process group (kill what lingers)."""
         if self.pgid is None:
             return
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(
-                [str(self.venv / "bin" / "torchserve"), "--stop"],
-                cwd=self.root,
-                env=self.env(),
-                capture_output=True,
-                timeout=STOP_TIMEOUT_S,
-            )
+        self.launcher.stop()
         pgid, self.pgid = self.pgid, None
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while group_members(pgid) and time.monotonic() < deadline:
@@ -275,21 +185,14 @@ class TorchServe:
 
     def output(self) -> str:
         """The tail of what the launcher and the frontend printed (for error messages)."""
-        return self._read(self.root / "start.out")[-2000:]
+        return self.launcher.output()
 
     @staticmethod
     def _read(path: Path) -> str:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def _ready(self, model: str) -> bool:
-        try:
-            reply = call(self.management, "GET", f"/models/{model}", timeout=5)
-            if reply.status != 200:
-                return False
-            workers = reply.json()[0].get("workers", [])
-        except (OSError, http.client.HTTPException, ValueError, LookupError):
-            return False
-        return any(worker.get("status") == "READY" for worker in workers)
+        return ready_workers(self.management, model) > 0
 
     def _answers(self, path: str) -> bool:
         try:
