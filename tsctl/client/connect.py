@@ -1,67 +1,116 @@
-"""Reach the local server from the CLI: its addresses and keys come from its pid file.
+"""Build a client for the local server, or for a URL: REST or gRPC, with its key if needed.
 
-So `tsctl models list` or `tsctl infer` need no flags on the machine that runs the server,
-even with token authorization on: the key is read from the server's key file, and one that is
-about to expire is rotated first with the API key.
+On the machine that runs the server, its addresses and key file come from its pid file
+(`tsctl.local`), so `tsctl models list` or `tsctl infer` need no flags even with token
+authorization on: the key is read from the key file, and one that is about to expire is
+rotated first with the API key. A URL that is not the local server's gets no key.
+
+    from tsctl.client import connect_inference, connect_management
+
+    with connect_management() as client:  # the local server, over REST
+        print(client.all_models())
+    with connect_inference("127.0.0.1:7070", grpc=True) as client:
+        print(client.predict("resnet_faces", image_bytes).json())
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
-from tsctl.client.rest import RestClient
+from tsctl.client.base import InferenceClient, ManagementClient
+from tsctl.client.rest import RestInferenceClient, RestManagementClient
+from tsctl.local.keys import expires_soon, read_key
 from tsctl.local.lifecycle import running
 from tsctl.local.pidfile import PidInfo, default_state_dir
-from tsctl.server.auth import expires_soon, read_key
 
-DEFAULTS = {"inference": "http://127.0.0.1:8080", "management": "http://127.0.0.1:8081"}
+if TYPE_CHECKING:
+    from tsctl.client.grpc_client import GrpcInferenceClient, GrpcManagementClient
+
+Api = Literal["inference", "management"]
+
+#: where TorchServe's APIs listen by default, when no server is recorded and no URL given
+DEFAULTS: dict[Api, str] = {
+    "inference": "http://127.0.0.1:8080",
+    "management": "http://127.0.0.1:8081",
+}
+GRPC_DEFAULTS: dict[Api, str] = {"inference": "127.0.0.1:7070", "management": "127.0.0.1:7071"}
+
+#: a key that expires within this is rotated before use
+_MARGIN = timedelta(seconds=30)
 
 
-def _address(info: PidInfo, api: str) -> str:
-    return info.inference_address if api == "inference" else info.management_address
+def connect_management(
+    url: str | None = None,
+    *,
+    grpc: bool = False,
+    timeout: float = 600,
+    info: PidInfo | None = None,
+) -> ManagementClient:
+    """A management client for `url`, or for the local server (`info`, or the one recorded
+    in the default state directory), over REST or gRPC."""
+    if grpc:
+        return connect_grpc_management(url, timeout=timeout, info=info)
+    target, token = _rest_target("management", url, timeout, info)
+    return RestManagementClient(target, timeout=timeout, token=token)
 
 
-def _same(a: str, b: str) -> bool:
-    first, second = urlsplit(a if "://" in a else f"http://{a}"), urlsplit(b)
-    local = {"localhost", "127.0.0.1"}
-    hosts_match = first.hostname == second.hostname or {first.hostname, second.hostname} <= local
-    return hosts_match and first.port == second.port
+def connect_inference(
+    url: str | None = None,
+    *,
+    grpc: bool = False,
+    timeout: float = 600,
+    info: PidInfo | None = None,
+) -> InferenceClient:
+    """An inference client for `url`, or for the local server, over REST or gRPC."""
+    if grpc:
+        return connect_grpc_inference(url, timeout=timeout, info=info)
+    target, token = _rest_target("inference", url, timeout, info)
+    return RestInferenceClient(target, timeout=timeout, token=token)
 
 
-def connect(
-    api: str, url: str | None = None, timeout: float = 600, info: PidInfo | None = None
-) -> RestClient:
-    """A client for `api` ("inference" or "management") at `url`, or at the local server
-    (`info`, or the one recorded in the default state directory)."""
-    info = info or running(default_state_dir())
-    target = url or (_address(info, api) if info else DEFAULTS[api])
+def connect_grpc_management(
+    url: str | None = None, *, timeout: float = 600, info: PidInfo | None = None
+) -> GrpcManagementClient:
+    from tsctl.client.grpc_client import GrpcManagementClient
+
+    target, token = _grpc_target("management", url, timeout, info)
+    return GrpcManagementClient(target, token=token, timeout=timeout)
+
+
+def connect_grpc_inference(
+    url: str | None = None, *, timeout: float = 600, info: PidInfo | None = None
+) -> GrpcInferenceClient:
+    """The gRPC inference client (it can also stream a handler's answers)."""
+    from tsctl.client.grpc_client import GrpcInferenceClient
+
+    target, token = _grpc_target("inference", url, timeout, info)
+    return GrpcInferenceClient(target, token=token, timeout=timeout)
+
+
+def _local(info: PidInfo | None) -> PidInfo | None:
+    return info if info is not None else running(default_state_dir())
+
+
+def _rest_target(
+    api: Api, url: str | None, timeout: float, info: PidInfo | None
+) -> tuple[str, str | None]:
+    info = _local(info)
+    recorded = ""
+    if info is not None:
+        recorded = info.inference_address if api == "inference" else info.management_address
+    target = url or recorded or DEFAULTS[api]
     token = None
-    if info is not None and info.key_file and _same(target, _address(info, api)):
+    if info is not None and info.key_file and _same(target, recorded):
         token = _fresh_key(info, api, timeout)
-    return RestClient(target, timeout=timeout, token=token)
+    return target, token
 
 
-def _fresh_key(info: PidInfo, kind: str, timeout: float) -> str | None:
-    if expires_soon(info.key_file, kind, timedelta(seconds=30)):
-        api_key = read_key(info.key_file, "API")
-        admin = RestClient(info.management_address, timeout=timeout, token=api_key)
-        try:
-            admin.request("GET", f"/token?type={kind}")
-        finally:
-            admin.close()
-    return read_key(info.key_file, kind)
-
-
-GRPC_DEFAULTS = {"inference": "127.0.0.1:7070", "management": "127.0.0.1:7071"}
-
-
-def connect_grpc(api: str, url: str | None = None, timeout: float = 600) -> Any:
-    """A gRPC client for `api` at `url`, or at the local server, with its key if needed."""
-    from tsctl.client.grpc_client import GrpcClient
-
-    info = running(default_state_dir())
+def _grpc_target(
+    api: Api, url: str | None, timeout: float, info: PidInfo | None
+) -> tuple[str, str | None]:
+    info = _local(info)
     recorded = ""
     if info is not None:
         recorded = (
@@ -71,4 +120,20 @@ def connect_grpc(api: str, url: str | None = None, timeout: float = 600) -> Any:
     token = None
     if info is not None and info.key_file and recorded and _same(target, f"http://{recorded}"):
         token = _fresh_key(info, api, timeout)
-    return GrpcClient(target, token=token, timeout=timeout)
+    return target, token
+
+
+def _same(a: str, b: str) -> bool:
+    first, second = urlsplit(a if "://" in a else f"http://{a}"), urlsplit(b)
+    local = {"localhost", "127.0.0.1"}
+    hosts_match = first.hostname == second.hostname or {first.hostname, second.hostname} <= local
+    return hosts_match and first.port == second.port
+
+
+def _fresh_key(info: PidInfo, kind: Api, timeout: float) -> str | None:
+    """The local server's key of `kind`, rotated first (over REST) when about to expire."""
+    if expires_soon(info.key_file, kind, _MARGIN):
+        api_key = read_key(info.key_file, "API")
+        with RestManagementClient(info.management_address, timeout, api_key) as admin:
+            admin.rotate_key(kind)
+    return read_key(info.key_file, kind)

@@ -1,31 +1,36 @@
-"""A small blocking REST client for the inference and management APIs (stdlib only).
+"""The client library over REST (TorchServe's paths and JSON), standard library only.
 
-`RestClient` keeps one HTTP/1.1 connection; make one per thread for concurrent requests.
-Failures come back as `ApiError` (the server answered non-2xx; `message` is its own) or
-`ServerUnreachable` (no answer at all).
+`RestClient` is the transport: one HTTP/1.1 connection, kept alive; make one per thread for
+concurrent requests. `RestManagementClient` and `RestInferenceClient` implement the library's
+interface (`tsctl.client.base`) on it. Failures come back as `ApiError` (the server answered
+non-2xx; `detail` is its own message) or `ServerUnreachable` (no answer at all).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import mimetypes
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import quote, urlsplit
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
 
+from tsctl.client.base import (
+    ApiError,
+    InferenceClient,
+    Input,
+    ManagementClient,
+    ModelPage,
+    Prediction,
+    as_inputs,
+    descriptions,
+    model_page,
+    status_message,
+)
 from tsctl.errors import ServerUnreachable, TsctlError
 
-
-class ApiError(TsctlError):
-    """The server answered with an error status; `message` is what it said."""
-
-    def __init__(self, status: int, message: str, body: bytes = b"") -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = body
+__all__ = ["ApiError", "Reply", "RestClient", "RestInferenceClient", "RestManagementClient"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class Reply:
 
 
 class RestClient:
+    """One connection to one API at `base_url` (`http://host:port`), with the key if given."""
+
     def __init__(self, base_url: str, timeout: float = 300, token: str | None = None) -> None:
         parts = urlsplit(base_url if "://" in base_url else f"http://{base_url}")
         if parts.scheme != "http" or not parts.hostname:
@@ -78,62 +85,162 @@ class RestClient:
                 ) from None
         reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
         if reply.status >= 400:
-            raise ApiError(reply.status, _error_message(reply), data)
+            raise _error(reply)
         return reply
 
-    def predict(
+
+class RestManagementClient(ManagementClient):
+    """The management API over REST (`/models...`)."""
+
+    def __init__(self, base_url: str, timeout: float = 300, token: str | None = None) -> None:
+        self.transport = RestClient(base_url, timeout, token)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def _call(self, method: str, path: str, **query: Any) -> object:
+        return self.transport.request(method, path + _query(**query)).json()
+
+    def list_models(self, limit: int = 100, next_page_token: int = 0) -> ModelPage:
+        return model_page(
+            self._call("GET", "/models", limit=limit, next_page_token=next_page_token)
+        )
+
+    def describe(
         self,
-        model: str,
-        files: Sequence[Path],
+        name: str,
         version: str | None = None,
-        content_type: str | None = None,
-    ) -> Reply:
-        """One request: a single file as the raw body, several as one multipart request."""
-        path = f"/predictions/{quote(model, safe='')}"
-        if version:
-            path += f"/{quote(version, safe='')}"
-        if len(files) == 1:
-            body = files[0].read_bytes()
-            ctype = content_type or guess_type(files[0])
-            return self.request("POST", path, body, {"Content-Type": ctype})
-        body, ctype = multipart(files, content_type)
-        return self.request("POST", path, body, {"Content-Type": ctype})
+        *,
+        all_versions: bool = False,
+        customized: bool = False,
+    ) -> list[dict[str, Any]]:
+        path = _path(name, "all" if all_versions else version)
+        return descriptions(self._call("GET", path, customized=customized or None))
+
+    def register(
+        self,
+        url: str,
+        *,
+        model_name: str | None = None,
+        handler: str | None = None,
+        runtime: str | None = None,
+        batch_size: int | None = None,
+        max_batch_delay: int | None = None,
+        initial_workers: int | None = None,
+        synchronous: bool = True,
+        response_timeout: int | None = None,
+        startup_timeout: int | None = None,
+    ) -> str:
+        doc = self._call(
+            "POST",
+            "/models",
+            url=url,
+            model_name=model_name,
+            handler=handler,
+            runtime=runtime,
+            batch_size=batch_size,
+            max_batch_delay=max_batch_delay,
+            initial_workers=initial_workers,
+            synchronous=synchronous,
+            response_timeout=response_timeout,
+            startup_timeout=startup_timeout,
+        )
+        return status_message(doc)
+
+    def scale(
+        self,
+        name: str,
+        min_workers: int,
+        *,
+        max_workers: int | None = None,
+        version: str | None = None,
+        synchronous: bool = True,
+    ) -> str:
+        doc = self._call(
+            "PUT",
+            _path(name, version),
+            min_worker=min_workers,
+            max_worker=max_workers,
+            synchronous=synchronous,
+        )
+        return status_message(doc)
+
+    def unregister(self, name: str, version: str | None = None) -> str:
+        return status_message(self._call("DELETE", _path(name, version)))
+
+    def set_default(self, name: str, version: str) -> str:
+        return status_message(self._call("PUT", _path(name, version) + "/set-default"))
+
+    def rotate_key(self, kind: str) -> dict[str, str]:
+        """A new `management` or `inference` key (`/token?type=KIND`; needs the API key)."""
+        doc = self._call("GET", "/token", type=kind)
+        entry = doc.get(kind) if isinstance(doc, dict) else None
+        return {str(k): str(v) for k, v in entry.items()} if isinstance(entry, dict) else {}
 
 
-def guess_type(path: Path) -> str:
-    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+class RestInferenceClient(InferenceClient):
+    """The inference API over REST (`/predictions/...`, `/ping`)."""
+
+    def __init__(self, base_url: str, timeout: float = 300, token: str | None = None) -> None:
+        self.transport = RestClient(base_url, timeout, token)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def predict(
+        self, model: str, inputs: bytes | Input | Sequence[Input], version: str | None = None
+    ) -> Prediction:
+        """One input is the raw body, several one multipart/form-data request."""
+        parts = as_inputs(inputs)
+        path = _path(model, version, base="/predictions")
+        if len(parts) == 1:
+            body, ctype = parts[0].data, parts[0].content_type
+        else:
+            body, ctype = multipart(parts)
+        reply = self.transport.request("POST", path, body, {"Content-Type": ctype})
+        return Prediction(reply.body, reply.content_type, reply.status)
+
+    def ping(self) -> str:
+        return status_message(self.transport.request("GET", "/ping").json())
 
 
-def multipart(files: Sequence[Path], content_type: str | None = None) -> tuple[bytes, str]:
-    """A multipart/form-data body with one part per file, named after the file."""
+def multipart(inputs: Sequence[Input]) -> tuple[bytes, str]:
+    """A multipart/form-data body with one part per input."""
     boundary = uuid.uuid4().hex
     chunks: list[bytes] = []
-    used: set[str] = set()
-    for path in files:
-        name = path.name
-        n = 1
-        while name in used:
-            n += 1
-            name = f"{path.name}.{n}"
-        used.add(name)
-        ctype = content_type or guess_type(path)
+    for part in inputs:
         chunks.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
-            f'filename="{path.name}"\r\nContent-Type: {ctype}\r\n\r\n'.encode()
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{part.name}"; '
+            f'filename="{part.filename or part.name}"\r\n'
+            f"Content-Type: {part.content_type}\r\n\r\n".encode()
         )
-        chunks.append(path.read_bytes())
+        chunks.append(part.data)
         chunks.append(b"\r\n")
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
-def _error_message(reply: Reply) -> str:
+def _path(name: str, version: str | None = None, base: str = "/models") -> str:
+    path = f"{base}/{quote(name, safe='')}"
+    return f"{path}/{quote(version, safe='')}" if version else path
+
+
+def _query(**values: Any) -> str:
+    """A query string of the values that are not None (booleans as `true`/`false`)."""
+    given = {k: str(v).lower() if isinstance(v, bool) else v for k, v in values.items()}
+    present = {k: v for k, v in given.items() if v is not None}
+    return f"?{urlencode(present)}" if present else ""
+
+
+def _error(reply: Reply) -> ApiError:
     try:
         doc = json.loads(reply.body)
-        if isinstance(doc, dict) and "message" in doc:
-            kind = doc.get("type", "")
-            return f"{reply.status} {kind}: {doc['message']}" if kind else str(doc["message"])
     except ValueError:
-        pass
+        doc = None
+    if isinstance(doc, dict) and "message" in doc:
+        kind, detail = str(doc.get("type", "")), str(doc["message"])
+        message = f"{reply.status} {kind}: {detail}" if kind else detail
+        return ApiError(message, status=reply.status, detail=detail, kind=kind, body=reply.body)
     text = reply.body.decode("utf-8", "replace").strip()
-    return f"{reply.status}: {text[:500]}" if text else f"the server answered {reply.status}"
+    message = f"{reply.status}: {text[:500]}" if text else f"the server answered {reply.status}"
+    return ApiError(message, status=reply.status, detail=text, body=reply.body)

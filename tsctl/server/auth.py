@@ -17,15 +17,14 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tsctl.errors import TsctlError
+from tsctl.local.keys import EXPIRY_FORMAT, KEY_FILE
 
-KEY_FILE = "key_file.json"
 FAILED = "Token Authentication failed. Token either incorrect, expired, or not provided correctly"
-EXPIRY_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 
 class Unauthorized(TsctlError):
@@ -93,24 +92,3 @@ class TokenAuth:
         key = self.keys[kind]
         expiry = datetime.fromtimestamp(key.expires).strftime(EXPIRY_FORMAT) if key.expires else ""
         return {"key": key.value, "expiration time": expiry}
-
-
-def read_key(key_file: str | Path, kind: str) -> str | None:
-    """A key from a key file (for the CLI talking to its local server), or None."""
-    try:
-        doc = json.loads(Path(key_file).read_text(encoding="utf-8"))
-        value = doc[kind]["key"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return str(value)
-
-
-def expires_soon(key_file: str | Path, kind: str, margin: timedelta = timedelta(0)) -> bool:
-    try:
-        doc = json.loads(Path(key_file).read_text(encoding="utf-8"))
-        raw = doc[kind].get("expiration time")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    if not raw:
-        return False
-    return datetime.strptime(raw, EXPIRY_FORMAT) <= datetime.now() + margin

@@ -12,7 +12,7 @@ import typer
 from tsctl.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from tsctl.client.rest import Reply
+    from tsctl.client.base import Input, Prediction
 
 app = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -36,7 +36,8 @@ def infer(
     ),
 ) -> None:
     """Send files to a model: together in ONE request, or --each in its own request."""
-    from tsctl.client.connect import connect
+    from tsctl.client.base import file_inputs
+    from tsctl.client.connect import connect_inference
 
     paths = [Path(p.strip()) for p in files.split(",") if p.strip()]
     if not paths:
@@ -48,60 +49,50 @@ def infer(
     if stream and not use_grpc:
         raise InvalidInput("--stream needs --grpc")
 
-    def send(group: list[Path]) -> Reply:
-        if use_grpc:
-            return _send_grpc(model, group, version, url, stream)
-        client = connect("inference", url)
-        try:
-            reply: Reply = client.predict(model, group, version, content_type)
-            return reply
-        finally:
-            client.close()
+    def send(group: list[Path]) -> Prediction:
+        inputs = file_inputs(group, content_type)
+        if stream:
+            return _streamed(model, inputs, version, url)
+        with connect_inference(url, grpc=use_grpc) as client:
+            return client.predict(model, inputs, version)
 
     if each and len(paths) > 1:
         with ThreadPoolExecutor(max_workers=min(32, len(paths))) as pool:
-            replies = list(pool.map(send, [[p] for p in paths]))
+            answers = list(pool.map(send, [[p] for p in paths]))
     else:
-        replies = [send(paths)]
+        answers = [send(paths)]
     if output is not None:
-        output.write_bytes(b"\n".join(r.body for r in replies))
+        output.write_bytes(b"\n".join(a.body for a in answers))
         return
-    _print(replies)
+    _print(answers)
 
 
-def _send_grpc(
-    model: str, files: list[Path], version: str | None, url: str | None, stream: bool
-) -> Reply:
-    from tsctl.client.connect import connect_grpc
-    from tsctl.client.rest import Reply
+def _streamed(model: str, inputs: list[Input], version: str | None, url: str | None) -> Prediction:
+    """A streaming handler's answers over gRPC, one per line."""
+    from tsctl.client.base import Prediction
+    from tsctl.client.connect import connect_grpc_inference
 
-    client = connect_grpc("inference", url)
-    try:
-        if stream:
-            body = b"\n".join(client.stream(model, files, version))
-        else:
-            body = client.predict(model, files, version)
-    finally:
-        client.close()
-    kind = "application/json" if body[:1] in (b"{", b"[") else ""
-    return Reply(200, {"content-type": kind}, body)
+    with connect_grpc_inference(url) as client:
+        parts = list(client.stream(model, inputs, version))
+    kind = parts[0].content_type if parts else ""
+    return Prediction(b"\n".join(p.body for p in parts), kind)
 
 
-def _print(bodies: list[Reply]) -> None:
+def _print(answers: list[Prediction]) -> None:
     if not sys.stdout.isatty():
         out = sys.stdout.buffer
-        for reply in bodies:
-            out.write(reply.body)
-            if not reply.body.endswith(b"\n"):
+        for answer in answers:
+            out.write(answer.body)
+            if not answer.body.endswith(b"\n"):
                 out.write(b"\n")
         out.flush()
         return
     from rich.console import Console
 
     console = Console()
-    for reply in bodies:
-        text = reply.body.decode("utf-8", "replace")
-        if "json" in reply.content_type:
+    for answer in answers:
+        text = answer.body.decode("utf-8", "replace")
+        if "json" in answer.content_type:
             console.print_json(text)
         else:
             console.print(text, markup=False, highlight=False)

@@ -1,13 +1,19 @@
-"""`tsctl models`: register, scale, list, describe, unregister and set-default over REST."""
+"""`tsctl models`: register, scale, list, describe, unregister and set-default.
+
+Each command parses its flags, makes one call on a `tsctl.client.ManagementClient` and
+renders the answer; `--grpc` only picks the gRPC implementation instead of REST.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any
-from urllib.parse import quote, urlencode
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from tsctl.client.base import ManagementClient
 
 app = typer.Typer(
     help="Manage the models of a running server (TorchServe's management API).",
@@ -20,35 +26,18 @@ GRPC_HELP = "Use the gRPC management API (default: REST)."
 JSON_HELP = "Print the server's JSON, for scripts."
 
 
-def _client(url: str | None) -> Any:
-    from tsctl.client.connect import connect
+def _client(url: str | None, use_grpc: bool) -> ManagementClient:
+    from tsctl.client.connect import connect_management
 
-    return connect("management", url)
-
-
-def _path(name: str, version: str | None = None) -> str:
-    path = f"/models/{quote(name, safe='')}"
-    return f"{path}/{quote(version, safe='')}" if version else path
+    return connect_management(url, grpc=use_grpc)
 
 
-def _query(**values: Any) -> str:
-    given = {k: str(v).lower() if isinstance(v, bool) else v for k, v in values.items()}
-    present = {k: v for k, v in given.items() if v is not None}
-    return f"?{urlencode(present)}" if present else ""
-
-
-def _grpc(url: str | None) -> Any:
-    from tsctl.client.connect import connect_grpc
-
-    return connect_grpc("management", url)
-
-
-def _status(reply: Any, as_json: bool) -> None:
-    doc = reply if isinstance(reply, (dict, list)) else reply.json()
+def _status(message: str, as_json: bool) -> None:
+    """TorchServe's status answer: its message, or its JSON (`{"status": ...}`)."""
     if as_json:
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        sys.stdout.write(json.dumps({"status": message}, indent=2) + "\n")
     else:
-        typer.echo(doc.get("status", doc) if isinstance(doc, dict) else doc)
+        typer.echo(message)
 
 
 @app.command("register")
@@ -66,10 +55,9 @@ def register(
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """Register a model archive (POST /models)."""
-    if use_grpc:
-        doc = _grpc(url_).manage(
-            "RegisterModel",
-            url=url,
+    with _client(url_, use_grpc) as client:
+        message = client.register(
+            url,
             model_name=model_name,
             batch_size=batch_size,
             max_batch_delay=max_batch_delay,
@@ -78,19 +66,7 @@ def register(
             synchronous=sync,
             response_timeout=response_timeout,
         )
-        _status(doc, as_json)
-        return
-    query = _query(
-        url=url,
-        model_name=model_name,
-        batch_size=batch_size,
-        max_batch_delay=max_batch_delay,
-        initial_workers=initial_workers,
-        handler=handler,
-        synchronous=sync,
-        response_timeout=response_timeout,
-    )
-    _status(_client(url_).request("POST", f"/models{query}"), as_json)
+    _status(message, as_json)
 
 
 @app.command("scale")
@@ -105,19 +81,11 @@ def scale(
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """Change a model's number of workers (PUT /models/NAME)."""
-    if use_grpc:
-        doc = _grpc(url_).manage(
-            "ScaleWorker",
-            model_name=name,
-            model_version=version,
-            min_worker=min_workers,
-            max_worker=max_workers,
-            synchronous=sync,
+    with _client(url_, use_grpc) as client:
+        message = client.scale(
+            name, min_workers, max_workers=max_workers, version=version, synchronous=sync
         )
-        _status(doc, as_json)
-        return
-    query = _query(min_worker=min_workers, max_worker=max_workers, synchronous=sync)
-    _status(_client(url_).request("PUT", _path(name, version) + query), as_json)
+    _status(message, as_json)
 
 
 @app.command("list")
@@ -127,25 +95,18 @@ def list_models(
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """List the registered models (GET /models, every page)."""
-    client = _grpc(url_) if use_grpc else _client(url_)
-    models: list[dict[str, Any]] = []
-    token: str | None = "0"
-    while token is not None:
-        if use_grpc:
-            doc = client.manage("ListModels", limit=100, next_page_token=int(token))
-        else:
-            doc = client.request("GET", f"/models{_query(limit=100, next_page_token=token)}").json()
-        models.extend(doc.get("models", []))
-        token = doc.get("nextPageToken")
+    with _client(url_, use_grpc) as client:
+        models = client.all_models()
     if as_json:
-        sys.stdout.write(json.dumps({"models": models}, indent=2) + "\n")
+        listed = [{"modelName": m.name, "modelUrl": m.url} for m in models]
+        sys.stdout.write(json.dumps({"models": listed}, indent=2) + "\n")
         return
     from rich.console import Console
     from rich.table import Table
 
     table = Table("model", "url", title_justify="left")
     for model in models:
-        table.add_row(model["modelName"], model["modelUrl"])
+        table.add_row(model.name, model.url)
     Console().print(table)
 
 
@@ -159,14 +120,15 @@ def describe(
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """Describe a model: settings and workers (GET /models/NAME)."""
-    wanted = "all" if all_versions else version
-    if use_grpc:
-        described = _grpc(url_).manage("DescribeModel", model_name=name, model_version=wanted)
-    else:
-        described = _client(url_).request("GET", _path(name, wanted)).json()
+    with _client(url_, use_grpc) as client:
+        described = client.describe(name, version, all_versions=all_versions)
     if as_json:
         sys.stdout.write(json.dumps(described, indent=2) + "\n")
         return
+    _describe_tables(described)
+
+
+def _describe_tables(described: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -196,11 +158,9 @@ def unregister(
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """Unregister a model or one version, after its requests finish (DELETE /models/NAME)."""
-    if use_grpc:
-        doc = _grpc(url_).manage("UnregisterModel", model_name=name, model_version=version)
-        _status(doc, as_json)
-        return
-    _status(_client(url_).request("DELETE", _path(name, version)), as_json)
+    with _client(url_, use_grpc) as client:
+        message = client.unregister(name, version)
+    _status(message, as_json)
 
 
 @app.command("set-default")
@@ -212,8 +172,6 @@ def set_default(
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
 ) -> None:
     """Make a version the default (PUT /models/NAME/VERSION/set-default)."""
-    if use_grpc:
-        doc = _grpc(url_).manage("SetDefault", model_name=name, model_version=version)
-        _status(doc, as_json)
-        return
-    _status(_client(url_).request("PUT", _path(name, version) + "/set-default"), as_json)
+    with _client(url_, use_grpc) as client:
+        message = client.set_default(name, version)
+    _status(message, as_json)

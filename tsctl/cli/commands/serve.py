@@ -178,7 +178,7 @@ def status(
     """Show whether the server runs, and its models, versions and workers."""
     import json
 
-    from tsctl.client.connect import connect
+    from tsctl.client.connect import connect_management
     from tsctl.local.lifecycle import running
 
     info = running(_state_dir(state_dir))
@@ -188,12 +188,10 @@ def status(
         else:
             typer.echo("tsctl is not running.")
         raise typer.Exit(1)
-    client = connect("management", timeout=30, info=info)
-    listing: Any = client.request("GET", "/models?limit=0").json()
-    described: list[Any] = []
-    for entry in listing.get("models", []):
-        found: Any = client.request("GET", f"/models/{entry['modelName']}/all").json()
-        described.extend(found)
+    described: list[dict[str, Any]] = []
+    with connect_management(timeout=30, info=info) as client:
+        for entry in client.all_models():
+            described.extend(client.describe(entry.name, all_versions=True))
     if as_json:
         doc = {
             "running": True,
