@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from tsctl.errors import QueueFull
@@ -30,10 +30,14 @@ MAX_SEQUENCES = 10000
 
 
 class ModelQueue:
-    """A bounded FIFO of jobs for one model version, with arrival hints for batching."""
+    """A bounded FIFO of jobs for one model version, with arrival hints for batching.
 
-    def __init__(self, capacity: int) -> None:
+    `clock` is the event loop's clock (`time.monotonic`, which asyncio's `loop.time()` reads);
+    it times the sources and `next_batch`'s `max_batch_delay`. Tests pass a virtual one."""
+
+    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.capacity = capacity
+        self.clock = clock
         self._jobs: deque[Job] = deque()
         self._idle_waiters: deque[asyncio.Future[None]] = deque()
         self._fill_waiters: deque[asyncio.Future[None]] = deque()
@@ -57,7 +61,7 @@ class ModelQueue:
                 record = self._sources[job.source] = _Source()
             record.in_flight += 1
             record.peak = max(record.peak, record.in_flight)
-            record.last = time.monotonic()
+            record.last = self.clock()
         if job.sequence is None:
             self._wake()
         else:  # only its worker may take it: let every collector look
@@ -206,18 +210,18 @@ async def next_batch(
 
     Safe to cancel at any point: jobs already taken go back to the front of the queue.
     """
-    loop = asyncio.get_running_loop()
+    clock = queue.clock
     while (first := queue.take(worker)) is None:
         await queue.wait_for_job()
     batch = [first]
     try:
-        deadline = loop.time() + max_delay_ms / 1000
+        deadline = clock() + max_delay_ms / 1000
         while len(batch) < batch_size:
             job = queue.take(worker)
             if job is not None:
                 batch.append(job)
                 continue
-            now = loop.time()
+            now = clock()
             if now >= deadline or not queue.likely_arrivals(now):
                 break
             await queue.wait_for_more(deadline - now)
