@@ -7,25 +7,66 @@ import logging
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from tests.support.cli import BIN
+from tests.support.daemon_logs import WATCHED, Expected
+
+#: whether a test's call passed (a test that failed or skipped need not log what it declared)
+CALL_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report: pytest.TestReport = yield
+    if report.when == "call":
+        item.stash[CALL_PASSED] = report.passed
+    return report
+
+
+def expected_daemon_errors(node: pytest.Item | pytest.Collector, required: bool) -> Expected:
+    """The daemon errors `node` declares with `@pytest.mark.daemon_errors(*patterns)`; unless
+    `required`, none of them needs to have been logged."""
+    expected = Expected()
+    for mark in node.iter_markers("daemon_errors"):
+        expected.add(mark.args, required=required and mark.kwargs.get("required", True))
+    return expected
 
 
 @pytest.fixture(autouse=True)
-def no_unexpected_error_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """A test fails when anything logs at ERROR or above that it did not expect.
+def no_unexpected_error_logs(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> Iterator[None]:
+    """A test fails when anything logs at ERROR or above that it did not expect: in this
+    process, or in the logs of a daemon it started or used (`ts_log.log`, `model_log.log`;
+    tests/support/daemon_logs.py).
 
-    A test that expects an error log clears it with `caplog.clear()` after asserting on it.
+    A test that expects an error log in this process clears it with `caplog.clear()` after
+    asserting on it; one that makes a daemon log an error declares it with
+    `@pytest.mark.daemon_errors(pattern, ...)`.
     """
     caplog.set_level(logging.WARNING)
     yield
-    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
+    errors = [r.getMessage() for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    try:
+        passed = request.node.stash.get(CALL_PASSED, False)
+        WATCHED.check(expected_daemon_errors(request.node, required=passed))
+    finally:
+        assert not errors, errors
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_unexpected_daemon_errors_at_module_end(request: pytest.FixtureRequest) -> Iterator[None]:
+    """What the module's own daemons log while they stop (after its last test) is checked too,
+    against the module's `daemon_errors` marks (`pytestmark`)."""
+    yield
+    WATCHED.check(expected_daemon_errors(request.node, required=False))
 
 
 @pytest.fixture

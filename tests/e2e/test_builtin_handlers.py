@@ -56,6 +56,7 @@ def test_base_handler_torchscript_and_eager(served: Server, model: str) -> None:
     assert close(response.json(), expected[model])
 
 
+@pytest.mark.daemon_errors("mat1 and mat2 shapes cannot be multiplied")
 def test_base_handler_rejects_bad_input_clearly(served: Server) -> None:
     response = served.predict("mlp", "[1, 2]", headers={"Content-Type": "application/json"})
     assert response.status == 503

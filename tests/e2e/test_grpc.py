@@ -67,18 +67,20 @@ def test_predictions(stubs: Any, ts_protos: dict[str, ModuleType]) -> None:
     ("model", "inputs", "code", "needle"),
     [
         ("nope", {"data": b"x"}, grpc.StatusCode.NOT_FOUND, "Model not found: nope"),
-        (
+        pytest.param(
             "swiss",
             {"body": b'{"action": "raise"}'},
             grpc.StatusCode.UNAVAILABLE,
             "boom from handler",
+            marks=pytest.mark.daemon_errors("ValueError: boom from handler"),
         ),
         ("swiss", {"body": b'{"action": "short"}'}, grpc.StatusCode.UNAVAILABLE, "0 results"),
-        (
+        pytest.param(
             "slow",
             {"body": b'{"action": "sleep", "seconds": 30}'},
             grpc.StatusCode.DEADLINE_EXCEEDED,
             "response timeout of 1 s",
+            marks=pytest.mark.daemon_errors("worker 9000-slow_1.0 overran the response timeout"),
         ),
     ],
 )

@@ -130,6 +130,7 @@ def test_a_bad_flag_leaves_no_early_daemon_behind(server: Server) -> None:
     server.wait_for(lambda: not _started_here(server.root))
 
 
+@pytest.mark.daemon_errors(r"start-up failed: inference address 127\.0\.0\.1:\d+ is already in use")
 def test_port_in_use(server: Server) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -153,6 +154,7 @@ def test_bad_config_value(server: Server) -> None:
     server.wait_for(lambda: not _started_here(server.root))  # nothing left behind
 
 
+@pytest.mark.daemon_errors(r"RuntimeError: cannot load the weights: broken\.pt is missing")
 def test_model_that_fails_to_load(server: Server) -> None:
     make_archive(server.store, "broken", "broken")
     result = server.start("broken.mar", expect_ok=False)
@@ -162,6 +164,7 @@ def test_model_that_fails_to_load(server: Server) -> None:
     assert not pidfile.pid_path(server.state_dir).exists()
 
 
+@pytest.mark.daemon_errors(r"start-up failed: Model not found at: nothere\.mar")
 def test_missing_archive(server: Server) -> None:
     result = server.start("nothere.mar", expect_ok=False)
     assert result.returncode == 1

@@ -506,6 +506,7 @@ def test_restart_reuses_the_installed_dependencies(deps_server: Server) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.daemon_errors(r"model broken: pip failed installing requirements\.txt")
 def test_register_with_a_broken_requirement(deps_server: Server) -> None:
     response = deps_server.manage("POST", "/models?url=broken.mar&initial_workers=1")
     assert response.status == 400, response.body
@@ -517,6 +518,10 @@ def test_register_with_a_broken_requirement(deps_server: Server) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.daemon_errors(
+    r"model broken: pip failed installing requirements\.txt",
+    r"start-up failed: installing the Python dependencies of model broken",
+)
 def test_start_with_a_broken_requirement(tmp_path: Path, tma: Path) -> None:
     server = Server(tmp_path, {"install_py_dep_per_model": "true"})
     archive(tma, server.store, tmp_path / "bad", "broken", OFFLINE + "nosuch-tsctl-test-package\n")

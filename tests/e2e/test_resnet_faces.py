@@ -86,6 +86,7 @@ def test_output_file(served: Server) -> None:
     assert len(json.loads(out.read_text())) == 136
 
 
+@pytest.mark.daemon_errors("ValueError: send images as the request body or as multipart files")
 def test_infer_errors(served: Server) -> None:
     image = str(served.root / "images" / "face_a.jpg")
     missing = served.tsctl("infer", "nomodel", image, "--url", served.inference)

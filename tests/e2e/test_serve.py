@@ -224,6 +224,7 @@ def test_malformed_multipart_is_a_400(server: Server) -> None:
     ok(server)
 
 
+@pytest.mark.daemon_errors("ValueError: boom from handler")
 def test_handler_exception(server: Server) -> None:
     response = server.predict("swiss", {"action": "raise"})
     assert_error(response, 503, "InternalServerException", "ValueError: boom from handler")
@@ -251,6 +252,7 @@ def test_worker_that_dies(server: Server) -> None:
     assert after != before
 
 
+@pytest.mark.daemon_errors("worker 9000-slow_1.0 overran the response timeout; replacing it")
 def test_handler_past_the_response_timeout(server: Server) -> None:
     before = ok(server, "slow")["pid"]
     response = server.request(

@@ -41,8 +41,6 @@ from PIL import Image, ImageDraw
 from tests.e2e.test_ts_compat import MICRO_BATCH, make_models
 from tests.e2e.test_ts_compat import archive as archive_handler
 from tests.e2e.test_ts_compat import build_archives as build_compat_archives
-from tests.e2e.test_ts_handlers import TS_MODELS, boxes_image, encode, multipart, solid
-from tests.e2e.test_ts_handlers import build_archives as build_default_archives
 from tests.fixtures.ts_models.glyphs import digit_set
 from tests.support.cli import BIN
 from tests.support.daemon import Server
@@ -54,6 +52,8 @@ from tests.support.torchserve import (
     unavailable,
     venv_from_environment,
 )
+from tests.support.ts_handlers import TS_MODELS, boxes_image, encode, multipart, solid
+from tests.support.ts_handlers import build_archives as build_default_archives
 
 pytestmark = pytest.mark.slow
 
@@ -312,7 +312,22 @@ CASES: dict[str, Callable[[], Case]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+#: the cases whose handler fails on purpose, and the error tsctl's worker logs for it
+HANDLER_ERRORS = {
+    "eager-handler-error": "JSONDecodeError",
+    "status-prediction-exception": "PredictionException: bad thing : 418",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.daemon_errors(HANDLER_ERRORS[name]))
+        if name in HANDLER_ERRORS
+        else name
+        for name in CASES
+    ],
+)
 def test_same_answer(pair: Pair, name: str) -> None:
     case = CASES[name]()
     pair.need(case.model)
@@ -477,6 +492,7 @@ def grpc_handler_error(pair: Pair, ts_protos: dict[str, ModuleType]) -> tuple[An
     return theirs, ours
 
 
+@pytest.mark.daemon_errors("JSONDecodeError")
 def test_grpc_handler_error_fails_on_both(pair: Pair, ts_protos: dict[str, ModuleType]) -> None:
     """The details differ on purpose: "Prediction failed" there, the handler's error here."""
     theirs, ours = grpc_handler_error(pair, ts_protos)
@@ -484,6 +500,7 @@ def test_grpc_handler_error_fails_on_both(pair: Pair, ts_protos: dict[str, Modul
     assert ours.details().startswith("JSONDecodeError: ")
 
 
+@pytest.mark.daemon_errors("JSONDecodeError")
 def test_grpc_handler_error_has_the_same_code(pair: Pair, ts_protos: dict[str, ModuleType]) -> None:
     theirs, ours = grpc_handler_error(pair, ts_protos)
     assert ours.code() == theirs.code()
@@ -502,6 +519,7 @@ def test_grpc_stream_predictions_send_the_same_steps(
     assert ours == theirs == [b"step0;", b"step1;", b"done"]
 
 
+@pytest.mark.daemon_errors("PredictionException: bad thing : 418")
 def test_grpc_metadata_reaches_the_handler_as_headers(
     pair: Pair, ts_protos: dict[str, ModuleType]
 ) -> None:

@@ -238,6 +238,7 @@ def test_request_headers_and_response_status(served: Server) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.daemon_errors("PredictionException: bad thing : 418")
 def test_prediction_exception_sets_status_and_message(served: Server) -> None:
     response = served.predict("status", {}, headers={"X-Wanted-Status": "raise"})
     assert response.status == 418, response.body
@@ -250,6 +251,7 @@ def test_prediction_exception_sets_status_and_message(served: Server) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.daemon_errors("PredictionException: no usable code : None")
 def test_prediction_exception_without_a_usable_code_is_500(served: Server) -> None:
     response = served.predict("status", {}, headers={"X-Wanted-Status": "no-code"})
     assert response.status == 500, response.body
@@ -297,6 +299,7 @@ def test_accelerator_out_of_memory_is_507(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.daemon_errors("PredictionException: bad thing : 418")
 def test_prediction_exception_over_grpc(served: Server, ts_protos: dict[str, ModuleType]) -> None:
     import grpc
 
@@ -377,6 +380,9 @@ def test_describe_reaches_a_micro_batching_handler(served: Server) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.daemon_errors(  # the worker's traceback, and the daemon's line naming the model
+    r"the ONNX model 'onnx\.onnx' needs the Python package 'onnxruntime'|'aot\.so' is an AOT"
+)
 @pytest.mark.parametrize(
     ("model", "needle"),
     [

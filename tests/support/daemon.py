@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.cli import run_tsctl
+from tests.support.daemon_logs import WATCHED
 from tests.support.paths import FIXTURES
 from tsctl.archive.writer import ArchiveFormat, ArchiveSpec, plan_archive, write_archive
 from tsctl.local import pidfile
@@ -52,11 +53,21 @@ def make_archive(
 
 @dataclass
 class Server:
-    """One daemon with its own state dir, log dir and free ports."""
+    """One daemon with its own state dir, log dir and free ports.
+
+    Its `ts_log.log` and `model_log.log` are checked after each test for errors the test did
+    not declare (tests/support/daemon_logs.py), from when the harness is made on."""
 
     root: Path
     properties: dict[str, Any] = field(default_factory=dict)
     info: pidfile.PidInfo | None = None
+
+    def __post_init__(self) -> None:
+        self.watch_logs()
+
+    def watch_logs(self) -> None:
+        """Have the tests' log check read this daemon's logs (tests/conftest.py)."""
+        WATCHED.watch(self.log_dir, pidfile.pid_path(self.state_dir))
 
     @property
     def store(self) -> Path:
@@ -80,6 +91,7 @@ class Server:
         env: dict[str, str] | None = None,
     ) -> Any:
         self.store.mkdir(parents=True, exist_ok=True)
+        self.watch_logs()  # again: the check forgets a daemon once it is gone
         props = {
             "inference_address": "http://127.0.0.1:0",
             "management_address": "http://127.0.0.1:0",
