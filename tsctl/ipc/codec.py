@@ -151,6 +151,8 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
             for request_id, parts, headers in meta["reqs"]:
                 built = [Part(name, ctype, next(bodies)) for name, ctype in parts]
                 requests.append(WireRequest(request_id, built, [(k, v) for k, v in headers]))
+            if next(bodies, None) is not None:
+                raise ValueError("segments that no request part uses")
             return Batch(int(meta["id"]), requests)
         if kind in (Kind.RESULT, Kind.CHUNK):
             responses = [
@@ -184,6 +186,8 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
         if kind == Kind.DESCRIBE:
             return Describe()
         if kind == Kind.DESCRIBED:
+            if len(segments) != 1:
+                raise ValueError("a DESCRIBED frame carries exactly one segment")
             return Described(segments[0], _failure(meta["fail"]))
     except (KeyError, TypeError, ValueError, StopIteration, AttributeError, IndexError) as exc:
         raise ProtocolError(f"malformed frame of kind {kind}: {exc!r}") from None
@@ -205,6 +209,8 @@ def _parse_meta(raw: bytes, payload_len: int) -> dict[str, Any]:
         lens = meta["lens"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ProtocolError(f"bad frame meta: {exc!r}") from None
+    if not isinstance(lens, list) or not all(type(n) is int for n in lens):
+        raise ProtocolError("frame meta `lens` is not a list of integers")
     if sum(lens) != payload_len or any(n < 0 for n in lens):
         raise ProtocolError("frame segment lengths do not add up to its payload")
     return dict(meta)

@@ -123,9 +123,13 @@ def is_loopback(address: str) -> bool:
 def read_properties(path: Path) -> dict[str, str]:
     """Read a Java `.properties` file, such as TorchServe's config and the snapshots it writes."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise InvalidInput(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # Java's own encoding for .properties; every byte decodes
     return parse_properties(text)
 
 
@@ -173,12 +177,17 @@ def parse_properties(text: str) -> dict[str, str]:
         if trailing % 2 == 1:
             logical += line[:-1]
             continue
-        logical += line
-        match = re.match(r"((?:\\.|[^=:\s\\])*)\s*[=:]?\s*(.*)$", logical, re.DOTALL)
-        assert match is not None  # every string matches
-        result[_unescape(match.group(1))] = _unescape(match.group(2)).strip()
+        _add_property(result, logical + line)
         logical = ""
+    if logical:  # the last line continued into the end of the file: Java keeps it
+        _add_property(result, logical)
     return result
+
+
+def _add_property(result: dict[str, str], logical: str) -> None:
+    match = re.match(r"((?:\\.|[^=:\s\\])*)\s*[=:]?\s*(.*)$", logical, re.DOTALL)
+    assert match is not None  # every string matches
+    result[_unescape(match.group(1))] = _unescape(match.group(2)).strip()
 
 
 #: config.properties keys tsctl reads now; others are accepted and ignored (see docs)

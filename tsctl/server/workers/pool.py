@@ -44,10 +44,13 @@ _batch_ids = itertools.count(1)
 
 
 def restart_delay(failures: int) -> float:
-    """Seconds to wait before starting a replacement worker after `failures` consecutive
-    failures (deaths or failed starts): at once after the first, then 1, 2, 4, ... seconds,
-    at most `MAX_BACKOFF`. A batch answered resets the count."""
-    return 0.0 if failures <= 0 else min(MAX_BACKOFF, 2.0 ** (failures - 1))
+    """Seconds to wait before starting a replacement worker, given the `failures` in a row
+    (deaths or failed starts) before the one at hand: at once the first time, then 1, 2, 4, ...
+    seconds, at most `MAX_BACKOFF` however long a worker keeps failing. A batch answered
+    resets the count."""
+    if failures <= 0:
+        return 0.0
+    return min(MAX_BACKOFF, 2.0 ** min(failures - 1, 32))
 
 
 def error_for(failure: Failure) -> TsctlError:
