@@ -198,7 +198,11 @@ class PredictionExchange(_Exchange):
             return
         if isinstance(outcome, BaseException):
             if not isinstance(outcome, TsctlError):
-                log.error("unexpected error answering request %s: %r", self.request_id, outcome)
+                log.error(
+                    "unexpected error answering request %s",
+                    self.request_id,
+                    exc_info=(type(outcome), outcome, outcome.__traceback__),
+                )
             if self.streaming:  # the error's JSON ends the stream
                 status, body, _ = error_response(outcome)
                 self._end_stream(status, body)
