@@ -63,6 +63,16 @@ class ServerConfig(BaseModel):
     max_archive_expanded_size: int = Field(default=16 << 30, ge=1)
     #: how long `stop` waits for in-flight requests before stopping workers anyway (seconds)
     drain_timeout: float = Field(default=30, ge=0)
+    #: seconds a connection may stay open with no request in progress (every HTTP port)
+    keep_alive_timeout: float = Field(default=60, gt=0)
+    #: seconds a client has to send a request's whole head, from its first byte
+    request_header_timeout: float = Field(default=30, gt=0)
+    #: seconds a client has to send a request's whole body, from the end of its head
+    request_body_timeout: float = Field(default=60, gt=0)
+    #: open connections per HTTP port; beyond it new connections are closed at once
+    max_connections: int = Field(default=1000, ge=1)
+    #: most workers one model may have (minWorkers, maxWorkers and scaling are capped)
+    max_workers_per_model: int = Field(default_factory=lambda: 4 * cpu_count(), ge=1)
     log_dir: Path = Path("logs")
     state_dir: Path = Path(".")
     #: register and unregister through the API (TorchServe's default: off)
@@ -216,6 +226,11 @@ _PROPERTY_KEYS = {
     "worker_threads",
     "max_archive_expanded_size",
     "drain_timeout",
+    "keep_alive_timeout",
+    "request_header_timeout",
+    "request_body_timeout",
+    "max_connections",
+    "max_workers_per_model",
     "enable_model_api",
     "allowed_urls",
     "unregister_model_timeout",

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -219,7 +219,7 @@ async def customized(mv: ModelVersion) -> Any:
 
 def _iso_millis(stamp: float) -> str:
     """TorchServe's timestamps: `2026-12-02T05:55:43.353Z`."""
-    moment = datetime.fromtimestamp(stamp, timezone.utc)
+    moment = datetime.fromtimestamp(stamp, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 

@@ -87,7 +87,7 @@ async def install(
         key, text = await asyncio.wait_for(
             asyncio.to_thread(cache_key, requirements, model_dir, deadline=deadline), timeout
         )
-    except (asyncio.TimeoutError, OutOfTime):
+    except (TimeoutError, OutOfTime):
         raise DependencyInstallFailed(
             f"reading the files that {requirements_file} of model {model_name} names did not "
             f"finish within {timeout:g} s (install_py_dep_timeout)"

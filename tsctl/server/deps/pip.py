@@ -89,7 +89,7 @@ async def run_pip(
     tail = bytearray()
     try:
         await asyncio.wait_for(_drain(process, tail), max(0.0, deadline - time.monotonic()))
-    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+    except TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
         raise DependencyInstallFailed(
             f"installing the Python dependencies of model {model_name} from "
             f"{requirements_file} did not finish within {config.install_py_dep_timeout:g} s "
