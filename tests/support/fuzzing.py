@@ -6,7 +6,9 @@ property test an `examples` argument. A plain `pytest` run parametrises it with 
 `deep`, marked `fuzz`), so `pytest -m fuzz tests/unit` runs only the deep variants and the
 normal suite never pays for them. The test body wraps its check with `explore(examples)`:
 hypothesis settings with no per-example deadline (the machine is shared; a slow example is not
-a failure) and the example database in the temporary directory, not in the work tree.
+a failure). The quick variant is derandomized, so the normal suite is deterministic (a strict
+xfail pinned on a known bug stays an xfail); the deep one explores anew each run and keeps
+its examples database in the temporary directory, not in the work tree.
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def explore(examples: int, **overrides: Any) -> Callable[[F], F]:
     """The hypothesis settings of one property run with `examples` examples."""
+    quick = examples <= QUICK
     return settings(  # type: ignore[return-value]
         max_examples=examples,
         deadline=None,
-        database=_DATABASE,
+        derandomize=quick,
+        database=None if quick else _DATABASE,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         **overrides,
     )
