@@ -51,6 +51,14 @@ ANSWERS = [
     (FailureKind.HANDLER_INIT, PredictionFailed, 503, "UNAVAILABLE", "InternalServerException"),
     (FailureKind.BAD_OUTPUT, PredictionFailed, 503, "UNAVAILABLE", "InternalServerException"),
     (FailureKind.NOT_SUPPORTED, PredictionFailed, 503, "UNAVAILABLE", "InternalServerException"),
+    (
+        FailureKind.RESPONSE_TOO_LARGE,
+        PredictionFailed,
+        503,
+        "UNAVAILABLE",
+        "InternalServerException",
+    ),
+    (FailureKind.BAD_FRAME, PredictionFailed, 503, "UNAVAILABLE", "InternalServerException"),
     # a PredictionException without a status of its own is a plain failed prediction
     (
         FailureKind.PREDICTION_EXCEPTION,

@@ -17,6 +17,15 @@ frame's meta a failure is the list `[kind, message, detail]`, or `[kind, message
 status]` when the handler chose the HTTP status itself (TorchServe's `PredictionException`);
 readers accept both. Anything malformed (a bad prefix, meta that is not the message's shape,
 lengths that do not add up, an unknown failure kind or spec field) is a `ProtocolError`.
+
+Bounds. A frame's meta is at most `MAX_META` bytes: the frontend checks what each request adds
+to a batch's meta (`request_meta_size`) before the request is queued, and `encode` refuses a
+frame over it (`FrameTooLarge`) before anything is written. The frontend's reader takes the
+largest body it accepts (`max_body`): a longer response body is skipped as it is read, never
+held, and arrives as a `RESPONSE_TOO_LARGE` failure of its own response. The worker's reader
+may `recover`: a frame whose prefix is sound but whose contents are not is read to its end and
+reported as `FrameRejected`, so the stream stays in step and the worker answers that frame
+with a failure instead of exiting.
 """
 
 from __future__ import annotations
@@ -64,6 +73,24 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid frame."""
 
 
+class FrameRejected(ProtocolError):
+    """A frame of `kind` whose contents are invalid, read to its end: the stream is still in
+    step, the next frame can be read."""
+
+    def __init__(self, kind: int, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+class FrameTooLarge(ValueError):
+    """A message whose meta would exceed `MAX_META`: refused by `encode`, nothing written."""
+
+
+#: what a batch frame's meta holds besides its requests (`{"id":N,"reqs":[],"lens":[]}`)
+BATCH_META_OVERHEAD = 64
+_SKIP = 1 << 16  # bytes read at a time when a body is skipped
+
+
 def _failure_meta(failure: Failure | None) -> list[str | int] | None:
     if failure is None:
         return None
@@ -87,19 +114,48 @@ def _spec(raw: Any) -> WorkerSpec:
     return WorkerSpec(**raw)
 
 
+def _request_meta(request: WireRequest) -> list[Any]:
+    return [
+        request.request_id,
+        [[part.name, part.content_type] for part in request.parts],
+        [list(h) for h in request.headers],
+    ]
+
+
+def request_meta_size(request: WireRequest) -> int:
+    """The bytes `request` adds to a batch frame's meta, at most (its entry in "reqs", the
+    lengths of its bodies in "lens", the commas). A cheap bound first: JSON escapes a
+    character in at most 12 bytes (a surrogate pair); the exact size only when that bound is
+    large, so an ordinary request is not encoded twice."""
+    strings = len(request.request_id) + sum(
+        len(p.name) + len(p.content_type) for p in request.parts
+    )
+    strings += sum(len(k) + len(v) for k, v in request.headers)
+    count = len(request.parts) + len(request.headers) + 1
+    lens = sum(len(str(memoryview(p.data).nbytes)) + 1 for p in request.parts)
+    bound = 12 * strings + 16 * count + lens + 8
+    if bound <= 1 << 16:
+        return bound
+    return len(json.dumps(_request_meta(request), separators=(",", ":"))) + 1 + lens
+
+
+def request_meta_budget(batch_size: int) -> int:
+    """The most meta one request may add to a batch frame of up to `batch_size` requests, so
+    that a full batch stays within `MAX_META`."""
+    return (MAX_META - BATCH_META_OVERHEAD) // max(1, batch_size)
+
+
 def encode(message: Message) -> list[bytes | bytearray | memoryview]:
-    """The frame for `message`, as buffers to write in order (bodies are not copied)."""
+    """The frame for `message`, as buffers to write in order (bodies are not copied).
+    `FrameTooLarge` when its meta would exceed `MAX_META`."""
     segments: list[bytes | bytearray | memoryview] = []
     meta: dict[str, Any]
     if isinstance(message, Batch):
         kind = Kind.BATCH
         reqs = []
         for request in message.requests:
-            parts = []
-            for part in request.parts:
-                parts.append([part.name, part.content_type])
-                segments.append(part.data)
-            reqs.append([request.request_id, parts, [list(h) for h in request.headers]])
+            segments.extend(part.data for part in request.parts)
+            reqs.append(_request_meta(request))
         meta = {"id": message.batch_id, "reqs": reqs}
     elif isinstance(message, (Result, Chunk)):
         kind = Kind.RESULT if isinstance(message, Result) else Kind.CHUNK
@@ -138,6 +194,10 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
     lens = [memoryview(s).nbytes for s in segments]
     meta["lens"] = lens
     encoded = json.dumps(meta, separators=(",", ":")).encode()
+    if len(encoded) > MAX_META:
+        raise FrameTooLarge(
+            f"the frame's meta of {len(encoded)} bytes exceeds the limit of {MAX_META}"
+        )
     prefix = PREFIX.pack(MAGIC, VERSION, kind, len(encoded), sum(lens))
     return [prefix, encoded, *segments]
 
@@ -194,12 +254,23 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
     raise ProtocolError(f"unknown frame kind {kind}")
 
 
-def _parse_prefix(prefix: bytes) -> tuple[int, int, int]:
+def _unpack_prefix(prefix: bytes) -> tuple[int, int, int]:
+    """(kind, meta_len, payload_len); a bad magic or version is a `ProtocolError`: after
+    one, nothing tells where the next frame starts."""
     magic, version, kind, meta_len, payload_len = PREFIX.unpack(prefix)
     if magic != MAGIC or version != VERSION:
         raise ProtocolError(f"bad frame prefix {prefix!r}")
+    return kind, meta_len, payload_len
+
+
+def _meta_too_large(meta_len: int) -> str:
+    return f"frame meta of {meta_len} bytes is too large (the limit is {MAX_META})"
+
+
+def _parse_prefix(prefix: bytes) -> tuple[int, int, int]:
+    kind, meta_len, payload_len = _unpack_prefix(prefix)
     if meta_len > MAX_META:
-        raise ProtocolError(f"frame meta of {meta_len} bytes is too large")
+        raise ProtocolError(_meta_too_large(meta_len))
     return kind, meta_len, payload_len
 
 
@@ -207,7 +278,7 @@ def _parse_meta(raw: bytes, payload_len: int) -> dict[str, Any]:
     try:
         meta = json.loads(raw)
         lens = meta["lens"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ProtocolError(f"bad frame meta: {exc!r}") from None
     if not isinstance(lens, list) or not all(type(n) is int for n in lens):
         raise ProtocolError("frame meta `lens` is not a list of integers")
@@ -216,17 +287,55 @@ def _parse_meta(raw: bytes, payload_len: int) -> dict[str, Any]:
     return dict(meta)
 
 
-async def read_message(reader: asyncio.StreamReader) -> Message:
-    """Read one message on the event loop; raises `asyncio.IncompleteReadError` at EOF."""
+def _too_large(kind: int, message: Message, skipped: dict[int, int], limit: int) -> Message:
+    """`message` with each skipped body's response (by segment index) a failure."""
+
+    def failure(size: int) -> Failure:
+        text = f"the response of {size} bytes exceeds max_response_size ({limit})"
+        return Failure(FailureKind.RESPONSE_TOO_LARGE, text)
+
+    if isinstance(message, (Result, Chunk)):
+        responses = [
+            dataclasses.replace(r, body=b"", failure=failure(skipped[i])) if i in skipped else r
+            for i, r in enumerate(message.responses)
+        ]
+        return dataclasses.replace(message, responses=responses)
+    if isinstance(message, Described):
+        return Described(failure=failure(skipped[0]))
+    raise ProtocolError(f"a frame of kind {kind} carries a body over the limit of {limit} bytes")
+
+
+async def _skip(reader: asyncio.StreamReader, size: int) -> None:
+    while size:
+        data = await reader.read(min(size, _SKIP))
+        if not data:
+            raise asyncio.IncompleteReadError(b"", size)
+        size -= len(data)
+
+
+async def read_message(reader: asyncio.StreamReader, max_body: int | None = None) -> Message:
+    """Read one message on the event loop; raises `asyncio.IncompleteReadError` at EOF.
+
+    Each body is read on its own (one copy, out of the reader's buffer). A body longer than
+    `max_body` is skipped as it arrives, never held: its response (in a RESULT, CHUNK or
+    DESCRIBED frame) becomes a `RESPONSE_TOO_LARGE` failure; in any other frame it is a
+    `ProtocolError`."""
     kind, meta_len, payload_len = _parse_prefix(await reader.readexactly(PREFIX.size))
     meta = _parse_meta(await reader.readexactly(meta_len), payload_len)
-    payload = memoryview(await reader.readexactly(payload_len) if payload_len else b"")
     segments: list[bytes] = []
-    offset = 0
-    for n in meta["lens"]:
-        segments.append(payload[offset : offset + n].tobytes())
-        offset += n
-    return decode(kind, meta, segments)
+    skipped: dict[int, int] = {}
+    for i, n in enumerate(meta["lens"]):
+        if max_body is not None and n > max_body:
+            await _skip(reader, n)
+            skipped[i] = n
+            segments.append(b"")
+        else:
+            segments.append(await reader.readexactly(n) if n else b"")
+    message = decode(kind, meta, segments)
+    if skipped:
+        assert max_body is not None
+        return _too_large(kind, message, skipped, max_body)
+    return message
 
 
 class _Readable(Protocol):
@@ -245,13 +354,41 @@ def _read_exactly(stream: _Readable, size: int) -> bytearray:
     return buffer
 
 
-def recv_message(stream: _Readable) -> Message:
-    """Read one message with blocking calls (the worker side); `EOFError` at end of stream."""
-    head = _read_exactly(stream, PREFIX.size)
-    kind, meta_len, payload_len = _parse_prefix(bytes(head))
-    meta = _parse_meta(bytes(_read_exactly(stream, meta_len)), payload_len)
+def _discard(stream: _Readable, size: int) -> None:
+    buffer = memoryview(bytearray(min(size, _SKIP)))
+    while size:
+        n = stream.readinto(buffer[: min(size, _SKIP)])
+        if not n:
+            raise EOFError("the peer closed the connection")
+        size -= n
+
+
+def recv_message(stream: _Readable, recover: bool = False) -> Message:
+    """Read one message with blocking calls (the worker side); `EOFError` at end of stream.
+
+    With `recover`, a frame with a sound prefix but invalid contents (meta over `MAX_META`,
+    meta or fields malformed) is read to its end and raised as `FrameRejected`: the next
+    frame can be read. Without it, such a frame is a `ProtocolError` and is not read on."""
+    kind, meta_len, payload_len = _unpack_prefix(bytes(_read_exactly(stream, PREFIX.size)))
+    if meta_len > MAX_META:
+        if not recover:
+            raise ProtocolError(_meta_too_large(meta_len))
+        _discard(stream, meta_len + payload_len)
+        raise FrameRejected(kind, _meta_too_large(meta_len))
+    try:
+        meta = _parse_meta(bytes(_read_exactly(stream, meta_len)), payload_len)
+    except ProtocolError as exc:
+        if not recover:
+            raise
+        _discard(stream, payload_len)
+        raise FrameRejected(kind, str(exc)) from None
     segments = [_read_exactly(stream, n) for n in meta["lens"]]
-    return decode(kind, meta, segments)
+    try:
+        return decode(kind, meta, segments)
+    except ProtocolError as exc:
+        if not recover:
+            raise
+        raise FrameRejected(kind, str(exc)) from None
 
 
 def send_message(sock: socket.socket, message: Message) -> None:

@@ -42,7 +42,11 @@ class FailureKind(str, Enum):
     OUT_OF_MEMORY = "OutOfMemory"  # host or accelerator memory ran out
     BAD_OUTPUT = "BadHandlerOutput"  # wrong number of answers, or an answer not serialisable
     NOT_SUPPORTED = "NotSupported"  # the handler has nothing to describe
-    INVALID_INPUT = "InvalidInput"  # one request its envelope could not read: the client's fault
+    INVALID_INPUT = "InvalidInput"  # one request the worker could not read: the client's fault
+    #: a response body over the frontend's `max_response_size` (set by the frontend's reader)
+    RESPONSE_TOO_LARGE = "ResponseTooLarge"
+    #: the worker could not read a frame the frontend sent (its contents were invalid)
+    BAD_FRAME = "BadFrame"
 
 
 class WorkerState(str, Enum):

@@ -3,8 +3,10 @@
 Runs on the daemon's event loop. `predict` puts a job on the model's queue (raising
 `QueueFull` at once when it is full), arms the job's deadline (counted from arrival, queue
 time included) and hands back a worker's answer, to `await result()` or to a `when_done`
-callback. A caller whose client has gone away calls `Pending.abandon()`: the job is dropped
-before it reaches a worker.
+callback. A request whose input names and headers would not fit a worker frame (a form body of
+a million fields, names full of escaped control characters) is refused here, alone, with 413
+(`RequestTooLarge`): its batch-mates and the worker never see it. A caller whose client has
+gone away calls `Pending.abandon()`: the job is dropped before it reaches a worker.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from tsctl.errors import InferenceTimeout, ServiceUnavailable
+from tsctl.errors import InferenceTimeout, RequestTooLarge, ServiceUnavailable
+from tsctl.ipc.codec import request_meta_budget, request_meta_size
+from tsctl.ipc.messages import WireRequest
 from tsctl.server.registry import ModelVersion
 from tsctl.server.request import ClientGone, InferenceRequest, Job, Response
 
@@ -24,6 +28,18 @@ def expire(job: Job, timeout: float) -> None:
     if not job.future.done():
         job.future.set_exception(
             InferenceTimeout(f"no answer within the response timeout of {timeout:g} s")
+        )
+
+
+def check_frame_size(request: InferenceRequest, batch_size: int) -> None:
+    """`RequestTooLarge` if `request` would make a batch frame's meta exceed its bound."""
+    wire = WireRequest(request.request_id, request.parts, request.headers)
+    size, budget = request_meta_size(wire), request_meta_budget(batch_size)
+    if size > budget:
+        raise RequestTooLarge(
+            f"the request's input names and headers take {size} bytes in a worker frame, over "
+            f"the limit of {budget} bytes for this model (batch size {batch_size}): "
+            f"send fewer or shorter form fields ({len(request.parts)} were sent)"
         )
 
 
@@ -43,6 +59,7 @@ class Pending:
                 f'Model "{mv.name}" has no worker to serve inference request. '
                 "Please use scale workers API to add workers."
             )
+        check_frame_size(request, mv.batch_size)
         loop = asyncio.get_running_loop()
         self.mv = mv
         deadline = request.arrival + mv.response_timeout

@@ -5,6 +5,11 @@ reads is `Assign`: the model, its directory and the settings the handler's conte
 The worker reports `Hello` once its handler is initialized (or `InitFailed` with the error),
 then answers each `Batch` with a `Result` until it reads `Stop` or its socket closes.
 
+Nothing in a frame ends the worker: a frame it cannot read (read to its end, `FrameRejected`)
+and any exception while running a batch (beyond the handler's own, which `Service` reports)
+are answered with a failure for that batch, and the worker reads the next frame. Only a
+broken stream (a bad frame prefix, the socket closed) ends it.
+
 With `--preload` (a spare started before its model is known, see `tsctl.server.workers.spares`) it
 imports torch on a background thread while it waits: a handler that needs torch then finds it
 imported, or waits on the import lock for the rest; one that does not is not held up.
@@ -25,17 +30,21 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 
 from tsctl import __version__
-from tsctl.ipc.codec import recv_message, send_message
+from tsctl.ipc.codec import FrameRejected, recv_message, send_message
 from tsctl.ipc.messages import (
     Assign,
     Batch,
     Describe,
+    Described,
     Failure,
     FailureKind,
     Hello,
     InitFailed,
+    Kind,
+    Result,
     Stop,
     WorkerSpec,
 )
@@ -44,6 +53,8 @@ from tsctl.worker.context import Context
 from tsctl.worker.loader import HandlerLoadError, load_entry
 from tsctl.worker.metrics import MetricsCache
 from tsctl.worker.service import Service
+
+_Fallback = Callable[[Failure], Result | Described]
 
 
 def _preload(done: threading.Event) -> None:
@@ -121,18 +132,56 @@ def serve(
     log.info("worker ready (pid %d, %s threads)", os.getpid(), spec.threads or "default")
     while True:
         try:
-            incoming = recv_message(stream)
+            incoming = recv_message(stream, recover=True)
         except EOFError:
             return 0
+        except FrameRejected as exc:
+            log.error("could not read a frame of kind %d: %s", exc.kind, exc)
+            _answer_rejected(sock, exc)
+            continue
         if isinstance(incoming, Stop):
             return 0
         if isinstance(incoming, Batch):
             if threads.pending:
                 threads.apply()
-            result = service.run(incoming, lambda chunk: send_message(sock, chunk))
-            send_message(sock, result)
+            _answer(sock, incoming, service)
         elif isinstance(incoming, Describe):
-            send_message(sock, service.describe())
+            _send(sock, service.describe(), lambda failure: Described(failure=failure))
+
+
+def _answer(sock: socket.socket, batch: Batch, service: Service) -> None:
+    """Run one batch and send its result; whatever goes wrong, the batch gets an answer."""
+    try:
+        result = service.run(batch, lambda chunk: send_message(sock, chunk))
+    except OSError:
+        raise  # the socket is gone: nothing can be answered
+    except Exception as exc:
+        logging.getLogger("tsctl.worker").error(
+            "running a batch failed:\n%s", traceback.format_exc()
+        )
+        failure = Failure(FailureKind.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+        result = Result(batch.batch_id, failure=failure)
+    _send(sock, result, lambda failure: Result(batch.batch_id, failure=failure))
+
+
+def _send(sock: socket.socket, message: Result | Described, instead: _Fallback) -> None:
+    """Send `message`; one that cannot be encoded (a handler's header value that is no JSON
+    type) is replaced by the failure `instead` builds. Encoding happens before anything is
+    written, so the stream stays in step."""
+    try:
+        send_message(sock, message)
+    except (TypeError, ValueError) as exc:
+        failure = Failure(FailureKind.BAD_OUTPUT, f"the answer could not be sent: {exc}")
+        send_message(sock, instead(failure))
+
+
+def _answer_rejected(sock: socket.socket, rejected: FrameRejected) -> None:
+    """The frontend waits for one answer per batch or describe call, in order."""
+    failure = Failure(FailureKind.BAD_FRAME, f"the worker could not read the request: {rejected}")
+    if rejected.kind == Kind.BATCH:
+        send_message(sock, Result(0, failure=failure))
+    elif rejected.kind == Kind.DESCRIBE:
+        send_message(sock, Described(failure=failure))
 
 
 def main() -> None:

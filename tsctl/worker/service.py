@@ -2,9 +2,11 @@
 
 Inputs are decoded as TorchServe does: a part whose content type is `application/json` becomes
 the parsed object, `text/*` a `str`, anything else stays a `bytearray`. Each answer becomes
-bytes: `bytes`/`bytearray` as they are, `str` as UTF-8, anything else as JSON. A handler that
-raises, or returns the wrong number of answers, fails the whole batch with a message saying
-which; an answer that cannot be serialised fails only its own request. Failures are reported
+bytes: `bytes`/`bytearray` as they are, `str` as UTF-8, anything else as JSON. A request whose
+input cannot be decoded at all (JSON nested deeper than Python's recursion limit) fails alone
+as invalid input; the handler runs on the rest of its batch. A handler that raises, or returns
+the wrong number of answers, fails the whole batch with a message saying which; an answer that
+cannot be serialised fails only its own request. Failures are reported
 by kind (`FailureKind`); the frontend chooses the status. A handler that raises TorchServe's
 `PredictionException(message, code)` reports the code it asked for with its failure.
 """
@@ -105,7 +107,13 @@ def _last_of(produced: Iterator[Any], intermediate: Callable[[Sequence[Any]], No
     return [] if last is None else last
 
 
+class UndecodableInput(Exception):
+    """A request's part that cannot be handed to the handler (a client's mistake)."""
+
+
 def decode_value(part: Part) -> Any:
+    """A part as the handler receives it; text that is not JSON (or UTF-8) stays bytes, as
+    TorchServe hands it over. `UndecodableInput` for JSON that Python cannot hold."""
     media = part.content_type.split(";", 1)[0].strip().lower()
     data = part.data
     if media == "application/json":
@@ -113,6 +121,8 @@ def decode_value(part: Part) -> Any:
             return json.loads(bytes(data))
         except ValueError:
             return data
+        except RecursionError:
+            raise UndecodableInput(f"input {part.name!r}: JSON nested too deeply") from None
     if media.startswith("text"):
         try:
             return bytes(data).decode("utf-8")
@@ -131,20 +141,38 @@ class Service:
     def run(self, batch: Batch, send: Callable[[Chunk], None] | None = None) -> Result:
         """Run one batch. A handler that streams (yields lists, or calls
         `context.send_intermediate(answers)`) has each intermediate list sent through `send`
-        as a `Chunk`; its last list is the final answer."""
-        rows = [{p.name: decode_value(p) for p in request.parts} for request in batch.requests]
+        as a `Chunk`; its last list is the final answer. Requests whose input cannot be
+        decoded are answered with their failure and left out of the handler's batch."""
+        refused: dict[int, WireResponse] = {}
+        rows: list[dict[str, Any]] = []
+        for i, request in enumerate(batch.requests):
+            try:
+                rows.append({p.name: decode_value(p) for p in request.parts})
+            except UndecodableInput as exc:
+                refused[i] = WireResponse(failure=Failure(FailureKind.INVALID_INPUT, str(exc)))
+        if not rows:
+            return Result(batch.batch_id, [refused[i] for i in range(len(batch.requests))])
+        kept = [r for i, r in enumerate(batch.requests) if i not in refused]
         context = self.context
-        context.request_ids = {i: r.request_id for i, r in enumerate(batch.requests)}
+        context.request_ids = {i: r.request_id for i, r in enumerate(kept)}
         context.request_processor = [
             RequestProcessor(
                 {**{p.name: {"content-type": p.content_type} for p in r.parts}, **dict(r.headers)}
             )
-            for r in batch.requests
+            for r in kept
         ]
+
+        def merged(answers: Sequence[Any]) -> list[WireResponse]:
+            """Responses in the batch's order: the handler's, and the refused requests'."""
+            if not refused:
+                return [self._response(i, a) for i, a in enumerate(answers)]
+            handled = iter([self._response(i, a) for i, a in enumerate(answers)])
+            short = WireResponse(failure=Failure(FailureKind.BAD_OUTPUT, "no answer for it"))
+            return [refused.get(i) or next(handled, short) for i in range(len(batch.requests))]
 
         def intermediate(answers: Sequence[Any]) -> None:
             if send is not None:
-                send(Chunk(batch.batch_id, [self._response(i, a) for i, a in enumerate(answers)]))
+                send(Chunk(batch.batch_id, merged(answers)))
 
         context.send_intermediate = intermediate
         started = time.perf_counter()
@@ -166,8 +194,7 @@ class Service:
             return Result(
                 batch.batch_id, failure=Failure(FailureKind.BAD_OUTPUT, message), handler_ms=elapsed
             )
-        responses = [self._response(i, answer) for i, answer in enumerate(answers)]
-        return Result(batch.batch_id, responses, handler_ms=elapsed, metrics=self._metrics())
+        return Result(batch.batch_id, merged(answers), handler_ms=elapsed, metrics=self._metrics())
 
     def describe(self) -> Described:
         """The handler object's `describe_handle()` answer, encoded like a prediction."""

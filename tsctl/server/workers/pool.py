@@ -2,10 +2,15 @@
 
 `WorkerPool` keeps `target` workers (`tsctl.server.workers.process`) alive: one serving loop
 per worker takes batches from the model's queue (`tsctl.server.batching`) and sends them; a
-worker that dies fails only the requests it held and is replaced after a backoff that grows
-with consecutive failures (`restart_delay`); a batch past its deadline gets its worker killed
-and replaced; workers are recycled gracefully after N requests or past an RSS limit (the
-successor starts first). Worker failures arrive as data (`Failure`) and become the errors
+worker that dies, busy or idle, fails only the requests it held and is replaced after a
+backoff that grows with consecutive failures (`restart_delay`): an idle one is noticed when
+its process exits, not when the next request fails on it. A serving loop that meets an
+unexpected error fails its batch, kills its worker and has it replaced the same way. A batch
+past its deadline gets its worker killed and replaced; workers are recycled gracefully after
+N requests or past an RSS limit (the successor starts first). Workers start at most
+`start_group` at a time. A response is never larger than `max_response_size`: the worker's
+reader skips a longer body, and a streamed answer whose chunks add up to more ends with an
+error. Worker failures arrive as data (`Failure`) and become the errors
 clients see in `error_for`: the statuses are chosen here, on the frontend, never by workers.
 """
 
@@ -26,7 +31,6 @@ from tsctl.errors import (
     PredictionFailed,
     ServiceUnavailable,
     TsctlError,
-    WorkerDied,
     prediction_failed,
 )
 from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, WireRequest, WorkerState
@@ -73,6 +77,9 @@ class PoolSettings:
     max_response_size: int
     recycle_after_requests: int = 0  # 0 = never
     recycle_above_rss_mb: int = 0  # 0 = never
+    #: workers started at once when the pool grows (the registry passes the core count):
+    #: starting one imports its handler's modules, which is CPU-bound
+    start_group: int = 4
 
 
 class WorkerPool:
@@ -100,23 +107,29 @@ class WorkerPool:
         self._failures = 0
         self._closed = False
         self._tasks: set[asyncio.Future[Any]] = set()
+        #: workers whose serving loop waits for a batch (cancelled at once if they die)
+        self._idle: set[WorkerProcess] = set()
 
     def busy(self) -> bool:
         return any(w.state == WorkerState.BUSY for w in self.workers)
 
     async def scale(self, target: int) -> None:
-        """Start or stop workers until `target` are running; raises if a new one fails."""
+        """Start or stop workers until `target` are running; raises if a new one fails.
+        New workers start `start_group` at a time, each group once the one before is up."""
         self.target = target
         while len(self.workers) > target:
             await self._retire(self.workers[-1])
-        starts = [self._start_one() for _ in range(target - len(self.workers))]
-        results = await asyncio.gather(*starts, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]
+        group = max(1, self.settings.start_group)
+        while (missing := target - len(self.workers)) > 0 and self.target == target:
+            starts = [self._start_one() for _ in range(min(group, missing))]
+            results = await asyncio.gather(*starts, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
 
     async def _start_one(self) -> WorkerProcess:
         worker = self.make_worker(f"{next(self._ids)}-{self.name}")
+        worker.max_body = self.settings.max_response_size
         started = time.perf_counter()
         await worker.start()
         self.metrics.worker_load_time.set(
@@ -127,23 +140,46 @@ class WorkerPool:
             raise ServiceUnavailable(f"model {self.name} is being unloaded")
         self.workers.append(worker)
         self._loops[worker] = asyncio.create_task(self._serve(worker))
+        worker.when_dead(lambda: self._died(worker))
         log.info("worker %s started (pid %s)", worker.worker_id, worker.pid)
         return worker
 
+    def _died(self, worker: WorkerProcess) -> None:
+        """`worker`'s process is gone: an idle serving loop stops waiting for a batch (a busy
+        one learns it from its batch, which fails)."""
+        loop_task = self._loops.get(worker)
+        if loop_task is not None and worker in self._idle:
+            loop_task.cancel()
+
     async def _serve(self, worker: WorkerProcess) -> None:
         settings = self.settings
+        jobs: list[Job] = []
         try:
             while worker.state == WorkerState.READY:
-                batch = await next_batch(
-                    self.queue, settings.batch_size, settings.max_batch_delay, worker
-                )
-                await self._dispatch(worker, batch)
+                self._idle.add(worker)
+                try:
+                    jobs = await next_batch(
+                        self.queue, settings.batch_size, settings.max_batch_delay, worker
+                    )
+                finally:
+                    self._idle.discard(worker)
+                await self._dispatch(worker, jobs)
+                jobs = []
                 if not worker.recycling and self._should_recycle(worker):
                     worker.recycling = True
                     log.info(
                         "recycling worker %s after %d requests", worker.worker_id, worker.served
                     )
                     self._background(self._replace(worker))
+        except asyncio.CancelledError:
+            if worker.state != WorkerState.DEAD:
+                raise  # retired, or the pool is closing
+            log.warning("worker %s (pid %s) died while idle", worker.worker_id, worker.pid)
+        except Exception:
+            log.exception("serving worker %s failed; replacing it", worker.worker_id)
+            _fail(jobs, PredictionFailed(f"worker {worker.worker_id} failed; it is replaced"))
+            worker.kill()
+            await worker.dead.wait()
         finally:
             self._loops.pop(worker, None)
             self.queue.release(worker)
@@ -190,8 +226,8 @@ class WorkerPool:
         self._record_dispatch(live, now)
         watchdog = loop.call_at(max(j.deadline for j in live), self._overdue, worker)
         try:
-            result = await worker.run(batch, _fan_out(live))
-        except WorkerDied as exc:
+            result = await worker.run(batch, _fan_out(live, self.settings.max_response_size))
+        except TsctlError as exc:  # the worker died, or the batch could not be sent
             _fail(live, exc)
             return
         finally:
@@ -202,19 +238,12 @@ class WorkerPool:
         if result.failure is not None:
             _fail(live, error_for(result.failure))
             return
-        limit = self.settings.max_response_size
+        # bodies over max_response_size were skipped as they were read (RESPONSE_TOO_LARGE)
         for job, answer in zip(live, result.responses, strict=True):
             if job.future.done():
                 continue
             if answer.failure is not None:
                 job.future.set_exception(error_for(answer.failure))
-            elif len(answer.body) > limit:
-                job.future.set_exception(
-                    PredictionFailed(
-                        f"the response of {len(answer.body)} bytes exceeds "
-                        f"max_response_size ({limit})"
-                    )
-                )
             else:
                 job.future.set_result(
                     Response(
@@ -280,7 +309,7 @@ class WorkerPool:
             self._schedule_restart(retrying=True)
 
     async def _retire(self, worker: WorkerProcess) -> None:
-        """Stop one worker after its current batch; an idle one stops at once."""
+        """Stop one worker after its current batch; an idle (or dead) one stops at once."""
         if worker in self.workers:
             self.workers.remove(worker)
         loop_task = self._loops.get(worker)
@@ -289,7 +318,8 @@ class WorkerPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
         elif loop_task is not None:
-            worker.state = WorkerState.RETIRING
+            if worker.state == WorkerState.BUSY:
+                worker.state = WorkerState.RETIRING
             await asyncio.gather(loop_task, return_exceptions=True)
         await worker.stop()
 
@@ -302,17 +332,33 @@ class WorkerPool:
         self.queue.drop_all(error)
 
 
-def _fan_out(jobs: list[Job]) -> Callable[[Chunk], None] | None:
-    """Deliver each intermediate answer of a chunk to its request, if it asked for chunks."""
+def _fan_out(jobs: list[Job], limit: int) -> Callable[[Chunk], None] | None:
+    """Deliver each intermediate answer of a chunk to its request, if it asked for chunks. A
+    failed answer ends its request with the error, and so does a stream whose chunks add up
+    to more than `limit` bytes (the final answer is not counted: it is bounded by itself)."""
     if not any(job.on_chunk is not None for job in jobs):
         return None
+    sent = [0] * len(jobs)
 
     def deliver(chunk: Chunk) -> None:
-        for job, answer in zip(jobs, chunk.responses, strict=False):
-            if job.on_chunk is not None and not job.future.done() and answer.failure is None:
-                job.on_chunk(
-                    Response(answer.status, answer.content_type, answer.body, tuple(answer.headers))
+        for i, (job, answer) in enumerate(zip(jobs, chunk.responses, strict=False)):
+            if job.on_chunk is None or job.future.done():
+                continue
+            if answer.failure is not None:
+                job.future.set_exception(error_for(answer.failure))
+                continue
+            sent[i] += len(answer.body)
+            if sent[i] > limit:
+                job.future.set_exception(
+                    PredictionFailed(
+                        f"the streamed response of over {sent[i]} bytes exceeds "
+                        f"max_response_size ({limit})"
+                    )
                 )
+                continue
+            job.on_chunk(
+                Response(answer.status, answer.content_type, answer.body, tuple(answer.headers))
+            )
 
     return deliver
 

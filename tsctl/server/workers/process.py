@@ -3,8 +3,11 @@
 `WorkerProcess` is one child (`python -m tsctl.worker`) connected by a socketpair: it hands the
 child its `WorkerSpec`, waits for `Hello`, then sends batches and describe calls and awaits
 their answers in order, passing a streaming handler's chunks on as they come, and reports its
-own death (`dead`). Its output is copied line by line into model_log.log. Nothing here blocks
-the loop: process creation takes a few milliseconds, socket I/O goes through asyncio.
+own death (`dead`, and the callbacks given to `when_dead`) as soon as it happens, busy or idle:
+the child's exit is watched (a pidfd) besides its socket, which a grandchild may hold open.
+A response body over `max_body` is never read into memory (`tsctl.ipc.codec.read_message`).
+Its output is copied line by line into model_log.log. Nothing here blocks the loop: process
+creation takes a few milliseconds, socket I/O goes through asyncio.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from tsctl.errors import WorkerDied, WorkerStartFailed
-from tsctl.ipc.codec import ProtocolError, encode, read_message
+from tsctl.errors import RequestTooLarge, WorkerDied, WorkerStartFailed
+from tsctl.ipc.codec import FrameTooLarge, ProtocolError, encode, read_message
 from tsctl.ipc.messages import (
     Assign,
     Batch,
@@ -39,6 +42,9 @@ from tsctl.server.workers.spares import Spare, spawn
 
 log = logging.getLogger("tsctl.server")
 model_log = logging.getLogger("tsctl.model")
+#: seconds a dead worker's output pipes may stay open (held by a process it forked) before
+#: the worker is reported dead without the rest of its output
+OUTPUT_GRACE = 2.0
 
 
 class Child(Protocol):
@@ -120,8 +126,11 @@ class WorkerProcess:
     """One worker child and its socket. `spare`, when given, is a process started ahead that
     this worker takes over instead of starting one."""
 
-    def __init__(self, spec: WorkerSpec, spare: Spare | None = None):
+    def __init__(
+        self, spec: WorkerSpec, spare: Spare | None = None, max_body: int | None = None
+    ) -> None:
         self.worker_id = spec.worker_id
+        self.max_body = max_body
         self.spec = spec
         self.spare = spare
         self._pumps: list[asyncio.Task[None]] = []
@@ -135,7 +144,13 @@ class WorkerProcess:
         #: answers the worker owes, in the order it will send them, with who wants its chunks
         self._pending: deque[tuple[asyncio.Future[Any], Callable[[Chunk], None] | None]] = deque()
         self._reader_task: asyncio.Task[None] | None = None
+        self._exit_watch: asyncio.Task[None] | None = None
         self.dead = asyncio.Event()
+        self._on_dead: list[Callable[[], None]] = []
+
+    def when_dead(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the loop) once this worker has died or stopped, after `dead`."""
+        self._on_dead.append(callback)
 
     @property
     def pid(self) -> int | None:
@@ -179,6 +194,15 @@ class WorkerProcess:
             raise WorkerStartFailed(f"worker {self.worker_id} sent {type(first).__name__} first")
         self.state = WorkerState.READY
         self._reader_task = asyncio.create_task(self._read_loop())
+        self._exit_watch = asyncio.create_task(self._watch_exit())
+
+    async def _watch_exit(self) -> None:
+        """The child exited: end the read loop even if its socket stays open (a process the
+        handler forked may hold it)."""
+        assert self.proc is not None
+        await self.proc.wait()
+        if self._writer is not None:
+            self._writer.close()
 
     async def _pump(self, stream: asyncio.StreamReader, level: int, name: str) -> None:
         """Copy the worker's output, line by line, into model_log.log."""
@@ -196,7 +220,7 @@ class WorkerProcess:
         assert self._reader is not None
         try:
             while True:
-                message = await read_message(self._reader)
+                message = await read_message(self._reader, self.max_body)
                 if isinstance(message, Chunk) and self._pending:
                     on_chunk = self._pending[0][1]
                     if on_chunk is not None:
@@ -221,6 +245,8 @@ class WorkerProcess:
                         WorkerDied(f"worker {self.worker_id} died (exit status {code})")
                     )
             self.dead.set()
+            for callback in self._on_dead:
+                callback()
 
     async def run(self, batch: Batch, on_chunk: Callable[[Chunk], None] | None = None) -> Result:
         """Send one batch and wait for its result; `WorkerDied` if the process goes away.
@@ -246,10 +272,14 @@ class WorkerProcess:
         self, message: Batch | Describe, on_chunk: Callable[[Chunk], None] | None = None
     ) -> Any:
         assert self._writer is not None
+        try:
+            frame = encode(message)
+        except FrameTooLarge as exc:  # nothing was written: the worker is unaffected
+            raise RequestTooLarge(f"the batch cannot be sent to a worker: {exc}") from None
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((waiter, on_chunk))
         try:
-            self._writer.writelines(encode(message))
+            self._writer.writelines(frame)
             await self._writer.drain()
             return await waiter
         except ConnectionError:
@@ -278,7 +308,10 @@ class WorkerProcess:
         if self.proc is None:
             return None
         code = await self.proc.wait()
-        await asyncio.gather(*self._pumps, return_exceptions=True)  # the output is all logged
+        if self._pumps:  # the output is all logged, unless a process it forked holds the pipes
+            _, held = await asyncio.wait(self._pumps, timeout=OUTPUT_GRACE)
+            for pump in held:
+                pump.cancel()
         if self._writer is not None:
             self._writer.close()
         return code
