@@ -194,8 +194,8 @@ def test_connection_close_is_honoured(raw: Raw) -> None:
     [
         (b"POST /predictions/swiss\r\nHost: x\r\n\r\n", 400, "request line"),
         (b"GET /ping HTTP/2.0\r\nHost: x\r\n\r\n", 400, "request line"),
-        (b"GET /ping HTTP/1.1\r\nno colon here\r\n\r\n", 400, "header line"),
-        (b"GET /ping HTTP/1.1\r\n continued\r\n\r\n", 400, "continuation"),
+        (b"GET /ping HTTP/1.1\r\nno colon here\r\n\r\n", 400, "Invalid header token"),
+        (b"GET /ping HTTP/1.1\r\n continued\r\n\r\n", 400, "Unexpected space"),
         (b"POST /predictions/swiss HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400, "Content-Length"),
         (
             b"POST /predictions/swiss HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n",
@@ -206,7 +206,7 @@ def test_connection_close_is_honoured(raw: Raw) -> None:
             b"POST /predictions/swiss HTTP/1.1\r\nContent-Length: 3\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n",
             400,
-            "both",
+            "can't be present with Content-Length",
         ),
         (b"POST /predictions/swiss HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "gzip"),
         (
@@ -217,7 +217,7 @@ def test_connection_close_is_honoured(raw: Raw) -> None:
         (
             b"POST /predictions/swiss HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd",
             400,
-            "CRLF",
+            "after chunk data",
         ),
         (b"GET /ping HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, "64 KiB"),
     ],
@@ -237,21 +237,23 @@ def test_broken_requests_get_an_error_and_a_closed_connection(
     still_serving(server)
 
 
-def test_repeated_identical_content_length_is_accepted(raw: Raw) -> None:
+def test_repeated_identical_content_length_is_refused(raw: Raw) -> None:
+    # RFC 9110 lets a server refuse it; TorchServe's Netty does, and llhttp does
     n = len(ECHO)
     head = f"POST /predictions/swiss HTTP/1.1\r\nContent-Length: {n}\r\nContent-Length: {n}\r\n"
     raw.send(f"{head}{JSON}\r\n\r\n".encode() + ECHO)
-    assert raw.reply().status == 200
+    reply = raw.reply()
+    assert reply.status == 400 and "Duplicate Content-Length" in reply.json()["message"]  # type: ignore[index]
+    assert raw.at_eof()
 
 
-def test_a_body_over_the_limit_is_refused_and_the_connection_kept(server: Server, raw: Raw) -> None:
+def test_a_body_over_the_limit_is_refused_and_the_connection_closed(raw: Raw) -> None:
     size = 6553500 + 10
     raw.send(post("/predictions/swiss", b"x" * size, "Content-Type: text/plain"))
-    reply = raw.reply()
-    assert reply.status == 413
+    reply = raw.reply()  # the body was read and dropped meanwhile: the answer is not lost
+    assert reply.status == 413 and reply.headers["connection"] == "close"
     assert "exceeds max_request_size" in reply.json()["message"]  # type: ignore[index]
-    raw.send(post("/predictions/swiss", ECHO, JSON))  # the rest was read and dropped
-    assert raw.reply().status == 200
+    assert raw.at_eof()
 
 
 def test_response_header_with_a_line_break_is_dropped(server: Server, raw: Raw) -> None:

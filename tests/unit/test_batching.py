@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tsctl.errors import QueueFull
+from tsctl.errors import QueueFull, ServiceUnavailable
 from tsctl.server import batching
 from tsctl.server.batching import SOURCE_WINDOW, ModelQueue, next_batch
 from tsctl.server.request import InferenceRequest, Job, Response
@@ -254,6 +254,17 @@ def test_drop_all_fails_every_waiting_job(loop: VirtualLoop) -> None:
     assert jobs[1].future.exception() is error
 
 
+def test_a_dropped_queue_refuses_new_jobs_at_once(loop: VirtualLoop) -> None:
+    """A request that found its model just before it was unregistered: its `put` lands on
+    the dropped queue and must fail at once, not wait out the response timeout."""
+    queue = queue_on(loop)
+    queue.drop_all(ServiceUnavailable("model m was unloaded"))
+    late = job(loop)
+    with pytest.raises(ServiceUnavailable, match="model m was unloaded"):
+        queue.put(late)
+    assert len(queue) == 0 and not late.future.done()
+
+
 # --- sources: what the batcher expects clients to send
 
 
@@ -399,3 +410,74 @@ def test_requeued_sequence_jobs_are_still_pinned(loop: VirtualLoop) -> None:
     queue.requeue_front([pinned])
     assert queue.take("b") is None
     assert queue.take("a") is pinned
+
+
+# --- sources are forgotten, whatever the batch size
+
+
+class Closable(Conn):
+    """A source that tells the queue when it closes, as an `http1.Connection` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks: set[Any] = set()
+
+    def when_closed(self, callback: Any) -> None:
+        self.callbacks.add(callback)
+
+    def close(self) -> None:
+        self.is_closed = True
+        for callback in self.callbacks:
+            callback(self)
+
+
+def serve_one_request_each(queue: ModelQueue, loop: VirtualLoop, sources: list[Any]) -> None:
+    """Batch size 1: each source's request is taken and answered; `likely_arrivals` (which
+    only a collector filling a bigger batch asks) is never called."""
+    for source in sources:
+        queue.put(job(loop, source))
+        assert queue.take() is not None
+        queue.answered(source, loop.time())
+
+
+def test_closed_connections_are_forgotten_at_batch_size_1(loop: VirtualLoop) -> None:
+    queue = queue_on(loop)
+    sources = [Closable() for _ in range(200)]
+    serve_one_request_each(queue, loop, sources)
+    for source in sources:
+        source.close()
+    assert queue.tracked_sources() == 0
+
+
+def test_a_connection_closed_with_a_request_in_flight_is_forgotten_at_its_answer(
+    loop: VirtualLoop,
+) -> None:
+    queue = queue_on(loop)
+    source = Closable()
+    queue.put(job(loop, source))
+    source.close()
+    assert queue.tracked_sources() == 1  # still owed an answer
+    queue.answered(source, loop.time())
+    assert queue.tracked_sources() == 0
+
+
+def test_a_source_registers_its_close_callback_once(loop: VirtualLoop) -> None:
+    queue = queue_on(loop)
+    source = Closable()
+    serve_one_request_each(queue, loop, [source] * 5)
+    assert len(source.callbacks) == 1
+
+
+def test_idle_sources_that_cannot_tell_are_forgotten_after_the_window(loop: VirtualLoop) -> None:
+    clock = Clock()
+    queue = ModelQueue(1000, clock=clock)
+    for n in range(300):  # gRPC peers, one connection each, never told closed
+        queue.put(job(loop, f"ipv4:127.0.0.1:{n}"))
+        assert queue.take() is not None
+        queue.answered(f"ipv4:127.0.0.1:{n}", clock.now)
+        clock.now += SOURCE_WINDOW / 10
+    # only those of about the last window are left
+    assert queue.tracked_sources() <= 21
+    clock.now += SOURCE_WINDOW + 0.001
+    queue.answered(None, clock.now)
+    assert queue.tracked_sources() == 0

@@ -1,7 +1,7 @@
-"""The inference port's HTTP/1.1 request parser on its own (`tsctl.server.api.http1.parser`):
-bytes in, heads, body pieces and errors out, with no socket and no event loop. The owner here
-does what `http1.Connection` does with a request it answers at once: read the body the head
-declares, then go on with the next request."""
+"""The inference port's HTTP/1.1 request parser on its own (`tsctl.server.api.http1.parser`,
+llhttp through httptools): bytes in, heads, body pieces and errors out, with no socket and no
+event loop. Holding pipelined requests back is the connection's business
+(tests/unit/test_http1_connection.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ import pytest
 
 from tsctl.errors import BadRequest
 from tsctl.server.api.http1.parser import (
-    BUSY,
-    CLOSED,
-    HEAD,
-    MAX_CHUNK_LINE,
     MAX_HEAD,
+    PIECE,
     HeadTooLarge,
     RequestHead,
     RequestParser,
@@ -24,20 +21,22 @@ from tsctl.server.api.http1.parser import (
 
 
 class Owner:
-    """Records what the parser reports; `answer` decides whether it moves on by itself."""
+    """Records what the parser reports."""
 
-    def __init__(self, answer: bool = True) -> None:
+    def __init__(self) -> None:
         self.parser = RequestParser(self)
-        self.answer = answer
         self.heads: list[RequestHead] = []
         self.bodies: list[bytearray] = []
         self.pieces: list[bytes] = []
+        self.begun = 0
         self.completed = 0
+
+    def on_begin(self) -> None:
+        self.begun += 1
 
     def on_head(self, head: RequestHead) -> None:
         self.heads.append(head)
         self.bodies.append(bytearray())
-        self.parser.read_body(head.body_length())
 
     def on_body(self, chunk: bytes) -> None:
         assert type(chunk) is bytes
@@ -46,12 +45,9 @@ class Owner:
 
     def on_complete(self) -> None:
         self.completed += 1
-        if self.answer:
-            assert self.parser.next_request()
 
     def feed(self, data: bytes) -> Owner:
-        self.parser.buffer += data
-        self.parser.parse()
+        self.parser.feed(data)
         return self
 
     def trickle(self, data: bytes) -> Owner:
@@ -112,14 +108,14 @@ def test_request_line_and_headers() -> None:
     assert owner.completed == 1 and owner.bodies == [b""]
 
 
-def test_obsolete_header_folding_continues_the_last_value() -> None:
-    owner = Owner().feed(b"GET / HTTP/1.1\r\nX-Long: one\r\n two\r\n\tthree\r\nHost: x\r\n\r\n")
-    assert owner.heads[0].get("x-long") == "one two three"
-
-
 def test_header_values_are_latin_1() -> None:
-    owner = Owner().feed(b"GET /caf\xe9 HTTP/1.1\r\nX-Name: na\xefve\r\n\r\n")
-    assert owner.heads[0].target == "/caf\xe9" and owner.heads[0].get("x-name") == "na\xefve"
+    owner = Owner().feed(b"GET /caf%C3%A9 HTTP/1.1\r\nX-Name: na\xefve\r\n\r\n")
+    assert owner.heads[0].target == "/caf%C3%A9" and owner.heads[0].get("x-name") == "na\xefve"
+
+
+def test_trailing_whitespace_in_a_value_is_dropped() -> None:
+    owner = Owner().feed(b"POST / HTTP/1.1\r\nContent-Length: 3 \t\r\nX-A:\t a \r\n\r\nabc")
+    assert owner.heads[0].get("x-a") == "a" and owner.bodies == [b"abc"]
 
 
 @pytest.mark.parametrize(
@@ -148,11 +144,6 @@ def test_blank_lines_between_requests_are_tolerated() -> None:
     assert [h.target for h in owner.heads] == ["/a", "/b"]
 
 
-@pytest.mark.xfail(
-    raises=BadRequest,
-    reason="one CRLF before a request is skipped only while no whole head is buffered behind "
-    "it: pipelined together, the CRLF becomes an empty request line (400)",
-)
 def test_a_blank_line_before_a_pipelined_request() -> None:
     owner = Owner().feed(request("GET", "/a") + b"\r\n" + request("GET", "/b"))
     assert [h.target for h in owner.heads] == ["/a", "/b"]
@@ -174,13 +165,13 @@ def test_a_body_arrives_in_the_pieces_it_was_received_in() -> None:
     assert owner.pieces == [b"0123"] and owner.completed == 0
     owner.feed(data[-6:-3]).feed(data[-3:] + b"GET")  # the next request's first bytes
     assert owner.pieces == [b"0123", b"456", b"789"] and owner.completed == 1
-    assert owner.parser.buffer == b"GET"  # left for the next head
+    assert owner.begun == 2 and not owner.parser.idle()  # a head has begun
 
 
-def test_repeated_identical_content_length_is_one_length() -> None:
-    data = b"POST / HTTP/1.1\r\nContent-Length: 3\r\ncontent-length: 3\r\n\r\nabc"
-    assert Owner().feed(data).bodies == [b"abc"]
-    assert RequestHead("POST", "/", "HTTP/1.1", [("Content-Length", "3, 3")]).body_length() == 3
+def test_a_long_feed_is_parsed_a_piece_at_a_time() -> None:
+    body = bytes(range(256)) * (3 * PIECE // 256)
+    owner = Owner().feed(request("POST", "/p", body))
+    assert owner.bodies == [body] and all(len(p) <= PIECE for p in owner.pieces)
 
 
 def test_body_length_is_the_framing() -> None:
@@ -193,6 +184,12 @@ def test_body_length_is_the_framing() -> None:
     assert length(("Content-Length", "12345678901234567890")) == 12345678901234567890
     assert length(("Transfer-Encoding", "chunked")) is None
     assert length(("Transfer-Encoding", "Chunked")) is None
+    with pytest.raises(BadRequest, match="malformed Content-Length '3, 3'"):
+        length(("Content-Length", "3, 3"))  # llhttp refuses duplicates first: so does this
+    with pytest.raises(BadRequest, match="both Content-Length and Transfer-Encoding"):
+        length(("Content-Length", ""), ("Transfer-Encoding", "chunked"))
+    with pytest.raises(UnsupportedTransferCoding, match="'gzip, chunked'"):
+        length(("Transfer-Encoding", "gzip, chunked"))
 
 
 def test_chunked_body_with_extensions_and_trailers() -> None:
@@ -264,44 +261,44 @@ def test_requests_fed_in_pieces_of_any_size(size: int) -> None:
     assert owner.summary() == EXPECTED
 
 
-def test_one_request_at_a_time_until_the_owner_moves_on() -> None:
-    owner = Owner(answer=False).feed(pipeline())
-    assert owner.summary() == EXPECTED[:1] and owner.parser.state == BUSY
-    pending = bytes(owner.parser.buffer)
-    owner.feed(b"")  # nothing moves while the request is in progress
-    assert len(owner.heads) == 1 and owner.parser.buffer == pending
-    assert owner.parser.next_request() and owner.parser.state == HEAD
-    assert not owner.parser.next_request()  # only a waiting parser moves on
-    owner.parser.parse()
-    assert owner.summary() == EXPECTED[:2]
-
-
-def test_after_a_head_the_parser_waits_for_the_owner_to_read_the_body() -> None:
-    class Refusing(Owner):
-        def on_head(self, head: RequestHead) -> None:
-            self.heads.append(head)  # answers (say, 413) without reading the body
-
-    owner = Refusing().feed(request("POST", "/p", b"0123456789"))
-    assert owner.parser.state == BUSY and owner.parser.buffer == b"0123456789"
-    assert owner.pieces == [] and owner.completed == 0
-
-
 def test_a_closed_parser_consumes_nothing() -> None:
     owner = Owner()
     owner.parser.close()
     owner.feed(request("GET", "/a"))
-    assert owner.heads == [] and owner.parser.state == CLOSED
-    assert not owner.parser.next_request() and not owner.parser.idle()
+    assert owner.heads == [] and owner.begun == 0 and not owner.parser.idle()
 
 
-def test_the_owner_may_close_from_a_callback() -> None:
+@pytest.mark.parametrize("callback", ["on_head", "on_body", "on_complete"])
+def test_the_owner_may_close_from_a_callback(callback: str) -> None:
     class Closing(Owner):
-        def on_complete(self) -> None:
-            self.completed += 1
-            self.parser.close()
+        def on_head(self, head: RequestHead) -> None:
+            super().on_head(head)
+            if callback == "on_head":
+                self.parser.close()
 
-    owner = Closing().feed(request("GET", "/a") + request("GET", "/b"))
-    assert [h.target for h in owner.heads] == ["/a"] and owner.parser.state == CLOSED
+        def on_body(self, chunk: bytes) -> None:
+            super().on_body(chunk)
+            if callback == "on_body":
+                self.parser.close()
+
+        def on_complete(self) -> None:
+            super().on_complete()
+            if callback == "on_complete":
+                self.parser.close()
+
+    owner = Closing().feed(request("POST", "/a", b"xy") + request("GET", "/b"))
+    assert [h.target for h in owner.heads] == ["/a"] and owner.parser.closed
+    owner.feed(request("GET", "/c"))
+    assert len(owner.heads) == 1
+
+
+def test_an_owner_error_comes_out_of_feed_as_it_was_raised() -> None:
+    class Failing(Owner):
+        def on_head(self, head: RequestHead) -> None:
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        Failing().feed(request("GET", "/a"))
 
 
 def test_idle_only_between_requests_with_nothing_received() -> None:
@@ -313,132 +310,148 @@ def test_idle_only_between_requests_with_nothing_received() -> None:
     assert owner.parser.idle()
 
 
+@pytest.mark.parametrize(
+    "last",
+    [
+        request("GET", "/a", b"", "Connection: close"),
+        request("GET", "/a", version="HTTP/1.0"),
+        request("GET", "/a", b"", "Connection: Upgrade", "Upgrade: websocket"),
+    ],
+    ids=["Connection: close", "HTTP/1.0", "upgrade"],
+)
+def test_what_follows_a_last_request_is_ignored(last: bytes) -> None:
+    owner = Owner().feed(last + b"GET /b HTTP/1.1\r\n\r\n\x00garbage")
+    assert [h.target for h in owner.heads] == ["/a"] and owner.completed == 1
+    assert not owner.heads[0].keep_alive
+    owner.feed(b"more garbage")
+    assert len(owner.heads) == 1
+
+
 # --- what the layer refuses
 
 BIG = b"a" * (MAX_HEAD + 10)
 CHUNKED_HEAD = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+GET = b"GET / HTTP/1.1\r\n"
+POST = b"POST / HTTP/1.1\r\n"
 
-REFUSED: list[tuple[str, bytes, type[BadRequest], int, str]] = [
-    ("no version", b"POST /p\r\nHost: x\r\n\r\n", BadRequest, 400, "request line b'POST /p'"),
-    ("HTTP/2", b"GET / HTTP/2.0\r\n\r\n", BadRequest, 400, "request line b'GET / HTTP/2.0'"),
-    ("not HTTP", b"GET / FTP/1.1\r\n\r\n", BadRequest, 400, "request line"),
-    ("bad method", b"G(T / HTTP/1.1\r\n\r\n", BadRequest, 400, "request line b'G(T / HTTP/1.1'"),
-    ("empty target", b"GET  HTTP/1.1\r\n\r\n", BadRequest, 400, "request line"),
-    ("extra space", b"GET / x HTTP/1.1\r\n\r\n", BadRequest, 400, "request line"),
-    ("no colon", b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", BadRequest, 400, "no colon here"),
-    ("space in name", b"GET / HTTP/1.1\r\nBad Name: v\r\n\r\n", BadRequest, 400, "Bad Name"),
-    ("empty name", b"GET / HTTP/1.1\r\n: v\r\n\r\n", BadRequest, 400, "header line b': v'"),
-    (
-        "continuation first",
-        b"GET / HTTP/1.1\r\n continued\r\n\r\n",
-        BadRequest,
-        400,
-        "continuation line comes first",
+
+def refused(case: str, data: bytes, needle: str, error: type[BadRequest] = BadRequest) -> Any:
+    return pytest.param(data, error, needle, id=case)
+
+
+REFUSED = [
+    refused(
+        "no version (HTTP/0.9)", b"POST /p\r\nHost: x\r\n\r\n", "version 0.9 in the request line"
     ),
-    (
-        "Content-Length not a number",
-        b"POST / HTTP/1.1\r\nContent-Length: ten\r\n\r\n",
-        BadRequest,
-        400,
-        "malformed Content-Length 'ten'",
+    refused("HTTP/2", b"GET / HTTP/2.0\r\n\r\n", "version 2.0 in the request line"),
+    refused("HTTP/1.2", b"GET / HTTP/1.2\r\n\r\n", "Invalid HTTP version"),
+    refused("not HTTP", b"GET / FTP/1.1\r\n\r\n", "Expected HTTP/"),
+    refused("bad method", b"G(T / HTTP/1.1\r\n\r\n", "Invalid method"),
+    refused("empty target", b"GET  HTTP/1.1\r\n\r\n", "url"),
+    refused("extra space", b"GET / x HTTP/1.1\r\n\r\n", "Expected HTTP/"),
+    refused("no colon", GET + b"no colon here\r\n\r\n", "Invalid header token"),
+    refused("space in name", GET + b"Bad Name: v\r\n\r\n", "Invalid header token"),
+    refused("empty name", GET + b": v\r\n\r\n", "Invalid header token"),
+    refused("continuation first", GET + b" continued\r\n\r\n", "Unexpected space"),
+    refused("obsolete folding", GET + b"X-Long: one\r\n two\r\n\r\n", "whitespace"),
+    # the target goes into access_log.log: nothing in it may forge a line or a field
+    refused("control byte in the target", b"GET /a\x01b HTTP/1.1\r\n\r\n", "url"),
+    refused("escape in the target", b"GET /a\x1b[31mb HTTP/1.1\r\n\r\n", "url"),
+    refused("DEL in the target", b"GET /a\x7fb HTTP/1.1\r\n\r\n", "url"),
+    refused("tab in the target", b"GET /a\tb HTTP/1.1\r\n\r\n", "url"),
+    refused("non-ASCII target", b"GET /caf\xe9 HTTP/1.1\r\n\r\n", "url"),
+    refused("bare LF in the target line", b"GET /a\nX: 1 HTTP/1.1\r\n\r\n", "request line"),
+    refused("bare LF in a value", GET + b"X: a\nb: c\r\n\r\n", "Missing expected CR"),
+    refused("bare LF ending the head", b"GET / HTTP/1.1\nX: a\n\n", "CRLF"),
+    refused("bare CR in a value", GET + b"X: a\rb\r\n\r\n", "LF after header value"),
+    refused("NUL in a value", GET + b"X: a\x00b\r\n\r\n", "Invalid header value char"),
+    refused("control byte in a value", GET + b"X: a\x01b\r\n\r\n", "Invalid header value char"),
+    refused("Content-Length not a number", POST + b"Content-Length: ten\r\n\r\n", "Content-Length"),
+    refused("superscript Content-Length", POST + b"Content-Length: \xb2\r\n\r\n", "Content-Length"),
+    refused(
+        "UTF-8 superscript Content-Length",
+        POST + "Content-Length: 1\u00b9".encode() + b"\r\n\r\n",
+        "Content-Length",
     ),
-    (
+    refused(
         "two Content-Lengths",
-        b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-        BadRequest,
-        400,
-        "malformed Content-Length '1,2'",
+        POST + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        "Duplicate Content-Length",
     ),
-    (
-        "a Content-Length list",
-        b"POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n",
-        BadRequest,
-        400,
-        "malformed Content-Length '1, 2'",
+    refused(
+        "the same Content-Length twice",  # RFC 9110 allows refusing; Netty (TorchServe) does
+        POST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+        "Duplicate Content-Length",
     ),
-    (
-        "negative Content-Length",
-        b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-        BadRequest,
-        400,
-        "'-1'",
+    refused("a Content-Length list", POST + b"Content-Length: 1, 2\r\n\r\n", "Content-Length"),
+    refused("negative Content-Length", POST + b"Content-Length: -1\r\n\r\n", "Content-Length"),
+    refused("signed Content-Length", POST + b"Content-Length: +1\r\n\r\n", "Content-Length"),
+    refused(
+        "Content-Length over 64 bits",
+        POST + b"Content-Length: 123456789012345678901\r\n\r\n",
+        "Content-Length overflow",
     ),
-    (
-        "signed Content-Length",
-        b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
-        BadRequest,
-        400,
-        "'+1'",
-    ),
-    (
+    refused(
         "Content-Length and Transfer-Encoding",
-        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-        BadRequest,
-        400,
-        "both Content-Length and Transfer-Encoding",
+        POST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "can't be present with Content-Length",
     ),
-    (
-        "gzip",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-        UnsupportedTransferCoding,
-        501,
-        "unsupported Transfer-Encoding 'gzip'",
+    refused(
+        "empty Content-Length beside chunked",
+        POST + b"Content-Length: \r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "Empty Content-Length",
     ),
-    (
+    refused(
+        "chunked, then Content-Length",
+        POST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+        "can't be present with Transfer-Encoding",
+    ),
+    refused(
+        "chunked twice", POST + b"Transfer-Encoding: chunked, chunked\r\n\r\n", "Transfer-Encoding"
+    ),
+    refused(
+        "chunked, then gzip",
+        POST + b"Transfer-Encoding: chunked, gzip\r\n\r\n",
+        "Transfer-Encoding",
+    ),
+    refused(
+        "gzip alone", POST + b"Transfer-Encoding: gzip\r\n\r\n", "'gzip'", UnsupportedTransferCoding
+    ),
+    refused(
         "gzip then chunked",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-        UnsupportedTransferCoding,
-        501,
+        POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n",
         "'gzip, chunked'",
+        UnsupportedTransferCoding,
     ),
-    ("bad chunk size", CHUNKED_HEAD + b"zz\r\n", BadRequest, 400, "bad chunk size b'zz'"),
-    ("negative chunk size", CHUNKED_HEAD + b"-1\r\n", BadRequest, 400, "bad chunk size b'-1'"),
-    ("no chunk size", CHUNKED_HEAD + b";ext\r\n", BadRequest, 400, "bad chunk size b';ext'"),
-    (
-        "chunk size over 16 digits",
-        CHUNKED_HEAD + b"1" * 17 + b"\r\n",
-        BadRequest,
-        400,
-        "bad chunk size b'11111",
-    ),
-    (
-        "chunk size line too long",
-        CHUNKED_HEAD + b"1;" + b"e" * MAX_CHUNK_LINE,
-        BadRequest,
-        400,
-        "chunk size line too long",
-    ),
-    (
-        "chunk not followed by CRLF",
-        CHUNKED_HEAD + b"2\r\nabcd",
-        BadRequest,
-        400,
-        "chunk followed by b'cd', not CRLF",
-    ),
-    ("head over 64 KiB", b"GET / HTTP/1.1\r\nX-Big: " + BIG, HeadTooLarge, 431, "over 64 KiB"),
-    (
+    refused("bad chunk size", CHUNKED_HEAD + b"zz\r\n", "chunk size"),
+    refused("negative chunk size", CHUNKED_HEAD + b"-1\r\n", "chunk size"),
+    refused("no chunk size", CHUNKED_HEAD + b";ext\r\n", "chunk size"),
+    refused("chunk size over 64 bits", CHUNKED_HEAD + b"1" * 17 + b"\r\n", "Chunk size overflow"),
+    refused("chunk not followed by CRLF", CHUNKED_HEAD + b"2\r\nabcd", "after chunk data"),
+    refused("bare LF after a chunk size", CHUNKED_HEAD + b"2\nab\r\n0\r\n\r\n", "chunk"),
+    refused("head over 64 KiB", GET + b"X-Big: " + BIG * 2, "over 64 KiB", HeadTooLarge),
+    refused(
         "complete head over 64 KiB",
-        b"GET / HTTP/1.1\r\nX-Big: " + BIG + b"\r\n\r\n",
+        GET + b"X-Big: " + BIG + b"\r\n\r\n",
+        "over 64 KiB",
         HeadTooLarge,
-        431,
-        "request head is over 64 KiB",
     ),
-    (
-        "trailers over 64 KiB",
-        CHUNKED_HEAD + b"0\r\nX-Big: " + BIG,
+    refused(
+        "target over 64 KiB", b"GET /" + BIG + b" HTTP/1.1\r\n\r\n", "over 64 KiB", HeadTooLarge
+    ),
+    refused(
+        "many headers over 64 KiB",
+        GET + b"X: y\r\n" * (MAX_HEAD // 5) + b"\r\n",
+        "over 64 KiB",
         HeadTooLarge,
-        431,
-        "request trailers are over 64 KiB",
     ),
 ]
 
 
-@pytest.mark.parametrize(
-    ("case", "data", "error", "status", "needle"), REFUSED, ids=[r[0] for r in REFUSED]
-)
+@pytest.mark.parametrize(("data", "error", "needle"), REFUSED)
 @pytest.mark.parametrize("feed", ["whole", "in pieces"])
 def test_malformed_requests_are_refused(
-    case: str, data: bytes, error: type[BadRequest], status: int, needle: str, feed: str
+    data: bytes, error: type[BadRequest], needle: str, feed: str
 ) -> None:
     owner = Owner()
     # byte by byte for the small ones; a 64 KiB head one byte at a time takes seconds here
@@ -446,13 +459,15 @@ def test_malformed_requests_are_refused(
     with pytest.raises(error) as caught:
         for i in range(0, len(data), step):
             owner.feed(data[i : i + step])
-    assert type(caught.value) is error and caught.value.http_status == status
+    assert type(caught.value) is error
+    assert caught.value.http_status == {BadRequest: 400, HeadTooLarge: 431}.get(error, 501)
     assert needle in caught.value.message, caught.value.message
+    assert owner.completed == 0
 
 
 def test_a_bad_request_after_a_good_one_is_refused_on_its_own() -> None:
     owner = Owner()
-    with pytest.raises(BadRequest, match="request line"):
+    with pytest.raises(BadRequest, match="Invalid method"):
         owner.feed(request("POST", "/a", b"ok") + b"BROKEN\r\n\r\n")
     assert owner.summary() == [("POST", "/a", b"ok")]
 
@@ -463,12 +478,14 @@ def test_a_head_of_exactly_max_head_is_read() -> None:
     assert len(owner.heads[0].get("x-big")) == filler
 
 
-@pytest.mark.xfail(
-    raises=ValueError,
-    reason="'\\xb2'.isdigit() is true but int() refuses it: the connection answers 500 and "
-    "logs a traceback instead of a 400",
-)
-@pytest.mark.parametrize("value", ["\xb2", "1\xb9"])
-def test_a_content_length_of_superscript_digits(value: Any) -> None:
+def test_an_endless_header_value_is_refused_in_bounded_memory() -> None:
+    owner = Owner().feed(GET + b"X-Endless: ")
+    with pytest.raises(HeadTooLarge):
+        for _ in range(MAX_HEAD // 1000 + 2):  # llhttp keeps an unfinished value unreported
+            owner.feed(b"a" * 1000)
+
+
+@pytest.mark.parametrize("value", ["\xb2", "1\xb9", "\u0663", "\uff11"])
+def test_a_content_length_of_non_ascii_digits(value: str) -> None:
     with pytest.raises(BadRequest, match="Content-Length"):
         RequestHead("POST", "/", "HTTP/1.1", [("Content-Length", value)]).body_length()

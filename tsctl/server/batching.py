@@ -9,12 +9,23 @@ difference is what it is likely to send soon (a closed-loop client sends again a
 is answered). When no source is expected to send, waiting can only add latency (a lone client
 at concurrency 1 gets its answer without the `max_batch_delay` penalty TorchServe charges).
 
+A source is forgotten, whatever the batch size, once nothing of it is in flight and either
+its connection closed (a source with `when_closed`, an `http1.Connection`, tells the queue;
+one with `closed()` is asked) or it sent nothing for `SOURCE_WINDOW` (checked at most once a
+window, on `put` and `answered`): the queue holds no closed connection, and at most the sources
+of the last window or so.
+
+`drop_all` closes the queue for good (its model version is gone): waiting jobs fail with its
+error, and so does a later `put`, at once (a request that found the model just before it was
+unregistered gets its error, not the response timeout).
+
 Nothing here blocks: every method is either plain or a coroutine that awaits futures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
@@ -45,23 +56,37 @@ class ModelQueue:
         #: which worker serves each sequence (least recently used first)
         self._owners: OrderedDict[str, Hashable] = OrderedDict()
         self._pinned = 0  # queued jobs that belong to a sequence
+        self._pruned = 0.0  # when idle sources were last looked for
+        self._closed: Exception | None = None  # `drop_all`'s error: the queue is closed
 
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def tracked_sources(self) -> int:
+        """How many sources the queue remembers (for tests and the soak)."""
+        return len(self._sources)
+
     def put(self, job: Job) -> None:
+        if self._closed is not None:
+            raise copy.copy(self._closed).with_traceback(None)
         if len(self._jobs) >= self.capacity:
             raise QueueFull(
                 f"the job queue is full ({self.capacity} requests waiting); retry later"
             )
         self._jobs.append(job)
         if job.source is not None:
+            now = self.clock()
             record = self._sources.get(job.source)
             if record is None:
                 record = self._sources[job.source] = _Source()
+                when_closed = getattr(job.source, "when_closed", None)
+                if callable(when_closed):
+                    when_closed(self.forget)
             record.in_flight += 1
             record.peak = max(record.peak, record.in_flight)
-            record.last = self.clock()
+            record.last = now
+            if now - self._pruned > SOURCE_WINDOW:
+                self._prune(now)
         if job.sequence is None:
             self._wake()
         else:  # only its worker may take it: let every collector look
@@ -83,23 +108,39 @@ class ModelQueue:
         if record is not None:
             record.in_flight = max(0, record.in_flight - 1)
             record.last = now
+            if record.in_flight == 0 and _closed(source):
+                del self._sources[source]
+        if now - self._pruned > SOURCE_WINDOW:
+            self._prune(now)
+
+    def forget(self, source: Hashable) -> None:
+        """`source`'s connection closed: forget it (once its last answer is in, if it still
+        waits for some: `answered` asks `closed()`)."""
+        record = self._sources.get(source)
+        if record is not None and record.in_flight == 0:
+            del self._sources[source]
 
     def likely_arrivals(self, now: float) -> int:
         """Requests the active, open sources are likely to send soon: for each, how many it
         has had in flight at once lately, less how many it has in flight now."""
-        expected = 0
-        stale = []
-        for source, record in self._sources.items():
-            if now - record.last > SOURCE_WINDOW or _closed(source):
-                stale.append(source)
-            else:
-                expected += max(0, record.peak - record.in_flight)
+        self._prune(now)
+        return sum(max(0, r.peak - r.in_flight) for r in self._sources.values())
+
+    def _prune(self, now: float) -> None:
+        """Forget the sources that are idle past the window or closed; one still waiting on
+        answers keeps counting from what it has in flight (its old peak is forgotten)."""
+        self._pruned = now
+        stale = [
+            source
+            for source, record in self._sources.items()
+            if now - record.last > SOURCE_WINDOW or _closed(source)
+        ]
         for source in stale:
-            if self._sources[source].in_flight == 0:
+            record = self._sources[source]
+            if record.in_flight == 0:
                 del self._sources[source]
-            else:  # still waiting on answers: keep counting, forget its old peak
-                self._sources[source].peak = self._sources[source].in_flight
-        return expected
+            else:
+                record.peak = record.in_flight
 
     def take(self, worker: Hashable | None = None) -> Job | None:
         """The oldest live job `worker` may run, skipping ones already answered (timed out,
@@ -144,6 +185,9 @@ class ModelQueue:
             self._wake(everyone=True)
 
     def drop_all(self, error: Exception) -> None:
+        """Close the queue for good: every waiting job fails with `error`, and so does every
+        later `put` (raising a copy of it)."""
+        self._closed = error
         jobs, self._jobs, self._pinned = self._jobs, deque(), 0
         for job in jobs:
             if not job.future.done():

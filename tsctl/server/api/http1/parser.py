@@ -1,19 +1,25 @@
 """HTTP/1.1 request framing for `tsctl.server.api.http1`, without sockets or an event loop.
 
-Bytes in, events out. The owner appends what the client sent to `RequestParser.buffer` and
-calls `parse()`; the parser consumes what it can and calls its owner back, synchronously, with
-each request head (`on_head`), each piece of the body (`on_body`) and the end of the body
-(`on_complete`). It reads a `Content-Length` body or a chunked one (chunk extensions and
-trailers are read and dropped), tolerates blank lines between requests and obsolete header
-folding. A request that breaks HTTP/1.1 raises `BadRequest` (400), `HeadTooLarge` (431) or
-`UnsupportedTransferCoding` (501) with a message naming the bad value: out of `parse()`, or
-out of `RequestHead.body_length()` for a bad `Content-Length`/`Transfer-Encoding`. The parser
-is then of no further use (the owner answers and closes the connection).
+Bytes in, events out: the owner calls `RequestParser.feed` with what the client sent, and the
+parser calls it back, synchronously, at the first byte of a request (`on_begin`), with each
+request head (`on_head`), each piece of the body (`on_body`) and at the end of the body
+(`on_complete`). The framing itself is llhttp's (through `httptools`, the parser Node.js
+uses), run strictly: no obsolete line folding, no bare LF or CR, no control characters in the
+target or in header values, one `Content-Length` made of ASCII digits, never beside
+`Transfer-Encoding`. What llhttp does not decide is checked here: the HTTP version (1.0 and
+1.1 only), transfer codings other than chunked (501), and the head's size (431 past
+`MAX_HEAD`, counted on what is stored, and on the bytes fed while a head is incomplete, so an
+endless header value is refused too).
 
-One request at a time: after a head the parser waits (`BUSY`) until its owner says how to read
-the body (`read_body`, usually with `RequestHead.body_length()`), and after the body until its
-owner has answered (`next_request`); bytes a client pipelines behind a request stay in the
-buffer meanwhile. The callbacks may call `read_body`, `next_request` and `close` themselves.
+A request that breaks HTTP/1.1 raises `BadRequest` (400), `HeadTooLarge` (431) or
+`UnsupportedTransferCoding` (501) out of `feed`, with a message that names what is wrong and
+echoes nothing the client sent; an exception a callback raises comes out of `feed` as it was
+raised. Either way the parser is then of no further use (the owner answers and closes).
+
+The parser delivers every request it finds in what it is fed: holding pipelined requests back
+is the owner's business (`http1.Connection` feeds at most a slice at a time and stops while a
+request waits). After a request that does not keep the connection alive (`Connection: close`,
+HTTP/1.0, an upgrade), whatever follows is ignored.
 
 No I/O, no clock, no locks: it runs on its owner's thread (for `http1.Connection`, the daemon's
 event loop) and never blocks; its callbacks must not block either.
@@ -24,23 +30,20 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
+import httptools
+
 from tsctl.errors import BadRequest
 
 #: the largest request head (request line plus headers) read before answering 431
 MAX_HEAD = 64 * 1024
-#: the longest chunk-size line (with its extensions) read before refusing the body
-MAX_CHUNK_LINE = 4096
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?$")
-
-#: parser states: reading a head; a `Content-Length` body; a chunk-size line; a chunk's data;
-#: the CRLF after a chunk; the trailers; waiting for the owner (`read_body`, `next_request`);
-#: closed for good
-HEAD, BODY, CHUNK_HEAD, CHUNK_DATA, CHUNK_END, TRAILERS, BUSY, CLOSED = range(8)
+#: bytes handed to llhttp at once (a longer `feed` is cut into pieces of this size)
+PIECE = 16 * 1024
+_DIGITS = re.compile(r"[0-9]+")  # `str.isdigit` also takes "²"
+_VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 
 
 class HeadTooLarge(BadRequest):
-    """A request head (or its trailers) over `MAX_HEAD`."""
+    """A request head over `MAX_HEAD`."""
 
     http_status = 431
 
@@ -81,181 +84,161 @@ class RequestHead:
     def body_length(self) -> int | None:
         """How the body is framed: its `Content-Length` (0: no body), or None when chunked.
         `BadRequest` for a malformed or ambiguous length, `UnsupportedTransferCoding` for a
-        coding other than chunked."""
-        chunked = self.get("transfer-encoding").lower()
-        declared = self.get("content-length")
-        if chunked:
-            if declared:
+        coding other than chunked. (llhttp refuses most of these first; this is the rule for
+        heads made otherwise.)"""
+        coding = self.get("transfer-encoding").lower()
+        if "content-length" in self._index:
+            declared = self._index["content-length"].strip()
+            if coding:
                 raise BadRequest("both Content-Length and Transfer-Encoding were sent")
-            if chunked != "chunked":
-                raise UnsupportedTransferCoding(f"unsupported Transfer-Encoding {chunked!r}")
-            return None
-        if not declared:
+            if not _DIGITS.fullmatch(declared):
+                raise BadRequest(f"malformed Content-Length {declared[:40]!r}")
+            return int(declared)
+        if not coding:
             return 0
-        values = {value.strip() for value in declared.split(",")}  # the same one twice is ok
-        if len(values) != 1 or not (single := values.pop()).isdigit():
-            raise BadRequest(f"malformed Content-Length {declared[:40]!r}")
-        return int(single)
+        if coding != "chunked":
+            raise UnsupportedTransferCoding(f"unsupported Transfer-Encoding {coding[:40]!r}")
+        return None
 
 
 class ParserOwner(Protocol):
-    """What a `RequestParser` calls back (synchronously, from `parse()` or `read_body`)."""
+    """What a `RequestParser` calls back (synchronously, from `feed`)."""
+
+    def on_begin(self) -> None:
+        """The first byte of a request head."""
 
     def on_head(self, head: RequestHead) -> None:
-        """A request head; the parser waits until `read_body` (or `close`)."""
+        """A request head; its body (if any) follows."""
 
     def on_body(self, chunk: bytes) -> None:
-        """A piece of the body (a copy: the buffer moves on)."""
+        """A piece of the body (a copy)."""
 
     def on_complete(self) -> None:
-        """The body is in (or there was none); the parser waits until `next_request`."""
+        """The body is in (or there was none)."""
+
+
+class _Stop(Exception):
+    """Raised by `RequestParser.close` from inside a callback: stop at once."""
 
 
 class RequestParser:
     """The framing state of one connection's requests (see the module docstring)."""
 
-    __slots__ = ("buffer", "owner", "remaining", "state")
+    __slots__ = (
+        "_headers",
+        "_llhttp",
+        "_piece",
+        "_stored",
+        "_url",
+        "closed",
+        "fed_in_head",
+        "finished",
+        "in_head",
+        "owner",
+    )
 
     def __init__(self, owner: ParserOwner) -> None:
         self.owner = owner
-        #: bytes received and not consumed yet: the owner appends to it
-        self.buffer = bytearray()
-        self.state = HEAD
-        self.remaining = 0  # body bytes (or chunk bytes) still to read
+        self._llhttp = httptools.HttpRequestParser(self)
+        # RFC 9112 allows whitespace before a chunk extension's ';'
+        self._llhttp.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+        self._url: list[bytes] = []
+        self._headers: list[tuple[str, str]] = []
+        self._stored = 0  # bytes of the current head kept so far
+        self._piece = 0  # the length of the piece being parsed
+        #: a head has begun and is not complete
+        self.in_head = False
+        #: bytes fed after the piece in which the current head began (an upper bound on the
+        #: part of the head llhttp holds without reporting it)
+        self.fed_in_head = -1
+        #: a request that ends the connection is complete: the rest is ignored
+        self.finished = False
+        self.closed = False
 
-    def parse(self) -> None:
-        """Consume the buffer as far as it goes (or until the parser waits or is closed)."""
-        while self.state not in (BUSY, CLOSED):
-            if not self._step():
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Parse `data` (see the module docstring for what comes out)."""
+        view = memoryview(data)
+        for start in range(0, len(view), PIECE):
+            if self.closed or self.finished:
                 return
-
-    def read_body(self, length: int | None) -> None:
-        """After `on_head`: read a body of `length` bytes (0: none, `on_complete` at once;
-        None: chunked). The bytes are read on the next `parse()`."""
-        if length is None:
-            self.state = CHUNK_HEAD
-        elif length:
-            self.remaining = length
-            self.state = BODY
-        else:
-            self._complete()
-
-    def next_request(self) -> bool:
-        """After `on_complete`: read the next request head. False if the parser was not
-        waiting for that (closed, or still in a request)."""
-        if self.state != BUSY:
-            return False
-        self.state = HEAD
-        return True
+            piece = view[start : start + PIECE]
+            self._piece = len(piece)
+            try:
+                self._llhttp.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                self.finished = True  # an upgrade (or CONNECT) request: nothing follows
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__context__
+                if isinstance(cause, _Stop) or self.finished:
+                    return
+                raise cause if cause is not None else BadRequest(str(exc)) from None
+            except httptools.HttpParserError as exc:
+                if self.finished:  # bytes after a last request: ignored
+                    return
+                raise BadRequest(f"malformed HTTP request: {exc}") from None
+            if self.in_head:
+                self.fed_in_head += len(piece)
+                if self.fed_in_head > MAX_HEAD:
+                    raise HeadTooLarge("the request head is over 64 KiB")
 
     def close(self) -> None:
-        """Stop for good: `parse()` consumes nothing more."""
-        self.state = CLOSED
+        """Stop for good: nothing more is parsed or reported (callbacks may call it)."""
+        self.closed = True
 
     def idle(self) -> bool:
-        """Between requests, with nothing of the next one received."""
-        return self.state == HEAD and not self.buffer
+        """Between requests, with nothing of the next head received."""
+        return not self.in_head and not self.closed
 
-    def _complete(self) -> None:
-        self.state = BUSY
+    # --- llhttp's callbacks (through httptools)
+
+    def on_message_begin(self) -> None:
+        if self.closed or self.finished:
+            raise _Stop
+        self._url = []
+        self._headers = []
+        self._stored = 0
+        self.in_head = True
+        self.fed_in_head = -self._piece  # the piece it began in does not count (`feed`)
+        self.owner.on_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._store(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._store(len(name) + len(value) + 4)
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1").strip(" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        llhttp = self._llhttp
+        version = _VERSIONS.get(llhttp.get_http_version())
+        if version is None:
+            raise BadRequest(
+                f"unsupported HTTP version {llhttp.get_http_version()} in the request line"
+            )
+        target = b"".join(self._url).decode("ascii")  # llhttp refuses anything else
+        head = RequestHead(llhttp.get_method().decode("ascii"), target, version, self._headers)
+        if llhttp.should_upgrade():
+            head.keep_alive = False  # an upgrade tsctl will not make: close after answering
+        head.body_length()  # 501 for codings llhttp lets through ("gzip, chunked")
+        self.owner.on_head(head)
+        if self.closed:
+            raise _Stop
+
+    def on_body(self, body: bytes) -> None:
+        self.owner.on_body(body)
+        if self.closed:
+            raise _Stop
+
+    def on_message_complete(self) -> None:
+        if not self._llhttp.should_keep_alive():
+            self.finished = True
         self.owner.on_complete()
+        if self.closed:
+            raise _Stop
 
-    def _step(self) -> bool:
-        """Consume what the buffer allows in the current state; False when more is needed."""
-        buf = self.buffer
-        state = self.state
-        if state == HEAD:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise HeadTooLarge("the request head is over 64 KiB")
-                if buf[:2] == b"\r\n":  # tolerate blank lines between requests
-                    del buf[:2]
-                    return True
-                return False
-            if end > MAX_HEAD:
-                raise HeadTooLarge("the request head is over 64 KiB")
-            raw = bytes(buf[:end])
-            del buf[: end + 4]
-            if not raw:
-                return True
-            self._head(raw)
-            return True
-        if state in (BODY, CHUNK_DATA):  # `remaining` bytes of body (or of this chunk)
-            if not buf:
-                return False
-            take = min(self.remaining, len(buf))
-            self.owner.on_body(bytes(buf[:take]))
-            del buf[:take]
-            self.remaining -= take
-            if self.remaining == 0 and state == BODY:
-                self._complete()
-            elif self.remaining == 0:
-                self.state = CHUNK_END
-            return True
-        if state == CHUNK_HEAD:
-            end = buf.find(b"\r\n")
-            if end < 0:
-                if len(buf) > MAX_CHUNK_LINE:
-                    raise BadRequest("malformed chunked body: chunk size line too long")
-                return False
-            line = bytes(buf[:end]).strip()
-            match = _CHUNK_SIZE.match(line)
-            if match is None:
-                raise BadRequest(f"malformed chunked body: bad chunk size {line[:40]!r}")
-            del buf[: end + 2]
-            size = int(match.group(1), 16)
-            if size == 0:
-                self.state = TRAILERS
-            else:
-                self.remaining = size
-                self.state = CHUNK_DATA
-            return True
-        if state == CHUNK_END:
-            if len(buf) < 2:
-                return False
-            if buf[:2] != b"\r\n":
-                raise BadRequest(
-                    f"malformed chunked body: chunk followed by {bytes(buf[:2])!r}, not CRLF"
-                )
-            del buf[:2]
-            self.state = CHUNK_HEAD
-            return True
-        if state == TRAILERS:
-            end = buf.find(b"\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise HeadTooLarge("the request trailers are over 64 KiB")
-                return False
-            del buf[: end + 2]
-            if end == 0:  # the empty line after the (ignored) trailers
-                self._complete()
-            return True
-        return False
-
-    def _head(self, raw: bytes) -> None:
-        """A request head: parse it, wait, and hand it to the owner."""
-        lines = raw.split(b"\r\n")
-        request_line = lines[0].split(b" ")
-        if (
-            len(request_line) != 3
-            or not request_line[2].startswith(b"HTTP/1.")
-            or not _TOKEN.match(request_line[0])
-            or not request_line[1]
-        ):
-            raise BadRequest(f"malformed HTTP request line {lines[0][:80]!r}")
-        method, target, version = (part.decode("latin-1") for part in request_line)
-        headers: list[tuple[str, str]] = []
-        for line in lines[1:]:
-            if line[:1] in (b" ", b"\t"):  # obsolete line folding: continues the last value
-                if not headers:
-                    raise BadRequest("malformed HTTP header: a continuation line comes first")
-                last, folded = headers[-1]
-                headers[-1] = (last, f"{folded} {line.strip().decode('latin-1')}")
-                continue
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.match(name):
-                raise BadRequest(f"malformed HTTP header line {line[:80]!r}")
-            headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
-        self.state = BUSY  # until the owner reads the body (or refuses it)
-        self.owner.on_head(RequestHead(method, target, version, headers))
+    def _store(self, size: int) -> None:
+        self._stored += size
+        if self._stored > MAX_HEAD:
+            raise HeadTooLarge("the request head is over 64 KiB")
