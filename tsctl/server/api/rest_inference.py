@@ -48,7 +48,7 @@ from tsctl.server.state import ServerState
 from tsctl.server.telemetry.prometheus import HOSTNAME
 
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-#: how far past max_request_size a body is still read (and discarded) to answer 413 cleanly
+#: how much of a refused request's body is still read (and dropped) so the answer arrives
 DISCARD_LIMIT = 64 << 20
 _PREDICTIONS = re.compile(r"^/(predictions|explanations)/([^/]+)(?:/([^/]+))?/?$")
 #: the header TorchServe's frontend adds to an explanation request for the handler to see
@@ -125,6 +125,10 @@ class FixedExchange(_Exchange):
     def body_limit(self) -> int | None:
         return self.state.config.max_request_size
 
+    def headers_received(self) -> None:
+        if isinstance(self.fixed, TsctlError):  # refused before the body is read
+            self.answer_error(self.fixed)
+
     def finish(self) -> None:
         if isinstance(self.fixed, TsctlError):
             self.answer_error(self.fixed)
@@ -159,6 +163,8 @@ class PredictionExchange(_Exchange):
         return self.state.config.max_request_size
 
     def headers_received(self) -> None:
+        """Refused before the body is read (and without `100 Continue`) when the request
+        cannot succeed: not authorized, shutting down, no such model."""
         state = self.state
         try:
             state.authorize("inference", self.head.get("authorization") or None)
@@ -167,6 +173,7 @@ class PredictionExchange(_Exchange):
             self.mv = state.registry.get(self.model, self.version)
         except TsctlError as exc:
             self.error = exc
+            self.answer_error(exc)
 
     def data_received(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
@@ -301,6 +308,14 @@ class InferenceApi:
 
 async def serve(state: ServerState, sockets: list[socket.socket]) -> http1.Server:
     """The inference API on `sockets` (already bound and listening)."""
-    server = http1.Server(InferenceApi(state).route, error_response, DISCARD_LIMIT)
+    config = state.config
+    limits = http1.Limits(
+        keep_alive_timeout=config.keep_alive_timeout,
+        header_timeout=config.request_header_timeout,
+        body_timeout=config.request_body_timeout,
+        max_connections=config.max_connections,
+        discard_limit=DISCARD_LIMIT,
+    )
+    server = http1.Server(InferenceApi(state).route, error_response, limits, "inference API")
     await server.add_sockets(sockets)
     return server
