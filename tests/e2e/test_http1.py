@@ -220,6 +220,23 @@ def test_connection_close_is_honoured(raw: Raw) -> None:
             "after chunk data",
         ),
         (b"GET /ping HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, "64 KiB"),
+        (
+            "POST /predictions/swiss HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n".encode(),
+            400,
+            "Content-Length",
+        ),
+        (
+            b"POST /predictions/swiss HTTP/1.1\r\nContent-Length: \r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "Empty Content-Length",
+        ),
+        (b"GET /ping HTTP/1.1\r\nX-A: 1\nX-B: 2\r\n\r\n", 400, "Missing expected CR"),
+        (b"GET /ping HTTP/1.1\r\nX-A: 1\x002\r\n\r\n", 400, "header value char"),
+        # the target is written to access_log.log: no forged lines, no terminal escapes
+        (b'GET /ping\r\n127.0.0.1 "GET /forged HTTP/1.1" 200\r\n\r\n', 400, "request"),
+        (b"GET /ping\x1b[2J HTTP/1.1\r\n\r\n", 400, "url"),
+        (b"GET /pi\x00ng HTTP/1.1\r\n\r\n", 400, "url"),
     ],
 )
 def test_broken_requests_get_an_error_and_a_closed_connection(
