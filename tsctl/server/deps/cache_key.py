@@ -2,7 +2,8 @@
 
 The key is a SHA-256 over the interpreter's version and platform, the requirements file's
 bytes, and the contents of the local files and folders its lines name (`-r`/`-c` files, `-e`
-and plain package paths, `file:` URLs, `name @ file:...`, `--find-links` folders), so that
+and plain package paths, `file:` URLs and version control ones over `file:` (`git+file:`,
+`hg+file:`, ...), `name @ file:...`, `--find-links` folders), so that
 changing any of them installs afresh. Every named path must resolve inside the model folder
 (`DependencyInstallFailed` names the file and line otherwise). Reading is bounded: regular
 files only, opened without following links and without blocking; inside a named folder, links
@@ -95,6 +96,10 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 #: `name[extras] @ url`: a direct reference (PEP 508)
 _DIRECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\s*(?:\[[^\]]*\])?\s*@\s*(\S+)")
 _EXTRAS = re.compile(r"\[[^\]]*\]$")
+#: a URL pip reads on this machine: `file:`, or a version control scheme over `file:`
+_LOCAL_URL = re.compile(r"^(?:(?P<vcs>[A-Za-z][A-Za-z0-9.-]*)\+)?file:", re.IGNORECASE)
+#: the `@revision` ending a version control URL's path
+_REVISION = re.compile(r"@[^/]*$")
 #: names pip reads as a local archive when such a file exists
 _ARCHIVES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz")
 #: folders whose content does not change what pip builds
@@ -132,13 +137,19 @@ def _local_target(spec: str) -> str | None:
 
 
 def _file_url_path(url: str) -> str | None:
-    """The path of a `file:` URL; None for other schemes (pip fetches those)."""
-    if not url.lower().startswith("file:"):
+    """The path of a `file:` URL, or of a version control one on this machine
+    (`git+file:`, `hg+file:`, `svn+file:`, `bzr+file:`, whose `@revision` is dropped); None
+    for other schemes (pip fetches those)."""
+    local = _LOCAL_URL.match(url)
+    if local is None:
         return None
     parts = urllib.parse.urlsplit(url)
+    path = parts.path
+    if local.group("vcs"):
+        path = _REVISION.sub("", path)
     if parts.netloc not in ("", "localhost"):
-        return "//" + parts.netloc + parts.path  # another host's file: never inside the model
-    return urllib.parse.unquote(parts.path)
+        return "//" + parts.netloc + path  # another host's file: never inside the model
+    return urllib.parse.unquote(path)
 
 
 class _Reader:
