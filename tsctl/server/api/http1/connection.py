@@ -302,6 +302,14 @@ class Connection(asyncio.Protocol):
 
     def _feed(self, data: bytes | bytearray) -> None:
         """Parse `data` a piece at a time while no parsed request waits; keep the rest."""
+        if len(data) <= PIECE:  # the common case: one request, or part of a body
+            try:
+                self.parser.feed(data)
+            except Exception as exc:
+                self._crash(exc)
+                return
+            self._update_reading()
+            return
         view = memoryview(data)
         pos, size = 0, len(view)
         try:

@@ -157,11 +157,16 @@ class RequestParser:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Parse `data` (see the module docstring for what comes out)."""
+        if len(data) <= PIECE:
+            self._feed(data)
+            return
         view = memoryview(data)
         for start in range(0, len(view), PIECE):
-            if self.closed or self.finished:
-                return
-            piece = view[start : start + PIECE]
+            self._feed(view[start : start + PIECE])
+
+    def _feed(self, piece: bytes | bytearray | memoryview) -> None:
+        """Parse one piece of at most `PIECE` bytes."""
+        if not self.closed and not self.finished:
             self._piece = len(piece)
             try:
                 self._llhttp.feed_data(piece)
@@ -177,7 +182,7 @@ class RequestParser:
                     return
                 raise BadRequest(f"malformed HTTP request: {exc}") from None
             if self.in_head:
-                self.fed_in_head += len(piece)
+                self.fed_in_head += self._piece
                 if self.fed_in_head > MAX_HEAD:
                     raise HeadTooLarge("the request head is over 64 KiB")
 
