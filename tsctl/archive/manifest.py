@@ -23,6 +23,8 @@ MANIFEST_PATH = "MAR-INF/MANIFEST.json"
 ARCHIVER_VERSION = "0.12.0"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$"
 _MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
+#: a model version: it names URL paths, worker ids and metric labels, as the name does
+_MODEL_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.+]{0,63}")
 #: TorchServe's `createdOn` format
 CREATED_ON_FORMAT = "%d/%m/%Y %H:%M:%S"
 
@@ -57,9 +59,19 @@ def is_builtin_handler(handler: str, runtime: Runtime = Runtime.PYTHON) -> bool:
     return handler in BUILTIN_HANDLERS[runtime]
 
 
+def check_model_version(version: str) -> str:
+    """Return `version` if it is a valid model version, else raise (`ArchiveError`)."""
+    if not _MODEL_VERSION_RE.fullmatch(version):
+        raise ArchiveError(
+            f"invalid model version {version!r}: it must start with a letter or digit and "
+            "contain at most 64 letters, digits, '_', '-', '+' and '.'"
+        )
+    return version
+
+
 def check_model_name(name: str) -> str:
     """Return `name` if it is a valid model name (TorchServe's rule), else raise."""
-    if not _MODEL_NAME_RE.match(name):
+    if not _MODEL_NAME_RE.fullmatch(name):  # `$` alone would let a trailing newline in
         raise ArchiveError(
             f"invalid model name {name!r}: it must start with a letter or digit and contain "
             "only letters, digits, '_', '-' and '.'"

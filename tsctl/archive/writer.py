@@ -31,6 +31,7 @@ from tsctl.archive.manifest import (
     Manifest,
     Runtime,
     check_model_name,
+    check_model_version,
     is_builtin_handler,
     new_manifest,
 )
@@ -97,6 +98,8 @@ class ArchivePlan:
 def plan_archive(spec: ArchiveSpec) -> ArchivePlan:
     """Check every input and decide the archive's contents; raises `ArchiveError` on bad input."""
     check_model_name(spec.model_name)
+    if spec.version:
+        check_model_version(spec.version)
     export_dir = spec.export_path
     if not export_dir.is_dir():
         raise ArchiveError(f"export path {str(export_dir)!r} is not a directory")

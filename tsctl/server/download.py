@@ -2,15 +2,16 @@
 
 Only URLs matching one of `allowed_urls` (full match) are fetched; the body is bounded by
 `max_archive_expanded_size` and the whole download by `download_timeout`. The file is written
-under a temporary name in the store and renamed when complete, under the URL's own file name,
-which must be a plain archive name: a URL never chooses a path outside the store.
+under a temporary name of its own in the store (two downloads of one file name never share
+it) and linked under the URL's own file name when complete, which must be a plain archive
+name: a URL never chooses a path outside the store, and never replaces a file already there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
+import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -48,7 +49,8 @@ async def fetch(config: ServerConfig, url: str) -> str:
     target = store / name
     if target.exists():
         raise Conflict(f"Model file already exists: {name}")
-    partial = store / f".{name}.{os.getpid()}.download"
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".download", dir=store)
+    partial = Path(temporary)
     limit = config.max_archive_expanded_size
     received = 0
     declared = 0
@@ -60,7 +62,7 @@ async def fetch(config: ServerConfig, url: str) -> str:
             declared = int(value.strip())
 
     too_big = DownloadFailed(f"downloading {url} failed: it passed {limit} bytes; stopped")
-    with open(partial, "wb") as sink:
+    with os.fdopen(fd, "wb") as sink:
 
         def write(chunk: bytes) -> None:
             nonlocal received
@@ -85,6 +87,10 @@ async def fetch(config: ServerConfig, url: str) -> str:
             if isinstance(exc, TsctlError):
                 raise
             raise DownloadFailed(f"downloading {url} failed: {exc}") from None
-    with contextlib.suppress(FileNotFoundError):
-        os.replace(partial, target)
+    try:
+        os.link(partial, target)  # unlike a rename, never replaces a file of that name
+    except FileExistsError:
+        raise Conflict(f"Model file already exists: {name}") from None
+    finally:
+        partial.unlink(missing_ok=True)
     return name

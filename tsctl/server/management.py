@@ -30,7 +30,7 @@ from tsctl.errors import (
 from tsctl.ipc.messages import FailureKind
 from tsctl.server import download
 from tsctl.server.registry import ModelVersion
-from tsctl.server.settings import LoadOptions
+from tsctl.server.settings import LoadOptions, check_workers
 from tsctl.server.state import ServerState
 from tsctl.validation import describe
 
@@ -105,6 +105,7 @@ async def register(state: ServerState, params: RegisterParams) -> Outcome:
     if not params.url:
         raise BadRequest("Parameter url is required.")
     cfg = state.config
+    check_workers("initial_workers", params.initial_workers, cfg.max_workers_per_model)
     # TorchServe gives an API-registered model 0 workers unless initial_workers is passed;
     # tsctl starts default_workers_per_model (at least 1) so the model can answer at once
     workers = params.initial_workers
@@ -124,7 +125,7 @@ async def register(state: ServerState, params: RegisterParams) -> Outcome:
         url = await download.fetch(cfg, url)
     mv = await registry.add(url, options)
     if workers is None and mv.min_workers == 0:
-        mv.min_workers = max(1, cfg.default_workers_per_model)
+        mv.min_workers = max(1, min(cfg.default_workers_per_model, cfg.max_workers_per_model))
         mv.max_workers = max(mv.max_workers, mv.min_workers)
     count = mv.min_workers
     registered = f'Model "{mv.name}" Version: {mv.version} registered with {count} initial workers'
@@ -159,6 +160,9 @@ async def scale(state: ServerState, name: str, version: str | None, params: Scal
     high = params.max_worker if params.max_worker is not None else max(low, mv.max_workers)
     if high < low:
         raise BadRequest("max_worker cannot be less than min_worker.")
+    cap = state.config.max_workers_per_model
+    check_workers("min_worker", params.min_worker, cap)
+    check_workers("max_worker", params.max_worker, cap)
     mv.min_workers, mv.max_workers = low, high
     suffix = f", version: {version}" if version else ""
     if not params.synchronous:

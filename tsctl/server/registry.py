@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tsctl.archive.manifest import check_model_name
+from tsctl.archive.manifest import check_model_name, check_model_version
 from tsctl.archive.reader import ArchiveKind, open_archive
 from tsctl.errors import (
     ArchiveError,
@@ -33,7 +33,14 @@ from tsctl.ipc.messages import WorkerSpec
 from tsctl.server.batching import ModelQueue
 from tsctl.server.config import ServerConfig
 from tsctl.server.deps import install as model_deps
-from tsctl.server.settings import LoadOptions, ModelSettings, first, read_yaml, whole
+from tsctl.server.settings import (
+    LoadOptions,
+    ModelSettings,
+    check_workers,
+    first,
+    read_yaml,
+    whole,
+)
 from tsctl.server.telemetry.prometheus import Metrics
 from tsctl.server.workers.pool import PoolSettings, WorkerPool
 from tsctl.server.workers.process import WorkerProcess
@@ -221,7 +228,7 @@ class Registry:
                 extracted = True
         model = manifest.model
         model_name = check_model_name(options.name or model.model_name)
-        version = model.model_version or "1.0"
+        version = check_model_version(model.model_version or "1.0")
         yaml_config = read_yaml(model_dir, model.config_file)
         try:
             settings = ModelSettings.model_validate(yaml_config)
@@ -229,9 +236,14 @@ class Registry:
             where, problem = first_problem(exc)
             raise ArchiveError(f"{path}: model-config.yaml: {where}: {problem}") from None
         cfg = self.config
+        cap = cfg.max_workers_per_model
+        check_workers("model-config.yaml minWorkers", settings.min_workers, cap)
+        check_workers("model-config.yaml maxWorkers", settings.max_workers, cap)
+        check_workers("minWorkers", options.min_workers, cap)
+        check_workers("maxWorkers", options.max_workers, cap)
         # API parameters > model-config.yaml > config.properties
         min_workers = first(
-            options.min_workers, settings.min_workers, cfg.default_workers_per_model
+            options.min_workers, settings.min_workers, min(cfg.default_workers_per_model, cap)
         )
         max_workers = first(options.max_workers, settings.max_workers, min_workers)
         batch_size = first(options.batch_size, settings.batch_size, cfg.batch_size)
@@ -251,6 +263,7 @@ class Registry:
             max_response_size=cfg.max_response_size,
             recycle_after_requests=settings.recycle_after_requests,
             recycle_above_rss_mb=settings.recycle_above_rss_mb,
+            start_group=cpu_count(),
         )
         spec = WorkerSpec(
             model_name=model_name,

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tsctl.errors import ArchiveError
+from tsctl.errors import ArchiveError, BadRequest
 
 
 class ModelSettings(BaseModel):
@@ -53,6 +53,16 @@ class LoadOptions:
     trusted: bool = False
 
 
+def check_workers(setting: str, count: int | None, limit: int) -> None:
+    """`BadRequest` naming `setting` if `count` workers are more than one model may have
+    (`max_workers_per_model`)."""
+    if count is not None and count > limit:
+        raise BadRequest(
+            f"{setting}={count} is over max_workers_per_model ({limit}), "
+            "the most workers one model may have"
+        )
+
+
 def whole(value: float) -> float | int:
     """An int when the value is whole: TorchServe's JSON has `100`, not `100.0`."""
     return int(value) if float(value).is_integer() else value
@@ -63,12 +73,28 @@ def first(*values: Any) -> Any:
     return next(v for v in values if v is not None)
 
 
+def contained(model_dir: Path, name: str) -> Path:
+    """The file the manifest names `name` in `model_dir`, refused (`ArchiveError`) unless it
+    is inside that folder once `..` and links are resolved: an archive may only read what it
+    ships."""
+    root = model_dir.resolve()
+    try:
+        path = (root / name).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a link loop, a NUL byte
+        raise ArchiveError(f"configFile {name!r} is not a usable path: {exc}") from None
+    if Path(name).is_absolute() or not path.is_relative_to(root) or path == root:
+        raise ArchiveError(
+            f"configFile {name!r} is outside the archive: it must name a file the archive ships"
+        )
+    return path
+
+
 def read_yaml(model_dir: Path, config_file: str | None) -> dict[str, Any]:
     if not config_file:
         return {}
     import yaml
 
-    path = model_dir / config_file
+    path = contained(model_dir, config_file)
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
