@@ -174,29 +174,31 @@ def ping(client: Raw) -> int:
 
 
 def test_connections_past_max_connections_are_closed_at_once(small: Server) -> None:
-    kept = [Raw(small) for _ in range(3)]
-    assert [ping(c) for c in kept] == [200] * 3
-    refused = [Raw(small) for _ in range(4)]
-    for client in refused:
-        assert closed_without_answer(client)
-        client.close()
-    assert [ping(c) for c in kept] == [200] * 3  # the open ones are unaffected
-    log = (small.log_dir / "ts_log.log").read_text()
-    assert log.count("max_connections") == 1, log  # logged once, not per refusal
-    kept.pop().close()
-    fresh: list[Raw] = []
+    opened: list[Raw] = []
 
-    def served() -> bool:  # once the server has seen the close, a new one gets in
-        client = Raw(small)
-        fresh.append(client)
+    def connect() -> Raw:
+        opened.append(Raw(small))
+        return opened[-1]
+
+    def served() -> bool:  # once the server has seen a close, a new one gets in
         try:
-            return ping(client) == 200
+            return ping(connect()) == 200
         except (AssertionError, OSError):
             return False
 
-    small.wait_for(served)
-    for client in kept + fresh:
-        client.close()
+    try:
+        kept = [connect() for _ in range(3)]
+        assert [ping(c) for c in kept] == [200] * 3
+        for _ in range(4):
+            assert closed_without_answer(connect())
+        assert [ping(c) for c in kept] == [200] * 3  # the open ones are unaffected
+        log = (small.log_dir / "ts_log.log").read_text()
+        assert log.count("max_connections") == 1, log  # logged once, not per refusal
+        kept[0].close()
+        small.wait_for(served)
+    finally:
+        for client in opened:
+            client.close()
 
 
 def test_a_reset_connection_does_not_count_against_the_limit(small: Server) -> None:
