@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import struct
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,23 +84,7 @@ def mutations(draw: st.DrawFn, original: bytes) -> bytes:
     return bytes(data)
 
 
-#: what escapes the zip reader today (issue 13; the reader is not on H1-H3's lists): zipfile's
-#: own errors where the reader does not catch them. `ZipFile.open` in `extract` runs outside
-#: `_write_member`'s handler (BadZipFile: a bad local header, or names that differ); an
-#: unsupported compression method or zip version is a NotImplementedError; an encrypted entry
-#: a RuntimeError; a flagged UTF-8 name that is not UTF-8 a UnicodeDecodeError; a header
-#: offset before the file's start an OSError (EINVAL) from seek
-ZIP_ESCAPES = (zipfile.BadZipFile, NotImplementedError, RuntimeError, UnicodeDecodeError, OSError)
-ZIP_BUG = "the zip reader lets zipfile's BadZipFile/NotImplementedError/RuntimeError/OSError out"
-
-
-def zip_format(fmt: ArchiveFormat) -> pytest.MarkDecorator | tuple[()]:
-    if fmt is ArchiveFormat.TGZ:
-        return ()
-    return pytest.mark.xfail(raises=ZIP_ESCAPES, strict=True, reason=ZIP_BUG)
-
-
-@pytest.mark.parametrize("fmt", [pytest.param(f, id=f.value, marks=zip_format(f)) for f in FORMATS])
+@pytest.mark.parametrize("fmt", [pytest.param(f, id=f.value) for f in FORMATS])
 def test_mutated_archives(
     fmt: ArchiveFormat, samples: dict[ArchiveFormat, bytes], examples: int, tmp_path: Path
 ) -> None:
@@ -167,7 +150,6 @@ def bad_local_header(data: bytearray) -> None:
     data[local : local + 4] = b"PK\x09\x09"
 
 
-@pytest.mark.xfail(raises=ZIP_ESCAPES, strict=True, reason=ZIP_BUG)
 @pytest.mark.parametrize(
     "corrupt",
     [compression_99, encrypted, bad_utf8_name, bad_local_header],

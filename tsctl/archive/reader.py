@@ -192,7 +192,7 @@ class ModelArchive(ABC):
                             f"or the archive passes the limit of {max_bytes} bytes"
                         )
                     sink.write(chunk)
-            except (zipfile.BadZipFile, zlib.error, tarfile.TarError, EOFError) as exc:
+            except (*_ZIP_ERRORS, tarfile.TarError) as exc:
                 raise ArchiveError(
                     f"{self.path}: entry {member.name!r} is corrupt or truncated ({exc})"
                 ) from None
@@ -206,6 +206,19 @@ def _remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+#: what zipfile raises, besides OSError, for an entry that is corrupt (BadZipFile, zlib.error,
+#: EOFError), uses a compression method or zip version it lacks (NotImplementedError), is
+#: encrypted (RuntimeError) or has a name flagged UTF-8 that is not (UnicodeDecodeError)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,
+    UnicodeDecodeError,
+)
+
+
 class ZipArchive(ModelArchive):
     """A `.mar` (zip, deflated or stored)."""
 
@@ -214,7 +227,7 @@ class ZipArchive(ModelArchive):
     def __init__(self, path: Path) -> None:
         try:
             self._zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (*_ZIP_ERRORS, OSError) as exc:
             raise ArchiveError(f"{path} is corrupt or truncated: {exc}") from None
         try:
             super().__init__(path)
@@ -234,7 +247,7 @@ class ZipArchive(ModelArchive):
             raise ArchiveError(f"{self.path}: {MANIFEST_PATH} is implausibly large")
         try:
             return self._zip.read(info)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        except (*_ZIP_ERRORS, OSError) as exc:
             raise ArchiveError(f"{self.path} is corrupt or truncated: {exc}") from None
 
     def members(self) -> list[Member]:
@@ -243,7 +256,10 @@ class ZipArchive(ModelArchive):
         ]
 
     def _open_member(self, name: str) -> IO[bytes]:
-        return self._zip.open(name)
+        try:
+            return self._zip.open(name)
+        except (*_ZIP_ERRORS, OSError) as exc:
+            raise ArchiveError(f"{self.path}: entry {name!r} cannot be read ({exc})") from None
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> Kind:

@@ -249,7 +249,15 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
             if len(segments) != 1:
                 raise ValueError("a DESCRIBED frame carries exactly one segment")
             return Described(segments[0], _failure(meta["fail"]))
-    except (KeyError, TypeError, ValueError, StopIteration, AttributeError, IndexError) as exc:
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        OverflowError,
+        StopIteration,
+        AttributeError,
+        IndexError,
+    ) as exc:
         raise ProtocolError(f"malformed frame of kind {kind}: {exc!r}") from None
     raise ProtocolError(f"unknown frame kind {kind}")
 

@@ -179,7 +179,8 @@ def parse_properties(text: str) -> dict[str, str]:
     its snapshots this way (`http\\://...`, JSON with `\\n`)."""
     result: dict[str, str] = {}
     logical = ""
-    for raw in text.splitlines():
+    # Java ends lines at \n, \r and \r\n only (str.splitlines also breaks at \x0b, \x85, ...)
+    for raw in re.split(r"\r\n|\r|\n", text):
         line = raw.lstrip()
         if not logical and (not line or line[0] in "#!"):
             continue

@@ -101,6 +101,14 @@ def read_yaml(model_dir: Path, config_file: str | None) -> dict[str, Any]:
         raise ArchiveError(f"cannot read {config_file} in the archive: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ArchiveError(f"{config_file} in the archive is not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ArchiveError(f"{config_file} in the archive is not UTF-8 text") from None
+    except ValueError as exc:  # a scalar the loader converts: a date or an !!int that is neither
+        raise ArchiveError(
+            f"{config_file} in the archive has a value YAML cannot read: {exc}"
+        ) from None
+    except RecursionError:
+        raise ArchiveError(f"{config_file} in the archive is nested too deeply") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
