@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -208,3 +209,11 @@ def test_two_downloads_of_one_file_name_never_share_a_file(tmp_path: Path) -> No
     content = (store / "model.mar").read_bytes()
     assert content in (b"/a/model.mar" * 50_000, b"/b/model.mar" * 50_000)  # one, whole
     assert [p.name for p in store.iterdir()] == ["model.mar"]  # no temporary file left
+    # readable as the process's umask allows, like any file it writes (not mkstemp's 0600)
+    assert (store / "model.mar").stat().st_mode & 0o777 == 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -58,7 +58,7 @@ async def fetch(config: ServerConfig, url: str) -> str:
     def header(line: str) -> None:
         nonlocal declared
         name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length" and value.strip().isdigit():
+        if name.strip().lower() == "content-length" and _is_ascii_number(value.strip()):
             declared = int(value.strip())
 
     too_big = DownloadFailed(f"downloading {url} failed: it passed {limit} bytes; stopped")
@@ -87,6 +87,7 @@ async def fetch(config: ServerConfig, url: str) -> str:
             if isinstance(exc, TsctlError):
                 raise
             raise DownloadFailed(f"downloading {url} failed: {exc}") from None
+    os.chmod(partial, 0o666 & ~_umask())  # mkstemp's file is private; the store's are not
     try:
         os.link(partial, target)  # unlike a rename, never replaces a file of that name
     except FileExistsError:
@@ -94,3 +95,19 @@ async def fetch(config: ServerConfig, url: str) -> str:
     finally:
         partial.unlink(missing_ok=True)
     return name
+
+
+def _is_ascii_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every
+    thread for a moment); 022 where /proc does not show it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
