@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -134,18 +135,32 @@ def http_date() -> str:
 def status_line(status: int, reason: str | None) -> str:
     """`HTTP/1.1 <status> <reason>`: an application's reason phrase when it is one (no line
     break, no control character), else the standard one."""
-    if not reason or not _FIELD_VALUE.fullmatch(reason):
+    if not reason or not _is_field_value(reason):
         reason = reason_phrase(status)
     return f"HTTP/1.1 {status} {reason}\r\n"
 
 
-def header_block(status: int, reason: str | None, headers: Iterable[tuple[str, str]]) -> bytes:
-    """The status line and the headers. A header that is not a token with a field value is
-    dropped (and logged): nothing an application sets can split or forge a header."""
+@functools.lru_cache(maxsize=256)
+def _is_token(name: str) -> bool:
+    return _TOKEN.fullmatch(name) is not None
+
+
+def _is_field_value(value: str) -> bool:
+    # `isprintable` (C, fast) is false for every control character and line break; a tab,
+    # which a value may hold, takes the slower check
+    return value.isprintable() or _FIELD_VALUE.fullmatch(value) is not None
+
+
+def header_block(
+    status: int, reason: str | None, headers: Iterable[tuple[str, str]], trusted: str = ""
+) -> bytes:
+    """The status line, the headers, then `trusted` (header lines the layer made itself). A
+    header that is not a token with a field value is dropped (and logged): nothing an
+    application sets can split or forge a header."""
     lines = [status_line(status, reason)]
     for name, value in headers:
         name, value = str(name), str(value)
-        if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+        if not _is_token(name) or not _is_field_value(value):
             log.warning(
                 "dropped response header %r: a bad name, or a line break or control "
                 "character in its value",
@@ -153,6 +168,7 @@ def header_block(status: int, reason: str | None, headers: Iterable[tuple[str, s
             )
             continue
         lines.append(f"{name}: {value}\r\n")
+    lines.append(trusted)
     lines.append("\r\n")
     return "".join(lines).encode("latin-1", "replace")
 
@@ -467,7 +483,9 @@ class Connection(asyncio.Protocol):
         if not self.waiting and not self.holding:
             self._pump()
         if not self.in_progress and not self.holding and not self.waiting:
-            self._wait(HEAD if self.parser.in_head else IDLE)
+            kind = HEAD if self.parser.in_head else IDLE
+            if kind != self.deadline_kind:
+                self._wait(kind)
 
     def _linger(self) -> None:
         """Answered before the body was read: read no more requests, drop what still comes
@@ -557,14 +575,12 @@ class Connection(asyncio.Protocol):
             return False
         if self.body_pending:  # answered before the body: it will not be read
             self.close_after = True
-        items = _application_headers(headers)
-        items.append(("Content-Length", str(len(body))))
-        items.append(("Date", http_date()))
+        trusted = f"Content-Length: {len(body)}\r\nDate: {http_date()}\r\n"
         if self.close_after:
-            items.append(("Connection", "close"))
+            trusted += "Connection: close\r\n"
         elif self.head is not None and self.head.version == "HTTP/1.0":
-            items.append(("Connection", "keep-alive"))
-        block = header_block(status, reason, items)
+            trusted += "Connection: keep-alive\r\n"
+        block = header_block(status, reason, _application_headers(headers), trusted)
         if self.head is not None and self.head.method == "HEAD":
             transport.write(block)  # the length a GET would have had, and no body
         else:

@@ -208,10 +208,14 @@ class RequestParser:
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
-        self._store(len(url))
+        self._stored += len(url)
+        if self._stored > MAX_HEAD:
+            raise HeadTooLarge("the request head is over 64 KiB")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._store(len(name) + len(value) + 4)
+        self._stored += len(name) + len(value) + 4
+        if self._stored > MAX_HEAD:
+            raise HeadTooLarge("the request head is over 64 KiB")
         self._headers.append((name.decode("latin-1"), value.decode("latin-1").strip(" \t")))
 
     def on_headers_complete(self) -> None:
@@ -226,7 +230,8 @@ class RequestParser:
         head = RequestHead(llhttp.get_method().decode("ascii"), target, version, self._headers)
         if llhttp.should_upgrade():
             head.keep_alive = False  # an upgrade tsctl will not make: close after answering
-        head.body_length()  # 501 for codings llhttp lets through ("gzip, chunked")
+        if head.get("transfer-encoding"):
+            head.body_length()  # 501 for codings llhttp lets through ("gzip, chunked")
         self.owner.on_head(head)
         if self.closed:
             raise _Stop
@@ -242,8 +247,3 @@ class RequestParser:
         self.owner.on_complete()
         if self.closed:
             raise _Stop
-
-    def _store(self, size: int) -> None:
-        self._stored += size
-        if self._stored > MAX_HEAD:
-            raise HeadTooLarge("the request head is over 64 KiB")
