@@ -114,8 +114,8 @@ REST = [
     rest("BadRequest", MAN, "PUT /models/swiss?min_worker=-1", 400, "BadRequest", "min_worker"),
     rest("MethodNotAllowed", MAN, "DELETE /models", 405, "MethodNotAllowed", "not allowed"),
     rest("Conflict", MAN, "POST /models?url=swiss.mar", 409, "ConflictStatus", "swiss"),
-    rest("RequestTooLarge", MAN, "POST /models", 413, "RequestEntityTooLarge", body=BIG,
-         marks=pytest.mark.xfail(reason="tornado resets the connection: no 413, no JSON")),
+    rest("RequestTooLarge", MAN, "POST /models", 413, "RequestEntityTooLarge",
+         "max_request_size", body=BIG),
     rest("Unauthorized", MAN, "GET /models", 401, "InvalidKey", FAILED, token=False),
 ]  # fmt: skip
 
@@ -244,8 +244,10 @@ def test_cli(server: Server, args: list[str], code: int, needle: str) -> None:
 
 @pytest.mark.slow
 def test_cli_without_the_key_is_refused(server: Server, tmp_path: Path) -> None:
-    # no pid file in this TMPDIR: the CLI does not find the daemon's key
-    result = run_tsctl("models", "list", "--url", server.management, env={"TMPDIR": str(tmp_path)})
+    # no pid file in this state dir: the CLI does not find the daemon's key
+    result = run_tsctl(
+        "models", "list", "--url", server.management, env={"TSCTL_STATE_DIR": str(tmp_path)}
+    )
     one_error_line(result, 1, FAILED)
 
 

@@ -81,7 +81,10 @@ class TokenAuth:
         """Allow the request, or raise `Unauthorized` with TorchServe's message."""
         key = self.keys[kind]
         scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), key.value):
+        # as bytes: `compare_digest` raises on a str that is not ASCII (a header of latin-1
+        # bytes, or gRPC metadata of any text); surrogatepass encodes any str
+        offered = given.strip().encode("utf-8", "surrogatepass")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(offered, key.value.encode()):
             raise Unauthorized(FAILED)
         if key.expires and time.time() > key.expires:
             raise Unauthorized(FAILED)

@@ -79,6 +79,24 @@ def startup_models(config: ServerConfig) -> list[tuple[str | None, str]]:
     return found
 
 
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files to the hard one (logged), so that every API can hold
+    `max_connections` connections; a limit that cannot be raised is logged and kept."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        log.info("open-file limit: %s", "unlimited" if hard == resource.RLIM_INFINITY else hard)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %s: %s", soft, hard, exc)
+        return
+    shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    log.info("raised the open-file limit from %d to %s (the hard limit)", soft, shown)
+
+
 class Daemon:
     def __init__(self, config: ServerConfig, foreground: bool, spares: Spares) -> None:
         self.config = config
@@ -92,6 +110,7 @@ class Daemon:
     async def run(self, notify: Callable[[dict[str, Any]], None]) -> int:
         config = self.config
         access_log = logs.setup(config.log_dir, self.foreground)
+        raise_open_file_limit()
         stats = Metrics()
         registry = Registry(config, stats, spares=self.spares)
         metric_log = MetricLog(config.log_dir)
@@ -195,16 +214,14 @@ class Daemon:
             log.info("loaded model %s version %s from %s", mv.name, mv.version, url)
 
     async def _listen(self, state: ServerState) -> dict[str, str]:
-        from tornado.httpserver import HTTPServer
-
-        from tsctl.server.api import rest_inference, rest_management, rest_metrics
+        from tsctl.server.api import rest_inference, rest_management, rest_metrics, rest_server
 
         config = self.config
         inference_sockets = _bind(config.inference_address, "inference")
         management_sockets = _bind(config.management_address, "management")
         self.servers.append(await rest_inference.serve(state, inference_sockets))
-        apps: list[tuple[Any, list[socket.socket]]] = [
-            (rest_management.make_app(state), management_sockets),
+        apps: list[tuple[str, Any, list[socket.socket]]] = [
+            ("management", rest_management.make_app(state), management_sockets),
         ]
         addresses = {
             "inference": _address_of(inference_sockets),
@@ -212,14 +229,10 @@ class Daemon:
         }
         if config.enable_metrics_api:
             metrics_sockets = _bind(config.metrics_address, "metrics")
-            apps.append((rest_metrics.make_app(state), metrics_sockets))
+            apps.append(("metrics", rest_metrics.make_app(state), metrics_sockets))
             addresses["metrics"] = _address_of(metrics_sockets)
-        for app, sockets in apps:
-            server = HTTPServer(
-                app, max_body_size=config.max_request_size + 1, idle_connection_timeout=3600
-            )
-            server.add_sockets(sockets)
-            self.servers.append(server)
+        for api, app, sockets in apps:
+            self.servers.append(rest_server.serve(app, state, api, sockets))
         return addresses
 
     async def _shutdown(self, state: ServerState, drain: bool) -> None:
@@ -241,7 +254,8 @@ class Daemon:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.close_all_connections()
-        pidfile.remove(self.pid_path, os.getpid())
+        with contextlib.suppress(TsctlError, OSError):
+            pidfile.remove(self.pid_path, os.getpid())
 
 
 def run(

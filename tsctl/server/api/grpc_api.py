@@ -32,6 +32,7 @@ from tsctl.proto_gen import (
 )
 from tsctl.server import management
 from tsctl.server.api.grpc_errors import funnel, funnel_stream, status_of
+from tsctl.server.config import ServerConfig
 from tsctl.server.inference import Pending
 from tsctl.server.request import InferenceRequest, Response, new_request_id
 from tsctl.server.state import ServerState
@@ -250,15 +251,39 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             await asyncio.sleep(0.5)
 
 
+#: concurrent calls on one HTTP/2 connection (gRPC's default is unbounded)
+MAX_CONCURRENT_STREAMS = 100
+#: how long the server waits for the answer to a keepalive ping before closing the connection
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The gRPC server's bounds, from the daemon's settings (docs/configuration.md).
+
+    Messages follow `max_request_size` / `max_response_size` (over-size: RESOURCE_EXHAUSTED,
+    the reason in its details); a connection with no call for `keep_alive_timeout` is closed
+    (GOAWAY); one with calls in progress is pinged after as long a silence, and closed when the
+    ping is not answered. gRPC's own defaults bound what a client sends otherwise: metadata
+    (8 KiB), and pings (a client pinging too often is disconnected).
+    """
+    idle_ms = int(config.keep_alive_timeout * 1000)
+    return [
+        ("grpc.max_receive_message_length", config.max_request_size),
+        ("grpc.max_send_message_length", config.max_response_size),
+        ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+        ("grpc.max_connection_idle_ms", idle_ms),
+        ("grpc.keepalive_time_ms", idle_ms),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
 async def start(state: ServerState, address: str, api: str) -> tuple[aio.Server, str]:
     """Start one gRPC server ("inference" or "management"); returns it and its address."""
-    config = state.config
     server = aio.server(
-        options=[
-            ("grpc.max_receive_message_length", config.max_request_size),
-            ("grpc.max_send_message_length", config.max_response_size),
-            ("grpc.so_reuseport", 0),
-        ]
+        options=server_options(state.config),
+        # calls beyond it get RESOURCE_EXHAUSTED at once (each may hold a whole message)
+        maximum_concurrent_rpcs=state.config.max_connections,
     )
     health_pb2_grpc.add_HealthServicer_to_server(HealthService(state), server)
     if api == "inference":

@@ -1,7 +1,13 @@
-"""OpenAPI 3 documents of the APIs, returned by `OPTIONS /` and `GET /api-description`."""
+"""OpenAPI 3 documents of the APIs, returned by `OPTIONS /` and `GET /api-description`.
+
+`inference_document` and `management_document` are the JSON answers, serialised once (about
+43 KB and 14 KB; a client asking again and again costs a write, not a `json.dumps`).
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 from tsctl import __version__
@@ -167,3 +173,15 @@ def management_api_description() -> dict[str, Any]:
             },
         },
     }
+
+
+@functools.cache
+def inference_document() -> bytes:
+    """The inference API's description as the JSON answer (built on first use, then kept)."""
+    return json.dumps(inference_api_description(), indent=2).encode()
+
+
+@functools.cache
+def management_document() -> bytes:
+    """The management API's description as the JSON answer (built on first use, then kept)."""
+    return json.dumps(management_api_description(), indent=2).encode()

@@ -33,7 +33,7 @@ from tsctl.errors import (
 )
 from tsctl.ipc.messages import Part
 from tsctl.server.api import http1
-from tsctl.server.api.openapi import inference_api_description
+from tsctl.server.api.openapi import inference_document
 from tsctl.server.api.rest import (
     NOT_FOUND_MESSAGE,
     access_line,
@@ -113,8 +113,8 @@ class _Exchange(http1.Exchange):
 
 
 class FixedExchange(_Exchange):
-    """A request whose answer does not depend on its body: a JSON document, or an error,
-    sent once the body is in."""
+    """A request whose answer does not depend on its body: a JSON document (or its bytes), or
+    an error, sent once the body is in."""
 
     def __init__(
         self, state: ServerState, conn: http1.Connection, head: http1.RequestHead, answer: Any
@@ -132,6 +132,8 @@ class FixedExchange(_Exchange):
     def finish(self) -> None:
         if isinstance(self.fixed, TsctlError):
             self.answer_error(self.fixed)
+        elif isinstance(self.fixed, bytes):  # JSON already
+            self.answer(200, self.fixed)
         else:
             self.answer(200, json.dumps(self.fixed, indent=2).encode())
 
@@ -298,7 +300,7 @@ class InferenceApi:
         elif (path == "/api-description" and method == "GET") or (
             path == "/" and method in ("GET", "OPTIONS")
         ):
-            answer = inference_api_description()
+            answer = inference_document()
         elif match is not None or path in ("/ping", "/api-description", "/"):
             answer = MethodNotAllowed(NOT_ALLOWED_MESSAGE)
         else:

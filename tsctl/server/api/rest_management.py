@@ -13,7 +13,7 @@ import tornado.web
 
 from tsctl.errors import BadRequest
 from tsctl.server import management
-from tsctl.server.api.openapi import management_api_description
+from tsctl.server.api.openapi import management_document
 from tsctl.server.api.rest import ApiHandler, NotFoundHandler, log_request
 from tsctl.server.state import ServerState
 
@@ -82,7 +82,8 @@ class SetDefaultHandler(ManagementHandler):
 
 class DescriptionHandler(ManagementHandler):
     def options(self) -> None:
-        self.write_json(management_api_description())
+        self.set_header("Content-Type", "application/json")
+        self.finish(management_document())
 
 
 class TokenHandler(ManagementHandler):
