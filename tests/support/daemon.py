@@ -124,8 +124,9 @@ class Server:
         return run_tsctl("serve", "stop", "--state-dir", self.state_dir)
 
     def tsctl(self, *args: Any) -> Any:
-        """Run the CLI where this server's pid file is the local one (TMPDIR = its state dir)."""
-        return run_tsctl(*args, cwd=self.root, env={"TMPDIR": str(self.state_dir)})
+        """Run the CLI where this server's pid file is the local one (its state dir is the
+        default one: TSCTL_STATE_DIR)."""
+        return run_tsctl(*args, cwd=self.root, env={"TSCTL_STATE_DIR": str(self.state_dir)})
 
     @property
     def inference(self) -> str:

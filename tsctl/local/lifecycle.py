@@ -24,6 +24,8 @@ from tsctl.local.launch import Launched
 #: printed (with more after it) once the server is up, as TorchServe prints it: scripts wait
 #: for it
 STARTED_LINE = "Model server started."
+#: seconds a daemon that closed its notify pipe without a readiness line has to exit
+EXIT_GRACE = 10.0
 
 
 def started_line(pid: int, inference: str, management: str) -> str:
@@ -64,7 +66,12 @@ def start(
 ) -> dict[str, Any]:
     """Send the `launched` daemon its configuration (`ServerConfig` as JSON) and wait until it
     is ready; raises `StartFailed` with the reason."""
-    live = running(state_dir)
+    try:
+        pidfile.prepare_state_dir(state_dir)
+        live = running(state_dir)
+    except TsctlError:
+        launched.abandon()
+        raise
     if live is not None:
         launched.abandon()
         raise AlreadyRunning(
@@ -74,15 +81,17 @@ def start(
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
         launched.configure(config_json)
-        line = _read_line(launched, timeout)
+        line, closed = _read_line(launched, timeout)
     except OSError as exc:  # it exited before reading its configuration
-        line = ""
+        line, closed = "", True
         if not isinstance(exc, BrokenPipeError):
             raise
     finally:
         os.close(launched.notify_fd)
     if not line:
-        code = launched.poll()
+        # a closed pipe: it is exiting (give it a moment to be reaped, not to report "not
+        # ready within 300 s" about a daemon that failed at once)
+        code = launched.wait(EXIT_GRACE) if closed else launched.poll()
         if code is None:
             launched.kill()
             raise StartFailed(f"the server did not become ready within {timeout:g} s")
@@ -95,10 +104,13 @@ def start(
     return message
 
 
-def _read_line(launched: Launched, timeout: float) -> str:
+def _read_line(launched: Launched, timeout: float) -> tuple[str, bool]:
+    """The daemon's readiness line (empty if none came), and whether it closed the pipe or
+    exited."""
     fd = launched.notify_fd
     deadline = time.monotonic() + timeout
     data = b""
+    closed = False
     while b"\n" not in data:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -107,11 +119,13 @@ def _read_line(launched: Launched, timeout: float) -> str:
         if ready:
             chunk = os.read(fd, 65536)
             if not chunk:
+                closed = True
                 break
             data += chunk
         elif launched.poll() is not None:
+            closed = True
             break
-    return data.decode("utf-8", "replace").strip()
+    return data.decode("utf-8", "replace").strip(), closed
 
 
 class StopOutcome(Enum):
@@ -145,6 +159,8 @@ def stop(state_dir: Path, timeout: float) -> Stopped:
         if not pidfile.is_alive(info):
             return Stopped(StopOutcome.STOPPED, info.pid)
         time.sleep(0.05)
-    os.killpg(info.pid, signal.SIGKILL)
+    if not pidfile.is_alive(info):  # checked again: the pid is signalled only while it is ours
+        return Stopped(StopOutcome.STOPPED, info.pid)
+    os.killpg(info.pid, signal.SIGKILL)  # the daemon leads its session: its workers too
     pidfile.remove(path, info.pid)
     return Stopped(StopOutcome.KILLED, info.pid)

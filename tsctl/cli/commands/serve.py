@@ -16,7 +16,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-STATE_DIR_HELP = "Where the pid file lives (default: the temporary directory, $TMPDIR)."
+STATE_DIR_HELP = (
+    "Where the pid file lives (default: $TSCTL_STATE_DIR, else $XDG_RUNTIME_DIR/tsctl, "
+    "else ~/.local/state/tsctl; kept private to this user)."
+)
 
 
 def _state_dir(value: Path | None) -> Path:
