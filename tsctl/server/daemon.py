@@ -139,7 +139,7 @@ class Daemon:
                     grpc_management_address=addresses.get("grpc_management", ""),
                 ),
             )
-            await self._load_startup_models(registry)
+            not_loaded = await self._load_startup_models(registry)
         except (TsctlError, OSError) as exc:
             self.spares.discard()
             message = exc.message if isinstance(exc, TsctlError) else str(exc)
@@ -158,7 +158,15 @@ class Daemon:
         self.spares.discard()  # what start-up did not take would only hold memory
         state.snapshot("startup")
         key_file = str(state.auth.path) if state.auth else ""
-        notify({"ok": True, "pid": os.getpid(), "key_file": key_file, **addresses})
+        notify(
+            {
+                "ok": True,
+                "pid": os.getpid(),
+                "key_file": key_file,
+                "not_loaded": not_loaded,
+                **addresses,
+            }
+        )
         reporting = asyncio.create_task(metric_log.run())
         await self.stopping.wait()
         reporting.cancel()
@@ -184,34 +192,60 @@ class Daemon:
             found[f"grpc_{api}"] = address
         return found
 
-    async def _load_startup_models(self, registry: Registry) -> None:
+    async def _load_startup_models(self, registry: Registry) -> list[str]:
         """`--models`; else the config file's `models` (or a snapshot's `model_snapshot`, when
-        `--ts-config` names one); else the newest snapshot in the log folder, unless `--ncs`."""
+        `--ts-config` names one); else the newest snapshot in the log folder, unless `--ncs`.
+
+        A `--models` entry that fails stops the start-up. An entry restored from a snapshot
+        (or the `models` setting) that fails is logged and left out, and the others are
+        served: one broken archive must not keep every model down. Returns what was left out,
+        one line each."""
         config = self.config
         planned: list[tuple[str, LoadOptions, bool]] = []
+        source = ""
         if config.load_models:
             for name, url in startup_models(config):
                 planned.append((url, LoadOptions(name=name, startup=True, trusted=True), False))
         else:
             entries: list[snapshot.SnapshotModel] = []
             if config.models:
-                entries = snapshot.from_models_setting(config.models)
+                entries, source = snapshot.from_models_setting(config.models), "models setting"
             elif not config.no_config_snapshots and (found := snapshot.newest(config)):
                 path, entries = found
+                source = f"snapshot {path}"
                 log.info("restoring %d model versions from snapshot %s", len(entries), path)
             for entry in entries:
                 planned.append((entry.mar_name, snapshot.load_options(entry), entry.default))
+        failed: list[str] = []
+
+        def left_out(what: str, exc: TsctlError) -> None:
+            if not source:
+                raise exc
+            line = f"{what}: {exc.message}"
+            log.error("not loaded from the %s: %s; the other models are served", source, line)
+            failed.append(line)
+
         # register every model before starting any worker, so that each worker's share of
         # the cores counts all the workers about to start, not only those started so far
         loaded = []
         for url, options, default in planned:
-            mv = await registry.add(url, options)
+            try:
+                mv = await registry.add(url, options)
+            except TsctlError as exc:
+                left_out(f"{options.name or url} ({url})", exc)
+                continue
             if default:
                 registry.set_default(mv.name, mv.version)
             loaded.append((mv, url))
         for mv, url in loaded:
-            await mv.pool.scale(mv.min_workers)
+            try:
+                await mv.pool.scale(mv.min_workers)
+            except TsctlError as exc:
+                await registry.unload(mv)
+                left_out(f"{mv.name} version {mv.version} ({url})", exc)
+                continue
             log.info("loaded model %s version %s from %s", mv.name, mv.version, url)
+        return failed
 
     async def _listen(self, state: ServerState) -> dict[str, str]:
         from tsctl.server.api import rest_inference, rest_management, rest_metrics, rest_server
@@ -236,26 +270,50 @@ class Daemon:
         return addresses
 
     async def _shutdown(self, state: ServerState, drain: bool) -> None:
+        """Stop accepting, give requests in progress (REST and gRPC alike) `drain_timeout`,
+        then stop the workers: one still running a batch then is killed, so that stopping
+        never waits on a handler (or a response timeout) past the drain."""
         state.draining = True
         for server in self.servers:
             server.stop()
+        grace = self.config.drain_timeout if drain else 0
+        # gRPC refuses new calls at once and cancels those left after `grace`: the same
+        # drain as REST's, at the same time
+        grpc_stopped = [asyncio.ensure_future(s.stop(grace)) for s in self.grpc_servers]
         if drain and state.in_flight:
             try:
-                await asyncio.wait_for(state.idle.wait(), self.config.drain_timeout)
+                await asyncio.wait_for(state.idle.wait(), grace)
             except TimeoutError:
                 log.warning(
                     "stopping with %d request(s) still in flight after %s s of draining",
                     state.in_flight,
-                    self.config.drain_timeout,
+                    grace,
                 )
-        for grpc_server in self.grpc_servers:
-            await grpc_server.stop(self.config.drain_timeout if drain else 0)
+        await asyncio.gather(*grpc_stopped, return_exceptions=True)
+        _kill_busy_workers(state.registry)
         await state.registry.close()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.close_all_connections()
         with contextlib.suppress(TsctlError, OSError):
             pidfile.remove(self.pid_path, os.getpid())
+
+
+def _kill_busy_workers(registry: Registry) -> None:
+    """Kill the workers still running a batch once the drain is over (their requests had
+    their time); idle ones are asked to exit."""
+    from tsctl.ipc.messages import WorkerState
+
+    busy = [
+        worker
+        for versions in registry.models.values()
+        for mv in versions.values()
+        for worker in mv.pool.workers
+        if worker.state in (WorkerState.BUSY, WorkerState.RETIRING)
+    ]
+    for worker in busy:
+        log.warning("stopping: killing worker %s, still busy after the drain", worker.worker_id)
+        worker.kill()
 
 
 def run(
@@ -273,6 +331,8 @@ def run(
                 started_line(message["pid"], message["inference"], message["management"]),
                 flush=True,
             )
+            for line in message.get("not_loaded", []):
+                print(f"tsctl: warning: not loaded: {line}", file=sys.stderr, flush=True)
         elif foreground:
             print(f"tsctl: error: {message['error']}", file=sys.stderr, flush=True)
         if notify_fd is not None:

@@ -147,6 +147,8 @@ def start(
             sys.stderr.write(f"  | {line}\n")
         raise
     typer.echo(started_line(ready["pid"], ready["inference"], ready["management"]))
+    for line in ready.get("not_loaded", []):
+        sys.stderr.write(f"tsctl: warning: not loaded: {line} (ts_log.log has the details)\n")
     if ready.get("key_file"):
         typer.echo(
             f"Token authorization is on: keys are in {ready['key_file']} "
