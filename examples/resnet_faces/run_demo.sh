@@ -13,10 +13,11 @@ tsctl archive --model-name resnet_faces --version 1.0 \
     --serialized-file resnet_faces.pt --handler handler.py \
     --export-path model_store -f
 
-# a state dir of our own, so the demo never touches another tsctl the user runs
-export TMPDIR="${TMPDIR:-/tmp}/tsctl-demo-$$"
-mkdir -p "$TMPDIR"
-trap 'tsctl serve stop >/dev/null 2>&1 || true; rm -rf "$TMPDIR"' EXIT
+# a state dir of our own (mode 0700, as tsctl requires), so the demo never touches another
+# tsctl the user runs
+TSCTL_STATE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/tsctl-demo-XXXXXX")"
+export TSCTL_STATE_DIR
+trap 'tsctl serve stop >/dev/null 2>&1 || true; rm -rf "$TSCTL_STATE_DIR"' EXIT
 
 tsctl serve start --ncs --model-store model_store --models resnet_faces.mar
 tsctl infer resnet_faces images/face_a.jpg,images/face_b.jpg | python -c '
