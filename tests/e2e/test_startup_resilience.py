@@ -127,3 +127,33 @@ def test_stop_kills_a_worker_still_busy_after_the_drain(server: Server, tmp_path
     assert snapshot_kinds(server)[-1] == "shutdown.cfg"  # a drain, not a SIGKILL
     assert answers and answers[0] >= 500  # the request got an answer, not a hang
     assert "killing worker" in (server.log_dir / "ts_log.log").read_text()
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live processes (not zombies) of session `sid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def test_stop_leaves_no_worker_behind_even_one_still_loading(tmp_path: Path) -> None:
+    server = Server(tmp_path, properties={"drain_timeout": 1, "enable_model_api": "true"})
+    make_archive(server.store, "slowload", "slowload")
+    marker = tmp_path / "loading"
+    server.start(env={"SLOWLOAD_MARKER": str(marker)})
+    assert server.info is not None
+    daemon = server.info.pid
+    registered = server.manage("POST", "/models?url=slowload.mar&synchronous=false")
+    assert registered.status == 202, registered.body
+    server.wait_for(marker.exists)  # a worker is loading the handler, for an hour
+    stopped = server.stop()
+    assert "tsctl stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+    server.wait_for(lambda: _session_members(daemon) == [])

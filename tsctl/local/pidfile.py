@@ -122,6 +122,12 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
+def process_state(pid: int) -> str | None:
+    """The process's state letter (`R`, `S`, `Z`...; field 3 of /proc/PID/stat), or None."""
+    fields = _stat(pid)
+    return fields[0] if fields else None
+
+
 def process_start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat, Linux),
     or None if unknown."""
@@ -196,8 +202,7 @@ def is_alive(info: PidInfo) -> bool:
         os.kill(info.pid, 0)
     except (ProcessLookupError, PermissionError):  # gone, or another user's: not ours
         return False
-    fields = _stat(info.pid)
-    if fields and fields[0] in ("Z", "X"):
+    if process_state(info.pid) in ("Z", "X"):
         return False  # exited, not yet reaped
     return process_start_ticks(info.pid) == info.start_ticks
 

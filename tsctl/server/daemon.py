@@ -292,6 +292,7 @@ class Daemon:
         await asyncio.gather(*grpc_stopped, return_exceptions=True)
         _kill_busy_workers(state.registry)
         await state.registry.close()
+        _kill_leftover_children()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.close_all_connections()
@@ -314,6 +315,22 @@ def _kill_busy_workers(registry: Registry) -> None:
     for worker in busy:
         log.warning("stopping: killing worker %s, still busy after the drain", worker.worker_id)
         worker.kill()
+
+
+def _kill_leftover_children() -> None:
+    """Kill any child process still alive once the workers are stopped (a worker still
+    loading its handler, a spare nobody took): the daemon leaves none behind."""
+    children: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                children.update(int(pid) for pid in (task / "children").read_text().split())
+    for pid in sorted(children):
+        if pidfile.process_state(pid) in (None, "Z", "X"):
+            continue  # gone, or exited and waiting for its watcher to reap it
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            log.warning("stopping: killed child process %d, still running after the workers", pid)
 
 
 def run(
