@@ -45,8 +45,9 @@ def test_start_status_stop(server: Server) -> None:
     table = server.tsctl("serve", "status", "--state-dir", server.state_dir)
     assert "swiss" in table.stdout and str(worker_pid) in table.stdout
 
-    stopped = server.stop()
-    assert stopped.returncode == 0
+    # `torchserve --stop --foreground`: scripts stop and wait this way
+    stopped = server.tsctl("serve", "stop", "--foreground")
+    assert stopped.returncode == 0, stopped.stderr
     assert "stopped" in stopped.stdout
     assert not pidfile.pid_path(server.state_dir).exists()
     assert not Path(f"/proc/{worker_pid}").exists()  # the workers went with it

@@ -160,6 +160,11 @@ def start(
 def stop(
     state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
     timeout: float = typer.Option(60, "--timeout", help="Seconds to wait before killing it."),
+    foreground: bool = typer.Option(
+        False,
+        "--foreground",
+        help="Accepted for `torchserve --stop --foreground`: stop always waits for the exit.",
+    ),
 ) -> None:
     """Stop the server: drain in-flight requests, stop workers, exit."""
     from tsctl.local.lifecycle import StopOutcome
