@@ -10,6 +10,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -198,9 +199,13 @@ class Registry:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def resolve(self, url: str, trusted: bool = False) -> Path:
-        """The archive a URL names. Untrusted (API) URLs must stay inside the model store."""
+        """The archive a URL names. An untrusted (API) URL must name a path inside the model
+        store: no `..` component, and an absolute one only below the store's own path. The
+        rule is about the name a client sends, not where the store's entries point: symlinks
+        an operator put in the store (a Kubernetes volume's `..data` link farm) are followed."""
         store = self.config.model_store
-        candidate = Path(url.removeprefix("file://"))
+        named = Path(url.removeprefix("file://"))
+        candidate = named
         if not candidate.is_absolute():
             if store is None:
                 raise ModelNotFound(f"Model not found at: {url} (no model store is configured)")
@@ -208,8 +213,9 @@ class Registry:
         if not trusted:
             if store is None:
                 raise BadRequest(f"model url {url!r}: there is no model store to register from")
-            inside = candidate.resolve()
-            if not inside.is_relative_to(store.resolve()):
+            # lexical: links are not resolved, `..` is refused wherever it is
+            root = Path(os.path.abspath(store))
+            if ".." in named.parts or not Path(os.path.abspath(candidate)).is_relative_to(root):
                 raise BadRequest(f"model url {url!r} is outside the model store")
         if not candidate.exists():
             raise ModelNotFound(f"Model not found at: {url}")
