@@ -85,7 +85,13 @@ class Conflict(TsctlError):
     type_name = "ConflictStatusException"
 
 
-class InvalidModelVersion(InvalidInput):
+class InvalidModelVersion(TsctlError):
+    """A version that cannot be used that way: removing the default one while others exist
+    (TorchServe: 403 `InvalidModelVersionException`; gRPC by its 403 rule, PERMISSION_DENIED)."""
+
+    exit_code = 1
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
     type_name = "InvalidModelVersionException"
 
 

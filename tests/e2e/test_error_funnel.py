@@ -152,8 +152,9 @@ GRPC = [
     rpc("ModelNotFound", MAN, "DescribeModel", lambda pb: pb.DescribeModelRequest(model_name="x"),
         "NOT_FOUND", "x"),
     rpc("InvalidInput", MAN, "ScaleWorker",
-        lambda pb: pb.ScaleWorkerRequest(model_name="swiss", min_worker=-1),
-        "INVALID_ARGUMENT", "min_worker"),
+        # (min_worker -1 is "not given" in gRPC, as in TorchServe: proto3 has no unset int)
+        lambda pb: pb.ScaleWorkerRequest(model_name="swiss", min_worker=3, max_worker=1),
+        "INVALID_ARGUMENT", "max_worker cannot be less than min_worker"),
     rpc("Conflict", MAN, "RegisterModel", lambda pb: pb.RegisterModelRequest(url="swiss.mar"),
         "ALREADY_EXISTS", "swiss"),
     rpc("Unauthorized", MAN, "ListModels", lambda pb: pb.ListModelsRequest(), "UNAUTHENTICATED",

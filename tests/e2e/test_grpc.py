@@ -178,7 +178,7 @@ def test_message_size_follows_max_request_size(
         big.stop()
 
 
-def test_management_rpcs(stubs: Any, ts_protos: dict[str, ModuleType]) -> None:
+def test_management_rpcs(server: Server, stubs: Any, ts_protos: dict[str, ModuleType]) -> None:
     pb = ts_protos["management_pb2"]
     manage = stubs[1]
     listed = json.loads(manage.ListModels(pb.ListModelsRequest(limit=2)).msg)
@@ -187,25 +187,39 @@ def test_management_rpcs(stubs: Any, ts_protos: dict[str, ModuleType]) -> None:
         manage.DescribeModel(pb.DescribeModelRequest(model_name="swiss", model_version="all")).msg
     )
     assert sorted(d["modelVersion"] for d in described) == ["1.0", "2.0"]
-    scaled = json.loads(
-        manage.ScaleWorker(
-            pb.ScaleWorkerRequest(model_name="swiss", min_worker=2, synchronous=True)
-        ).msg
-    )
-    assert scaled == {"status": "Workers scaled to 2 for model: swiss"}
-    default = json.loads(
-        manage.SetDefault(pb.SetDefaultRequest(model_name="swiss", model_version="2.0")).msg
-    )
-    assert default["status"].startswith("Default version successfully updated")
+    # TorchServe's `msg`: JSON for list and describe, the plain sentence for the others
+    scaled = manage.ScaleWorker(
+        pb.ScaleWorkerRequest(model_name="swiss", min_worker=2, synchronous=True)
+    ).msg
+    assert scaled == "Workers scaled to 2 for model: swiss"
+    default = manage.SetDefault(pb.SetDefaultRequest(model_name="swiss", model_version="2.0")).msg
+    assert default == 'Default version successfully updated for model "swiss" to "2.0"'
     manage.SetDefault(pb.SetDefaultRequest(model_name="swiss", model_version="1.0"))
-    registered = json.loads(
-        manage.RegisterModel(
-            pb.RegisterModelRequest(url="swiss2.mar", model_name="other", synchronous=True)
-        ).msg
+    registered = manage.RegisterModel(
+        pb.RegisterModelRequest(url="swiss2.mar", model_name="other", synchronous=True)
+    ).msg
+    assert registered == 'Model "other" Version: 2.0 registered with 1 initial workers'
+    gone = manage.UnregisterModel(pb.UnregisterModelRequest(model_name="other")).msg
+    assert gone == 'Model "other" unregistered'
+    # proto3's 0 is "not given": min_worker 1, max_worker = min_worker (TorchServe's reading)
+    assert manage.ScaleWorker(pb.ScaleWorkerRequest(model_name="swiss", synchronous=True)).msg == (
+        "Workers scaled to 1 for model: swiss"
     )
-    assert registered["status"].startswith('Model "other" Version: 2.0 registered')
-    gone = json.loads(manage.UnregisterModel(pb.UnregisterModelRequest(model_name="other")).msg)
-    assert gone == {"status": 'Model "other" unregistered'}
+    [swiss] = json.loads(manage.DescribeModel(pb.DescribeModelRequest(model_name="swiss")).msg)
+    assert (swiss["minWorkers"], swiss["maxWorkers"]) == (1, 1)
+    accepted = manage.RegisterModel(pb.RegisterModelRequest(url="swiss2.mar", model_name="later"))
+    assert accepted.msg == "Processing worker updates..."  # synchronous is false unless set
+    server.wait_for(
+        lambda: (
+            [w["status"] for w in server.manage("GET", "/models/later").json()[0]["workers"]]
+            == ["READY"]
+        )
+    )
+    manage.UnregisterModel(pb.UnregisterModelRequest(model_name="later"))
+    with pytest.raises(grpc.RpcError) as caught:
+        manage.SetDefault(pb.SetDefaultRequest(model_name="swiss", model_version="9.9"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == "Model version 9.9 does not exist for model swiss"
     with pytest.raises(grpc.RpcError) as caught:
         manage.DescribeModel(pb.DescribeModelRequest(model_name="nope"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

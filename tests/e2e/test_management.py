@@ -111,7 +111,8 @@ def test_register_with_a_json_body_and_zero_workers(server: Server) -> None:
 
 
 def test_asynchronous_register(server: Server) -> None:
-    assert status(server.manage("POST", "/models?url=gamma.mar&synchronous=false"), 202)
+    answer = server.manage("POST", "/models?url=gamma.mar&synchronous=false")
+    assert status(answer, 202) == "Processing worker updates..."  # TorchServe's text, at once
     server.wait_for(lambda: len(workers(server, "gamma")) == 1)
     assert server.predict("gamma", {}).status == 200
     server.manage("DELETE", "/models/gamma")
@@ -133,6 +134,9 @@ def test_scaling_is_visible_in_describe(server: Server) -> None:
             "Processing worker updates..."
         )
         server.wait_for(lambda: len(workers(server, "swiss")) == 2)
+        # only min_worker: maxWorkers follows it, as in TorchServe
+        [described] = server.manage("GET", "/models/swiss").json()
+        assert (described["minWorkers"], described["maxWorkers"]) == (2, 2)
         assert_error(
             server.manage("PUT", "/models/swiss?min_worker=3&max_worker=1"),
             400,
@@ -157,16 +161,24 @@ def test_versions_and_set_default(server: Server) -> None:
         assert server.predict("swiss", {}).json()["version"] == "2.0"
         everything = server.manage("GET", "/models/swiss/all").json()
         assert sorted(m["modelVersion"] for m in everything) == ["1.0", "2.0"]
-        assert_error(
-            server.manage("DELETE", "/models/swiss/2.0"),
-            400,
-            "InvalidModelVersionException",
-            "Cannot remove default version for model swiss",
-        )
+        for default_version in ("/models/swiss/2.0", "/models/swiss"):
+            assert_error(
+                server.manage("DELETE", default_version),
+                403,
+                "InvalidModelVersionException",
+                "Cannot remove default version for model swiss",
+            )
         assert_error(
             server.manage("PUT", "/models/swiss/9.9/set-default"),
             404,
             "ModelVersionNotFoundException",
+            "Model version 9.9 does not exist for model swiss",
+        )
+        assert_error(
+            server.manage("DELETE", "/models/swiss/9.9"),
+            404,
+            "ModelVersionNotFoundException",
+            "Model version: 9.9 does not exist for model: swiss",
         )
         status(server.manage("DELETE", "/models/swiss/1.0"))
         assert server.predict("swiss", {}).json()["version"] == "2.0"

@@ -242,6 +242,16 @@ def status_message(doc: object) -> str:
     return json.dumps(doc)
 
 
+def status_text(msg: str) -> str:
+    """A gRPC management answer's `msg`: TorchServe's plain status sentence, or the
+    `{"status": message}` document older tsctl servers sent."""
+    try:
+        doc = json.loads(msg)
+    except ValueError:
+        return msg
+    return status_message(doc) if isinstance(doc, dict) else msg
+
+
 def model_page(doc: object) -> ModelPage:
     """A model list page (`{"nextPageToken"?: "N", "models": [...]}`)."""
     if not isinstance(doc, dict):

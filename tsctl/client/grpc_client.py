@@ -28,6 +28,7 @@ from tsctl.client.base import (
     descriptions,
     model_page,
     status_message,
+    status_text,
 )
 from tsctl.errors import ServerUnreachable
 from tsctl.proto_gen import (
@@ -81,6 +82,9 @@ class GrpcManagementClient(ManagementClient):
     def _call(self, method: Any, request: Any) -> object:
         return json.loads(self.transport.call(method, request).msg)
 
+    def _status(self, method: Any, request: Any) -> str:
+        return status_text(self.transport.call(method, request).msg)
+
     def list_models(self, limit: int = 100, next_page_token: int = 0) -> ModelPage:
         request = management_pb2.ListModelsRequest(limit=limit, next_page_token=next_page_token)
         return model_page(self._call(self.stub.ListModels, request))
@@ -125,7 +129,7 @@ class GrpcManagementClient(ManagementClient):
             startup_timeout=startup_timeout,
         )
         request = management_pb2.RegisterModelRequest(url=url, synchronous=synchronous, **fields)
-        return status_message(self._call(self.stub.RegisterModel, request))
+        return self._status(self.stub.RegisterModel, request)
 
     def scale(
         self,
@@ -142,17 +146,17 @@ class GrpcManagementClient(ManagementClient):
             synchronous=synchronous,
             **_given(model_version=version, max_worker=max_workers),
         )
-        return status_message(self._call(self.stub.ScaleWorker, request))
+        return self._status(self.stub.ScaleWorker, request)
 
     def unregister(self, name: str, version: str | None = None) -> str:
         request = management_pb2.UnregisterModelRequest(
             model_name=name, model_version=version or ""
         )
-        return status_message(self._call(self.stub.UnregisterModel, request))
+        return self._status(self.stub.UnregisterModel, request)
 
     def set_default(self, name: str, version: str) -> str:
         request = management_pb2.SetDefaultRequest(model_name=name, model_version=version)
-        return status_message(self._call(self.stub.SetDefault, request))
+        return self._status(self.stub.SetDefault, request)
 
 
 class GrpcInferenceClient(InferenceClient):

@@ -129,10 +129,11 @@ async def register(state: ServerState, params: RegisterParams) -> Outcome:
         mv.max_workers = max(mv.max_workers, mv.min_workers)
     count = mv.min_workers
     registered = f'Model "{mv.name}" Version: {mv.version} registered with {count} initial workers'
-    if not params.synchronous:
+    if not params.synchronous and count > 0:
+        # TorchServe's answer once the archive is loaded: the workers start after it
         state.track(asyncio.ensure_future(_start_in_background(state, mv, count)))
         state.snapshot("snapshot")
-        return Outcome(registered, accepted=True)
+        return Outcome("Processing worker updates...", accepted=True)
     try:
         await mv.pool.scale(count)
     except TsctlError as exc:
@@ -151,13 +152,17 @@ async def _start_in_background(state: ServerState, mv: ModelVersion, count: int)
     try:
         await mv.pool.scale(count)
     except TsctlError as exc:
+        if state.registry.models.get(mv.name, {}).get(mv.version) is not mv:
+            log.info("%s %s was unregistered while its workers started", mv.name, mv.version)
+            return
         log.error("starting workers for %s %s failed: %s", mv.name, mv.version, exc)
 
 
 async def scale(state: ServerState, name: str, version: str | None, params: ScaleParams) -> Outcome:
+    """TorchServe's rule: `min_worker` defaults to 1 and `max_worker` to `min_worker`."""
     mv = state.registry.get(name, version)
-    low = params.min_worker if params.min_worker is not None else mv.min_workers
-    high = params.max_worker if params.max_worker is not None else max(low, mv.max_workers)
+    low = params.min_worker if params.min_worker is not None else 1
+    high = params.max_worker if params.max_worker is not None else low
     if high < low:
         raise BadRequest("max_worker cannot be less than min_worker.")
     cap = state.config.max_workers_per_model
@@ -185,8 +190,8 @@ async def unregister(state: ServerState, name: str, version: str | None) -> Outc
     require_model_api(state)
     registry = state.registry
     mv = registry.get(name, version)
-    versions = registry.models[name]
-    if version is not None and registry.default[name] == version and len(versions) > 1:
+    # no version means the default one (TorchServe's rule), which stays while others exist
+    if registry.default[name] == mv.version and len(registry.models[name]) > 1:
         raise InvalidModelVersion(f"Cannot remove default version for model {name}")
     await registry.unregister(mv, state.config.unregister_model_timeout)
     state.snapshot("snapshot")

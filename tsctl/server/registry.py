@@ -26,6 +26,7 @@ from tsctl.errors import (
     ArchiveError,
     BadRequest,
     Conflict,
+    InvalidInput,
     ModelNotFound,
     ModelVersionNotFound,
     ServiceUnavailable,
@@ -84,6 +85,17 @@ class ModelVersion:
             "responseTimeout": whole(self.response_timeout),
             "startupTimeout": whole(self.startup_timeout),
         }
+
+
+def configured_settings(config: ServerConfig, name: str, version: str) -> ModelSettings:
+    """The `models` setting's entry for one model version (TorchServe's per-model
+    configuration, e.g. `{"noop": {"1.0": {"minWorkers": 1}}}`); empty when it has none."""
+    entry = config.models.get(name, {}).get(version, {})
+    try:
+        return ModelSettings.model_validate(entry)
+    except ValidationError as exc:
+        where, problem = first_problem(exc)
+        raise InvalidInput(f"models setting: {name} {version}: {where}: {problem}") from None
 
 
 @dataclass
@@ -169,7 +181,10 @@ class Registry:
         await self._stop(mv)
 
     def set_default(self, name: str, version: str) -> None:
-        self.get(name, version)
+        if version not in self.models.get(name, {}):
+            self.get(name)  # an unknown model: `Model not found`
+            # TorchServe's text for this call has no colons
+            raise ModelVersionNotFound(f"Model version {version} does not exist for model {name}")
         self.default[name] = version
 
     async def unload(self, mv: ModelVersion) -> None:
@@ -242,23 +257,44 @@ class Registry:
             where, problem = first_problem(exc)
             raise ArchiveError(f"{path}: model-config.yaml: {where}: {problem}") from None
         cfg = self.config
+        configured = configured_settings(cfg, model_name, version)
         cap = cfg.max_workers_per_model
         check_workers("model-config.yaml minWorkers", settings.min_workers, cap)
         check_workers("model-config.yaml maxWorkers", settings.max_workers, cap)
         check_workers("minWorkers", options.min_workers, cap)
         check_workers("maxWorkers", options.max_workers, cap)
-        # API parameters > model-config.yaml > config.properties
+        check_workers(f"models setting {model_name} minWorkers", configured.min_workers, cap)
+        check_workers(f"models setting {model_name} maxWorkers", configured.max_workers, cap)
+        # API parameters > model-config.yaml > the `models` setting > config.properties
         min_workers = first(
-            options.min_workers, settings.min_workers, min(cfg.default_workers_per_model, cap)
+            options.min_workers,
+            settings.min_workers,
+            configured.min_workers,
+            min(cfg.default_workers_per_model, cap),
         )
-        max_workers = first(options.max_workers, settings.max_workers, min_workers)
-        batch_size = first(options.batch_size, settings.batch_size, cfg.batch_size)
-        delay = first(options.max_batch_delay, settings.max_batch_delay, cfg.max_batch_delay)
+        max_workers = first(
+            options.max_workers, settings.max_workers, configured.max_workers, min_workers
+        )
+        batch_size = first(
+            options.batch_size, settings.batch_size, configured.batch_size, cfg.batch_size
+        )
+        delay = first(
+            options.max_batch_delay,
+            settings.max_batch_delay,
+            configured.max_batch_delay,
+            cfg.max_batch_delay,
+        )
         response_timeout = first(
-            options.response_timeout, settings.response_timeout, cfg.default_response_timeout
+            options.response_timeout,
+            settings.response_timeout,
+            configured.response_timeout,
+            cfg.default_response_timeout,
         )
         startup_timeout = first(
-            options.startup_timeout, settings.startup_timeout, cfg.default_startup_timeout
+            options.startup_timeout,
+            settings.startup_timeout,
+            configured.startup_timeout,
+            cfg.default_startup_timeout,
         )
         handler = options.handler or model.handler
         queue = ModelQueue(cfg.job_queue_size)
@@ -281,6 +317,7 @@ class Registry:
             limit_max_image_pixels=cfg.limit_max_image_pixels,
             startup_timeout=startup_timeout,
             service_envelope=cfg.service_envelope,
+            declared_metrics=self.metrics.model_declarations(),
         )
         pool = WorkerPool(
             f"{model_name}_{version}",

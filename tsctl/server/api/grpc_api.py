@@ -3,7 +3,8 @@
 They speak TorchServe 0.12's protos (wire-identical, see proto/) and go down the same request
 path as REST: `Predictions` builds the same `InferenceRequest` (each `input` entry one field,
 as bytes) and waits on the same queue, batches and workers; management calls run the same
-operations and answer the REST call's JSON in `msg`. Every servicer method wears
+operations and answer in `msg` what TorchServe answers there: the JSON document for describe
+and list, the plain status sentence for the others. Every servicer method wears
 `tsctl.server.api.grpc_errors`' funnel: a `TsctlError` answers its `grpc_code`, anything else
 INTERNAL with a request id and no details. Message sizes follow `max_request_size` /
 `max_response_size`. Event-loop only.
@@ -126,16 +127,28 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
             yield answer
 
 
+#: TorchServe's gRPC answer to register and unregister while `enable_model_api` is off
+MODEL_API_DISABLED = "Model API disabled"
+
+
 class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # type: ignore[misc]
-    """Each call does exactly what its REST twin does and answers the same JSON in `msg`."""
+    """Each call does what its REST twin does; `msg` holds the describe or list JSON, or the
+    status sentence (REST's `{"status": ...}` text) for the other calls, as in TorchServe.
+    proto3 cannot tell 0 from unset: 0 (or less) means "not given", TorchServe's reading."""
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
-    async def _run(self, context: aio.ServicerContext, call: Any) -> Any:
+    async def _run(
+        self, context: aio.ServicerContext, call: Any, changes_models: bool = False
+    ) -> Any:
         self.state.authorize("management", _metadata(context).get("authorization"))
-        doc = await call()
-        return management_pb2.ManagementResponse(msg=json.dumps(doc, indent=2))
+        if changes_models and not self.state.config.enable_model_api:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, MODEL_API_DISABLED)
+        answer = await call()
+        if isinstance(answer, management.Outcome):
+            return management_pb2.ManagementResponse(msg=answer.message)
+        return management_pb2.ManagementResponse(msg=json.dumps(answer, indent=2))
 
     @funnel
     async def DescribeModel(self, request: Any, context: aio.ServicerContext) -> Any:
@@ -172,35 +185,29 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
                 "startup_timeout": request.startup_timeout or None,
             }
             params = management.parse(management.RegisterParams, values)
-            message = (await management.register(self.state, params)).message
-            return {"status": message}
+            return await management.register(self.state, params)
 
-        return await self._run(context, call)
+        return await self._run(context, call, changes_models=True)
 
     @funnel
     async def ScaleWorker(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
+            low = request.min_worker if request.min_worker > 0 else 1
             values = {
-                "min_worker": request.min_worker,
-                "max_worker": request.max_worker or None,
+                "min_worker": low,
+                "max_worker": request.max_worker if request.max_worker > 0 else low,
                 "synchronous": request.synchronous,
             }
             params = management.parse(management.ScaleParams, values)
             version = request.model_version or None
-            message = (
-                await management.scale(self.state, request.model_name, version, params)
-            ).message
-            return {"status": message}
+            return await management.scale(self.state, request.model_name, version, params)
 
         return await self._run(context, call)
 
     @funnel
     async def SetDefault(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
-            message = management.set_default(
-                self.state, request.model_name, request.model_version
-            ).message
-            return {"status": message}
+            return management.set_default(self.state, request.model_name, request.model_version)
 
         return await self._run(context, call)
 
@@ -208,10 +215,9 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
     async def UnregisterModel(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
             version = request.model_version or None
-            message = (await management.unregister(self.state, request.model_name, version)).message
-            return {"status": message}
+            return await management.unregister(self.state, request.model_name, version)
 
-        return await self._run(context, call)
+        return await self._run(context, call, changes_models=True)
 
 
 class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
