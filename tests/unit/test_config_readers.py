@@ -209,7 +209,7 @@ def test_models_and_a_model_snapshot() -> None:
         ({"model_snapshot": "[1]"}, "invalid model_snapshot: TypeError"),
         ({"batch_size": "0"}, "invalid setting batch_size='0'"),
         ({"enable_model_api": "maybe"}, "invalid setting enable_model_api='maybe'"),
-        ({"inference_address": "https://0.0.0.0:8443"}, "TLS is not supported yet"),
+        ({"inference_address": "ftp://0.0.0.0:8443"}, "must look like http://127.0.0.1:8080"),
         ({"service_envelope": "soap"}, "unknown service_envelope 'soap'"),
         ({"number_of_gpu": "two"}, "invalid setting number_of_gpu='two'"),
     ],

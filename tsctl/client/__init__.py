@@ -22,6 +22,7 @@ from tsctl.client.connect import (
     connect_inference,
     connect_management,
 )
+from tsctl.client.tls import TlsOptions
 from tsctl.errors import ServerUnreachable
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ModelPage",
     "Prediction",
     "ServerUnreachable",
+    "TlsOptions",
     "connect_grpc_inference",
     "connect_grpc_management",
     "connect_inference",

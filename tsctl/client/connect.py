@@ -11,6 +11,10 @@ rotated first with the API key. A URL that is not the local server's gets no key
         print(client.all_models())
     with connect_inference("127.0.0.1:7070", grpc=True) as client:
         print(client.predict("resnet_faces", image_bytes).json())
+
+A server that uses TLS is recorded (and given) as `https://host:port`, for gRPC too; its
+certificate is checked against the system's CAs unless `tls` says otherwise
+(`TlsOptions(cacert=...)` for a private CA, `TlsOptions(insecure=True)`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from urllib.parse import urlsplit
 
 from tsctl.client.base import InferenceClient, ManagementClient
 from tsctl.client.rest import RestInferenceClient, RestManagementClient
+from tsctl.client.tls import TlsOptions
 from tsctl.local.keys import expires_soon, read_key
 from tsctl.local.lifecycle import running
 from tsctl.local.pidfile import PidInfo, default_state_dir
@@ -47,13 +52,14 @@ def connect_management(
     grpc: bool = False,
     timeout: float = 600,
     info: PidInfo | None = None,
+    tls: TlsOptions | None = None,
 ) -> ManagementClient:
     """A management client for `url`, or for the local server (`info`, or the one recorded
     in the default state directory), over REST or gRPC."""
     if grpc:
-        return connect_grpc_management(url, timeout=timeout, info=info)
-    target, token = _rest_target("management", url, timeout, info)
-    return RestManagementClient(target, timeout=timeout, token=token)
+        return connect_grpc_management(url, timeout=timeout, info=info, tls=tls)
+    target, token = _rest_target("management", url, timeout, info, tls)
+    return RestManagementClient(target, timeout=timeout, token=token, tls=tls)
 
 
 def connect_inference(
@@ -62,31 +68,40 @@ def connect_inference(
     grpc: bool = False,
     timeout: float = 600,
     info: PidInfo | None = None,
+    tls: TlsOptions | None = None,
 ) -> InferenceClient:
     """An inference client for `url`, or for the local server, over REST or gRPC."""
     if grpc:
-        return connect_grpc_inference(url, timeout=timeout, info=info)
-    target, token = _rest_target("inference", url, timeout, info)
-    return RestInferenceClient(target, timeout=timeout, token=token)
+        return connect_grpc_inference(url, timeout=timeout, info=info, tls=tls)
+    target, token = _rest_target("inference", url, timeout, info, tls)
+    return RestInferenceClient(target, timeout=timeout, token=token, tls=tls)
 
 
 def connect_grpc_management(
-    url: str | None = None, *, timeout: float = 600, info: PidInfo | None = None
+    url: str | None = None,
+    *,
+    timeout: float = 600,
+    info: PidInfo | None = None,
+    tls: TlsOptions | None = None,
 ) -> GrpcManagementClient:
     from tsctl.client.grpc_client import GrpcManagementClient
 
-    target, token = _grpc_target("management", url, timeout, info)
-    return GrpcManagementClient(target, token=token, timeout=timeout)
+    target, token = _grpc_target("management", url, timeout, info, tls)
+    return GrpcManagementClient(target, token=token, timeout=timeout, tls=tls)
 
 
 def connect_grpc_inference(
-    url: str | None = None, *, timeout: float = 600, info: PidInfo | None = None
+    url: str | None = None,
+    *,
+    timeout: float = 600,
+    info: PidInfo | None = None,
+    tls: TlsOptions | None = None,
 ) -> GrpcInferenceClient:
     """The gRPC inference client (it can also stream a handler's answers)."""
     from tsctl.client.grpc_client import GrpcInferenceClient
 
-    target, token = _grpc_target("inference", url, timeout, info)
-    return GrpcInferenceClient(target, token=token, timeout=timeout)
+    target, token = _grpc_target("inference", url, timeout, info, tls)
+    return GrpcInferenceClient(target, token=token, timeout=timeout, tls=tls)
 
 
 def _local(info: PidInfo | None) -> PidInfo | None:
@@ -94,7 +109,7 @@ def _local(info: PidInfo | None) -> PidInfo | None:
 
 
 def _rest_target(
-    api: Api, url: str | None, timeout: float, info: PidInfo | None
+    api: Api, url: str | None, timeout: float, info: PidInfo | None, tls: TlsOptions | None
 ) -> tuple[str, str | None]:
     info = _local(info)
     recorded = ""
@@ -103,12 +118,12 @@ def _rest_target(
     target = url or recorded or DEFAULTS[api]
     token = None
     if info is not None and info.key_file and _same(target, recorded):
-        token = _fresh_key(info, api, timeout)
+        token = _fresh_key(info, api, timeout, tls)
     return target, token
 
 
 def _grpc_target(
-    api: Api, url: str | None, timeout: float, info: PidInfo | None
+    api: Api, url: str | None, timeout: float, info: PidInfo | None, tls: TlsOptions | None
 ) -> tuple[str, str | None]:
     info = _local(info)
     recorded = ""
@@ -118,22 +133,24 @@ def _grpc_target(
         )
     target = (url or recorded or GRPC_DEFAULTS[api]).removeprefix("http://")
     token = None
-    if info is not None and info.key_file and recorded and _same(target, f"http://{recorded}"):
-        token = _fresh_key(info, api, timeout)
+    if info is not None and info.key_file and recorded and _same(target, recorded):
+        token = _fresh_key(info, api, timeout, tls)
     return target, token
 
 
 def _same(a: str, b: str) -> bool:
-    first, second = urlsplit(a if "://" in a else f"http://{a}"), urlsplit(b)
+    """Whether two addresses (`scheme://host:port` or `host:port`) name the same server."""
+    first = urlsplit(a if "://" in a else f"http://{a}")
+    second = urlsplit(b if "://" in b else f"http://{b}")
     local = {"localhost", "127.0.0.1"}
     hosts_match = first.hostname == second.hostname or {first.hostname, second.hostname} <= local
     return hosts_match and first.port == second.port
 
 
-def _fresh_key(info: PidInfo, kind: Api, timeout: float) -> str | None:
+def _fresh_key(info: PidInfo, kind: Api, timeout: float, tls: TlsOptions | None) -> str | None:
     """The local server's key of `kind`, rotated first (over REST) when about to expire."""
     if expires_soon(info.key_file, kind, _MARGIN):
         api_key = read_key(info.key_file, "API")
-        with RestManagementClient(info.management_address, timeout, api_key) as admin:
+        with RestManagementClient(info.management_address, timeout, api_key, tls) as admin:
             admin.rotate_key(kind)
     return read_key(info.key_file, kind)

@@ -30,6 +30,7 @@ from tsctl.client.base import (
     status_message,
     status_text,
 )
+from tsctl.client.tls import TlsOptions
 from tsctl.errors import ServerUnreachable
 from tsctl.proto_gen import (
     inference_pb2,
@@ -45,11 +46,24 @@ _UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_l
 class GrpcClient:
     """A channel to one gRPC API at `target` (`host:port`), with the key if given."""
 
-    def __init__(self, target: str, token: str | None = None, timeout: float = 600) -> None:
-        self.target = target.removeprefix("http://")
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        timeout: float = 600,
+        tls: TlsOptions | None = None,
+    ) -> None:
+        """`target`: `host:port`, or `https://host:port` for a server that uses TLS (`tls`
+        says how its certificate is checked)."""
+        secure = target.startswith("https://")
+        self.target = target.removeprefix("https://").removeprefix("http://")
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.channel = grpc.insecure_channel(self.target, options=_UNLIMITED)
+        if secure:
+            credentials = (tls or TlsOptions()).grpc_credentials()
+            self.channel = grpc.secure_channel(self.target, credentials, options=_UNLIMITED)
+        else:
+            self.channel = grpc.insecure_channel(self.target, options=_UNLIMITED)
 
     def close(self) -> None:
         self.channel.close()
@@ -72,8 +86,14 @@ class GrpcClient:
 class GrpcManagementClient(ManagementClient):
     """The management API over gRPC (`ManagementAPIsService`)."""
 
-    def __init__(self, target: str, token: str | None = None, timeout: float = 600) -> None:
-        self.transport = GrpcClient(target, token, timeout)
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        timeout: float = 600,
+        tls: TlsOptions | None = None,
+    ) -> None:
+        self.transport = GrpcClient(target, token, timeout, tls)
         self.stub = management_pb2_grpc.ManagementAPIsServiceStub(self.transport.channel)
 
     def close(self) -> None:
@@ -162,8 +182,14 @@ class GrpcManagementClient(ManagementClient):
 class GrpcInferenceClient(InferenceClient):
     """The inference API over gRPC (`InferenceAPIsService`), with its streaming call."""
 
-    def __init__(self, target: str, token: str | None = None, timeout: float = 600) -> None:
-        self.transport = GrpcClient(target, token, timeout)
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        timeout: float = 600,
+        tls: TlsOptions | None = None,
+    ) -> None:
+        self.transport = GrpcClient(target, token, timeout, tls)
         self.stub = inference_pb2_grpc.InferenceAPIsServiceStub(self.transport.channel)
 
     def close(self) -> None:
@@ -208,7 +234,15 @@ def _given(**fields: Any) -> dict[str, Any]:
 def _error(target: str, exc: grpc.RpcError) -> Exception:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+    lowered = (details or "").lower()
+    if code == grpc.StatusCode.UNAVAILABLE and "certificate_verify_failed" in lowered:
+        return ServerUnreachable(
+            f"cannot verify the TLS certificate of the gRPC server at {target} "
+            "(--cacert FILE trusts the CA that signed it)"
+        )
+    if code == grpc.StatusCode.UNAVAILABLE and "handshake" in lowered:
+        return ServerUnreachable(f"TLS handshake with the gRPC server at {target} failed")
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in lowered:
         return ServerUnreachable(f"cannot reach the gRPC server at {target}")
     name = code.name if code is not None else "UNKNOWN"
     return ApiError(f"{name}: {details}", code=name, detail=details or "")

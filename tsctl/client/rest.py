@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from tsctl.client.base import (
     model_page,
     status_message,
 )
+from tsctl.client.tls import TlsOptions, unverified
 from tsctl.errors import ServerUnreachable, TsctlError
 
 __all__ = ["ApiError", "Reply", "RestClient", "RestInferenceClient", "RestManagementClient"]
@@ -48,14 +50,33 @@ class Reply:
 
 
 class RestClient:
-    """One connection to one API at `base_url` (`http://host:port`), with the key if given."""
+    """One connection to one API at `base_url` (`http://host:port` or `https://host:port`),
+    with the key if given; `tls` says how an https server's certificate is checked."""
 
-    def __init__(self, base_url: str, timeout: float = 300, token: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 300,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
+    ) -> None:
         parts = urlsplit(base_url if "://" in base_url else f"http://{base_url}")
-        if parts.scheme != "http" or not parts.hostname:
-            raise TsctlError(f"unsupported server URL {base_url!r}; use http://host:port")
-        self.base_url = f"http://{parts.hostname}:{parts.port or 80}"
-        self._conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise TsctlError(
+                f"unsupported server URL {base_url!r}; use http://host:port or https://host:port"
+            )
+        host = parts.hostname
+        shown = f"[{host}]" if ":" in host else host
+        if parts.scheme == "https":
+            port = parts.port or 443
+            context = (tls or TlsOptions()).ssl_context()
+            self._conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=context
+            )
+        else:
+            port = parts.port or 80
+            self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        self.base_url = f"{parts.scheme}://{shown}:{port}"
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def close(self) -> None:
@@ -78,6 +99,8 @@ class RestClient:
                     raise ServerUnreachable(
                         f"the server at {self.base_url} closed the connection"
                     ) from None
+            except ssl.SSLCertVerificationError as exc:
+                raise unverified(self.base_url, exc) from None
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 raise ServerUnreachable(
@@ -92,8 +115,14 @@ class RestClient:
 class RestManagementClient(ManagementClient):
     """The management API over REST (`/models...`)."""
 
-    def __init__(self, base_url: str, timeout: float = 300, token: str | None = None) -> None:
-        self.transport = RestClient(base_url, timeout, token)
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 300,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
+    ) -> None:
+        self.transport = RestClient(base_url, timeout, token, tls)
 
     def close(self) -> None:
         self.transport.close()
@@ -181,8 +210,14 @@ class RestManagementClient(ManagementClient):
 class RestInferenceClient(InferenceClient):
     """The inference API over REST (`/predictions/...`, `/ping`)."""
 
-    def __init__(self, base_url: str, timeout: float = 300, token: str | None = None) -> None:
-        self.transport = RestClient(base_url, timeout, token)
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 300,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
+    ) -> None:
+        self.transport = RestClient(base_url, timeout, token, tls)
 
     def close(self) -> None:
         self.transport.close()

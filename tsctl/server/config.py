@@ -102,6 +102,15 @@ class ServerConfig(BaseModel):
     install_py_dep_timeout: float = Field(default=600, gt=0)
     #: where installed model dependencies are cached; none: `.tsctl-deps` in the model store
     model_deps_dir: Path | None = None
+    #: TLS (tsctl.server.tls): an https:// address serves that API with TLS, with this PEM
+    #: key (others may not read it) and certificate chain, or a PKCS12 keystore instead
+    private_key_file: Path | None = None
+    certificate_file: Path | None = None
+    keystore: Path | None = None
+    keystore_pass: str = ""
+    keystore_type: str = "PKCS12"
+    #: both gRPC APIs with TLS, on the same key and certificate
+    enable_grpc_ssl: bool = False
 
     @field_validator("inference_address", "management_address", "metrics_address")
     @classmethod
@@ -120,8 +129,6 @@ def parse_address(address: str) -> tuple[str, int]:
     parts = urlsplit(address if "://" in address else f"http://{address}")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
         raise ValueError(f"address {address!r} must look like http://127.0.0.1:8080")
-    if parts.scheme == "https":
-        raise ValueError(f"address {address!r}: TLS is not supported yet; use http://")
     return parts.hostname, parts.port
 
 
@@ -246,6 +253,12 @@ _PROPERTY_KEYS = {
     "install_py_dep_per_model",
     "install_py_dep_timeout",
     "model_deps_dir",
+    "private_key_file",
+    "certificate_file",
+    "keystore",
+    "keystore_pass",
+    "keystore_type",
+    "enable_grpc_ssl",
 }
 #: TorchServe keys tsctl accepts but does not act on yet (no warning for these)
 _ACCEPTED = {

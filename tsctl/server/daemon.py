@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from typing import Any
 from tsctl.errors import InvalidInput, TsctlError
 from tsctl.local import pidfile
 from tsctl.local.lifecycle import started_line, tail
-from tsctl.server import snapshot
+from tsctl.server import snapshot, tls
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig, parse_address
 from tsctl.server.registry import Registry
@@ -55,9 +56,9 @@ def _bind(address: str, what: str) -> list[socket.socket]:
         ) from None
 
 
-def _address_of(sockets: list[socket.socket]) -> str:
+def _address_of(sockets: list[socket.socket], secure: bool = False) -> str:
     host, port = sockets[0].getsockname()[:2]
-    return f"http://{host}:{port}"
+    return f"{'https' if secure else 'http'}://{host}:{port}"
 
 
 def startup_models(config: ServerConfig) -> list[tuple[str | None, str]]:
@@ -106,6 +107,7 @@ class Daemon:
         self.servers: list[Any] = []
         self.grpc_servers: list[Any] = []
         self.pid_path = pidfile.pid_path(config.state_dir)
+        self.tls: tls.Material | None = None
 
     async def run(self, notify: Callable[[dict[str, Any]], None]) -> int:
         config = self.config
@@ -122,6 +124,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         try:
+            self.tls = tls.load(config)
+            if self.tls is not None:
+                log.info("TLS: key and certificate from %s", self.tls.source)
             addresses = await self._listen(state)
             if config.enable_grpc:
                 addresses.update(await self._start_grpc(state))
@@ -187,9 +192,12 @@ class Daemon:
             ("inference", config.grpc_inference_address, config.grpc_inference_port),
             ("management", config.grpc_management_address, config.grpc_management_port),
         ):
-            server, address = await grpc_api.start(state, f"{host}:{port}", api)
+            material = self.tls if config.enable_grpc_ssl else None
+            pem = (material.key_pem, material.chain_pem) if material is not None else None
+            server, address = await grpc_api.start(state, f"{host}:{port}", api, pem)
             self.grpc_servers.append(server)
-            found[f"grpc_{api}"] = address
+            # a TLS port is recorded as https://host:port (clients then speak TLS)
+            found[f"grpc_{api}"] = f"https://{address}" if pem is not None else address
         return found
 
     async def _load_startup_models(self, registry: Registry) -> list[str]:
@@ -251,22 +259,34 @@ class Daemon:
         from tsctl.server.api import rest_inference, rest_management, rest_metrics, rest_server
 
         config = self.config
+        context = tls.server_context(self.tls) if self.tls is not None else None
+
+        def tls_for(address: str) -> ssl.SSLContext | None:
+            return context if address.startswith("https://") else None
+
         inference_sockets = _bind(config.inference_address, "inference")
         management_sockets = _bind(config.management_address, "management")
-        self.servers.append(await rest_inference.serve(state, inference_sockets))
-        apps: list[tuple[str, Any, list[socket.socket]]] = [
-            ("management", rest_management.make_app(state), management_sockets),
+        inference_tls = tls_for(config.inference_address)
+        self.servers.append(await rest_inference.serve(state, inference_sockets, inference_tls))
+        apps: list[tuple[str, Any, list[socket.socket], ssl.SSLContext | None]] = [
+            (
+                "management",
+                rest_management.make_app(state),
+                management_sockets,
+                tls_for(config.management_address),
+            ),
         ]
         addresses = {
-            "inference": _address_of(inference_sockets),
-            "management": _address_of(management_sockets),
+            "inference": _address_of(inference_sockets, inference_tls is not None),
+            "management": _address_of(management_sockets, apps[0][3] is not None),
         }
         if config.enable_metrics_api:
             metrics_sockets = _bind(config.metrics_address, "metrics")
-            apps.append(("metrics", rest_metrics.make_app(state), metrics_sockets))
-            addresses["metrics"] = _address_of(metrics_sockets)
-        for api, app, sockets in apps:
-            self.servers.append(rest_server.serve(app, state, api, sockets))
+            metrics_tls = tls_for(config.metrics_address)
+            apps.append(("metrics", rest_metrics.make_app(state), metrics_sockets, metrics_tls))
+            addresses["metrics"] = _address_of(metrics_sockets, metrics_tls is not None)
+        for api, app, sockets, api_tls in apps:
+            self.servers.append(rest_server.serve(app, state, api, sockets, api_tls))
         return addresses
 
     async def _shutdown(self, state: ServerState, drain: bool) -> None:

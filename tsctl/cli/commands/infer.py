@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from tsctl.cli.tls import CACERT_HELP, INSECURE_HELP, tls_options
 from tsctl.errors import InvalidInput
 
 if TYPE_CHECKING:
     from tsctl.client.base import Input, Prediction
+    from tsctl.client.tls import TlsOptions
 
 app = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -34,6 +36,8 @@ def infer(
     stream: bool = typer.Option(
         False, "--stream", help="With --grpc: StreamPredictions, one answer per message."
     ),
+    cacert: Path | None = typer.Option(None, "--cacert", help=CACERT_HELP, dir_okay=False),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Send files to a model: together in ONE request, or --each in its own request."""
     from tsctl.client.base import file_inputs
@@ -48,12 +52,13 @@ def infer(
 
     if stream and not use_grpc:
         raise InvalidInput("--stream needs --grpc")
+    tls = tls_options(cacert, insecure)
 
     def send(group: list[Path]) -> Prediction:
         inputs = file_inputs(group, content_type)
         if stream:
-            return _streamed(model, inputs, version, url)
-        with connect_inference(url, grpc=use_grpc) as client:
+            return _streamed(model, inputs, version, url, tls)
+        with connect_inference(url, grpc=use_grpc, tls=tls) as client:
             return client.predict(model, inputs, version)
 
     if each and len(paths) > 1:
@@ -67,12 +72,18 @@ def infer(
     _print(answers)
 
 
-def _streamed(model: str, inputs: list[Input], version: str | None, url: str | None) -> Prediction:
+def _streamed(
+    model: str,
+    inputs: list[Input],
+    version: str | None,
+    url: str | None,
+    tls: TlsOptions | None,
+) -> Prediction:
     """A streaming handler's answers over gRPC, one per line."""
     from tsctl.client.base import Prediction
     from tsctl.client.connect import connect_grpc_inference
 
-    with connect_grpc_inference(url) as client:
+    with connect_grpc_inference(url, tls=tls) as client:
         parts = list(client.stream(model, inputs, version))
     kind = parts[0].content_type if parts else ""
     return Prediction(b"\n".join(p.body for p in parts), kind)

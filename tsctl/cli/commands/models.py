@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+
+from tsctl.cli.tls import CACERT_HELP, INSECURE_HELP, tls_options
 
 if TYPE_CHECKING:
     from tsctl.client.base import ManagementClient
@@ -26,10 +29,12 @@ GRPC_HELP = "Use the gRPC management API (default: REST)."
 JSON_HELP = "Print the server's JSON, for scripts."
 
 
-def _client(url: str | None, use_grpc: bool) -> ManagementClient:
+def _client(
+    url: str | None, use_grpc: bool, cacert: Path | None, insecure: bool
+) -> ManagementClient:
     from tsctl.client.connect import connect_management
 
-    return connect_management(url, grpc=use_grpc)
+    return connect_management(url, grpc=use_grpc, tls=tls_options(cacert, insecure))
 
 
 def _status(message: str, as_json: bool) -> None:
@@ -53,9 +58,11 @@ def register(
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
+    cacert: Path | None = typer.Option(None, "--cacert", help=CACERT_HELP, dir_okay=False),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Register a model archive (POST /models)."""
-    with _client(url_, use_grpc) as client:
+    with _client(url_, use_grpc, cacert, insecure) as client:
         message = client.register(
             url,
             model_name=model_name,
@@ -79,9 +86,11 @@ def scale(
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
+    cacert: Path | None = typer.Option(None, "--cacert", help=CACERT_HELP, dir_okay=False),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Change a model's number of workers (PUT /models/NAME)."""
-    with _client(url_, use_grpc) as client:
+    with _client(url_, use_grpc, cacert, insecure) as client:
         message = client.scale(
             name, min_workers, max_workers=max_workers, version=version, synchronous=sync
         )
@@ -93,9 +102,11 @@ def list_models(
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
+    cacert: Path | None = typer.Option(None, "--cacert", help=CACERT_HELP, dir_okay=False),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """List the registered models (GET /models, every page)."""
-    with _client(url_, use_grpc) as client:
+    with _client(url_, use_grpc, cacert, insecure) as client:
         models = client.all_models()
     if as_json:
         listed = [{"modelName": m.name, "modelUrl": m.url} for m in models]
@@ -118,9 +129,11 @@ def describe(
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
+    cacert: Path | None = typer.Option(None, "--cacert", help=CACERT_HELP, dir_okay=False),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Describe a model: settings and workers (GET /models/NAME)."""
-    with _client(url_, use_grpc) as client:
+    with _client(url_, use_grpc, cacert, insecure) as client:
         described = client.describe(name, version, all_versions=all_versions)
     if as_json:
         sys.stdout.write(json.dumps(described, indent=2) + "\n")
@@ -156,9 +169,11 @@ def unregister(
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
+    cacert: Path | None = typer.Option(None, "--cacert", help=CACERT_HELP, dir_okay=False),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Unregister a model or one version, after its requests finish (DELETE /models/NAME)."""
-    with _client(url_, use_grpc) as client:
+    with _client(url_, use_grpc, cacert, insecure) as client:
         message = client.unregister(name, version)
     _status(message, as_json)
 
@@ -170,8 +185,10 @@ def set_default(
     url_: str | None = typer.Option(None, "--url", help=URL_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     use_grpc: bool = typer.Option(False, "--grpc", help=GRPC_HELP),
+    cacert: Path | None = typer.Option(None, "--cacert", help=CACERT_HELP, dir_okay=False),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Make a version the default (PUT /models/NAME/VERSION/set-default)."""
-    with _client(url_, use_grpc) as client:
+    with _client(url_, use_grpc, cacert, insecure) as client:
         message = client.set_default(name, version)
     _status(message, as_json)

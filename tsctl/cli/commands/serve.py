@@ -10,6 +10,8 @@ from typing import Any
 
 import typer
 
+from tsctl.cli.tls import CACERT_HELP, INSECURE_HELP
+
 app = typer.Typer(
     help="Start, stop and inspect the model server daemon.",
     no_args_is_help=True,
@@ -184,10 +186,13 @@ def stop(
 def status(
     state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    cacert: Path | None = typer.Option(None, "--cacert", help=CACERT_HELP, dir_okay=False),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Show whether the server runs, and its models, versions and workers."""
     import json
 
+    from tsctl.cli.tls import tls_options
     from tsctl.client.connect import connect_management
     from tsctl.local.lifecycle import running
 
@@ -199,7 +204,8 @@ def status(
             typer.echo("tsctl is not running.")
         raise typer.Exit(1)
     described: list[dict[str, Any]] = []
-    with connect_management(timeout=30, info=info) as client:
+    tls = tls_options(cacert, insecure)
+    with connect_management(timeout=30, info=info, tls=tls) as client:
         for entry in client.all_models():
             described.extend(client.describe(entry.name, all_versions=True))
     if as_json:

@@ -284,8 +284,12 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-async def start(state: ServerState, address: str, api: str) -> tuple[aio.Server, str]:
-    """Start one gRPC server ("inference" or "management"); returns it and its address."""
+async def start(
+    state: ServerState, address: str, api: str, tls: tuple[bytes, bytes] | None = None
+) -> tuple[aio.Server, str]:
+    """Start one gRPC server ("inference" or "management"); returns it and its address.
+    `tls`: (private key, certificate chain) in PEM for a TLS port (gRPC's own TLS: 1.2 and
+    up, its strong cipher suites)."""
     server = aio.server(
         options=server_options(state.config),
         # calls beyond it get RESOURCE_EXHAUSTED at once (each may hold a whole message)
@@ -300,7 +304,10 @@ async def start(state: ServerState, address: str, api: str) -> tuple[aio.Server,
         management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server(
             ManagementService(state), server
         )
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
     if port == 0:
         raise TsctlError(f"cannot listen on gRPC {api} address {address}")
     await server.start()

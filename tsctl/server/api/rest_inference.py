@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -308,8 +309,10 @@ class InferenceApi:
         return FixedExchange(state, conn, head, answer)
 
 
-async def serve(state: ServerState, sockets: list[socket.socket]) -> http1.Server:
-    """The inference API on `sockets` (already bound and listening)."""
+async def serve(
+    state: ServerState, sockets: list[socket.socket], tls: ssl.SSLContext | None = None
+) -> http1.Server:
+    """The inference API on `sockets` (already bound and listening), with TLS if `tls`."""
     config = state.config
     limits = http1.Limits(
         keep_alive_timeout=config.keep_alive_timeout,
@@ -319,5 +322,5 @@ async def serve(state: ServerState, sockets: list[socket.socket]) -> http1.Serve
         discard_limit=DISCARD_LIMIT,
     )
     server = http1.Server(InferenceApi(state).route, error_response, limits, "inference API")
-    await server.add_sockets(sockets)
+    await server.add_sockets(sockets, tls)
     return server

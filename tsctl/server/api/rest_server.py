@@ -17,6 +17,12 @@ resources without bound:
   otherwise the body is read and dropped (up to `DISCARD_LIMIT` past the limit, as on the
   inference port) so that the client is reading when the answer comes, and the connection
   stays usable.
+- **TLS** (`https://` addresses): tornado's `ssl_options` with the daemon's context
+  (`tsctl.server.tls`). A failed handshake (a plain-HTTP client, an old TLS version) closes
+  the connection and is logged at DEBUG, not as tornado's warning. On a plain port, a client
+  that starts a TLS handshake (its first byte is 0x16, a TLS handshake record, which no HTTP
+  request starts with) is closed at once instead of waiting for a request head that never
+  comes.
 
 Runs on the daemon's event loop; nothing here blocks.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -59,6 +66,12 @@ class LimitedServer(HTTPServer):
     port = ""
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        if self.ssl_options is None:  # nothing was read from it yet: same socket, new stream
+            stream = PlainStream(
+                stream.socket,
+                max_buffer_size=stream.max_buffer_size,
+                read_chunk_size=stream.read_chunk_size,
+            )
         if len(self._connections) >= self.max_connections:
             self.refused += 1
             if self.refused == 1:
@@ -78,6 +91,40 @@ class LimitedServer(HTTPServer):
     ) -> httputil.HTTPMessageDelegate:
         inner = super().start_request(server_conn, request_conn)
         return BoundedBody(inner, request_conn, self.state)
+
+
+class PlainStream(IOStream):
+    """A plain-HTTP connection that ends at once when its first byte starts a TLS handshake
+    (a TLS client on a plain port would otherwise wait for its own timeout)."""
+
+    first = True
+
+    def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
+        count = super().read_from_fd(buf)
+        if self.first and count:
+            self.first = False
+            if buf[0] == TLS_HANDSHAKE:
+                log.debug("closed a connection that began a TLS handshake on a plain port")
+                return 0  # read as the end of the stream: tornado closes it quietly
+        return count
+
+
+#: the first byte of a TLS handshake record
+TLS_HANDSHAKE = 0x16
+
+
+class QuietHandshakeErrors(logging.Filter):
+    """Turns tornado's "SSL Error on ..." warning (a failed TLS handshake: a plain-HTTP client,
+    a client that offers only old TLS versions) into a DEBUG line of tsctl's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("SSL Error on"):
+            log.debug("TLS handshake failed: %s", record.getMessage())
+            return False
+        return True
+
+
+_QUIET = QuietHandshakeErrors()
 
 
 def _declared_length(headers: httputil.HTTPHeaders) -> int | None:
@@ -178,15 +225,23 @@ class BoundedBody(httputil.HTTPMessageDelegate):
 
 
 def serve(
-    app: Application, state: ServerState, api: str, sockets: list[socket.socket]
+    app: Application,
+    state: ServerState,
+    api: str,
+    sockets: list[socket.socket],
+    tls: ssl.SSLContext | None = None,
 ) -> LimitedServer:
-    """Serve `app` (the `api` named in log lines) on `sockets` (bound and listening)."""
+    """Serve `app` (the `api` named in log lines) on `sockets` (bound and listening), with
+    TLS when `tls` is given."""
     config = state.config
+    if tls is not None:
+        logging.getLogger("tornado.general").addFilter(_QUIET)  # once: filters are a set
     server = LimitedServer(
         app,
         max_body_size=config.max_request_size + DISCARD_LIMIT,
         idle_connection_timeout=min(config.keep_alive_timeout, config.request_header_timeout),
         body_timeout=config.request_body_timeout,
+        ssl_options=tls,
     )
     server.state = state
     server.api = api

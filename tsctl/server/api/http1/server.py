@@ -2,6 +2,12 @@
 event loop (one `Connection` each, at most `Limits.max_connections` open: beyond it a new
 connection is closed at once), runs the sweep that enforces the connections' time limits, and
 stops accepting on shutdown. Event loop only; nothing here blocks.
+
+With TLS (`add_sockets(..., tls=context)`), asyncio's SSL transport runs the handshake before a
+`Connection` is made (so the connection limit and time limits count from then); the handshake
+itself is bounded by the header timeout, and a failed one (a plain-HTTP client, an old TLS
+version) closes the connection, logged by asyncio at DEBUG only. On a plain port a TLS
+client's first bytes are not HTTP: the parser refuses them at once (400, then close).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,10 +87,18 @@ class Server:
         self._at_limit = False
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def add_sockets(self, sockets: list[socket.socket]) -> None:
+    async def add_sockets(
+        self, sockets: list[socket.socket], tls: ssl.SSLContext | None = None
+    ) -> None:
+        """Accept connections on `sockets` (bound and listening), with TLS when `tls` is given."""
+        handshake = self.limits.header_timeout if tls is not None else None
         for sock in sockets:
             listener = await self.loop.create_server(
-                lambda: Connection(self), sock=sock, backlog=1024
+                lambda: Connection(self),
+                sock=sock,
+                backlog=1024,
+                ssl=tls,
+                ssl_handshake_timeout=handshake,
             )
             self.listeners.append(listener)
         if self._sweeper is None:
