@@ -130,11 +130,17 @@ class QueueFull(ServiceUnavailable):
         self.headers = {"Retry-After": str(retry_after)}
 
 
-class PredictionFailed(TsctlError):
-    """The handler raised or answered wrongly; the message carries the handler's error.
+#: TorchServe's whole answer to a handler exception that is not a `PredictionException`
+PREDICTION_FAILED = "Prediction failed"
 
-    TorchServe answers these 503 `InternalServerException` "Prediction failed"; tsctl keeps the
-    status and type and says what went wrong.
+
+class PredictionFailed(TsctlError):
+    """The handler raised or answered wrongly (503 `InternalServerException`, as TorchServe).
+
+    A handler's own exception is answered with TorchServe's bare `PREDICTION_FAILED` (its text
+    may hold paths or data: it goes to model_log.log only); a `PredictionException` with the
+    message the handler chose; a wrong answer (too few results, one that cannot be sent) with
+    what was wrong with it.
     """
 
     exit_code = 1

@@ -22,7 +22,6 @@ from tsctl.errors import (
     BadRequest,
     InvalidModelVersion,
     MethodNotAllowed,
-    PredictionFailed,
     ServiceUnavailable,
     StartFailed,
     TsctlError,
@@ -32,6 +31,7 @@ from tsctl.server import download
 from tsctl.server.registry import ModelVersion
 from tsctl.server.settings import LoadOptions, check_workers
 from tsctl.server.state import ServerState
+from tsctl.server.workers.pool import error_for
 from tsctl.validation import describe
 
 log = logging.getLogger("tsctl.server")
@@ -218,7 +218,7 @@ async def customized(mv: ModelVersion) -> Any:
     if answer.failure is not None:
         if answer.failure.kind is FailureKind.NOT_SUPPORTED:
             return None
-        raise PredictionFailed(answer.failure.message)
+        raise error_for(answer.failure)
     try:
         found = json.loads(bytes(answer.body))
     except ValueError:

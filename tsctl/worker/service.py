@@ -181,7 +181,10 @@ class Service:
             if inspect.isgenerator(answers):
                 answers = _last_of(answers, intermediate)
         except Exception as exc:
-            log.error("handler raised on a batch of %d:\n%s", len(rows), traceback.format_exc())
+            ids = ", ".join(r.request_id for r in batch.requests)
+            log.error(
+                "handler raised on the batch of request ids %s:\n%s", ids, traceback.format_exc()
+            )
             return Result(batch.batch_id, failure=failure_of(exc), metrics=self._metrics())
         elapsed = (time.perf_counter() - started) * 1000
         if isinstance(answers, (str, bytes, bytearray)) or not isinstance(answers, Sequence):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tsctl.errors import (
+    PREDICTION_FAILED,
     BadRequest,
     OutOfResources,
     PredictionFailed,
@@ -60,12 +61,16 @@ def restart_delay(failures: int) -> float:
 def error_for(failure: Failure) -> TsctlError:
     """The error a worker's failure is answered with (and so its HTTP and gRPC status): a
     request its envelope could not read is the client's mistake (400); memory that ran out is
-    507, as TorchServe answers it; a handler's `PredictionException` gets the status the
-    handler chose; anything else is a failed prediction (503)."""
+    507, as TorchServe answers it; a handler's `PredictionException` gets the status and the
+    message the handler chose; an exception the handler did not mean for clients is
+    TorchServe's bare "Prediction failed" (its text and traceback are in model_log.log, under
+    the request ids, which each answer carries); anything else is a failed prediction (503)."""
     if failure.kind is FailureKind.INVALID_INPUT:
         return BadRequest(failure.message)
     if failure.kind is FailureKind.OUT_OF_MEMORY:
         return OutOfResources(failure.message)
+    if failure.kind is FailureKind.HANDLER_ERROR:
+        return PredictionFailed(PREDICTION_FAILED)
     return prediction_failed(failure.message, failure.status)
 
 
