@@ -318,10 +318,9 @@ def test_tls_client_on_a_plain_port_is_closed(plain: Server) -> None:
         plain.info.metrics_address,
     ):
         with socket.create_connection(host_port(address), timeout=GUARD) as raw:
-            raw.settimeout(GUARD)  # a hang fails the test as a timeout, never passes
-            with pytest.raises(ssl.SSLError) as ended:
+            raw.settimeout(GUARD)  # a hang ends as TimeoutError, which fails the test
+            with pytest.raises(ssl.SSLError):
                 context.wrap_socket(raw, server_hostname="127.0.0.1")
-            assert not isinstance(ended.value, TimeoutError)
 
 
 def test_plain_client_on_a_tls_port_is_closed_cleanly(secured: Server) -> None:
