@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("metrics"), properties={"cors_allowed_origin": "*"})
+    # the handler's metrics are not in the default metrics configuration: auto-detected
+    properties = {"cors_allowed_origin": "*", "model_metrics_auto_detect": "true"}
+    srv = Server(tmp_path_factory.mktemp("metrics"), properties=properties)
     make_archive(srv.store, "swiss", "swiss")
     make_archive(srv.store, "metered", "metered")
     srv.start("swiss.mar", "metered.mar")
@@ -45,7 +47,7 @@ def value(text: str, series: str) -> float:
 def test_request_metrics_move(server: Server) -> None:
     host = socket.gethostname()
     name = (
-        f'ts_inference_requests_total{{model_name="swiss",model_version="1.0",hostname="{host}"}}'
+        f'ts_inference_requests_total{{model_name="swiss",model_version="1.0",hostname="{host}",}}'
     )
     start = value(scrape(server), name)
     for _ in range(3):
@@ -56,7 +58,7 @@ def test_request_metrics_move(server: Server) -> None:
     assert "Requests4XX{" in after
     assert "ts_queue_latency_microseconds{" in after
     assert re.search(
-        r'^tsctl_batch_size_count\{model_name="swiss",model_version="1.0"\} \d', after, re.M
+        r'^tsctl_batch_size_count\{model_name="swiss",model_version="1.0",\} \d', after, re.M
     )
 
 
@@ -72,16 +74,16 @@ def test_handler_custom_metrics(server: Server) -> None:
         assert server.predict("metered", {}).status == 200
     text = scrape(server)
     assert re.search(
-        r'^ImagesSeen\{Level="Model",ModelName="metered",Source="test",Hostname="[^"]+"\} 2\.0$',
+        r'^ImagesSeen\{Source="test",ModelName="metered",Level="Model",Hostname="[^"]+",\} 2\.0$',
         text,
         re.M,
     )
     assert re.search(
-        r'^DecodeTime\{Level="Model",ModelName="metered",Hostname="[^"]+"\} 12\.5$', text, re.M
+        r'^DecodeTime\{ModelName="metered",Level="Model",Hostname="[^"]+",\} 12\.5$', text, re.M
     )
     server.wait_for(
         lambda: (
-            "ImagesSeen.count:1.0|#ModelName:metered"
+            "ImagesSeen.count:1.0|#Source:test,ModelName:metered,Level:Model|#hostname:"
             in (server.log_dir / "model_metrics.log").read_text()
         )
     )
@@ -91,7 +93,7 @@ def test_worker_restarts_are_counted(server: Server) -> None:
     server.predict("swiss", {"action": "die"})
     assert server.predict("swiss", {}).status == 200
     assert re.search(
-        r'^tsctl_worker_restarts_total\{model_name="swiss",model_version="1.0"\} [1-9]',
+        r'^tsctl_worker_restarts_total\{model_name="swiss",model_version="1.0",\} [1-9]',
         scrape(server),
         re.M,
     )

@@ -124,7 +124,12 @@ def served(
     tmp_path_factory: pytest.TempPathFactory, models: dict[str, torch.nn.Module]
 ) -> Iterator[Server]:
     # limit_max_image_pixels: TorchServe's key, which reaches handlers as a system property
-    properties = {"enable_model_api": "true", "limit_max_image_pixels": "false"}
+    properties = {
+        "enable_model_api": "true",
+        "limit_max_image_pixels": "false",
+        # CompatSeen and CompatGauge are not declared in the default metrics configuration
+        "model_metrics_auto_detect": "true",
+    }
     srv = Server(tmp_path_factory.mktemp("tscompat"), properties=properties)
     work = srv.root / "work"
     work.mkdir()

@@ -13,11 +13,15 @@ BIN = Path(sys.executable).parent
 def run_tsctl(
     *args: str | os.PathLike[str], cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m tsctl ARGS` as a user would, capturing its output."""
+    """Run `python -m tsctl ARGS` as a user would, capturing its output.
+
+    A daemon started here does not keep this output pipe (`TSCTL_CONSOLE_LOG=false`): it
+    would hold it open, and capturing reads to its end. tests/e2e/test_console_logs.py reads
+    the console a daemon keeps."""
     return subprocess.run(
         [sys.executable, "-m", "tsctl", *map(str, args)],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "TSCTL_CONSOLE_LOG": "false", **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,

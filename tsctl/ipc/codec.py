@@ -111,6 +111,9 @@ def _spec(raw: Any) -> WorkerSpec:
     unknown = set(raw) - _SPEC_FIELDS
     if unknown:
         raise ProtocolError(f"unknown worker spec fields {sorted(unknown)}")
+    declared = raw.get("declared_metrics")
+    if declared is not None:  # JSON has lists where the spec has tuples
+        raw = {**raw, "declared_metrics": tuple((n, u, tuple(d), k) for n, u, d, k in declared)}
     return WorkerSpec(**raw)
 
 

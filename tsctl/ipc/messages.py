@@ -103,6 +103,8 @@ class WorkerSpec:
     startup_timeout: float = 120.0  # seconds to load the handler
     service_envelope: str = ""  # "" = none; else a key of ENVELOPES
     dep_path: str = ""  # "" = none; else a folder of per-model packages, put on sys.path
+    #: the metrics configuration's model metrics: (name, unit, dimension names, kind)
+    declared_metrics: tuple[tuple[str, str, tuple[str, ...], str], ...] = ()
     worker_id: str = ""
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     gpu_id: int | None = None
@@ -173,7 +175,7 @@ class WireResponse:
 class CustomMetric:
     name: str
     unit: str
-    kind: str  # counter | gauge
+    kind: str  # counter | gauge | histogram
     value: float
     dimensions: dict[str, str]
 

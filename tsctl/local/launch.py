@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 from tsctl.errors import TsctlError
 
-#: the daemon's side of a launch: (config pipe fd, notify pipe fd, early spares) -> exit status
-DaemonMain = Callable[[int, int, int], int]
+#: the daemon's side of a launch: (config pipe fd, notify pipe fd, early spares, console fd)
+#: -> exit status; the console fd is the starter's stdout, kept for `console_log`
+DaemonMain = Callable[[int, int, int, int], int]
 
 
 class Launched:
@@ -67,7 +68,8 @@ class Launched:
 
 def launch_daemon(daemon_main: DaemonMain, early_spares: int) -> Launched:
     """Fork a process in its own session that runs `daemon_main`, which waits for
-    `Launched.configure`.
+    `Launched.configure`. It keeps a copy of this process's stdout (TorchServe's daemon keeps
+    its starter's console): `daemon_main` closes it unless the log goes to the console.
 
     The daemon is a fork of this process rather than a new interpreter: it starts the
     early spares at once, without paying for Python's start and these imports again (the
@@ -89,11 +91,12 @@ def launch_daemon(daemon_main: DaemonMain, early_spares: int) -> Launched:
             os.setsid()
             os.close(config_w)
             os.close(notify_r)
+            console = os.dup(1)  # the starter's stdout, for the log on the console
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.close(null)
-            code = daemon_main(config_r, notify_w, early_spares)
+            code = daemon_main(config_r, notify_w, early_spares, console)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:

@@ -27,8 +27,9 @@ def _redirect_output(log_dir: str) -> None:
     os.close(null)
 
 
-def main(config_fd: int, notify_fd: int, early: int) -> int:
-    """The daemon's life: spares first, then its configuration, then the server."""
+def main(config_fd: int, notify_fd: int, early: int, console_fd: int = -1) -> int:
+    """The daemon's life: spares first, then its configuration, then the server.
+    `console_fd`: the starter's stdout, where the log also goes with `console_log`."""
     from tsctl.server.workers import spares  # lazily: it is not needed before the fork
 
     ahead = spares.prestart(early)
@@ -38,10 +39,13 @@ def main(config_fd: int, notify_fd: int, early: int) -> int:
         ahead.discard()
         return 0
     settings = json.loads(raw)
+    if not settings.get("console_log") and console_fd >= 0:
+        os.close(console_fd)  # now: whoever reads the starter's output sees its end
+        console_fd = -1
     _redirect_output(settings["log_dir"])
     more = spares.prestart(spares.expected(settings, spares.cpu_count()) - early)
     ahead.waiting.extend(more.waiting)
 
     from tsctl.server import daemon
 
-    return daemon.main(raw, notify_fd, ahead)
+    return daemon.main(raw, notify_fd, ahead, console_fd)

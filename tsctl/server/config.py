@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -73,7 +73,27 @@ class ServerConfig(BaseModel):
     max_connections: int = Field(default=1000, ge=1)
     #: most workers one model may have (minWorkers, maxWorkers and scaling are capped)
     max_workers_per_model: int = Field(default_factory=lambda: 4 * cpu_count(), ge=1)
+    #: where ts_log.log, access_log.log, model_log.log and the snapshots go (`--log-dir`,
+    #: else `$LOG_LOCATION`)
     log_dir: Path = Path("logs")
+    #: where ts_metrics.log and model_metrics.log go (`$METRICS_LOCATION`); none: `log_dir`
+    metrics_dir: Path | None = None
+    #: the server's and the workers' log lines also on the console of the process that
+    #: started the server (`--no-console-log` or false: only in the files)
+    console_log: bool = True
+    #: write the metric logs in batches, shortly after (TorchServe's asynchronous appenders)
+    async_logging: bool = False
+    #: `log`: metric lines in ts_metrics.log/model_metrics.log (and the metrics API);
+    #: `prometheus`: only the metrics API; `legacy`: the `ts_*` counters on the API, the rest
+    #: in the logs
+    metrics_mode: Literal["log", "prometheus", "legacy"] = "log"
+    #: the metrics configuration YAML: which metrics exist and their dimensions
+    metrics_config: Path | None = None
+    #: keep handler metrics the metrics configuration does not declare
+    model_metrics_auto_detect: bool = False
+    disable_system_metrics: bool = False
+    #: seconds between two samples of the system metrics (the first is at start-up)
+    metric_time_interval: float = Field(default=60, gt=0)
     state_dir: Path = Path(".")
     #: register and unregister through the API (TorchServe's default: off)
     enable_model_api: bool = False
@@ -117,6 +137,17 @@ class ServerConfig(BaseModel):
     def _address(cls, value: str) -> str:
         parse_address(value)
         return value
+
+    @field_validator("async_logging", mode="before")
+    @classmethod
+    def _java_boolean(cls, value: Any) -> Any:
+        """TorchServe reads it as Java does: `true` (any case) is true, anything else false."""
+        return value.strip().lower() == "true" if isinstance(value, str) else value
+
+    @field_validator("metrics_mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        return "".join(value.split()).lower() if isinstance(value, str) else value
 
     @field_validator("service_envelope")
     @classmethod
@@ -239,6 +270,13 @@ _PROPERTY_KEYS = {
     "request_body_timeout",
     "max_connections",
     "max_workers_per_model",
+    "async_logging",
+    "console_log",
+    "metrics_mode",
+    "metrics_config",
+    "model_metrics_auto_detect",
+    "disable_system_metrics",
+    "metric_time_interval",
     "enable_model_api",
     "allowed_urls",
     "unregister_model_timeout",
@@ -263,10 +301,8 @@ _PROPERTY_KEYS = {
 #: TorchServe keys tsctl accepts but does not act on yet (no warning for these)
 _ACCEPTED = {
     "enable_envvars_config",
-    "metrics_mode",
     "number_of_netty_threads",
     "netty_client_threads",
-    "async_logging",
     "vmargs",
     "model_snapshot",
     "tsConfigFile",

@@ -34,7 +34,8 @@ from tsctl.server.config import ServerConfig, parse_address
 from tsctl.server.registry import Registry
 from tsctl.server.settings import LoadOptions
 from tsctl.server.state import ServerState
-from tsctl.server.telemetry import logs
+from tsctl.server.telemetry import declared, logs
+from tsctl.server.telemetry.console import ConsoleHandler
 from tsctl.server.telemetry.metric_log import MetricLog
 from tsctl.server.telemetry.prometheus import Metrics
 from tsctl.server.workers.spares import Spares
@@ -99,9 +100,13 @@ def raise_open_file_limit() -> None:
 
 
 class Daemon:
-    def __init__(self, config: ServerConfig, foreground: bool, spares: Spares) -> None:
+    def __init__(
+        self, config: ServerConfig, foreground: bool, spares: Spares, console_fd: int = -1
+    ) -> None:
         self.config = config
         self.foreground = foreground
+        #: the starter's stdout (background) for the log on the console; -1: none
+        self.console_fd = console_fd
         self.spares = spares
         self.stopping = asyncio.Event()
         self.servers: list[Any] = []
@@ -111,11 +116,26 @@ class Daemon:
 
     async def run(self, notify: Callable[[dict[str, Any]], None]) -> int:
         config = self.config
-        access_log = logs.setup(config.log_dir, self.foreground)
+        console = self._console()
+        files = logs.setup(config.log_dir, config.metrics_dir, console, config.async_logging)
+        access_log = files.access
         raise_open_file_limit()
-        stats = Metrics()
+        try:
+            declarations = declared.load(config.metrics_config)
+        except TsctlError as exc:
+            log.error("start-up failed: %s", exc.message)
+            notify({"ok": False, "error": exc.message})
+            files.close()
+            return 1
+        stats = Metrics(
+            config.metrics_mode,
+            declarations,
+            config.model_metrics_auto_detect,
+            server_log=files.server_metrics,
+            model_log=files.model_metrics,
+        )
         registry = Registry(config, stats, spares=self.spares)
-        metric_log = MetricLog(config.log_dir)
+        metric_log = MetricLog(config.log_dir, stats, config.number_of_gpu)
         state = ServerState(config, registry, stats, metric_log, access_log, started_at=time.time())
         if not config.disable_token_authorization:
             state.auth = TokenAuth.create(Path.cwd(), config.token_expiration_min)
@@ -149,7 +169,7 @@ class Daemon:
             self.spares.discard()
             message = exc.message if isinstance(exc, TsctlError) else str(exc)
             log.error("start-up failed: %s", message)
-            logs.flush_all()
+            files.flush()
             notify(
                 {
                     "ok": False,
@@ -172,16 +192,35 @@ class Daemon:
                 **addresses,
             }
         )
-        reporting = asyncio.create_task(metric_log.run())
+        reporting = None
+        if not config.disable_system_metrics:
+            reporting = asyncio.create_task(metric_log.run(config.metric_time_interval))
         await self.stopping.wait()
-        reporting.cancel()
+        if reporting is not None:
+            reporting.cancel()
         log.info("stopping: draining in-flight requests")
         state.snapshot("shutdown")
         await self._shutdown(state, drain=True)
-        metric_log.report()
-        access_log.flush()
+        if not config.disable_system_metrics:
+            metric_log.report()
         log.info("stopped")
+        files.close()
+        if console is not None:
+            console.close()
         return 0
+
+    def _console(self) -> ConsoleHandler | None:
+        """The log on the console: this process's stdout in `--foreground`, else the
+        starter's (`console_fd`); none with `console_log` off."""
+        if not self.config.console_log:
+            return None
+        formatter = logs.ConsoleFormatter()
+        if self.foreground:
+            sys.stdout.flush()
+            return ConsoleHandler(sys.stdout.fileno(), formatter, own_fd=False)
+        if self.console_fd < 0:
+            return None
+        return ConsoleHandler(self.console_fd, formatter, own_fd=True)
 
     async def _start_grpc(self, state: ServerState) -> dict[str, str]:
         from tsctl.server.api import grpc_api
@@ -358,6 +397,7 @@ def run(
     foreground: bool,
     notify_fd: int | None = None,
     spares: Spares | None = None,
+    console_fd: int = -1,
 ) -> int:
     """Run the daemon until stopped; returns its exit status. `spares` are workers started
     ahead (see `tsctl.server.workers.spares`) for the start-up models to take."""
@@ -376,11 +416,11 @@ def run(
             with contextlib.suppress(OSError), os.fdopen(notify_fd, "w") as pipe:
                 pipe.write(json.dumps(message) + "\n")
 
-    daemon = Daemon(config, foreground, spares or Spares())
+    daemon = Daemon(config, foreground, spares or Spares(), console_fd)
     return asyncio.run(daemon.run(notify))
 
 
-def main(raw_config: str, notify_fd: int | None, spares: Spares) -> int:
-    """The launched daemon (from `tsctl.local.launch`)."""
+def main(raw_config: str, notify_fd: int | None, spares: Spares, console_fd: int = -1) -> int:
+    """The launched daemon (from `tsctl.local.launch`); `console_fd`: see `Daemon`."""
     config = ServerConfig.model_validate_json(raw_config)
-    return run(config, foreground=False, notify_fd=notify_fd, spares=spares)
+    return run(config, foreground=False, notify_fd=notify_fd, spares=spares, console_fd=console_fd)

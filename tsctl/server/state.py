@@ -21,7 +21,7 @@ class ServerState:
     registry: Registry
     #: the Prometheus registry the metrics API renders
     metrics: Metrics
-    #: the periodic host metrics written to ts_metrics.log
+    #: the system metrics, sampled every `metric_time_interval`
     metric_log: MetricLog
     access_log: LineLog
     auth: TokenAuth | None = None
@@ -59,8 +59,7 @@ class ServerState:
             self.auth.check(kind, authorization)
 
     def answered(self, status: int) -> None:
-        """Count an answer in the metrics API and the periodic metrics log."""
-        self.metric_log.count(status)
+        """Count an answer (`Requests2XX`, ...: metrics API and/or ts_metrics.log)."""
         self.metrics.count_status(status)
 
     def request_started(self) -> None:

@@ -103,7 +103,7 @@ def serve(
         server_version=__version__,
         model_yaml_config=dict(spec.model_yaml_config),
     )
-    context.metrics = MetricsCache(spec.model_name)
+    context.metrics = MetricsCache(spec.model_name, spec.declared_metrics)
     threads = Threads(spec.threads, preloading)
     try:
         threads.apply()  # torch ops inside initialize() too, when torch is already imported

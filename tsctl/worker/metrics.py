@@ -31,9 +31,9 @@ def _dimensions(dimensions: Any, model_name: str) -> dict[str, str]:
 
 
 def _kind(metric_type: Any) -> str:
-    """`counter` or `gauge` from a TorchServe `MetricTypes` member or its name."""
+    """`counter`, `gauge` or `histogram` from a TorchServe `MetricTypes` member or its name."""
     kind = str(getattr(metric_type, "value", metric_type)).lower()
-    return "counter" if kind == "counter" else "gauge"
+    return kind if kind in ("counter", "histogram") else "gauge"
 
 
 class MetricsCacheKeyError(KeyError):
@@ -85,10 +85,14 @@ class CachedMetric:
 
 
 class MetricsCache:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, declared: Sequence[Sequence[Any]] = ()) -> None:
         self.model_name = model_name
         self.collected: list[CustomMetric] = []
         self._defined: dict[tuple[str, str], CachedMetric] = {}
+        # the metrics configuration's model metrics, as TorchServe's worker loads them:
+        # `get_metric` finds them without the handler defining them
+        for name, unit, dimension_names, kind in declared:
+            self.add_metric_to_cache(name, unit, dimension_names, kind)
         #: set by TorchServe's worker per batch; kept for handlers that read it
         self.request_ids: Any = None
 

@@ -30,6 +30,12 @@ def _state_dir(value: Path | None) -> Path:
     return value if value is not None else default_state_dir()
 
 
+def _env_path(name: str) -> Path | None:
+    """TorchServe's `LOG_LOCATION` / `METRICS_LOCATION`: where its log files go."""
+    value = os.environ.get(name, "").strip()
+    return Path(value) if value else None
+
+
 @app.command("start")
 def start(
     ctx: typer.Context,
@@ -67,7 +73,16 @@ def start(
     plugins_path: Path | None = typer.Option(
         None, "--plugins-path", "--ppath", help="Accepted for compatibility (Java plugin jars)."
     ),
-    log_dir: Path | None = typer.Option(None, "--log-dir", help="Log folder (default: ./logs)."),
+    log_dir: Path | None = typer.Option(
+        None, "--log-dir", help="Log folder (default: $LOG_LOCATION, else ./logs)."
+    ),
+    console_log: bool | None = typer.Option(
+        None,
+        "--console-log/--no-console-log",
+        help="Also write the server's log to this console (default: on; setting console_log).",
+        envvar="TSCTL_CONSOLE_LOG",
+        show_default=False,
+    ),
     state_dir: Path | None = typer.Option(None, "--state-dir", help=STATE_DIR_HELP),
     start_timeout: float = typer.Option(
         300, "--start-timeout", help="Seconds to wait for readiness."
@@ -104,7 +119,9 @@ def start(
     overrides: dict[str, Any] = {
         "model_store": model_store,
         "load_models": wanted or None,
-        "log_dir": log_dir,
+        "log_dir": log_dir or _env_path("LOG_LOCATION"),
+        "metrics_dir": _env_path("METRICS_LOCATION"),
+        "console_log": console_log,
         "state_dir": _state_dir(state_dir),
         "no_config_snapshots": ncs,
         "disable_token_authorization": True if disable_token_auth else None,

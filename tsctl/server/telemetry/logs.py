@@ -1,16 +1,20 @@
-"""The daemon's log files, under TorchServe's names, in the log directory.
+"""The daemon's log files, under TorchServe's names.
 
-`ts_log.log` the server, `access_log.log` one line per request, `model_log.log` every
-worker's stdout and stderr (handler prints and tracebacks), `model_metrics.log` per-batch
-handler timings, `ts_metrics.log` periodic system metrics. Set up once at daemon start.
+In the log directory (`LOG_LOCATION`): `ts_log.log` the server, `access_log.log` one line
+per request, `model_log.log` every worker's stdout and stderr (handler prints and
+tracebacks). In the metrics directory (`METRICS_LOCATION`, else the log directory):
+`ts_metrics.log` the server's metric lines and `model_metrics.log` the handlers' (see
+`prometheus.py` for which metrics are written in which `metrics_mode`). The server's and the
+models' lines also go to the console (`console.py`) unless `console_log` is off. Set up once
+at daemon start, on the event loop's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT = "%(asctime)s [%(levelname)-5s] %(name)s - %(message)s"
@@ -22,6 +26,17 @@ class IsoFormatter(logging.Formatter):
 
     default_time_format = "%Y-%m-%dT%H:%M:%S"
     default_msec_format = "%s,%03d"
+
+
+class ConsoleFormatter(IsoFormatter):
+    """The server's lines as in ts_log.log, the workers' as in model_log.log."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+        self.model = IsoFormatter(MODEL_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.model.format(record) if hasattr(record, "worker") else super().format(record)
 
 
 class DeferredHandler(logging.Handler):
@@ -72,11 +87,13 @@ class DeferredHandler(logging.Handler):
 
 
 class LineLog:
-    """A log written on every request (the access log), without the logging module's cost.
+    """A log written line by line by the daemon itself (the access log, the metric logs),
+    without the logging module's cost, with TorchServe's ISO8601 timestamps.
 
-    Lines get TorchServe's ISO8601 timestamp and are written in one go shortly after (at most
-    `delay` seconds), so a busy server makes one write call per batch of lines, not per line.
-    Event-loop only; `flush()` at shutdown writes what is left.
+    The file is created at once (TorchServe creates its log files at start-up) and kept open.
+    With `delay` > 0 lines are written in one go shortly after (at most `delay` seconds), so
+    a busy server makes one write call per batch of lines, not per line; with 0 each line is
+    written as it comes. Event-loop only; `flush()` at shutdown writes what is left.
     """
 
     def __init__(self, path: Path, delay: float = 0.1) -> None:
@@ -86,6 +103,7 @@ class LineLog:
         self.scheduled = False
         self._second = -1
         self._stamp = ""
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held until close()
 
     def write(self, text: str) -> None:
         now = time.time()
@@ -94,7 +112,9 @@ class LineLog:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
         self.lines.append(f"{self._stamp},{int(now * 1000) % 1000:03d} - {text}\n")
-        if not self.scheduled:
+        if not self.delay:
+            self.flush()
+        elif not self.scheduled:
             self.scheduled = True
             try:
                 asyncio.get_running_loop().call_later(self.delay, self.flush)
@@ -103,11 +123,15 @@ class LineLog:
 
     def flush(self) -> None:
         self.scheduled = False
-        if not self.lines:
+        if not self.lines or self._file.closed:
             return
         text, self.lines = "".join(self.lines), []
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(text)
+        self._file.write(text)
+        self._file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
 
 
 def _file_logger(
@@ -124,29 +148,50 @@ def _file_logger(
     return logger
 
 
-def setup(log_dir: Path, foreground: bool) -> LineLog:
-    """Open the log files under TorchServe's names; returns the access log."""
-    log_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Logs:
+    """The logs the daemon writes itself; the server and model logs go through `logging`."""
+
+    access: LineLog
+    server_metrics: LineLog
+    model_metrics: LineLog
+
+    def flush(self) -> None:
+        for name in ("tsctl.server", "tsctl.model"):
+            for handler in logging.getLogger(name).handlers:
+                handler.flush()
+        for line_log in (self.access, self.server_metrics, self.model_metrics):
+            line_log.flush()
+
+    def close(self) -> None:
+        self.flush()
+        for line_log in (self.access, self.server_metrics, self.model_metrics):
+            line_log.close()
+
+
+def setup(
+    log_dir: Path,
+    metrics_dir: Path | None = None,
+    console: logging.Handler | None = None,
+    async_logging: bool = False,
+) -> Logs:
+    """Open the log files under TorchServe's names: ts_log.log, access_log.log and
+    model_log.log in `log_dir`, ts_metrics.log and model_metrics.log in `metrics_dir`
+    (`log_dir` when None). `console` also gets the server's and the models' lines.
+    With `async_logging` the metric lines are written in batches, shortly after."""
+    metrics_dir = metrics_dir or log_dir
+    for folder in (log_dir, metrics_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     server = _file_logger("tsctl.server", log_dir / "ts_log.log", FORMAT)
     for name in ("tornado.access", "tornado.application", "tornado.general", "asyncio"):
         logging.getLogger(name).parent = server
-    _file_logger("tsctl.model", log_dir / "model_log.log", MODEL_FORMAT, deferred=True)
-    _file_logger(
-        "tsctl.metrics.model",
-        log_dir / "model_metrics.log",
-        "%(asctime)s - %(message)s",
-        deferred=True,
-    )
-    _file_logger("tsctl.metrics.ts", log_dir / "ts_metrics.log", "%(asctime)s - %(message)s")
-    if foreground:
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(IsoFormatter(FORMAT))
+    model = _file_logger("tsctl.model", log_dir / "model_log.log", MODEL_FORMAT, deferred=True)
+    if console is not None:
         server.addHandler(console)
-    return LineLog(log_dir / "access_log.log")
-
-
-def flush_all() -> None:
-    """Write out every buffered record (before reading a log back, and at exit)."""
-    for name in ("tsctl.model", "tsctl.metrics.model"):
-        for handler in logging.getLogger(name).handlers:
-            handler.flush()
+        model.addHandler(console)
+    delay = 0.1 if async_logging else 0.0
+    return Logs(
+        access=LineLog(log_dir / "access_log.log"),
+        server_metrics=LineLog(metrics_dir / "ts_metrics.log", delay),
+        model_metrics=LineLog(metrics_dir / "model_metrics.log", delay),
+    )

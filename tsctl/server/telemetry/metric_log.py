@@ -1,64 +1,122 @@
-"""Periodic lines in ts_metrics.log, in TorchServe's `Name.Unit:value|#dims|#hostname:...` form.
+"""The system metrics, sampled at start-up and then every `metric_time_interval` seconds.
 
-Once a minute (and at shutdown) the daemon writes the host's CPU, memory and disk figures, as
-TorchServe does, and the requests answered since the last report by status class. TorchServe
-writes a line per request for the latter; tsctl sums them per interval so that logging never
-costs the request path anything. Linux `/proc` is read; elsewhere those figures are skipped.
+The host's CPU, memory and disk figures, and each GPU's when the server uses GPUs, under
+TorchServe's names (`CPUUtilization`, `MemoryUsed`, `MemoryAvailable`, `MemoryUtilization`,
+`DiskUsage`, `DiskUtilization`, `DiskAvailable`, `GPUUtilization`, `GPUMemoryUsed`,
+`GPUMemoryUtilization`). They are gauges of `prometheus.Metrics`, so `metrics_mode` decides
+where they go (ts_metrics.log lines, the metrics API, or both) and the metrics configuration
+whether each is recorded at all. Linux `/proc` is read (fast, on the loop); GPUs are asked
+through `nvidia-smi` as a subprocess. Off with `disable_system_metrics`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
-import time
-from collections import Counter
 from pathlib import Path
 
-from tsctl.server.telemetry.prometheus import HOSTNAME
+from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
 
-log = logging.getLogger("tsctl.metrics.ts")
+log = logging.getLogger("tsctl.server")
+
+HOST = ("Level", "Hostname")
+GPU = ("Level", "DeviceId", "Hostname")
+#: TorchServe's units for each system metric
+UNITS = {
+    "CPUUtilization": "Percent",
+    "MemoryUsed": "Megabytes",
+    "MemoryAvailable": "Megabytes",
+    "MemoryUtilization": "Percent",
+    "DiskUsage": "Gigabytes",
+    "DiskUtilization": "Percent",
+    "DiskAvailable": "Gigabytes",
+}
+GPU_UNITS = {
+    "GPUUtilization": "Percent",
+    "GPUMemoryUsed": "Megabytes",
+    "GPUMemoryUtilization": "Percent",
+}
 
 
 class MetricLog:
-    def __init__(self, disk_path: Path) -> None:
+    def __init__(self, disk_path: Path, metrics: Metrics | None = None, gpus: int = 0) -> None:
         self.disk_path = disk_path
-        self.requests: Counter[str] = Counter()
-        self._cpu = _cpu_times()
-
-    def count(self, status: int) -> None:
-        self.requests[f"Requests{status // 100}XX"] += 1
+        self.metrics = metrics or Metrics()
+        self.gpus = gpus
+        self._cpu: tuple[int, int] | None = (0, 0)  # since boot, for the first sample
+        self.gauges = {
+            name: self.metrics.server_family(name, "gauge", f"{name} ({unit})", HOST)
+            for name, unit in UNITS.items()
+        }
+        self.gpu_gauges = {
+            name: self.metrics.server_family(name, "gauge", f"{name} ({unit})", GPU)
+            for name, unit in GPU_UNITS.items()
+        }
+        self._gpu_failed = False
 
     def report(self) -> None:
-        stamp = int(time.time())
-
-        def line(name: str, unit: str, value: float) -> None:
-            log.info(
-                "%s.%s:%s|#Level:Host|#hostname:%s,timestamp:%d", name, unit, value, HOSTNAME, stamp
-            )
-
+        """Sample the host figures (not the GPUs': `sample` does those too)."""
+        values: dict[str, float] = {}
         cpu = _cpu_times()
         if cpu and self._cpu:
             busy = (cpu[0] - self._cpu[0]) / max(1, cpu[1] - self._cpu[1]) * 100
-            line("CPUUtilization", "Percent", round(busy, 1))
+            values["CPUUtilization"] = round(busy, 1)
         self._cpu = cpu
         memory = _meminfo()
         if memory:
             total, available = memory
-            line("MemoryUsed", "Megabytes", round((total - available) / 1024, 1))
-            line("MemoryAvailable", "Megabytes", round(available / 1024, 1))
-            line("MemoryUtilization", "Percent", round((total - available) / total * 100, 1))
-        disk = shutil.disk_usage(self.disk_path)
-        line("DiskAvailable", "Gigabytes", round(disk.free / 2**30, 1))
-        line("DiskUsage", "Gigabytes", round(disk.used / 2**30, 1))
-        line("DiskUtilization", "Percent", round(disk.used / disk.total * 100, 1))
-        for name in ("Requests2XX", "Requests4XX", "Requests5XX"):
-            line(name, "Count", float(self.requests.pop(name, 0)))
+            values["MemoryUsed"] = round((total - available) / 1024, 1)
+            values["MemoryAvailable"] = round(available / 1024, 1)
+            values["MemoryUtilization"] = round((total - available) / total * 100, 1)
+        with contextlib.suppress(OSError):
+            disk = shutil.disk_usage(self.disk_path)
+            values["DiskUsage"] = round(disk.used / 2**30, 1)
+            values["DiskUtilization"] = round(disk.used / disk.total * 100, 1)
+            values["DiskAvailable"] = round(disk.free / 2**30, 1)
+        labels = ("Host", HOSTNAME)
+        for name, value in values.items():
+            self.gauges[name].set(labels, value)
+
+    async def sample(self) -> None:
+        self.report()
+        if self.gpus and not self._gpu_failed:
+            for device, (util, used, total) in enumerate(await self._query_gpus()):
+                labels = ("Host", str(device), HOSTNAME)
+                self.gpu_gauges["GPUUtilization"].set(labels, util)
+                self.gpu_gauges["GPUMemoryUsed"].set(labels, used)
+                self.gpu_gauges["GPUMemoryUtilization"].set(
+                    labels, round(used / total * 100, 1) if total else 0.0
+                )
+
+    async def _query_gpus(self) -> list[tuple[float, float, float]]:
+        """(utilization %, memory used MiB, memory total MiB) per GPU this server uses."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "nvidia-smi",
+                "--query-gpu=utilization.gpu,memory.used,memory.total",
+                "--format=csv,noheader,nounits",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+            rows = [
+                tuple(float(v) for v in line.split(","))
+                for line in out.decode().splitlines()
+                if line.strip()
+            ]
+        except (OSError, ValueError, TimeoutError) as exc:
+            self._gpu_failed = True
+            log.warning("GPU metrics are off: nvidia-smi failed (%s)", exc)
+            return []
+        return [(r[0], r[1], r[2]) for r in rows if len(r) == 3][: self.gpus]
 
     async def run(self, interval: float = 60) -> None:
+        """Sample now, then every `interval` seconds."""
         while True:
+            await self.sample()
             await asyncio.sleep(interval)
-            self.report()
 
 
 def _cpu_times() -> tuple[int, int] | None:

@@ -41,7 +41,6 @@ from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
 from tsctl.server.workers.process import WorkerProcess
 
 log = logging.getLogger("tsctl.server")
-metrics_log = logging.getLogger("tsctl.metrics.model")
 
 #: the longest wait before restarting a worker, however often it has failed (seconds)
 MAX_BACKOFF = 30.0
@@ -269,24 +268,18 @@ class WorkerPool:
         stats.batch_size.observe((self.model_name, self.version), len(jobs))
 
     def _record_result(self, result: Result, jobs: list[Job], batch_ms: float) -> None:
+        """The batch's metrics: the frontend's, the handler time it measured and the
+        handler's own (`Metrics` routes each by `metrics_mode` and the metrics config)."""
         stats = self.metrics
-        backend = (self.model_name, "Model", HOSTNAME)
-        stats.handler_time.set(backend, result.handler_ms)
-        stats.prediction_time.set(backend, result.handler_ms)
         stats.worker_thread_time.set(("Host", HOSTNAME), max(0.0, batch_ms - result.handler_ms))
-        stamp = time.time()
-        metrics_log.info(
-            "PredictionTime.ms:%.2f|#ModelName:%s,Level:Model|#hostname:%s,requestID:%s,"
-            "timestamp:%d",
-            result.handler_ms, self.model_name, HOSTNAME, jobs[0].request.request_id, stamp,
-        )  # fmt: skip
+        request_id = jobs[0].request.request_id
+        backend = {"ModelName": self.model_name, "Level": "Model"}
+        for name in ("HandlerTime", "PredictionTime"):
+            stats.model_metric(name, "ms", "gauge", result.handler_ms, backend, request_id)
         for metric in result.metrics:
-            stats.custom(metric.name, metric.unit, metric.kind, metric.value, metric.dimensions)
-            dims = ",".join(f"{k}:{v}" for k, v in metric.dimensions.items())
-            metrics_log.info(
-                "%s.%s:%s|#%s|#hostname:%s,timestamp:%d",
-                metric.name, metric.unit, metric.value, dims, HOSTNAME, stamp,
-            )  # fmt: skip
+            stats.model_metric(
+                metric.name, metric.unit, metric.kind, metric.value, metric.dimensions, request_id
+            )
 
     def _overdue(self, worker: WorkerProcess) -> None:
         log.error("worker %s overran the response timeout; replacing it", worker.worker_id)
