@@ -164,3 +164,73 @@ def test_unwritable_snapshot_folder_is_reported_not_fatal(server: Server) -> Non
         assert "cannot write a config snapshot" in log
     finally:
         server.stop()
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (bound, noted, released together, so they differ)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _start_without_ts_config(server: Server, *flags: str) -> None:
+    """`tsctl serve start` with no --ts-config and no --ncs, from the server's folder."""
+    from tests.support.cli import run_tsctl
+
+    server.watch_logs()
+    started = run_tsctl(
+        "serve", "start", "--model-store", server.store, "--disable-token-auth",
+        "--state-dir", server.state_dir, "--log-dir", server.log_dir, *flags,
+        cwd=server.root,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    server.info = pidfile.read(pidfile.pid_path(server.state_dir))
+    assert server.info is not None
+
+
+def test_started_again_without_ts_config_the_snapshot_restores_the_server(
+    server: Server,
+) -> None:
+    """TorchServe's restore: the newest snapshot's properties (addresses and ports included)
+    are the configuration, its models are loaded, and flags win over both."""
+    inference, management, metrics = _free_ports(3)
+    server.properties.update(
+        inference_address=f"http://127.0.0.1:{inference}",
+        management_address=f"http://127.0.0.1:{management}",
+        metrics_address=f"http://127.0.0.1:{metrics}",
+        job_queue_size=7,
+        enable_grpc="false",
+    )
+    server.start("swiss.mar", ncs=False)
+    server.stop()
+    recorded = snapshots(server)[-1].read_text()
+    assert f"inference_address=http\\://127.0.0.1\\:{inference}" in recorded or (
+        f"inference_address=http://127.0.0.1:{inference}" in recorded
+    )
+    assert "enable_grpc=false" in recorded and "job_queue_size=7" in recorded
+
+    _start_without_ts_config(server)
+    try:
+        assert server.inference == f"http://127.0.0.1:{inference}"
+        assert server.management == f"http://127.0.0.1:{management}"
+        assert server.info is not None and server.info.grpc_inference_address == ""
+        assert models(server) == {"swiss": ["1.0"]}
+        [swiss] = server.manage("GET", "/models/swiss").json()
+        assert swiss["jobQueueStatus"]["remainingCapacity"] == 7
+        assert server.predict("swiss", {}).status == 200
+    finally:
+        server.stop()
+
+    _start_without_ts_config(server, "--models", "other.mar")  # --models wins over its models
+    try:
+        assert server.management == f"http://127.0.0.1:{management}"
+        assert models(server) == {"other": ["1.0"]}
+    finally:
+        server.stop()

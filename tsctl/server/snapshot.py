@@ -1,11 +1,16 @@
 """Config snapshots in TorchServe's format and place, so the last state survives a restart.
 
 `<log_dir>/config/<yyyyMMddHHmmssSSS>-<startup|snapshot|shutdown>.cfg` holds the server's
-properties plus `model_snapshot`, a JSON object of every model version with its settings.
-Files are written atomically (temporary file, fsync, rename), so a daemon killed at any moment
-leaves either the previous snapshot or the new one, never half of one. At start the newest
-snapshot that parses is restored; a corrupt one is reported and skipped. The daemon calls
-these from its event loop: the files are small and the writes quick.
+properties (every setting given a value of its own: addresses and ports included) plus
+`model_snapshot`, a JSON object of every model version with its settings. Files are written
+atomically (temporary file, fsync, rename), so a daemon killed at any moment leaves either the
+previous snapshot or the new one, never half of one.
+
+Started without `--ts-config` (and without `--ncs`), the server takes the newest snapshot that
+parses as its configuration, as TorchServe does: its properties, then the command line's flags
+on top (`startup_properties`, called by `tsctl serve start` before the daemon exists). A corrupt
+snapshot is reported and skipped. The daemon calls the writers from its event loop: the files
+are small and the writes quick.
 """
 
 from __future__ import annotations
@@ -17,18 +22,20 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tsctl.errors import TsctlError
-from tsctl.server.config import ServerConfig, property_line, read_properties
-from tsctl.server.registry import Registry
+from tsctl.server.config import ServerConfig, property_line, read_properties, unknown_keys
 from tsctl.server.settings import LoadOptions
+
+if TYPE_CHECKING:
+    from tsctl.server.registry import Registry
 
 log = logging.getLogger("tsctl.server")
 
 KINDS = ("startup", "snapshot", "shutdown")
-#: server properties a snapshot records (TorchServe's keys)
-_RECORDED = (
+#: server properties a snapshot always records (TorchServe's keys), set or not
+_ALWAYS = (
     "inference_address",
     "management_address",
     "default_workers_per_model",
@@ -39,6 +46,33 @@ _RECORDED = (
     "default_startup_timeout",
     "enable_model_api",
 )
+#: settings a snapshot never records: the models (`model_snapshot` has them), what each start
+#: works out again (`number_of_gpu`), and a secret that must not sit in the log folder
+_NOT_RECORDED = {"load_models", "models", "model_store", "number_of_gpu", "keystore_pass"}
+
+
+def recorded(config: ServerConfig) -> list[tuple[str, str]]:
+    """(key, value) of each property a snapshot records: `_ALWAYS`, then every other
+    config.properties setting whose value is not its default."""
+    values = config.model_dump(mode="json")
+    keys = list(_ALWAYS)
+    for name, info in ServerConfig.model_fields.items():
+        if name in keys or name in _NOT_RECORDED or unknown_keys({name: ""}):
+            continue
+        if getattr(config, name) != info.get_default(call_default_factory=True):
+            keys.append(name)
+    return [(key, _text(values[key])) for key in keys]
+
+
+def _text(value: Any) -> str:
+    """A setting as a property value TorchServe and tsctl both read back."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -110,10 +144,7 @@ def write(config: ServerConfig, models: list[SnapshotModel], kind: str) -> Path 
         "models": grouped,
     }
     lines = [f"# tsctl snapshot ({kind})", f"# {datetime.now().isoformat()}"]
-    values = config.model_dump(mode="json")
-    for key in _RECORDED:
-        value = values[key]
-        text = str(value).lower() if isinstance(value, bool) else str(value)
+    for key, text in recorded(config):
         lines.append(property_line(key, text))
     if config.model_store is not None:
         lines.append(property_line("model_store", str(config.model_store.resolve())))
@@ -146,7 +177,10 @@ def _fsync_dir(folder: Path) -> None:
 
 def candidates(config: ServerConfig) -> list[Path]:
     """Snapshot files, newest first."""
-    folder = directory(config)
+    return _files(directory(config))
+
+
+def _files(folder: Path) -> list[Path]:
     try:
         found = [p for p in folder.iterdir() if p.suffix == ".cfg" and not p.name.startswith(".")]
     except OSError:
@@ -156,7 +190,10 @@ def candidates(config: ServerConfig) -> list[Path]:
 
 def parse(path: Path) -> list[SnapshotModel]:
     """The models of a snapshot file; `ValueError` with the reason if it is unusable."""
-    properties = read_properties(path)
+    return _models(read_properties(path))
+
+
+def _models(properties: dict[str, str]) -> list[SnapshotModel]:
     raw = properties.get("model_snapshot")
     if raw is None:
         raise ValueError("it has no model_snapshot")
@@ -176,3 +213,37 @@ def newest(config: ServerConfig) -> tuple[Path, list[SnapshotModel]] | None:
         except (ValueError, OSError, TsctlError) as exc:
             log.error("skipping config snapshot %s: %s", path, exc)
     return None
+
+
+@dataclass(frozen=True)
+class StartupProperties:
+    """The config.properties a start uses, where they come from (a path, or "" for none), and
+    the snapshots skipped on the way (one line each, with the reason)."""
+
+    properties: dict[str, str]
+    source: str
+    skipped: tuple[str, ...] = ()
+
+
+def startup_properties(
+    ts_config: Path | None, log_dir: Path, no_snapshots: bool
+) -> StartupProperties:
+    """TorchServe's choice of configuration: `--ts-config`'s file when given; else, unless
+    `--ncs`, the newest snapshot in `<log_dir>/config` that parses (its properties, addresses
+    and ports included); else none. The caller puts its flags on top. A snapshot's models are
+    left out here: the daemon restores them from the same file (`newest`), naming it."""
+    if ts_config is not None:
+        return StartupProperties(read_properties(ts_config), str(ts_config))
+    if no_snapshots:
+        return StartupProperties({}, "")
+    skipped = []
+    for path in _files(log_dir / "config"):
+        try:
+            properties = read_properties(path)
+            _models(properties)
+        except (ValueError, TsctlError) as exc:
+            skipped.append(f"{path}: {exc}")
+            continue
+        properties.pop("model_snapshot", None)
+        return StartupProperties(properties, str(path), tuple(skipped))
+    return StartupProperties({}, "", tuple(skipped))

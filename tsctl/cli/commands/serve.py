@@ -99,7 +99,8 @@ def start(
         # and the daemon read the configuration (it exits if this process sends none)
         launched = launch_daemon(boot.main, early_spares=1 if models or more_models else 0)
     from tsctl.errors import InvalidInput
-    from tsctl.server.config import build_config, is_loopback, read_properties, unknown_keys
+    from tsctl.server.config import ServerConfig, build_config, is_loopback, unknown_keys
+    from tsctl.server.snapshot import startup_properties
 
     entries = [*(models or []), *(more_models or [])]
     if more_models and not models:
@@ -113,9 +114,14 @@ def start(
     ):
         if value is not None:
             sys.stderr.write(f"tsctl: warning: {flag} {value} is TorchServe-only (ignored)\n")
-    properties = read_properties(ts_config) if ts_config else {}
+    # --ts-config, else the newest snapshot (its addresses and ports too), as TorchServe
+    where = log_dir or _env_path("LOG_LOCATION") or ServerConfig.model_fields["log_dir"].default
+    chosen = startup_properties(ts_config, where, ncs)
+    for line in chosen.skipped:
+        sys.stderr.write(f"tsctl: warning: config snapshot skipped: {line}\n")
+    properties = chosen.properties
     for key in unknown_keys(properties):
-        sys.stderr.write(f"tsctl: warning: unknown setting {key!r} in {ts_config} (ignored)\n")
+        sys.stderr.write(f"tsctl: warning: unknown setting {key!r} in {chosen.source} (ignored)\n")
     overrides: dict[str, Any] = {
         "model_store": model_store,
         "load_models": wanted or None,
