@@ -216,6 +216,11 @@ def test_management_rpcs(server: Server, stubs: Any, ts_protos: dict[str, Module
         )
     )
     manage.UnregisterModel(pb.UnregisterModelRequest(model_name="later"))
+    negative = pb.RegisterModelRequest(
+        url="swiss2.mar", model_name="neg", initial_workers=-1, batch_size=-1, synchronous=True
+    )  # read as not given, as TorchServe reads them
+    assert manage.RegisterModel(negative).msg.endswith("registered with 1 initial workers")
+    manage.UnregisterModel(pb.UnregisterModelRequest(model_name="neg"))
     with pytest.raises(grpc.RpcError) as caught:
         manage.SetDefault(pb.SetDefaultRequest(model_name="swiss", model_version="9.9"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -131,6 +131,11 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
 MODEL_API_DISABLED = "Model API disabled"
 
 
+def _given(value: int) -> int | None:
+    """A proto3 int as TorchServe reads it: 0 or less is "not given"."""
+    return value if value > 0 else None
+
+
 class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # type: ignore[misc]
     """Each call does what its REST twin does; `msg` holds the describe or list JSON, or the
     status sentence (REST's `{"status": ...}` text) for the other calls, as in TorchServe.
@@ -177,12 +182,12 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
                 "model_name": request.model_name or None,
                 "handler": request.handler or None,
                 "runtime": request.runtime or None,
-                "batch_size": request.batch_size or None,
-                "max_batch_delay": request.max_batch_delay or None,
-                "initial_workers": request.initial_workers or None,
+                "batch_size": _given(request.batch_size),
+                "max_batch_delay": _given(request.max_batch_delay),
+                "initial_workers": _given(request.initial_workers),
                 "synchronous": request.synchronous,
-                "response_timeout": request.response_timeout or None,
-                "startup_timeout": request.startup_timeout or None,
+                "response_timeout": _given(request.response_timeout),
+                "startup_timeout": _given(request.startup_timeout),
             }
             params = management.parse(management.RegisterParams, values)
             return await management.register(self.state, params)
