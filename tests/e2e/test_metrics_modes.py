@@ -197,3 +197,27 @@ def test_a_broken_metrics_config_stops_the_start(tmp_path: Path) -> None:
 def test_an_unknown_metrics_mode_is_refused(tmp_path: Path) -> None:
     server = Server(tmp_path, properties={"metrics_mode": "statsd"})
     assert_user_error(server.start(expect_ok=False), "metrics_mode")
+
+
+def test_log_location_alone_leaves_the_metrics_in_logs(tmp_path: Path) -> None:
+    """TorchServe's rule: without METRICS_LOCATION the metric logs stay in ./logs."""
+    make_archive(tmp_path / "store", "metered", "metered")
+    (tmp_path / "config.properties").write_text(
+        "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n"
+        "metrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n"
+        "default_workers_per_model=0\n"
+    )
+    server = Server(tmp_path)
+    started = run_tsctl(
+        "serve", "start", "--model-store", tmp_path / "store", "--ncs",
+        "--ts-config", tmp_path / "config.properties", "--disable-token-auth",
+        "--state-dir", server.state_dir,
+        cwd=tmp_path, env={"LOG_LOCATION": str(tmp_path / "elsewhere")},
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    server.stop()
+    assert (tmp_path / "elsewhere" / "ts_log.log").exists()
+    assert sorted(p.name for p in (tmp_path / "logs").glob("*.log")) == [
+        "model_metrics.log",
+        "ts_metrics.log",
+    ]

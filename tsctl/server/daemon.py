@@ -182,6 +182,8 @@ class Daemon:
         log.info(started_line(os.getpid(), addresses["inference"], addresses["management"]))
         self.spares.discard()  # what start-up did not take would only hold memory
         state.snapshot("startup")
+        if not config.disable_system_metrics:
+            metric_log.report()  # the first sample: there when the server says it is ready
         key_file = str(state.auth.path) if state.auth else ""
         notify(
             {

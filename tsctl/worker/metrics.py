@@ -57,6 +57,8 @@ class CachedMetric:
         self.unit = unit
         self.dimension_names = list(dimension_names)
         self.metric_type = metric_type
+        #: defined by an `add_*` call: its values also get ModelName and Level, as there
+        self.implicit = False
 
     def add_or_update(
         self, value: float, dimension_values: Sequence[Any] = (), request_id: str = ""
@@ -75,7 +77,14 @@ class CachedMetric:
             return
         dims = dict(zip(self.dimension_names, values, strict=True))
         self.cache.add_metric(
-            self.metric_name, value, self.unit, None, dims, self.metric_type, define=False
+            self.metric_name,
+            value,
+            self.unit,
+            None,
+            dims,
+            self.metric_type,
+            define=False,
+            defaults=self.implicit,
         )
 
     def update(self, value: float, request_id: str = "", dimensions: Sequence[Any] = ()) -> None:
@@ -135,12 +144,18 @@ class MetricsCache:
         metric_type: Any = "counter",
         *,
         define: bool = True,
+        defaults: bool = True,
     ) -> None:
+        """Record a value; `defaults`: add the ModelName and Level dimensions (a metric
+        defined with `add_metric_to_cache` gets exactly its named dimensions)."""
         kind = _kind(metric_type)
-        dims = _dimensions(dimensions, self.model_name)
+        if defaults:
+            dims = _dimensions(dimensions, self.model_name)
+        else:
+            dims = {str(k): str(v) for k, v in dict(dimensions or {}).items()}
         if define and (name, kind) not in self._defined:
             names = [k for k in dims if k not in ("ModelName", "Level")]
-            self.add_metric_to_cache(name, unit, names, metric_type)
+            self.add_metric_to_cache(name, unit, names, metric_type).implicit = True
         self.collected.append(CustomMetric(name, unit, kind, float(value), dims))
 
     def add_counter(self, name: str, value: float, idx: Any = None, dimensions: Any = None) -> None:

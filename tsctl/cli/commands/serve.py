@@ -126,7 +126,10 @@ def start(
         "model_store": model_store,
         "load_models": wanted or None,
         "log_dir": log_dir or _env_path("LOG_LOCATION"),
-        "metrics_dir": _env_path("METRICS_LOCATION"),
+        # TorchServe's rule: METRICS_LOCATION, else ./logs even when LOG_LOCATION moves the
+        # other logs; --log-dir moves them all
+        "metrics_dir": _env_path("METRICS_LOCATION")
+        or (Path("logs") if log_dir is None and _env_path("LOG_LOCATION") else None),
         "console_log": console_log,
         "state_dir": _state_dir(state_dir),
         "no_config_snapshots": ncs,

@@ -81,6 +81,9 @@ class MetricLog:
 
     async def sample(self) -> None:
         self.report()
+        await self.sample_gpus()
+
+    async def sample_gpus(self) -> None:
         if self.gpus and not self._gpu_failed:
             for device, (util, used, total) in enumerate(await self._query_gpus()):
                 labels = ("Host", str(device), HOSTNAME)
@@ -113,10 +116,12 @@ class MetricLog:
         return [(r[0], r[1], r[2]) for r in rows if len(r) == 3][: self.gpus]
 
     async def run(self, interval: float = 60) -> None:
-        """Sample now, then every `interval` seconds."""
+        """The GPUs now (the host was sampled before the server said it was ready), then
+        everything every `interval` seconds."""
+        await self.sample_gpus()
         while True:
-            await self.sample()
             await asyncio.sleep(interval)
+            await self.sample()
 
 
 def _cpu_times() -> tuple[int, int] | None:

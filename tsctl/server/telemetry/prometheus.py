@@ -327,7 +327,8 @@ class Metrics:
             seen.add(id(family))
             if names and family.name not in names:
                 continue
-            if family.values or family.histograms:
+            # a declared family is listed before its first sample, as TorchServe's client does
+            if family.values or family.histograms or family.sink is not None or family.unit:
                 lines.extend(family.render())
         return "\n".join(lines) + "\n" if lines else ""
 
