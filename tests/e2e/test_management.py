@@ -23,6 +23,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     make_archive(srv.store, "tuned", "swiss", config={"batchSize": 4, "minWorkers": 1})
     for name in ("alpha", "beta", "gamma"):
         make_archive(srv.store, name, "swiss")
+    make_archive(srv.store, "broken", "broken")
     srv.start()
     yield srv
     srv.stop()
@@ -116,6 +117,27 @@ def test_asynchronous_register(server: Server) -> None:
     server.wait_for(lambda: len(workers(server, "gamma")) == 1)
     assert server.predict("gamma", {}).status == 200
     server.manage("DELETE", "/models/gamma")
+
+
+@pytest.mark.daemon_errors("cannot load the weights", "starting workers for broken")
+def test_asynchronous_register_retries_workers_that_fail_to_start(server: Server) -> None:
+    # TorchServe tries again with a backoff; its tests count a traceback per try
+    answer = server.manage("POST", "/models?url=broken.mar&initial_workers=1&synchronous=false")
+    assert status(answer, 202) == "Processing worker updates..."
+
+    def tracebacks() -> int:
+        return server.model_log().count("RuntimeError: cannot load the weights")
+
+    server.wait_for(lambda: tracebacks() >= 3)
+    ts_log = (server.log_dir / "ts_log.log").read_text()
+    assert "starting workers for broken 1.0 failed (try 2; see model_log.log)" in ts_log
+    # the server's own line names no exception: the traceback in model_log.log does
+    assert "RuntimeError" not in "".join(
+        line for line in ts_log.splitlines() if "starting workers for broken" in line
+    )
+    assert status(server.manage("DELETE", "/models/broken")) == 'Model "broken" unregistered'
+    names = [m["modelName"] for m in server.manage("GET", "/models").json()["models"]]
+    assert "broken" not in names
 
 
 def test_scaling_is_visible_in_describe(server: Server) -> None:

@@ -31,7 +31,7 @@ from tsctl.server import download
 from tsctl.server.registry import ModelVersion
 from tsctl.server.settings import LoadOptions, check_workers
 from tsctl.server.state import ServerState
-from tsctl.server.workers.pool import error_for
+from tsctl.server.workers.pool import error_for, restart_delay
 from tsctl.validation import describe
 
 log = logging.getLogger("tsctl.server")
@@ -148,14 +148,39 @@ async def register(state: ServerState, params: RegisterParams) -> Outcome:
     return Outcome(registered)
 
 
+#: how long the workers of a model registered with `synchronous=false` are retried when they
+#: fail to start (TorchServe's `maxRetryTimeoutInSec` default)
+START_RETRY_SECONDS = 300.0
+
+
 async def _start_in_background(state: ServerState, mv: ModelVersion, count: int) -> None:
-    try:
-        await mv.pool.scale(count)
-    except TsctlError as exc:
-        if state.registry.models.get(mv.name, {}).get(mv.version) is not mv:
-            log.info("%s %s was unregistered while its workers started", mv.name, mv.version)
+    """Start a model's workers after the 202 answer; as TorchServe, a failed start is tried
+    again with the pool's backoff (1, 2, 4, ... s) for `START_RETRY_SECONDS`. The server log
+    names the try, not the error: the handler's error and traceback are in model_log.log."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_RETRY_SECONDS
+    failures = 0
+    while True:
+        try:
+            await mv.pool.scale(count)
             return
-        log.error("starting workers for %s %s failed: %s", mv.name, mv.version, exc)
+        except TsctlError:
+            if state.registry.models.get(mv.name, {}).get(mv.version) is not mv:
+                log.info("%s %s was unregistered while its workers started", mv.name, mv.version)
+                return
+            failures += 1
+            delay = max(1.0, restart_delay(failures))
+            if loop.time() + delay > deadline:
+                log.error(
+                    "starting workers for %s %s failed %d times; no more tries (see model_log.log)",
+                    mv.name, mv.version, failures,
+                )  # fmt: skip
+                return
+            log.error(
+                "starting workers for %s %s failed (try %d; see model_log.log); next try in %.0f s",
+                mv.name, mv.version, failures, delay,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
 
 
 async def scale(state: ServerState, name: str, version: str | None, params: ScaleParams) -> Outcome:

@@ -132,6 +132,8 @@ class WorkerPool:
                 raise errors[0]
 
     async def _start_one(self) -> WorkerProcess:
+        if self._closed:  # its model's files may be gone already
+            raise ServiceUnavailable(f"model {self.name} is being unloaded")
         worker = self.make_worker(f"{next(self._ids)}-{self.name}")
         worker.max_body = self.settings.max_response_size
         started = time.perf_counter()
