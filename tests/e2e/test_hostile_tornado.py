@@ -12,14 +12,15 @@ import json
 import socket
 from collections.abc import Iterator
 from concurrent.futures import Future
+from types import ModuleType
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import empty_pb2
 
 from tests.e2e.test_serve import assert_error
 from tests.support.daemon import Server, make_archive
-from tsctl.proto_gen import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +143,10 @@ def assert_error_body(status: int, body: bytes, want: int, kind: str) -> None:
 # --- gRPC: a message over the size limit
 
 
-def test_over_size_grpc_message_is_resource_exhausted_with_a_reason(guarded: Server) -> None:
+def test_over_size_grpc_message_is_resource_exhausted_with_a_reason(
+    guarded: Server, ts_protos: dict[str, ModuleType]
+) -> None:
+    inference_pb2, inference_pb2_grpc = ts_protos["inference_pb2"], ts_protos["inference_pb2_grpc"]
     assert guarded.info is not None
     with grpc.insecure_channel(guarded.info.grpc_inference_address) as channel:
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
@@ -216,7 +220,10 @@ def test_connections_beyond_max_connections_are_closed_at_once(crowded: Server, 
             sock.close()
 
 
-def test_grpc_calls_beyond_max_connections_are_resource_exhausted(crowded: Server) -> None:
+def test_grpc_calls_beyond_max_connections_are_resource_exhausted(
+    crowded: Server, ts_protos: dict[str, ModuleType]
+) -> None:
+    inference_pb2, inference_pb2_grpc = ts_protos["inference_pb2"], ts_protos["inference_pb2_grpc"]
     assert crowded.info is not None
     sleep = json.dumps({"action": "sleep", "seconds": 3}).encode()
     with grpc.insecure_channel(crowded.info.grpc_inference_address) as channel:
@@ -231,7 +238,7 @@ def test_grpc_calls_beyond_max_connections_are_resource_exhausted(crowded: Serve
         try:
             crowded.wait_for(lambda: crowded.queued("swiss") == 2)  # 1 in the worker, 2 queued
             with pytest.raises(grpc.RpcError) as caught:
-                stub.Ping(inference_pb2.google_dot_protobuf_dot_empty__pb2.Empty())
+                stub.Ping(empty_pb2.Empty())
             error: Any = caught.value
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
         finally:

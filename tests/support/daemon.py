@@ -181,8 +181,9 @@ class Server:
             text = conn.getresponse().read().decode()
         finally:
             conn.close()
-        series = f'tsctl_queue_depth{{model_name="{model}",model_version="{version}"}}'
-        found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+        # TorchServe's label form ends each pair with a comma: {a="x",b="y",}
+        labels = re.escape(f'model_name="{model}",model_version="{version}"')
+        found = re.search(rf"^tsctl_queue_depth{{{labels},?}} (\S+)$", text, re.MULTILINE)
         return float(found.group(1)) if found else 0.0
 
     def model_log(self) -> str:
