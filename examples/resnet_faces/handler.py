@@ -13,7 +13,8 @@ import os
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+from ts.utils.util import PredictionException
 
 SIZE = 224
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -37,10 +38,17 @@ class ResNetFacesHandler:
         images = []
         for row in data:
             raws = [v for v in row.values() if isinstance(v, (bytes, bytearray))]
-            if not raws:
-                raise ValueError("send images as the request body or as multipart files")
+            if not raws:  # a PredictionException's message and code reach the client
+                raise PredictionException(
+                    "send images as the request body or as multipart files", 400
+                )
             self.counts.append(len(raws))
-            images.extend(_to_tensor(Image.open(io.BytesIO(raw))) for raw in raws)
+            try:
+                images.extend(_to_tensor(Image.open(io.BytesIO(raw))) for raw in raws)
+            except UnidentifiedImageError:
+                raise PredictionException(
+                    "a request holds something that is not an image", 400
+                ) from None
         return torch.stack(images)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:

@@ -86,7 +86,7 @@ def test_output_file(served: Server) -> None:
     assert len(json.loads(out.read_text())) == 136
 
 
-@pytest.mark.daemon_errors("ValueError: send images as the request body or as multipart files")
+@pytest.mark.daemon_errors("send images as the request body or as multipart files")
 def test_infer_errors(served: Server) -> None:
     image = str(served.root / "images" / "face_a.jpg")
     missing = served.tsctl("infer", "nomodel", image, "--url", served.inference)
@@ -103,4 +103,6 @@ def test_infer_errors(served: Server) -> None:
     text.write_bytes(b"\x00not an image")
     not_an_image = served.tsctl("infer", "resnet_faces", str(text), "--url", served.inference)
     assert not_an_image.returncode == 1
-    assert "503 InternalServerException: ValueError: send images as" in not_an_image.stderr
+    # the handler refuses it with a PredictionException: its message and code reach the client
+    assert not_an_image.stderr.startswith("tsctl: error: 400 ")
+    assert "send images as the request body or as multipart files" in not_an_image.stderr
