@@ -12,7 +12,7 @@ from tests.e2e.test_serve import assert_error
 from tests.support.daemon import Server, make_archive
 
 pytestmark = pytest.mark.slow
-FAILED = "Token Authentication failed. Token either incorrect, expired, or not provided correctly"
+FAILED = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,13 @@ def test_key_file(server: Server) -> None:
     assert "expiration time" in doc["management"] and "expiration time" in doc["inference"]
 
 
-def test_missing_and_wrong_tokens_are_401(server: Server) -> None:
-    assert_error(server.predict("swiss", {}), 401, "InvalidKeyException", FAILED)
+def test_missing_and_wrong_tokens_are_400(server: Server) -> None:
+    assert_error(server.predict("swiss", {}), 400, "InvalidKeyException", FAILED)
     wrong = server.predict("swiss", {}, headers=bearer("nope"))
-    assert_error(wrong, 401, "InvalidKeyException", FAILED)
+    assert_error(wrong, 400, "InvalidKeyException", FAILED)
     mixed = server.predict("swiss", {}, headers=bearer(keys(server)["management"]["key"]))
-    assert_error(mixed, 401, "InvalidKeyException", FAILED)
-    assert_error(server.manage("GET", "/models"), 401, "InvalidKeyException", FAILED)
+    assert_error(mixed, 400, "InvalidKeyException", FAILED)
+    assert_error(server.manage("GET", "/models"), 400, "InvalidKeyException", FAILED)
 
 
 def test_right_tokens_work_and_ping_needs_none(server: Server) -> None:
@@ -63,14 +63,14 @@ def test_rotating_a_key(server: Server) -> None:
     api = keys(server)["API"]["key"]
     assert_error(
         server.manage("GET", "/token?type=inference", headers=bearer(old)),
-        401,
+        400,
         "InvalidKeyException",
     )
     rotated = server.manage("GET", "/token?type=inference", headers=bearer(api))
     assert rotated.status == 200
     new = rotated.json()["inference"]["key"]
     assert new != old and keys(server)["inference"]["key"] == new
-    assert_error(server.predict("swiss", {}, headers=bearer(old)), 401, "InvalidKeyException")
+    assert_error(server.predict("swiss", {}, headers=bearer(old)), 400, "InvalidKeyException")
     assert server.predict("swiss", {}, headers=bearer(new)).status == 200
 
 
@@ -94,7 +94,7 @@ def test_expired_keys_fail_and_the_cli_rotates_them(tmp_path: object) -> None:
     srv.start("swiss.mar", auth=True)
     try:
         key = keys(srv)["inference"]["key"]
-        srv.wait_for(lambda: srv.predict("swiss", {}, headers=bearer(key)).status == 401)
+        srv.wait_for(lambda: srv.predict("swiss", {}, headers=bearer(key)).status == 400)
         body = srv.root / "in.json"
         body.write_text("{}")
         answered = srv.tsctl("infer", "swiss", str(body))  # rotates the expired key first

@@ -26,7 +26,7 @@ from tests.support.cli import run_tsctl
 from tests.support.daemon import Server, make_archive
 
 LIMIT = 1_000_000  # max_request_size
-FAILED = "Token Authentication failed"
+FAILED = "Token Authorization failed"
 SECRET = "secret-detail-xyz"
 RAISE = json.dumps({"action": "raise"}).encode()
 SLEEP = json.dumps({"action": "sleep", "seconds": 30}).encode()
@@ -108,7 +108,7 @@ REST = [
          "Prediction failed", body=RAISE, marks=BOOM),
     rest("InferenceTimeout", INF, "POST /predictions/slow", 500, "InternalServer",
          "response timeout", body=SLEEP, marks=OVERRAN),
-    rest("Unauthorized", INF, "POST /predictions/swiss", 401, "InvalidKey", FAILED, token=False),
+    rest("Unauthorized", INF, "POST /predictions/swiss", 400, "InvalidKey", FAILED, token=False),
     rest("ModelNotFound", MAN, "GET /models/nope", 404, "ModelNotFound", "nope"),
     rest("NotFound", MAN, "GET /nothing", 404, "ResourceNotFound", "not found"),
     rest("BadRequest", MAN, "PUT /models/swiss?min_worker=-1", 400, "BadRequest", "min_worker"),
@@ -116,7 +116,7 @@ REST = [
     rest("Conflict", MAN, "POST /models?url=swiss.mar", 409, "ConflictStatus", "swiss"),
     rest("RequestTooLarge", MAN, "POST /models", 413, "RequestEntityTooLarge",
          "max_request_size", body=BIG),
-    rest("Unauthorized", MAN, "GET /models", 401, "InvalidKey", FAILED, token=False),
+    rest("Unauthorized", MAN, "GET /models", 400, "InvalidKey", FAILED, token=False),
 ]  # fmt: skip
 
 

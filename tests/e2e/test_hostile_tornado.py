@@ -74,13 +74,13 @@ def read_until_closed(sock: socket.socket) -> bytes:
 
 
 @pytest.mark.parametrize("api", ["management", "inference"])
-def test_non_ascii_bearer_token_is_401(guarded: Server, api: str) -> None:
+def test_non_ascii_bearer_token_is_400(guarded: Server, api: str) -> None:
     headers = {"Authorization": "Bearer caf\u00e9"}  # sent as latin-1 bytes
     if api == "management":
         answer = guarded.manage("GET", "/models", headers=headers)
     else:
         answer = guarded.predict("any", {}, headers=headers)
-    assert_error(answer, 401, "InvalidKeyException", "Token Authentication failed")
+    assert_error(answer, 400, "InvalidKeyException", "Token Authorization failed")
 
 
 # --- a body over max_request_size on the management API
@@ -225,7 +225,7 @@ def test_grpc_calls_beyond_max_connections_are_resource_exhausted(
 ) -> None:
     inference_pb2, inference_pb2_grpc = ts_protos["inference_pb2"], ts_protos["inference_pb2_grpc"]
     assert crowded.info is not None
-    sleep = json.dumps({"action": "sleep", "seconds": 3}).encode()
+    sleep = json.dumps({"action": "sleep", "seconds": 10}).encode()  # the window to look in
     with grpc.insecure_channel(crowded.info.grpc_inference_address) as channel:
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
         busy: list[Future[Any]] = [

@@ -24,12 +24,18 @@ from typing import Any
 from tsctl.errors import TsctlError
 from tsctl.local.keys import EXPIRY_FORMAT, KEY_FILE
 
-FAILED = "Token Authentication failed. Token either incorrect, expired, or not provided correctly"
+#: TorchServe's answer to a missing, wrong or expired key (the `/token` API says
+#: "Authentication" where the others say "Authorization", as TorchServe does)
+FAILED = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+TOKEN_API_FAILED = FAILED.replace("Authorization", "Authentication", 1)
 
 
 class Unauthorized(TsctlError):
+    """TorchServe answers 400 `InvalidKeyException` (its tests and clients check for 400), not
+    HTTP's 401; gRPC gets UNAUTHENTICATED."""
+
     exit_code = 1
-    http_status = 401
+    http_status = 400
     grpc_code = "UNAUTHENTICATED"
     type_name = "InvalidKeyException"
 
@@ -79,15 +85,16 @@ class TokenAuth:
 
     def check(self, kind: str, authorization: str | None) -> None:
         """Allow the request, or raise `Unauthorized` with TorchServe's message."""
+        message = TOKEN_API_FAILED if kind == "API" else FAILED
         key = self.keys[kind]
         scheme, _, given = (authorization or "").partition(" ")
         # as bytes: `compare_digest` raises on a str that is not ASCII (a header of latin-1
         # bytes, or gRPC metadata of any text); surrogatepass encodes any str
         offered = given.strip().encode("utf-8", "surrogatepass")
         if scheme.lower() != "bearer" or not hmac.compare_digest(offered, key.value.encode()):
-            raise Unauthorized(FAILED)
+            raise Unauthorized(message)
         if key.expires and time.time() > key.expires:
-            raise Unauthorized(FAILED)
+            raise Unauthorized(message)
 
     def rotate(self, kind: str) -> dict[str, str]:
         self.keys[kind] = _new_key(self.minutes)
