@@ -222,6 +222,8 @@ def test_list_pages(server: Server) -> None:
         }
         second = server.manage("GET", "/models?limit=2&next_page_token=2").json()
         assert second == {"models": [{"modelName": "gamma", "modelUrl": "gamma.mar"}]}
+        # TorchServe's tests list at /models/ as well
+        assert server.manage("GET", "/models/?limit=2").json() == first
         assert_error(server.manage("GET", "/models?limit=x"), 400, "BadRequestException")
     finally:
         for name in ("alpha", "beta", "gamma"):

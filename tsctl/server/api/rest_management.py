@@ -108,7 +108,7 @@ def make_app(state: ServerState) -> tornado.web.Application:
         [
             (r"/", DescriptionHandler, kwargs),
             (r"/token", TokenHandler, kwargs),
-            (r"/models", ModelsHandler, kwargs),
+            (r"/models/?", ModelsHandler, kwargs),  # TorchServe lists at /models/ too
             (r"/models/([^/]+)/([^/]+)/set-default", SetDefaultHandler, kwargs),
             (r"/models/([^/]+)", ModelHandler, kwargs),
             (r"/models/([^/]+)/([^/]+)", ModelHandler, kwargs),
