@@ -356,6 +356,12 @@ def test_register_from_allowed_urls_only(archive_site: tuple[str, Path], tmp_pat
             "BadRequestException",
             "matches no pattern in allowed_urls",
         )
+        assert_error(  # a pattern may match it; TorchServe refuses `..` whatever the patterns
+            srv.manage("POST", f"/models?url={base}/ok/../ok/remote.mar"),
+            400,
+            "BadRequestException",
+            "Relative path is not allowed in url",
+        )
         assert_error(
             srv.manage("POST", f"/models?url={base}/ok/huge.mar"),
             400,

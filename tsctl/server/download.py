@@ -31,6 +31,10 @@ def is_remote(url: str) -> bool:
 
 
 def check_allowed(config: ServerConfig, url: str) -> None:
+    """TorchServe's rules: no `..` segment in the URL's path (whatever the patterns say), and
+    the whole URL must match one `allowed_urls` pattern."""
+    if ".." in urlsplit(url).path.split("/"):
+        raise BadRequest(f"Relative path is not allowed in url: {url}")
     if not any(re.fullmatch(pattern, url) for pattern in config.allowed_urls):
         raise BadRequest(f"model url {url!r} is not allowed: it matches no pattern in allowed_urls")
 
