@@ -299,8 +299,7 @@ def test_torchserve_s_escaped_snapshot(config: ServerConfig) -> None:
             "maxBatchDelay": 50,
             "responseTimeout": 90,
             "startupTimeout": 60,
-            "runtimeType": "python",
-        },
+        },  # runtimeType is bookkeeping (tsctl runs Python), not a setting
     )
     assert v2 == SnapshotModel("mlp", "2.0", "mlp-v2.mar", False, {"minWorkers": 1})
     options = snapshot.load_options(v1)
@@ -338,6 +337,7 @@ def test_written_snapshots_read_back(config: ServerConfig) -> None:
     assert properties["inference_address"] == config.inference_address
     doc = json.loads(properties["model_snapshot"])
     assert doc["name"] == path.name and doc["modelCount"] == 3
+    assert doc["models"]["a"]["1.0"]["runtimeType"] == "python"  # as TorchServe writes it
 
 
 def test_a_snapshot_that_cannot_be_written_is_none(config: ServerConfig) -> None:

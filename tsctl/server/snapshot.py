@@ -89,7 +89,8 @@ def from_models_setting(models: dict[str, dict[str, dict[str, Any]]]) -> list[Sn
     found = []
     for name, versions in models.items():
         for version, entry in versions.items():
-            settings = {k: v for k, v in entry.items() if k not in ("defaultVersion", "marName")}
+            bookkeeping = ("defaultVersion", "marName", "runtimeType")
+            settings = {k: v for k, v in entry.items() if k not in bookkeeping}
             mar = str(entry.get("marName") or f"{name}.mar")
             found.append(
                 SnapshotModel(name, version, mar, bool(entry.get("defaultVersion")), settings)
@@ -135,7 +136,13 @@ def write(config: ServerConfig, models: list[SnapshotModel], kind: str) -> Path 
     path = folder / f"{stamp}-{kind}.cfg"
     grouped: dict[str, dict[str, Any]] = {}
     for model in models:
-        entry = {"defaultVersion": model.default, "marName": model.mar_name, **model.settings}
+        # runtimeType as TorchServe writes it (tsctl runs Python handlers only)
+        entry = {
+            "defaultVersion": model.default,
+            "marName": model.mar_name,
+            "runtimeType": "python",
+            **model.settings,
+        }
         grouped.setdefault(model.name, {})[model.version] = entry
     snapshot = {
         "name": path.name,
