@@ -179,9 +179,10 @@ class Daemon:
             )
             await self._shutdown(state, drain=False)
             return 1
-        log.info(started_line(os.getpid(), addresses["inference"], addresses["management"]))
         self.spares.discard()  # what start-up did not take would only hold memory
+        # before the line scripts wait for (TorchServe's tests count startup.cfg files then)
         state.snapshot("startup")
+        log.info(started_line(os.getpid(), addresses["inference"], addresses["management"]))
         if not config.disable_system_metrics:
             metric_log.report()  # the first sample: there when the server says it is ready
         key_file = str(state.auth.path) if state.auth else ""
