@@ -4,7 +4,6 @@ that carry a handler's chosen status (codec, error mapping) and MicroBatching on
 
 from __future__ import annotations
 
-import http.client
 import importlib.util
 import json
 import re
@@ -48,12 +47,7 @@ def archive(store: Path, name: str, handler: str, *extra: str | Path) -> None:
 
 def series(server: Server, name: str, model: str, key: str = "ModelName") -> list[Any]:
     """The (labels, value) of each Prometheus series `name` of `model` on the metrics API."""
-    assert server.info is not None
-    host, port = server.info.metrics_address.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
+    text = server.metrics_text()
     found = re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M)
     return [(labels, float(v)) for labels, v in found if f'{key}="{model}"' in labels]
 

@@ -170,17 +170,21 @@ class Server:
     def manage(self, method: str, path: str, body: bytes | str = b"", **kw: Any) -> Response:
         return self.request(method, path, body, api="management", **kw)
 
-    def queued(self, model: str, version: str = "1.0") -> float:
-        """How many requests of a model version wait in its queue (`tsctl_queue_depth`, from
-        the metrics API)."""
+    def metrics_text(self) -> str:
+        """The metrics API's Prometheus text."""
         assert self.info is not None
         host, port = self.info.metrics_address.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         try:
             conn.request("GET", "/metrics")
-            text = conn.getresponse().read().decode()
+            return conn.getresponse().read().decode()
         finally:
             conn.close()
+
+    def queued(self, model: str, version: str = "1.0") -> float:
+        """How many requests of a model version wait in its queue (`tsctl_queue_depth`, from
+        the metrics API)."""
+        text = self.metrics_text()
         # TorchServe's label form ends each pair with a comma: {a="x",b="y",}
         labels = re.escape(f'model_name="{model}",model_version="{version}"')
         found = re.search(rf"^tsctl_queue_depth{{{labels},?}} (\S+)$", text, re.MULTILINE)
