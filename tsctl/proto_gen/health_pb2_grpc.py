@@ -5,7 +5,7 @@ import warnings
 
 from tsctl.proto_gen import health_pb2 as proto_dot_health__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
