@@ -38,6 +38,10 @@ class ServerConfig(BaseModel):
     grpc_inference_port: int = Field(default=7070, ge=0, le=65535)
     grpc_management_address: str = "127.0.0.1"
     grpc_management_port: int = Field(default=7071, ge=0, le=65535)
+    #: the Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`); KServe's
+    #: own convention is 8081, TorchServe's management port: see docs/kubernetes.md
+    grpc_oip_address: str = "127.0.0.1"
+    grpc_oip_port: int = Field(default=7072, ge=0, le=65535)
     enable_metrics_api: bool = True
     model_store: Path | None = None
     #: models to load at start: `all`, `NAME=PATH`, or `PATH` (relative to the model store)
@@ -248,6 +252,8 @@ _PROPERTY_KEYS = {
     "grpc_inference_port",
     "grpc_management_address",
     "grpc_management_port",
+    "grpc_oip_address",
+    "grpc_oip_port",
     "inference_address",
     "management_address",
     "metrics_address",
