@@ -25,6 +25,7 @@ def start_args(server: Server, *more: str) -> list[str]:
         "metrics_address": "http://127.0.0.1:0",
         "grpc_inference_port": 0,
         "grpc_management_port": 0,
+        "grpc_oip_port": 0,
         "default_workers_per_model": 1,
         "enable_model_api": "true",
     }

@@ -194,7 +194,7 @@ def test_foreground_and_sigterm(server: Server) -> None:
     config = server.root / "fg.properties"
     config.write_text(
         "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n"
-        "metrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n"
+        "metrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\ngrpc_oip_port=0\n"
         "default_workers_per_model=1\n"
     )
     proc = subprocess.Popen(

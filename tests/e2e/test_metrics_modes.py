@@ -152,7 +152,7 @@ def test_log_and_metrics_location(tmp_path: Path) -> None:
     make_archive(tmp_path / "store", "metered", "metered")
     (tmp_path / "config.properties").write_text(
         "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n"
-        "metrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n"
+        "metrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\ngrpc_oip_port=0\n"
         "default_workers_per_model=1\n"
     )
     server = Server(tmp_path)
@@ -194,7 +194,7 @@ def test_log_location_alone_leaves_the_metrics_in_logs(tmp_path: Path) -> None:
     make_archive(tmp_path / "store", "metered", "metered")
     (tmp_path / "config.properties").write_text(
         "inference_address=http://127.0.0.1:0\nmanagement_address=http://127.0.0.1:0\n"
-        "metrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\n"
+        "metrics_address=http://127.0.0.1:0\ngrpc_inference_port=0\ngrpc_management_port=0\ngrpc_oip_port=0\n"
         "default_workers_per_model=0\n"
     )
     server = Server(tmp_path)
