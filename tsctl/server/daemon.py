@@ -137,6 +137,7 @@ class Daemon:
         registry = Registry(config, stats, spares=self.spares)
         metric_log = MetricLog(config.log_dir, stats, config.number_of_gpu)
         state = ServerState(config, registry, stats, metric_log, access_log, started_at=time.time())
+        state.loading_startup_models = True  # not ready before the start-up models serve
         if not config.disable_token_authorization:
             state.auth = TokenAuth.create(Path.cwd(), config.token_expiration_min)
             log.info("token authorization is on; keys in %s", state.auth.path)
@@ -165,6 +166,7 @@ class Daemon:
                 ),
             )
             not_loaded = await self._load_startup_models(registry)
+            state.loading_startup_models = False
         except (TsctlError, OSError) as exc:
             self.spares.discard()
             message = exc.message if isinstance(exc, TsctlError) else str(exc)

@@ -27,6 +27,9 @@ class ServerState:
     auth: TokenAuth | None = None
     started_at: float = 0.0
     draining: bool = False
+    #: true from start until the start-up models are registered and their workers started
+    #: (or left out): the server is not ready meanwhile (`tsctl.server.readiness`)
+    loading_startup_models: bool = False
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Future[None]] = field(default_factory=set)
