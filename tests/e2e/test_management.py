@@ -155,7 +155,10 @@ def test_scaling_is_visible_in_describe(server: Server) -> None:
         assert status(server.manage("PUT", "/models/swiss?min_worker=2"), 202) == (
             "Processing worker updates..."
         )
-        server.wait_for(lambda: len(workers(server, "swiss")) == 2)
+        # describe lists starting workers too (as TorchServe): wait for both to serve
+        server.wait_for(
+            lambda: [w["status"] for w in workers(server, "swiss")] == ["READY", "READY"]
+        )
         # only min_worker: maxWorkers follows it, as in TorchServe
         [described] = server.manage("GET", "/models/swiss").json()
         assert (described["minWorkers"], described["maxWorkers"]) == (2, 2)

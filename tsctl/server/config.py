@@ -343,19 +343,29 @@ def visible_gpus(environ: dict[str, str], driver: Path = Path("/proc/driver/nvid
     return min(len(ids), present)
 
 
+#: the switches whose flag (`--disable-token-auth`, `--enable-model-api`) can only turn them on:
+#: as in TorchServe, an environment variable read with `enable_envvars_config=true` wins over
+#: the flag too (its tests state the order: environment, flag, file)
+_ENV_OVER_FLAGS = {"disable_token_authorization", "enable_model_api"}
+
+
 def build_config(
     properties: dict[str, str],
     overrides: dict[str, Any],
     environ: dict[str, str] | None = None,
 ) -> ServerConfig:
     """Combine config.properties values, `TS_<KEY>` environment variables (only with
-    `enable_envvars_config=true`, as in TorchServe) and CLI overrides into a config."""
+    `enable_envvars_config=true`, as in TorchServe) and CLI overrides into a config: each
+    source over the one before, but for `_ENV_OVER_FLAGS`, where the environment wins."""
     properties = dict(properties)
+    from_env: set[str] = set()
     if environ and properties.get("enable_envvars_config", "").lower() == "true":
         for key in _PROPERTY_KEYS:
             value = environ.get(f"TS_{key.upper()}")
             if value is not None:
                 properties[key] = value
+                from_env.add(key)
+    overrides = {k: v for k, v in overrides.items() if k not in from_env & _ENV_OVER_FLAGS}
     values: dict[str, Any] = {k: v for k, v in properties.items() if k in _PROPERTY_KEYS}
     if "load_models" in values:
         raw = values["load_models"]

@@ -128,7 +128,8 @@ async def register(state: ServerState, params: RegisterParams) -> Outcome:
         mv.min_workers = max(1, min(cfg.default_workers_per_model, cfg.max_workers_per_model))
         mv.max_workers = max(mv.max_workers, mv.min_workers)
     count = mv.min_workers
-    registered = f'Model "{mv.name}" Version: {mv.version} registered with {count} initial workers'
+    model = f'Model "{mv.name}" Version: {mv.version}'
+    registered = f"{model} registered with {count} initial workers"
     if not params.synchronous and count > 0:
         # TorchServe's answer once the archive is loaded: the workers start after it
         state.track(asyncio.ensure_future(_start_in_background(state, mv, count)))
@@ -138,6 +139,15 @@ async def register(state: ServerState, params: RegisterParams) -> Outcome:
         await mv.pool.scale(count)
     except TsctlError as exc:
         log.error("starting workers for %s %s failed: %s", mv.name, mv.version, exc)
+        if workers is None:  # not asked for (TorchServe's default is none): keep the model
+            mv.min_workers = 0
+            await mv.pool.scale(0)
+            state.snapshot("snapshot")
+            return Outcome(
+                f"{model} registered with 0 initial workers: starting "
+                f"its default workers failed ({exc.message}). Use scale workers API to add "
+                "workers for the model."
+            )
         await registry.unload(mv)
         raise StartFailed(
             f"Failed to start workers for model {mv.name} version: {mv.version}: {exc.message}"
@@ -269,7 +279,7 @@ def describe_model(mv: ModelVersion) -> dict[str, Any]:
             "gpu": w.spec.gpu_id is not None,
             "gpuUsage": "N/A",
         }
-        for w in mv.pool.workers
+        for w in [*mv.pool.workers, *mv.pool.starting]  # as TorchServe: starting ones too
     ]
     return {
         "modelName": mv.name,

@@ -32,6 +32,7 @@ from tsctl.errors import (
     PredictionFailed,
     ServiceUnavailable,
     TsctlError,
+    WorkerStartFailed,
     prediction_failed,
 )
 from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, WireRequest, WorkerState
@@ -106,6 +107,8 @@ class WorkerPool:
         self.make_worker = make_worker
         self.target = 0
         self.workers: list[WorkerProcess] = []
+        #: workers whose process is loading its handler (the describe API lists them too)
+        self.starting: list[WorkerProcess] = []
         self._loops: dict[WorkerProcess, asyncio.Task[None]] = {}
         self._ids = itertools.count(9000)
         self._failures = 0
@@ -137,7 +140,14 @@ class WorkerPool:
         worker = self.make_worker(f"{next(self._ids)}-{self.name}")
         worker.max_body = self.settings.max_response_size
         started = time.perf_counter()
-        await worker.start()
+        self.starting.append(worker)
+        try:
+            await worker.start()
+        except WorkerStartFailed as exc:
+            _log_if_timed_out(worker, exc)
+            raise
+        finally:
+            self.starting.remove(worker)
         self.metrics.worker_load_time.set(
             (f"W-{worker.worker_id}", "Host", HOSTNAME), (time.perf_counter() - started) * 1000
         )
@@ -361,6 +371,20 @@ def _fan_out(jobs: list[Job], limit: int) -> Callable[[Chunk], None] | None:
             )
 
     return deliver
+
+
+def _log_if_timed_out(worker: WorkerProcess, exc: WorkerStartFailed) -> None:
+    """A worker that did not load its handler within its `startup_timeout` leaves no traceback
+    in model_log.log: say so as TorchServe does, in the two lines that log-based alerts (and
+    TorchServe's tests) written for it match. Other failed starts have their handler's error
+    and traceback in model_log.log already. (`WorkerProcess.start` raises the error while
+    handling the `TimeoutError`, so it is the error's context.)"""
+    if isinstance(exc.__context__, TimeoutError):
+        log.error(
+            "W-%s Backend worker error\norg.pytorch.serve.wlm.WorkerInitializationException: "
+            "Backend worker did not respond in given time (%s)",
+            worker.worker_id, exc.message,
+        )  # fmt: skip
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:
