@@ -29,6 +29,7 @@ __all__ = [
     "ENVELOPES",
     "EnvelopeInputError",
     "check_name",
+    "split",
     "unwrap_handler",
     "wrap",
 ]
@@ -80,5 +81,18 @@ def wrap(entry: Entry, name: str | None) -> Entry:
         raise HandlerLoadError(str(exc)) from None
     module = importlib.import_module(f"ts.torch_handler.request_envelope.{name}")
     envelope = getattr(module, ENVELOPES[name])(entry)
+    envelope.envelope_name = name  # for `split`
     wrapped: Entry = envelope.handle
     return wrapped
+
+
+def split(entry: Entry) -> tuple[Entry, str]:
+    """`(the handler's own entry, the envelope's name)` of an entry `wrap` made: `(entry, "")`
+    when it has no envelope. The worker hands KServe v1 and OIP requests to the handler's own
+    entry (their protocol is per request, not the model's `service_envelope`)."""
+    owner: Any = getattr(entry, "__self__", None)
+    name = getattr(owner, "envelope_name", "")
+    if isinstance(name, str) and name:
+        inner: Entry = owner.__wrapped__
+        return inner, name
+    return entry, ""

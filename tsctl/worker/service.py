@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tsctl.ipc.messages import (
@@ -30,12 +31,16 @@ from tsctl.ipc.messages import (
     FailureKind,
     Part,
     Result,
+    WireRequest,
     WireResponse,
 )
+from tsctl.ipc.oip import KSERVE_V1_MEDIA, OIP_MEDIA, PART_NAME
+from tsctl.worker import oip
 from tsctl.worker.context import Context, RequestProcessor
-from tsctl.worker.envelope import EnvelopeInputError, unwrap_handler
+from tsctl.worker.envelope import EnvelopeInputError, split, unwrap_handler
 from tsctl.worker.loader import Entry
 from tsctl.worker.metrics import MetricsCache
+from tsctl.worker.oip import OipInputError, OipRequest
 
 log = logging.getLogger("tsctl.worker")
 
@@ -131,59 +136,166 @@ def decode_value(part: Part) -> Any:
     return data
 
 
+@dataclass
+class _Plan:
+    """How one request of a batch reaches the handler: its rows, which entry reads them
+    (`wrapped`: through the model's envelope), and its protocol (to encode its answer)."""
+
+    rows: list[Any]
+    wrapped: bool = True
+    protocol: str = ""  # "": TorchServe's; else "oip" or "v1"
+    oip: OipRequest | None = None
+    explain: bool = False
+
+
 class Service:
-    """A loaded handler and its context; `run` is called once per batch."""
+    """A loaded handler and its context; `run` is called once per batch.
+
+    A batch may mix protocols: `/predictions` requests (rows as TorchServe builds them, through
+    the model's envelope when it has one), OIP requests (one `OipInputs` row each; through the
+    envelope only when it is `kservev2`, as TorchServe's) and KServe v1 requests (one row per
+    instance, answers regrouped into `{"predictions": [...]}`; the handler's own entry, which is
+    what TorchServe's `kserve` envelope gives it too). Without an envelope the whole batch is one
+    handler call; with one, the requests that bypass it are a second call.
+    """
 
     def __init__(self, entry: Entry, context: Context) -> None:
         self.entry = entry
         self.context = context
+        self.plain_entry, self.envelope = split(entry)
+        model = (getattr(context, "manifest", None) or {}).get("model") or {}
+        self.model_version = str(model.get("modelVersion") or "")
+        declared = (getattr(context, "model_yaml_config", None) or {}).get("outputs")
+        self.declared_outputs = [
+            o["name"]
+            for o in declared or ()
+            if isinstance(o, dict) and isinstance(o.get("name"), str)
+        ]
 
     def run(self, batch: Batch, send: Callable[[Chunk], None] | None = None) -> Result:
         """Run one batch. A handler that streams (yields lists, or calls
         `context.send_intermediate(answers)`) has each intermediate list sent through `send`
         as a `Chunk`; its last list is the final answer. Requests whose input cannot be
         decoded are answered with their failure and left out of the handler's batch."""
-        refused: dict[int, WireResponse] = {}
-        rows: list[dict[str, Any]] = []
+        responses: dict[int, WireResponse] = {}
+        plans: dict[int, _Plan] = {}
         for i, request in enumerate(batch.requests):
             try:
-                rows.append({p.name: decode_value(p) for p in request.parts})
-            except UndecodableInput as exc:
-                refused[i] = WireResponse(failure=Failure(FailureKind.INVALID_INPUT, str(exc)))
-        if not rows:
-            return Result(batch.batch_id, [refused[i] for i in range(len(batch.requests))])
-        kept = [r for i, r in enumerate(batch.requests) if i not in refused]
-        context = self.context
-        context.request_ids = {i: r.request_id for i, r in enumerate(kept)}
-        context.request_processor = [
-            RequestProcessor(
-                {**{p.name: {"content-type": p.content_type} for p in r.parts}, **dict(r.headers)}
-            )
-            for r in kept
+                plans[i] = self._plan(request)
+            except (UndecodableInput, OipInputError) as exc:
+                responses[i] = WireResponse(failure=Failure(FailureKind.INVALID_INPUT, str(exc)))
+        groups = [
+            [i for i, p in plans.items() if p.wrapped],
+            [i for i, p in plans.items() if not p.wrapped],
         ]
+        if self.plain_entry is self.entry:
+            groups = [sorted(plans)]
+        groups = [g for g in groups if g]
+        if not groups:
+            return Result(batch.batch_id, [responses[i] for i in range(len(batch.requests))])
+        handler_ms = 0.0
+        metrics: list[Any] = []
+        for members in groups:
+            entry = self.entry if plans[members[0]].wrapped else self.plain_entry
+            streams = send if len(groups) == 1 else None
+            outcome = self._call(entry, batch, members, plans, responses, streams)
+            if isinstance(outcome, Result):
+                handler_ms += outcome.handler_ms
+                metrics.extend(outcome.metrics)
+                if outcome.failure is None:
+                    continue
+                if len(groups) == 1 and not responses:
+                    return outcome
+                for i in members:
+                    responses[i] = WireResponse(failure=outcome.failure)
+        ordered = [responses[i] for i in range(len(batch.requests))]
+        return Result(batch.batch_id, ordered, handler_ms=handler_ms, metrics=metrics)
 
-        def merged(answers: Sequence[Any]) -> list[WireResponse]:
-            """Responses in the batch's order: the handler's, and the refused requests'."""
-            if not refused:
-                return [self._response(i, a) for i, a in enumerate(answers)]
-            handled = iter([self._response(i, a) for i, a in enumerate(answers)])
-            short = WireResponse(failure=Failure(FailureKind.BAD_OUTPUT, "no answer for it"))
-            return [refused.get(i) or next(handled, short) for i in range(len(batch.requests))]
+    def _plan(self, request: WireRequest) -> _Plan:
+        parts = request.parts
+        media = parts[0].content_type.lower() if len(parts) == 1 else ""
+        if media.startswith(OIP_MEDIA):
+            read = oip.read(parts[0].content_type, parts[0].data)
+            if self.envelope == "kservev2":
+                return _Plan([{PART_NAME: oip.envelope_body(read)}], True, "oip", read)
+            return _Plan([oip.inputs(read)], False, "oip", read)
+        if media.startswith(KSERVE_V1_MEDIA):
+            explain = any(k.lower() == "explain" and v == "True" for k, v in request.headers)
+            return _Plan(_instances(parts[0]), False, "v1", explain=explain)
+        return _Plan([{p.name: decode_value(p) for p in parts}])
+
+    def _call(
+        self,
+        entry: Entry,
+        batch: Batch,
+        members: list[int],
+        plans: dict[int, _Plan],
+        responses: dict[int, WireResponse],
+        send: Callable[[Chunk], None] | None,
+    ) -> Result:
+        """Call `entry` with the rows of the requests `members`; their answers go into
+        `responses`. The returned `Result` carries the timing, the metrics and the failure of
+        the call as a whole, if it failed."""
+        rows: list[Any] = []
+        spans: list[tuple[int, int, int]] = []  # (request, first row, row count)
+        processors: list[RequestProcessor] = []
+        ids: dict[int, str] = {}
+        for i in members:
+            request, plan = batch.requests[i], plans[i]
+            processor = RequestProcessor(
+                {
+                    **{p.name: {"content-type": p.content_type} for p in request.parts},
+                    **dict(request.headers),
+                }
+            )
+            spans.append((i, len(rows), len(plan.rows)))
+            for row in plan.rows:
+                ids[len(rows)] = request.request_id
+                processors.append(processor)
+                rows.append(row)
+        context = self.context
+        context.request_ids = ids
+        context.request_processor = processors
+
+        def encoded(answers: Sequence[Any], partial: bool = False) -> None:
+            for i, first, count in spans:
+                plan = plans[i]
+                if partial and plan.protocol:
+                    continue
+                mine = answers[first : first + count]
+                if plan.protocol == "v1":
+                    responses[i] = self._v1_response(first, mine, plan.explain)
+                elif plan.protocol == "oip":
+                    assert plan.oip is not None
+                    responses[i] = self._oip_response(plan.oip, mine[0], plan.wrapped)
+                else:
+                    responses[i] = self._response(first, mine[0])
 
         def intermediate(answers: Sequence[Any]) -> None:
-            if send is not None:
-                send(Chunk(batch.batch_id, merged(answers)))
+            if send is None or len(answers) != len(rows):
+                return
+            before = dict(responses)
+            encoded(answers, partial=True)
+            chunk = [responses.get(i) or WireResponse() for i in range(len(batch.requests))]
+            responses.clear()
+            responses.update(before)
+            send(Chunk(batch.batch_id, chunk))
 
         context.send_intermediate = intermediate
+        if not rows:  # KServe v1 requests without instances
+            encoded([])
+            return Result(batch.batch_id)
         started = time.perf_counter()
         try:
-            answers = self.entry(rows, context)
+            answers = entry(rows, context)
             if inspect.isgenerator(answers):
                 answers = _last_of(answers, intermediate)
         except Exception as exc:
-            ids = ", ".join(r.request_id for r in batch.requests)
+            ids_text = ", ".join(batch.requests[i].request_id for i in members)
             log.error(
-                "handler raised on the batch of request ids %s:\n%s", ids, traceback.format_exc()
+                "handler raised on the batch of request ids %s:\n%s",
+                ids_text,
+                traceback.format_exc(),
             )
             return Result(batch.batch_id, failure=failure_of(exc), metrics=self._metrics())
         elapsed = (time.perf_counter() - started) * 1000
@@ -197,7 +309,8 @@ class Service:
             return Result(
                 batch.batch_id, failure=Failure(FailureKind.BAD_OUTPUT, message), handler_ms=elapsed
             )
-        return Result(batch.batch_id, merged(answers), handler_ms=elapsed, metrics=self._metrics())
+        encoded(answers)
+        return Result(batch.batch_id, handler_ms=elapsed, metrics=self._metrics())
 
     def describe(self) -> Described:
         """The handler object's `describe_handle()` answer, encoded like a prediction."""
@@ -251,3 +364,69 @@ class Service:
                 return WireResponse(failure=Failure(FailureKind.BAD_OUTPUT, message))
             content_type = content_type or "application/json"
         return WireResponse(status, content_type, body, extra, reason)
+
+    def _v1_response(self, first: int, answers: Sequence[Any], explain: bool) -> WireResponse:
+        """A KServe v1 request's answer: its instances' results, in order."""
+        for answer in answers:
+            if isinstance(answer, EnvelopeInputError):
+                return WireResponse(failure=Failure(FailureKind.INVALID_INPUT, answer.message))
+        key = "explanations" if explain else "predictions"
+        try:
+            body = json.dumps({key: list(answers)}, default=_jsonable).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            message = f"handler output is not serialisable: {exc}"
+            return WireResponse(failure=Failure(FailureKind.BAD_OUTPUT, message))
+        status, extra, reason = 200, [], ""
+        if answers:
+            processor = self.context.request_processor[first]
+            status = processor.get_response_status_code()
+            reason = processor.get_response_status_phrase() or ""
+            headers = processor.get_response_headers()
+            extra = [(k, v) for k, v in headers.items() if k.lower() != "content-type"]
+        return WireResponse(status, "application/json", body, extra, reason)
+
+    def _oip_response(self, request: OipRequest, answer: Any, enveloped: bool) -> WireResponse:
+        """An OIP request's answer: the handler's (or the kservev2 envelope's) encoded."""
+        if isinstance(answer, EnvelopeInputError):
+            return WireResponse(failure=Failure(FailureKind.INVALID_INPUT, answer.message))
+        base: dict[str, Any] = {
+            "model_name": self.context.model_name,
+            "model_version": self.model_version,
+        }
+        if request.id is not None:
+            base["id"] = request.id
+        try:
+            if enveloped:
+                if not isinstance(answer, dict):
+                    raise TypeError(f"the kservev2 envelope answered {type(answer).__name__}")
+                own, answer = oip.from_envelope(answer)
+                base.update({k: v for k, v in own.items() if k in ("id", "parameters")})
+            reply = oip.respond(request, answer, base, self.declared_outputs)
+        except OipInputError as exc:
+            return WireResponse(failure=Failure(FailureKind.INVALID_INPUT, str(exc)))
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            message = f"handler output is no OIP answer: {type(exc).__name__}: {exc}"
+            return WireResponse(failure=Failure(FailureKind.BAD_OUTPUT, message))
+        return WireResponse(200, reply.content_type, reply.body, reply.headers)
+
+
+def _instances(part: Part) -> list[Any]:
+    """A KServe v1 body's instances, each a row of the handler's batch."""
+    try:
+        body = json.loads(bytes(part.data))
+    except (ValueError, RecursionError) as exc:
+        raise UndecodableInput(f"the request body is not JSON: {exc}") from None
+    instances = body.get("instances") if isinstance(body, dict) else None
+    if not isinstance(instances, list):
+        raise UndecodableInput('the request body must be a JSON object {"instances": [...]}')
+    return instances
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON for what handlers commonly answer with beyond JSON's types: tensors and arrays
+    (as nested lists), bytes (as UTF-8 text)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
