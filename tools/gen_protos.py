@@ -4,6 +4,13 @@
 their descriptors never clash with a TorchServe client's `inference.proto` in one process,
 and the generated imports are rewritten to point into the package. A test regenerates into a
 temporary folder and compares, so the committed code can never go stale.
+
+The Open Inference Protocol's file (`PRIVATE_POOL`) defines protobuf package `inference`, as
+tritonclient's and kserve's generated code do: the same full names in protobuf's default
+descriptor pool would refuse to load side by side. Its module is rewritten to build its
+descriptors in a pool of its own (`POOL`), so tsctl, tritonclient and kserve (each in the
+default pool) share a process. Nothing else changes: message classes, the wire format and the
+`_grpc` module (which names the service by its path only) are as protoc wrote them.
 """
 
 from __future__ import annotations
@@ -15,8 +22,23 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ("inference.proto", "management.proto", "health.proto")
+PROTOS = ("inference.proto", "management.proto", "health.proto", "grpc_predict_v2.proto")
 PACKAGE = "tsctl.proto_gen"
+#: generated modules whose descriptors live in a private pool, not protobuf's default one
+PRIVATE_POOL = ("grpc_predict_v2_pb2.py",)
+DEFAULT_POOL_LINE = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+PRIVATE_POOL_LINES = (
+    "# tools/gen_protos.py: a pool of its own; other packages define `inference` too\n"
+    "POOL = _descriptor_pool.DescriptorPool()\n"
+    "DESCRIPTOR = POOL.AddSerializedFile("
+)
+
+
+def private_pool(text: str) -> str:
+    """`text` (a generated `_pb2` module) building its descriptors in its own pool."""
+    if text.count(DEFAULT_POOL_LINE) != 1:
+        raise SystemExit("protoc's output changed: no single default-pool line to rewrite")
+    return text.replace(DEFAULT_POOL_LINE, PRIVATE_POOL_LINES)
 
 
 def generate(out: Path) -> None:
@@ -44,6 +66,8 @@ def generate(out: Path) -> None:
             text = re.sub(
                 r"^from proto import ", f"from {PACKAGE} import ", path.read_text(), flags=re.M
             )
+            if path.name in PRIVATE_POOL:
+                text = private_pool(text)
             (out / path.name).write_text(text)
     (out / "__init__.py").write_text(
         '"""Generated from proto/ by tools/gen_protos.py (`make protos`); do not edit."""\n'

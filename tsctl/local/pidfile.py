@@ -52,6 +52,8 @@ class PidInfo:
     key_file: str = ""
     grpc_inference_address: str = ""
     grpc_management_address: str = ""
+    #: the Open Inference Protocol's gRPC port (`grpc_oip_port`)
+    grpc_oip_address: str = ""
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:

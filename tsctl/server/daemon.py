@@ -163,6 +163,7 @@ class Daemon:
                     key_file=str(state.auth.path) if state.auth else "",
                     grpc_inference_address=addresses.get("grpc_inference", ""),
                     grpc_management_address=addresses.get("grpc_management", ""),
+                    grpc_oip_address=addresses.get("grpc_oip", ""),
                 ),
             )
             not_loaded = await self._load_startup_models(registry)
@@ -242,6 +243,13 @@ class Daemon:
             self.grpc_servers.append(server)
             # a TLS port is recorded as https://host:port (clients then speak TLS)
             found[f"grpc_{api}"] = f"https://{address}" if pem is not None else address
+        from tsctl.server.api import grpc_oip  # the Open Inference Protocol's own port
+
+        server, address = await grpc_oip.start(
+            state, f"{config.grpc_oip_address}:{config.grpc_oip_port}", pem
+        )
+        self.grpc_servers.append(server)
+        found["grpc_oip"] = f"https://{address}" if pem is not None else address
         return found
 
     async def _load_startup_models(self, registry: Registry) -> list[str]:
