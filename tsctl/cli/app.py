@@ -15,7 +15,7 @@ import sys
 import typer
 
 from tsctl import __version__
-from tsctl.cli.commands import archive, infer, models, serve
+from tsctl.cli.commands import archive, infer, models, serve, torchserve_compat
 from tsctl.errors import TsctlError
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.add_typer(archive.app, name="archive")
 app.add_typer(serve.app, name="serve")
 app.add_typer(models.app, name="models")
 app.registered_commands.extend(infer.app.registered_commands)
+app.registered_commands.extend(torchserve_compat.app.registered_commands)
 
 
 def _show_version(value: bool) -> None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from tsctl.cli.tls import CACERT_HELP, INSECURE_HELP
+
+if TYPE_CHECKING:
+    from tsctl.server.config import ServerConfig
 
 app = typer.Typer(
     help="Start, stop and inspect the model server daemon.",
@@ -98,63 +102,26 @@ def start(
         # before anything slow: the daemon's first worker imports torch while this process
         # and the daemon read the configuration (it exits if this process sends none)
         launched = launch_daemon(boot.main, early_spares=1 if models or more_models else 0)
-    from tsctl.errors import InvalidInput
-    from tsctl.server.config import ServerConfig, build_config, is_loopback, unknown_keys
-    from tsctl.server.snapshot import startup_properties
-
-    entries = [*(models or []), *(more_models or [])]
-    if more_models and not models:
-        raise InvalidInput(f"unexpected argument {more_models[0]!r}; did you mean --models?")
-    wanted = tuple(m.strip() for e in entries for m in e.split(",") if m.strip())
-    for flag, value in (
-        ("--log-config", log_config),
-        ("--cpp-log-config", cpp_log_config),
-        ("--workflow-store", workflow_store),
-        ("--plugins-path", plugins_path),
-    ):
-        if value is not None:
-            sys.stderr.write(f"tsctl: warning: {flag} {value} is TorchServe-only (ignored)\n")
-    # --ts-config, else the newest snapshot (its addresses and ports too), as TorchServe
-    where = log_dir or _env_path("LOG_LOCATION") or ServerConfig.model_fields["log_dir"].default
-    chosen = startup_properties(ts_config, where, ncs)
-    for line in chosen.skipped:
-        sys.stderr.write(f"tsctl: warning: config snapshot skipped: {line}\n")
-    properties = chosen.properties
-    for key in unknown_keys(properties):
-        sys.stderr.write(f"tsctl: warning: unknown setting {key!r} in {chosen.source} (ignored)\n")
-    overrides: dict[str, Any] = {
-        "model_store": model_store,
-        "load_models": wanted or None,
-        "log_dir": log_dir or _env_path("LOG_LOCATION"),
-        # TorchServe's rule: METRICS_LOCATION, else ./logs even when LOG_LOCATION moves the
-        # other logs; --log-dir moves them all
-        "metrics_dir": _env_path("METRICS_LOCATION")
-        or (Path("logs") if log_dir is None and _env_path("LOG_LOCATION") else None),
-        "console_log": console_log,
-        "state_dir": _state_dir(state_dir),
-        "no_config_snapshots": ncs,
-        "disable_token_authorization": True if disable_token_auth else None,
-        "enable_model_api": True if enable_model_api else None,
-    }
-    if model_store is not None and not model_store.is_dir():
-        raise InvalidInput(f"model store {str(model_store)!r} is not a directory")
-    config = build_config(properties, overrides, dict(os.environ))
-    for what, address in (
-        ("management", config.management_address),
-        ("metrics", config.metrics_address),
-    ):
-        if config.disable_token_authorization and not is_loopback(address):
-            sys.stderr.write(
-                f"tsctl: warning: the {what} API listens on {address}, beyond this machine, "
-                "with token authorization off\n"
-            )
+    config = start_config(
+        model_store=model_store,
+        models=models,
+        more_models=more_models,
+        ts_config=ts_config,
+        ncs=ncs,
+        disable_token_auth=disable_token_auth,
+        enable_model_api=enable_model_api,
+        torchserve_only={
+            "--log-config": log_config,
+            "--cpp-log-config": cpp_log_config,
+            "--workflow-store": workflow_store,
+            "--plugins-path": plugins_path,
+        },
+        log_dir=log_dir,
+        console_log=console_log,
+        state_dir=state_dir,
+    )
     if foreground:
-        from tsctl.server.workers import spares
-
-        ahead = spares.prestart(spares.expected(config.model_dump(), spares.cpu_count()))
-        from tsctl.server.daemon import run
-
-        raise typer.Exit(run(config, foreground=True, spares=ahead))
+        raise typer.Exit(run_foreground(config))
 
     from rich.console import Console
 
@@ -182,6 +149,89 @@ def start(
             f"Token authorization is on: keys are in {ready['key_file']} "
             "(tsctl commands use them; curl needs -H 'Authorization: Bearer <key>')."
         )
+
+
+#: `start_config`'s last step: given the configuration built and the config.properties it was
+#: built from, the configuration to serve (`tsctl torchserve` applies KServe's environment)
+Adjust = Callable[["ServerConfig", dict[str, str]], "ServerConfig"]
+
+
+def start_config(
+    *,
+    model_store: Path | None,
+    models: list[str] | None,
+    more_models: list[str] | None,
+    ts_config: Path | None,
+    ncs: bool,
+    disable_token_auth: bool,
+    enable_model_api: bool,
+    torchserve_only: dict[str, Path | None],
+    log_dir: Path | None,
+    console_log: bool | None,
+    state_dir: Path | None,
+    adjust: Adjust | None = None,
+) -> ServerConfig:
+    """`torchserve --start`'s flags, the config.properties (or the newest snapshot) and the
+    environment as one `ServerConfig`; warnings on stderr. Shared by `serve start` and
+    `tsctl torchserve`."""
+    from tsctl.errors import InvalidInput
+    from tsctl.server.config import ServerConfig, build_config, is_loopback, unknown_keys
+    from tsctl.server.snapshot import startup_properties
+
+    entries = [*(models or []), *(more_models or [])]
+    if more_models and not models:
+        raise InvalidInput(f"unexpected argument {more_models[0]!r}; did you mean --models?")
+    wanted = tuple(m.strip() for e in entries for m in e.split(",") if m.strip())
+    for flag, value in torchserve_only.items():
+        if value is not None:
+            sys.stderr.write(f"tsctl: warning: {flag} {value} is TorchServe-only (ignored)\n")
+    # --ts-config, else the newest snapshot (its addresses and ports too), as TorchServe
+    where = log_dir or _env_path("LOG_LOCATION") or ServerConfig.model_fields["log_dir"].default
+    chosen = startup_properties(ts_config, where, ncs)
+    for line in chosen.skipped:
+        sys.stderr.write(f"tsctl: warning: config snapshot skipped: {line}\n")
+    properties = chosen.properties
+    for key in unknown_keys(properties):
+        sys.stderr.write(f"tsctl: warning: unknown setting {key!r} in {chosen.source} (ignored)\n")
+    overrides: dict[str, Any] = {
+        "model_store": model_store,
+        "load_models": wanted or None,
+        "log_dir": log_dir or _env_path("LOG_LOCATION"),
+        # TorchServe's rule: METRICS_LOCATION, else ./logs even when LOG_LOCATION moves the
+        # other logs; --log-dir moves them all
+        "metrics_dir": _env_path("METRICS_LOCATION")
+        or (Path("logs") if log_dir is None and _env_path("LOG_LOCATION") else None),
+        "console_log": console_log,
+        "state_dir": _state_dir(state_dir),
+        "no_config_snapshots": ncs,
+        "disable_token_authorization": True if disable_token_auth else None,
+        "enable_model_api": True if enable_model_api else None,
+    }
+    if model_store is not None and not model_store.is_dir():
+        raise InvalidInput(f"model store {str(model_store)!r} is not a directory")
+    config = build_config(properties, overrides, dict(os.environ))
+    if adjust is not None:
+        config = adjust(config, properties)
+    for what, address in (
+        ("management", config.management_address),
+        ("metrics", config.metrics_address),
+    ):
+        if config.disable_token_authorization and not is_loopback(address):
+            sys.stderr.write(
+                f"tsctl: warning: the {what} API listens on {address}, beyond this machine, "
+                "with token authorization off\n"
+            )
+    return config
+
+
+def run_foreground(config: ServerConfig) -> int:
+    """Serve `config` in this process until SIGTERM/SIGINT has drained it; the exit status."""
+    from tsctl.server.workers import spares
+
+    ahead = spares.prestart(spares.expected(config.model_dump(), spares.cpu_count()))
+    from tsctl.server.daemon import run
+
+    return run(config, foreground=True, spares=ahead)
 
 
 @app.command("stop")
