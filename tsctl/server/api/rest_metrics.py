@@ -16,9 +16,13 @@ class MetricsHandler(ApiHandler):
 
     def get(self) -> None:
         stats = self.state.metrics
-        for versions in self.state.registry.models.values():
-            for mv in versions.values():
-                stats.queue_depth.set((mv.name, mv.version), len(mv.queue))
+        # requests waiting per model version, now; a version no longer registered is dropped
+        # (a stale value would keep an autoscaler on tsctl_queue_depth scaling)
+        stats.queue_depth.values = {
+            (mv.name, mv.version): float(len(mv.queue))
+            for versions in self.state.registry.models.values()
+            for mv in versions.values()
+        }
         names = {v.decode() for v in self.request.query_arguments.get("name[]", [])}
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(stats.render(names or None))

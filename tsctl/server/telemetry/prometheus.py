@@ -205,7 +205,7 @@ class Metrics:
         self.queue_depth = self.family(
             "tsctl_queue_depth",
             "gauge",
-            "Requests waiting in a model's queue",
+            "Requests waiting in a model version's queue for a worker, when scraped",
             ("model_name", "model_version"),
         )
         self.restarts = self.family(
