@@ -506,6 +506,16 @@ def test_entrypoint_serves_kserve_v1_in_the_foreground_and_drains_on_sigterm(
         [prediction] = answer["predictions"]
         assert prediction["values"] == {"body": {"n": 1}}
         assert call(ports["http"], "GET", "/ping")[0] == 200
+        # KServe's own v1 path, and the probes the runtime declares, on the same port
+        status, answer = call(
+            ports["http"], "POST", "/v1/models/mnist:predict", {"instances": [{"body": {"n": 2}}]}
+        )
+        assert status == 200, answer
+        assert [p["values"] for p in answer["predictions"]] == [{"body": {"n": 2}}]
+        assert call(ports["http"], "GET", "/v2/health/live")[0] == 200
+        assert call(ports["http"], "GET", "/v2/health/ready")[0] == 200
+        # the OIP gRPC service on KServe's gRPC port
+        assert oip_ready(ports["oip"], "mnist")
         # the management API where config.properties put it (it shared the inference port)
         status, listed = call(ports["ts"], "GET", "/models")
         assert status == 200
@@ -558,6 +568,36 @@ def test_entrypoint_serves_kserve_v2_envelope(layout: tuple[Path, dict[str, int]
     finally:
         code = served.stop()
     assert code == 0, served.output()
+
+
+@pytest.mark.slow
+def test_entrypoint_serves_grpc_v2_on_kserves_grpc_port(
+    layout: tuple[Path, dict[str, int]],
+) -> None:
+    root, ports = layout
+    env = {"TS_SERVICE_ENVELOPE": "kservev2", "PROTOCOL_VERSION": "grpc-v2"}
+    served = Entrypoint(root, env, *kserve_ports(ports))
+    try:
+        served.wait_ready()
+        assert oip_ready(ports["oip"], "mnist")
+    finally:
+        code = served.stop()
+    assert code == 0, served.output()
+
+
+def oip_ready(port: int, model: str) -> bool:
+    """ServerLive, ServerReady and ModelReady over the OIP gRPC service at `port`."""
+    import grpc
+
+    from tsctl.proto_gen import grpc_predict_v2_pb2 as pb
+    from tsctl.proto_gen import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        live = stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
+        ready = stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+        model_ready = stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=30).ready
+    return bool(live and ready and model_ready)
 
 
 def test_entrypoint_refuses_an_unknown_protocol(layout: tuple[Path, dict[str, int]]) -> None:
