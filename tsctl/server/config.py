@@ -310,6 +310,8 @@ _ACCEPTED = {
     "number_of_netty_threads",
     "netty_client_threads",
     "vmargs",
+    # KServe's sample configs set it; tsctl's metrics API always speaks Prometheus
+    "metrics_format",
     "model_snapshot",
     "tsConfigFile",
     # bookkeeping TorchServe writes into its snapshots
