@@ -199,15 +199,14 @@ class Service:
             entry = self.entry if plans[members[0]].wrapped else self.plain_entry
             streams = send if len(groups) == 1 else None
             outcome = self._call(entry, batch, members, plans, responses, streams)
-            if isinstance(outcome, Result):
-                handler_ms += outcome.handler_ms
-                metrics.extend(outcome.metrics)
-                if outcome.failure is None:
-                    continue
-                if len(groups) == 1 and not responses:
-                    return outcome
-                for i in members:
-                    responses[i] = WireResponse(failure=outcome.failure)
+            handler_ms += outcome.handler_ms
+            metrics.extend(outcome.metrics)
+            if outcome.failure is None:
+                continue
+            if len(groups) == 1 and not responses:
+                return outcome  # the whole batch failed, as before protocols mixed
+            for i in members:
+                responses[i] = WireResponse(failure=outcome.failure)
         ordered = [responses[i] for i in range(len(batch.requests))]
         return Result(batch.batch_id, ordered, handler_ms=handler_ms, metrics=metrics)
 
