@@ -1,5 +1,9 @@
 """Run one batch through the handler and turn its answers into wire responses.
 
+Each request is read by its protocol (`Service` says how): a KServe v1 request gives one row
+per instance, an Open Inference Protocol request one row of tensors (`tsctl.worker.oip`), and
+a TorchServe request one row of its parts, decoded as below.
+
 Inputs are decoded as TorchServe does: a part whose content type is `application/json` becomes
 the parsed object, `text/*` a `str`, anything else stays a `bytearray`. Each answer becomes
 bytes: `bytes`/`bytearray` as they are, `str` as UTF-8, anything else as JSON. A request whose
