@@ -65,9 +65,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def config(folder: Path, port: int, upstreams: Sequence[str]) -> str:
-    """nginx.conf: one worker, `port` on 127.0.0.1 proxying to `upstreams` (host:port)."""
-    servers = "".join(f"        server {u} max_fails=1 fail_timeout=1s;\n" for u in upstreams)
+def config(folder: Path, port: int, upstreams: Sequence[str], backups: Sequence[str] = ()) -> str:
+    """nginx.conf: one worker, `port` on 127.0.0.1 proxying to `upstreams` (host:port), and to
+    `backups` only while every one of `upstreams` is failing."""
+    servers = "".join(
+        f"        server {u} max_fails=1 fail_timeout=1s{' backup' if u in backups else ''};\n"
+        for u in [*upstreams, *backups]
+    )
     temp = "".join(
         f"    {kind}_temp_path {folder / kind};\n"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -100,14 +104,14 @@ http {{
 class Nginx:
     """nginx in the foreground, a child of this process (a context manager)."""
 
-    def __init__(self, folder: Path, upstreams: Sequence[str]) -> None:
+    def __init__(self, folder: Path, upstreams: Sequence[str], backups: Sequence[str] = ()) -> None:
         exe = binary()
         assert exe is not None, "nginx is not installed"
         self.folder = folder
         self.port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.conf = folder / "nginx.conf"
-        self.conf.write_text(config(folder, self.port, upstreams))
+        self.conf.write_text(config(folder, self.port, upstreams, backups))
         self.args = [exe, "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(self.conf)]
         self.process: subprocess.Popen[bytes] | None = None
 

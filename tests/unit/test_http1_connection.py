@@ -325,3 +325,39 @@ def test_application_framing_headers_are_dropped() -> None:
         assert b"transfer-encoding" not in head and b"x-kept: 1" in head
 
     run(test)
+
+
+def test_stopping_closes_idle_connections_now_and_busy_ones_after_their_answer() -> None:
+    async def test(server: Server) -> None:
+        idle, idle_t = connect(server)
+        idle.data_received(get())
+        await turns()
+        busy, busy_t = connect(server)
+        busy.data_received(get("/slow") + get("/behind"))  # one in progress, one pipelined
+        partial, partial_t = connect(server)
+        partial.data_received(b"GET /late HTTP/1.1\r\nHo")  # a head begun before the stop
+        server.stop()
+        # the idle one ends now, after its answer, before any byte of a next request
+        assert idle_t.closing and idle_t.statuses() == [200]
+        assert not busy_t.closing and not partial_t.closing
+        Echo.held[0].release()
+        await turns()
+        assert busy_t.statuses() == [200] and busy_t.closing  # the pipelined one: not started
+        assert b"Connection: close" in busy_t.out
+        partial.data_received(b"st: x\r\n\r\n")
+        await turns()
+        assert partial_t.statuses() == [200] and partial_t.closing
+        assert b"Connection: close" in partial_t.out
+        await turns()
+        assert not server.connections
+
+    run(test)
+
+
+def test_a_connection_made_once_stopping_is_closed_at_once() -> None:
+    async def test(server: Server) -> None:
+        server.stop()
+        conn, transport = connect(server)  # accepted before the listener closed
+        assert transport.closing and conn not in server.connections
+
+    run(test)

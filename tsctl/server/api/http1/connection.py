@@ -22,6 +22,11 @@ before its body is read (refused early: unknown model, not authorized, too large
 with `Connection: close`, never gets `100 Continue`, and its body is read and dropped (never
 kept) for at most `LINGER` seconds or `Limits.discard_limit` bytes before the connection
 closes: closing at once would reset the connection and could lose the answer.
+
+Stopping (`Server.stop`, the daemon's drain): a connection with no request in progress is
+closed at once, one with a request in progress answers it with `Connection: close`, then
+closes. A client or proxy so sees the connection end before it sends a next request on it,
+rather than have that request refused (503) by a server that is going away.
 """
 
 from __future__ import annotations
@@ -216,6 +221,7 @@ class Connection(asyncio.Protocol):
         self.chunked = False  # the streamed answer is sent in chunks (HTTP/1.1)
         self.close_after = False
         # the connection
+        self.draining = False  # the server stops: no request after the one in progress
         self.holding = False  # answered: the next request starts on the loop's next turn
         self.lingering = False  # answered early: the body is dropped until the close
         self.discarded = 0
@@ -404,7 +410,7 @@ class Connection(asyncio.Protocol):
         self.exchange = None
         self.answered = False
         self.streaming = False
-        self.close_after = not head.keep_alive
+        self.close_after = self.draining or not head.keep_alive
         self.received = 0
         self.body_done = False
         # None: chunked. Read after the reset above: a bad length is this request's to answer
@@ -531,6 +537,18 @@ class Connection(asyncio.Protocol):
             self.close()
 
     # --- closing
+
+    def drain(self) -> None:
+        """The server is stopping: close now when no request is in progress and none has
+        begun to arrive (cleanly, with the last answer sent: the client sees the end before it
+        sends another request), else after the answer in progress, which says
+        `Connection: close`. One whose client is not reading its answers is left as is."""
+        self.draining = True
+        self.close_after = True
+        if self._closed or self.lingering or self.write_paused:
+            return
+        if not (self.in_progress or self.waiting or self.unparsed or self.parser.in_head):
+            self.close()
 
     def close(self) -> None:
         """Close the connection now (the server's sweep and shutdown call it too)."""

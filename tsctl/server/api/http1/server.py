@@ -1,7 +1,8 @@
 """The listening side of the HTTP/1.1 layer: `Server` accepts connections on the daemon's
 event loop (one `Connection` each, at most `Limits.max_connections` open: beyond it a new
 connection is closed at once), runs the sweep that enforces the connections' time limits, and
-stops accepting on shutdown. Event loop only; nothing here blocks.
+on shutdown stops accepting and ends each open connection once its request is answered. Event
+loop only; nothing here blocks.
 
 With TLS (`add_sockets(..., tls=context)`), asyncio's SSL transport runs the handshake before a
 `Connection` is made (so the connection limit and time limits count from then); the handshake
@@ -84,6 +85,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.listeners: list[asyncio.AbstractServer] = []
         self.refused = 0  # connections closed at once since the limit was last reached
+        self.stopping = False
         self._at_limit = False
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -106,7 +108,10 @@ class Server:
 
     def admit(self, conn: Connection) -> bool:
         """A new connection: counted, or refused past `max_connections` (logged once each
-        time the limit is reached, not per refusal)."""
+        time the limit is reached, not per refusal). Once stopping, refused: one accepted just
+        before the listener closed, made after (asyncio makes it on a later turn)."""
+        if self.stopping:
+            return False
         limit = self.limits.max_connections
         if len(self.connections) >= limit:
             self.refused += 1
@@ -145,11 +150,15 @@ class Server:
         self._sweeper = self.loop.call_later(self.limits.sweep_interval(), self._sweep)
 
     def stop(self) -> None:
-        """Stop accepting connections."""
+        """Stop accepting connections, and end the open ones as their requests are answered:
+        an idle one now, one with a request in progress after its answer (`Connection.drain`)."""
+        self.stopping = True
         for listener in self.listeners:
             listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn.drain()
 
     async def close_all_connections(self) -> None:
         for conn in list(self.connections):
