@@ -41,7 +41,8 @@ DECLARED = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("oip-grpc"))
+    # a queue of 4 per model: the batching test fills one
+    srv = Server(tmp_path_factory.mktemp("oip-grpc"), properties={"job_queue_size": 4})
     make_archive(srv.store, "echo", "oip_echo", config=DECLARED)
     make_archive(srv.store / "v2", "echo", "oip_echo", version="2.0")
     make_archive(srv.store, "batched", "oip_echo", config={"batchSize": 4, "maxBatchDelay": 60000})
@@ -179,6 +180,14 @@ def test_unknown_models_and_versions(
     assert needle in caught.value.message()
 
 
+def test_an_output_the_model_does_not_give(client: Any) -> None:
+    x = [tensor("x", np.array([1], dtype=np.int8), "INT8")]
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("echo", x, outputs=[triton.InferRequestedOutput("nope")])
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "unknown output 'nope'" in caught.value.message()
+
+
 @pytest.mark.daemon_errors("PredictionException: input 'fail' refused by the handler")
 def test_a_request_the_handler_refuses(client: Any) -> None:
     x = np.array([1], dtype=np.int8)
@@ -188,9 +197,11 @@ def test_a_request_the_handler_refuses(client: Any) -> None:
     assert "input 'fail' refused by the handler" in caught.value.message()
 
 
-def test_requests_queued_together_are_one_handler_batch(server: Server, address: str) -> None:
+def test_requests_queued_together_are_one_handler_batch(
+    server: Server, address: str, client: Any
+) -> None:
     """batchSize 4: while the one worker holds a request, four more (each on its own
-    connection) wait in the queue; they then reach the handler as one batch."""
+    connection) wait in the queue, which is then full; they reach the handler as one batch."""
     gate = server.root / "batch-gate"
     hold = np.array([str(gate).encode()], dtype=np.object_)
 
@@ -212,9 +223,12 @@ def test_requests_queued_together_are_one_handler_batch(server: Server, address:
 
     with ThreadPoolExecutor(5) as pool:
         held = pool.submit(one, -1)
-        server.wait_for(lambda: queued() == 0 and not held.done())
+        server.wait_for(Path(f"{gate}.entered").exists)  # the one worker is busy now
         together = [pool.submit(one, n) for n in range(4)]
         server.wait_for(lambda: queued() == 4)
+        with pytest.raises(InferenceServerException) as full:  # job_queue_size is 4
+            client.infer("batched", [tensor("x", np.array([9], dtype=np.int32), "INT32")])
+        assert full.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
         gate.write_text("open")
         assert held.result(timeout=60) == ("r-1", [1], [-1])
         results = [future.result(timeout=60) for future in together]
@@ -589,3 +603,60 @@ def _wait_for_pid_file(srv: Server, starting: subprocess.Popen[bytes]) -> pidfil
 
     srv.wait_for(written, timeout=60)
     return found[0]
+
+
+# --- where the port is recorded, TLS, tokens, and off with enable_grpc=false --------------------
+
+
+def test_serve_status_names_the_oip_port(server: Server, address: str) -> None:
+    status = server.tsctl("serve", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["grpc_oip_address"] == address
+    table = server.tsctl("serve", "status")
+    assert f"OIP {address}" in table.stdout
+
+
+def test_tls_and_tokens(tmp_path: Path) -> None:
+    """With `enable_grpc_ssl` the OIP port speaks TLS (recorded as https://); with token
+    authorization on, probes need no token, metadata and inference the inference key."""
+    from tests.e2e.test_tls import make_pki, read_key
+
+    pki = make_pki(tmp_path / "pki")
+    props = {"private_key_file": pki.key, "certificate_file": pki.cert, "enable_grpc_ssl": "true"}
+    srv = Server(tmp_path / "srv", properties=props)
+    make_archive(srv.store, "echo", "oip_echo")
+    srv.start("echo.mar", auth=True)
+    try:
+        assert srv.info is not None
+        recorded = srv.info.grpc_oip_address
+        assert recorded.startswith("https://127.0.0.1:")
+        url = recorded.removeprefix("https://")
+        with triton.InferenceServerClient(url, ssl=True, root_certificates=str(pki.ca)) as secure:
+            assert secure.is_server_live()
+            assert secure.is_server_ready()
+            assert secure.is_model_ready("echo")
+            x = [tensor("x", np.array([3], dtype=np.int16), "INT16")]
+            for call in (
+                lambda: secure.infer("echo", x),
+                secure.get_server_metadata,
+                lambda: secure.get_model_metadata("echo"),
+            ):
+                with pytest.raises(InferenceServerException) as caught:
+                    call()
+                assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
+                assert "Token Authorization failed" in caught.value.message()
+            token = {"authorization": f"Bearer {read_key(srv, 'inference')}"}
+            assert secure.infer("echo", x, headers=token).as_numpy("x").tolist() == [3]
+            assert secure.get_server_metadata(headers=token).name == "tsctl"
+    finally:
+        srv.stop()
+
+
+def test_enable_grpc_false_leaves_the_oip_port_closed(tmp_path: Path) -> None:
+    srv = Server(tmp_path, properties={"enable_grpc": "false"})
+    srv.start()
+    try:
+        assert srv.info is not None
+        assert srv.info.grpc_oip_address == ""
+    finally:
+        srv.stop()

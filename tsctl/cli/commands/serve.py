@@ -290,6 +290,10 @@ def status(
             "pid": info.pid,
             "inference_address": info.inference_address,
             "management_address": info.management_address,
+            # the gRPC ports ("" when enable_grpc=false); OIP: inference.GRPCInferenceService
+            "grpc_inference_address": info.grpc_inference_address,
+            "grpc_management_address": info.grpc_management_address,
+            "grpc_oip_address": info.grpc_oip_address,
             "models": described,
         }
         typer.echo(json.dumps(doc, indent=2))
@@ -302,6 +306,11 @@ def status(
         f"tsctl is running: pid {info.pid}, inference {info.inference_address}, "
         f"management {info.management_address}, logs {info.log_dir}"
     )
+    if info.grpc_inference_address:
+        console.print(
+            f"gRPC: inference {info.grpc_inference_address}, "
+            f"management {info.grpc_management_address}, OIP {info.grpc_oip_address}"
+        )
     table = Table("model", "version", "batch", "worker", "pid", "state", title_justify="left")
     for model in described:
         workers = model.get("workers") or [{}]

@@ -311,7 +311,7 @@ class OipService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         mv = state.registry.get(request.name, request.version or None)
         return pb.ModelMetadataResponse(
             name=mv.name,
-            versions=list(state.registry.models.get(mv.name, {})),
+            versions=sorted(state.registry.models.get(mv.name, {})),
             platform=PLATFORM,
             inputs=declared(mv.yaml_config, "inputs"),
             outputs=declared(mv.yaml_config, "outputs"),
