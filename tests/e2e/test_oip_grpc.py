@@ -356,6 +356,17 @@ def _bad_requests() -> list[tuple[str, Any, str]]:
             "input 'x': a value does not fit datatype INT8",
         ),
         (
+            "negative shape",
+            _infer_request(
+                inputs=[
+                    tensor(
+                        name="x", datatype="INT32", shape=[-1], contents=contents(int_contents=[1])
+                    )
+                ]
+            ),
+            "input 'x': shape [-1] has a negative dimension",
+        ),
+        (
             "typed fp16",
             _infer_request(inputs=[tensor(name="x", datatype="FP16", shape=[0])]),
             "input 'x': datatype FP16 has no typed contents: send raw contents",
@@ -363,7 +374,7 @@ def _bad_requests() -> list[tuple[str, Any, str]]:
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_malformed_requests_are_invalid_argument(stub: Any, case: int) -> None:
     _, request, needle = _bad_requests()[case]
     with pytest.raises(grpc.RpcError) as caught:

@@ -120,14 +120,18 @@ def pack_elements(datatype: str, values: Iterable[Any], where: str) -> bytes:
     return packed.tobytes()
 
 
-def check_size(datatype: str, shape: list[int], data: bytes, where: str) -> None:
-    """`BadRequest` when `data` cannot hold a tensor of `shape` and `datatype` (BYTES: at
-    least a length prefix per element; the worker reads them)."""
+def check_tensor(datatype: str, shape: list[int], where: str) -> None:
+    """`BadRequest` for a datatype OIP does not have, or a shape with a negative size."""
     if datatype not in oip.DATATYPES:
         known = ", ".join(oip.DATATYPES)
         raise BadRequest(f"{where}: unknown datatype {datatype!r} (one of {known})")
     if any(size < 0 for size in shape):
         raise BadRequest(f"{where}: shape {shape} has a negative dimension")
+
+
+def check_size(datatype: str, shape: list[int], data: bytes, where: str) -> None:
+    """`BadRequest` when `data` cannot hold a tensor of `shape` and `datatype` (BYTES: at
+    least a length prefix per element; the worker reads them)."""
     count = oip.element_count(shape)
     size = oip.DATATYPES[datatype]
     if size is None:
@@ -172,8 +176,9 @@ def request_part(request: Any) -> Part:
     blobs: list[bytes] = []
     for i, tensor in enumerate(request.inputs):
         where = f"input {tensor.name!r}"
-        data = input_data(tensor, raw[i] if raw else None, where)
         shape = list(tensor.shape)
+        check_tensor(tensor.datatype, shape, where)
+        data = input_data(tensor, raw[i] if raw else None, where)
         check_size(tensor.datatype, shape, data, where)
         parameters = params_of(tensor.parameters)
         parameters["binary_data_size"] = len(data)
