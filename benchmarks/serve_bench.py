@@ -54,7 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: benchmarks.lib
 
-from benchmarks.lib.archives import MLP_BODY, RESNET_DIR, archive, mlp_archives
+from benchmarks.lib.archives import MLP_BODY, mlp_archives, resnet_archive
 from benchmarks.lib.procs import machine_line
 from benchmarks.lib.quiet import DISTURBED_CORES, QuietGate
 from benchmarks.lib.script import (
@@ -62,7 +62,6 @@ from benchmarks.lib.script import (
     log,
     missing,
     programs,
-    run_checked,
     stopped_at_end,
     workspace,
 )
@@ -148,22 +147,7 @@ def prepare(
         combos = {(w, b) for w in plan.workers for b in plan.batches} | {(1, 1)}
         built += mlp_archives(python, tsctl, work, store, combos)
     if "b" in plan.sections:
-        resnet = work / "resnet"
-        resnet.mkdir()
-        run_checked(
-            [python, RESNET_DIR / "build_model.py", "--out", resnet / "resnet_faces.pt"],
-            timeout=300,
-        )
-        run_checked(
-            [python, RESNET_DIR / "make_images.py", "--out-dir", work / "images"], timeout=120
-        )
-        built.append(
-            archive(
-                tsctl, store, work / "src", "resnet_faces", "resnet_faces",
-                resnet / "resnet_faces.pt", RESNET_DIR / "handler.py",
-                {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 50},
-            )
-        )  # fmt: skip
+        built.append(resnet_archive(python, tsctl, work, store))
     return body_file, built
 
 

@@ -76,3 +76,19 @@ def mlp_archives(
         )
         for w, b in sorted(combos)
     ]  # fmt: skip
+
+
+def resnet_archive(python: Path, tsctl: Path, work: Path, store: Path) -> str:
+    """Build resnet_faces (`work/resnet/resnet_faces.pt`) and its sample images
+    (`work/images/`), and archive it into `store` (1 worker, batch size 8, maxBatchDelay 50 ms);
+    the archive's file name."""
+    resnet = work / "resnet"
+    resnet.mkdir()
+    model = resnet / "resnet_faces.pt"
+    run_checked([python, RESNET_DIR / "build_model.py", "--out", model], timeout=300)
+    run_checked([python, RESNET_DIR / "make_images.py", "--out-dir", work / "images"], timeout=120)
+    return archive(
+        tsctl, store, work / "src", "resnet_faces", "resnet_faces", model,
+        RESNET_DIR / "handler.py",
+        {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 50},
+    )  # fmt: skip

@@ -70,6 +70,7 @@ class Server:
         self.inference_port = 0
         self.management_port = 0
         self.grpc_address = ""  # host:port of the gRPC inference API, with grpc=True
+        self.oip_address = ""  # host:port of tsctl's OIP gRPC service, with grpc=True
         self.root_pid: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.tracked: dict[int, int | None] = {}
@@ -172,7 +173,7 @@ class TsctlServer(Server):
         properties, _ = self._addresses()
         properties["enable_grpc"] = "true" if self.grpc else "false"
         if self.grpc:
-            for api in ("inference", "management"):  # free ports, named in the pid file
+            for api in ("inference", "management", "oip"):  # free ports, named in the pid file
                 properties[f"grpc_{api}_address"] = "127.0.0.1"
                 properties[f"grpc_{api}_port"] = 0
         properties["default_workers_per_model"] = workers
@@ -209,6 +210,7 @@ class TsctlServer(Server):
             self.grpc_address = str(self._pid_info().get("grpc_inference_address") or "")
             if not self.grpc_address:
                 raise RuntimeError("tsctl: no grpc_inference_address in the pid file")
+            self.oip_address = str(self._pid_info().get("grpc_oip_address") or "")
 
     def worker_threads(self) -> list[int]:
         """Each live worker's torch threads, from its `worker ready (pid P, N threads)` line

@@ -2,7 +2,8 @@
 
 One class: `initialize(context)` loads the TorchScript file named by the manifest's
 `serializedFile` from the model directory; `handle(data, context)` turns each request's `body`
-(16 floats as JSON: already parsed when sent as application/json, else bytes or str) into a
+(16 floats as JSON: already parsed when sent as application/json, else bytes or str), or the
+one input tensor of an Open Inference Protocol request (tsctl's `{name: tensor}` rows), into a
 row, runs the stacked batch once, and answers each request with its 4 output floats.
 """
 
@@ -30,9 +31,11 @@ class MlpHandler:
         rows = []
         for row in data:
             body = row.get("body", row.get("data"))
+            if body is None and row:  # an OIP request: its one input tensor
+                body = next(iter(row.values()))
             if isinstance(body, (bytes, bytearray, str)):
                 body = json.loads(body)
-            rows.append(torch.tensor(body, dtype=torch.float32))
+            rows.append(torch.as_tensor(body, dtype=torch.float32))
         with torch.inference_mode():
             out = self.model(torch.stack(rows))
         answers: list[Any] = out.tolist()

@@ -1,6 +1,7 @@
 """Handler for resnet_faces, written against TorchServe's handler contract.
 
-Each request holds one or more images (the raw body, or one multipart file each); each image's
+Each request holds one or more images (the raw body, one multipart file each, or the elements of
+an Open Inference Protocol BYTES input); each image's
 answer is a list of 136 floats: 68 landmarks as (x, y) pairs. A request with several images
 gets a list of such lists, in order. No numpy and no torchvision: PIL
 decodes, torch resizes and normalises.
@@ -37,7 +38,7 @@ class ResNetFacesHandler:
         self.counts = []
         images = []
         for row in data:
-            raws = [v for v in row.values() if isinstance(v, (bytes, bytearray))]
+            raws = [raw for value in row.values() for raw in _images(value)]
             if not raws:  # a PredictionException's message and code reach the client
                 raise PredictionException(
                     "send images as the request body or as multipart files", 400
@@ -62,6 +63,15 @@ class ResNetFacesHandler:
             mine, rows = rows[:count], rows[count:]
             answers.append(mine[0] if count == 1 else mine)
         return answers
+
+
+def _images(value: Any) -> list[bytes | bytearray]:
+    """The encoded images in one input: raw bytes, or (OIP BYTES) nested lists of them."""
+    if isinstance(value, (bytes, bytearray)):
+        return [value]
+    if isinstance(value, list):
+        return [raw for item in value for raw in _images(item)]
+    return []
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
