@@ -130,6 +130,16 @@ class QueueFull(ServiceUnavailable):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class StartingUp(ServiceUnavailable):
+    """A model the server has not registered yet while it is still loading its start-up
+    models: try again soon (a 404 now would be wrong a moment later, and proxies do not retry
+    it)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 #: TorchServe's whole answer to a handler exception that is not a `PredictionException`
 PREDICTION_FAILED = "Prediction failed"
 

@@ -6,10 +6,11 @@ import asyncio
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from tsctl.errors import ModelNotFound, StartingUp
 from tsctl.server import snapshot
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig
-from tsctl.server.registry import Registry
+from tsctl.server.registry import ModelVersion, Registry
 from tsctl.server.telemetry.logs import LineLog
 from tsctl.server.telemetry.metric_log import MetricLog
 from tsctl.server.telemetry.prometheus import Metrics
@@ -60,6 +61,18 @@ class ServerState:
         """The one authorization check every API adapter calls (no-op when auth is off)."""
         if self.auth is not None:
             self.auth.check(kind, authorization)
+
+    def model_for_inference(self, name: str, version: str | None) -> ModelVersion:
+        """The model version a prediction goes to. While the start-up models are still
+        being registered, a name not known yet is `StartingUp` (503, Retry-After), not 404."""
+        try:
+            return self.registry.get(name, version)
+        except ModelNotFound:
+            if self.loading_startup_models:
+                raise StartingUp(
+                    f"Model not found: {name} (the server is still loading its models)"
+                ) from None
+            raise
 
     def answered(self, status: int) -> None:
         """Count an answer (`Requests2XX`, ...: metrics API and/or ts_metrics.log)."""

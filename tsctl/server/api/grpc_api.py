@@ -63,7 +63,7 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         meta = _metadata(context)
         state = self.state
         state.authorize("inference", meta.get("authorization"))
-        mv = state.registry.get(request.model_name, request.model_version or None)
+        mv = state.model_for_inference(request.model_name, request.model_version or None)
         parts = [Part(name, "", bytes(value)) for name, value in request.input.items()]
         request_id = new_request_id(meta.get("x-request-id"))
         wire = InferenceRequest(request_id, parts, list(meta.items()), time.monotonic())

@@ -328,7 +328,7 @@ class OipService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         try:
             meta = _metadata(context)
             state.authorize("inference", meta.get("authorization"))
-            mv = state.registry.get(request.model_name, request.model_version or None)
+            mv = state.model_for_inference(request.model_name, request.model_version or None)
             part = request_part(request)
             request_id = new_request_id(meta.get("x-request-id"))
             wire = InferenceRequest(request_id, [part], list(meta.items()), time.monotonic())

@@ -157,7 +157,7 @@ class PredictionExchange(_Exchange):
             state.authorize("inference", self.head.get("authorization") or None)
             if state.draining:
                 raise ServiceUnavailable("the server is shutting down")
-            self.mv = state.registry.get(self.model, self.version)
+            self.mv = state.model_for_inference(self.model, self.version)
         except TsctlError as exc:
             self.error = exc
             self.answer_error(exc)
