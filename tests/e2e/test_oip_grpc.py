@@ -671,3 +671,23 @@ def test_enable_grpc_false_leaves_the_oip_port_closed(tmp_path: Path) -> None:
         assert srv.info.grpc_oip_address == ""
     finally:
         srv.stop()
+
+
+def test_every_oip_method_wears_the_error_funnel() -> None:
+    """Checked in a child process: the servicer's module imports tsctl's TorchServe protos,
+    which would clash with the TorchServe stubs other test modules compile into this one."""
+    script = textwrap.dedent(
+        """
+        from tsctl.proto_gen import grpc_predict_v2_pb2_grpc as pb_grpc
+        from tsctl.server.api.grpc_errors import is_funnelled
+        from tsctl.server.api.grpc_oip import OipService
+
+        base = pb_grpc.GRPCInferenceServiceServicer
+        rpcs = [n for n in vars(base) if not n.startswith("_")]
+        assert len(rpcs) == 6, rpcs
+        print([n for n in rpcs if not is_funnelled(getattr(OipService, n))])
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
