@@ -69,6 +69,7 @@ class Server:
         self.run_dir = work
         self.inference_port = 0
         self.management_port = 0
+        self.metrics_port = 0
         self.grpc_address = ""  # host:port of the gRPC inference API, with grpc=True
         self.oip_address = ""  # host:port of tsctl's OIP gRPC service, with grpc=True
         self.root_pid: int | None = None
@@ -107,11 +108,12 @@ class Server:
     def _addresses(self, more_ports: int = 0) -> tuple[dict[str, object], list[int]]:
         """The config.properties lines that name the REST APIs, on new free ports, and
         `more_ports` other free ports."""
-        self.inference_port, self.management_port, metrics_port, *more = free_ports(3 + more_ports)
+        ports = free_ports(3 + more_ports)
+        self.inference_port, self.management_port, self.metrics_port, *more = ports
         properties: dict[str, object] = {
             "inference_address": f"http://127.0.0.1:{self.inference_port}",
             "management_address": f"http://127.0.0.1:{self.management_port}",
-            "metrics_address": f"http://127.0.0.1:{metrics_port}",
+            "metrics_address": f"http://127.0.0.1:{self.metrics_port}",
         }
         return properties, more
 

@@ -1,0 +1,195 @@
+"""Benchmark: the daemon's CPU cost per request, and where it goes (issue 16's yardstick).
+
+Run from the repository root (about 1 minute; `--profile` adds py-spy's table):
+
+    .venv/bin/python benchmarks/daemon_cost.py [--rows w1b1c32,w1b8c32] [--duration S]
+        [--warmup S] [--profile] [--top N] [--venv .venv] [--keep]
+
+For each row (workers, batch size, concurrency) it starts tsctl with the MLP of serve_bench.py
+(16→64→64→4, benchmarks/models/), drives `POST /predictions/mlp` with wrk (`-t1 -c<conc>`,
+keep-alive, the 16-float JSON body as `application/json`) for `--duration` seconds after a
+warm-up, and prints requests/s and the CPU the daemon process and its workers used per
+answered request, in µs (from /proc/<pid>/stat before and after the run), plus the mean batch
+size the workers got (from `tsctl_batch_size` on the metrics API). CPU per request is what the
+daemon's work costs; it is less disturbed by other processes on a shared machine than
+requests/s, but compare rows of one run, not runs of different days.
+
+With `--profile`, py-spy samples the daemon during a second measured run of each row (which is
+then slower: sampling costs CPU) and the functions with the most samples are printed, by own
+time and by inclusive time. `pip install py-spy` first (it is not a dependency).
+
+This is a benchmark, not a test: the numbers depend on the machine and on what else runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: benchmarks.lib
+
+from benchmarks.lib.archives import MLP_BODY, mlp_archive_name, mlp_archives
+from benchmarks.lib.load import Load, run_wrk, with_cpu
+from benchmarks.lib.procs import machine_line
+from benchmarks.lib.rest import call
+from benchmarks.lib.script import ROOT, log, missing, programs, stopped_at_end, workspace
+from benchmarks.lib.servers import TsctlServer, running, threads_for
+
+_ROW = re.compile(r"^w(\d+)b(\d+)c(\d+)$")
+
+
+@dataclass
+class Row:
+    workers: int
+    batch: int
+    conc: int
+
+    @property
+    def name(self) -> str:
+        return f"w{self.workers}b{self.batch}c{self.conc}"
+
+
+def batch_stats(metrics_port: int) -> tuple[float, float]:
+    """(sum, count) of `tsctl_batch_size` over every model on the metrics API."""
+    text = call(f"http://127.0.0.1:{metrics_port}", "GET", "/metrics").body.decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("tsctl_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("tsctl_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def profile_table(raw: Path, top: int) -> str:
+    """py-spy's raw (collapsed) stacks summed by function: own and inclusive shares."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        names = []
+        for frame in stack.split(";"):
+            found = re.match(r"(.*?) \((.*?)(?::\d+)?\)$", frame)
+            if found:
+                where = found.group(2).split("site-packages/")[-1]
+                where = where.split(f"{ROOT}/")[-1]
+                names.append(f"{found.group(1)} ({where})")
+            else:
+                names.append(frame)
+        own[names[-1]] += n
+        for name in set(names):
+            inclusive[name] += n
+    if not total:
+        return "  (no samples)"
+    lines = [f"  {total} samples; own time:"]
+    lines += [f"  {n / total * 100:5.1f}%  {name}" for name, n in own.most_common(top)]
+    lines.append("  inclusive:")
+    lines += [f"  {n / total * 100:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
+    return "\n".join(lines)
+
+
+def measure(server: TsctlServer, row: Row, body: Path, args: argparse.Namespace) -> str:
+    """One measured wrk run of `row` after a warm-up: its line of figures."""
+    port = server.inference_port
+
+    def load(seconds: float) -> Load:
+        return run_wrk(port, "/predictions/mlp", body, "application/json", row.conc, seconds, 10)
+
+    load(args.warmup)
+    before = batch_stats(server.metrics_port)
+    run = with_cpu(lambda: load(args.duration), server.root_pid)
+    after = batch_stats(server.metrics_port)
+    answered = run.rps * run.seconds
+    fe = run.fe_cores * run.seconds / answered * 1e6 if answered else 0.0
+    wk = run.wk_cores * run.seconds / answered * 1e6 if answered else 0.0
+    batches = after[1] - before[1]
+    mean_batch = (after[0] - before[0]) / batches if batches else 0.0
+    return (
+        f"{row.name:<10} {run.rps:8.0f} req/s  p99 {run.p99_ms:6.2f} ms  daemon {fe:5.0f} µs/req "
+        f"({run.fe_cores:.2f} cores)  workers {wk:5.0f} µs/req ({run.wk_cores:.2f} cores)  "
+        f"mean batch {mean_batch:.2f}  {run.problems()}"
+    )
+
+
+def profile(
+    server: TsctlServer, row: Row, body: Path, raw: Path, spy: Path, seconds: float
+) -> None:
+    """py-spy's raw stacks of the daemon into `raw`, sampled during a wrk run of `row`."""
+    wrk = subprocess.Popen(
+        [
+            "wrk", "-t1", f"-c{row.conc}", f"-d{seconds + 4:.0f}s",
+            "-s", str(ROOT / "benchmarks" / "models" / "post_file.lua"),
+            f"http://127.0.0.1:{server.inference_port}/predictions/mlp", "--", str(body),
+            "application/json",
+        ],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(2)
+    subprocess.run(
+        [
+            spy, "record", "--pid", str(server.root_pid), "-d", f"{seconds:.0f}", "-r", "250",
+            "--format", "raw", "-o", str(raw), "--nonblocking",
+        ],
+        capture_output=True,
+        timeout=seconds + 60,
+    )  # fmt: skip
+    wrk.wait(timeout=seconds + 60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rows", default="w1b1c32,w1b8c32", help="wWbBcC, comma-separated")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--profile", action="store_true", help="also sample with py-spy")
+    parser.add_argument("--top", type=int, default=25, help="functions shown per profile table")
+    parser.add_argument("--venv", type=Path, default=ROOT / ".venv", help="tsctl's venv")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    args = parser.parse_args(argv)
+    rows = []
+    for text in args.rows.split(","):
+        found = _ROW.match(text.strip())
+        if not found:
+            print(f"a row is wWbBcC (e.g. w1b8c32), not {text!r}", file=sys.stderr)
+            return 2
+        rows.append(Row(*map(int, found.groups())))
+    python, tsctl, needed = programs(args.venv, Path("/nonexistent"), False)
+    spy = args.venv / "bin" / "py-spy"
+    problem = missing(needed + ([spy] if args.profile else []), ["wrk"], {})
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    print(f"daemon_cost: {machine_line()}; Python {sys.version.split()[0]}")
+    with workspace("daemon-cost-", None, args.keep) as work:
+        body = work / "body.json"
+        body.write_text(json.dumps(MLP_BODY))
+        mlp_archives(python, tsctl, work, work / "store", {(r.workers, r.batch) for r in rows})
+        server = TsctlServer(work, work / "store", tsctl)
+        with stopped_at_end([server]):
+            for row in rows:
+                archive = f"{mlp_archive_name(row.workers, row.batch)}.mar"
+                threads = threads_for(row.workers)
+                with running(server, f"mlp={archive}", "mlp", row.workers, threads):
+                    print(measure(server, row, body, args), flush=True)
+                    if args.profile:
+                        raw = work / f"profile-{row.name}.txt"
+                        profile(server, row, body, raw, spy, args.duration)
+                        log(f"profile of {row.name} (py-spy, daemon only):")
+                        print(profile_table(raw, args.top), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
