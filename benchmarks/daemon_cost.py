@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from benchmarks.lib.archives import MLP_BODY, mlp_archive_name, mlp_archives
 from benchmarks.lib.load import Load, run_wrk, with_cpu
 from benchmarks.lib.procs import machine_line
-from benchmarks.lib.rest import call
+from benchmarks.lib.rest import batch_stats
 from benchmarks.lib.script import ROOT, log, missing, programs, stopped_at_end, workspace
 from benchmarks.lib.servers import TsctlServer, running, threads_for
 
@@ -54,18 +54,6 @@ class Row:
     @property
     def name(self) -> str:
         return f"w{self.workers}b{self.batch}c{self.conc}"
-
-
-def batch_stats(metrics_port: int) -> tuple[float, float]:
-    """(sum, count) of `tsctl_batch_size` over every model on the metrics API."""
-    text = call(f"http://127.0.0.1:{metrics_port}", "GET", "/metrics").body.decode()
-    total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith("tsctl_batch_size_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("tsctl_batch_size_count"):
-            count += float(line.rsplit(" ", 1)[1])
-    return total, count
 
 
 def profile_table(raw: Path, top: int) -> str:
@@ -108,9 +96,9 @@ def measure(server: TsctlServer, row: Row, body: Path, args: argparse.Namespace)
         return run_wrk(port, "/predictions/mlp", body, "application/json", row.conc, seconds, 10)
 
     load(args.warmup)
-    before = batch_stats(server.metrics_port)
+    before = batch_stats(f"http://127.0.0.1:{server.metrics_port}")
     run = with_cpu(lambda: load(args.duration), server.root_pid)
-    after = batch_stats(server.metrics_port)
+    after = batch_stats(f"http://127.0.0.1:{server.metrics_port}")
     answered = run.rps * run.seconds
     fe = run.fe_cores * run.seconds / answered * 1e6 if answered else 0.0
     wk = run.wk_cores * run.seconds / answered * 1e6 if answered else 0.0

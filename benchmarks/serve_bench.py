@@ -10,7 +10,10 @@ Run from the repository root (about 7 minutes on 2 cores; `--quick` about 3):
 Sections:
 
 (a) throughput and latency: a tiny TorchScript MLP (16→64→64→4, JSON body of 16 floats) with
-    1 and 2 workers, batch size 1 and 8 (maxBatchDelay 5 ms), at concurrency 1, 8 and 32.
+    1 and 2 workers, batch size 1 and 8 (maxBatchDelay 5 ms), at concurrency 1, 8 and 32; and
+    per row the CPU µs per answered request of the frontend process (tsctl's daemon,
+    TorchServe's JVM) and of the workers (/proc, over the measured run), and the mean batch
+    tsctl's workers got (`tsctl_batch_size`; TorchServe has no such metric).
 (b) resnet_faces (examples/resnet_faces), batch size 8, maxBatchDelay 50 ms, 1 worker,
     concurrency 16, one JPEG per request: served images/s against a plain in-process loop that
     calls the same handler on batches of 8 raw JPEGs with the worker's torch thread count.

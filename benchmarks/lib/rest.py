@@ -55,3 +55,19 @@ def ready_workers(management: str, model: str) -> int:
     except (OSError, http.client.HTTPException, ValueError, LookupError):
         return 0
     return sum(1 for worker in workers if worker.get("status") == "READY")
+
+
+def batch_stats(metrics: str) -> tuple[float, float]:
+    """(sum, count) of tsctl's `tsctl_batch_size` histogram over every model, from the metrics
+    API at `metrics` (`http://host:port`); (0, 0) from a server without it (TorchServe)."""
+    try:
+        text = call(metrics, "GET", "/metrics", timeout=10).body.decode(errors="replace")
+    except (OSError, http.client.HTTPException):
+        return 0.0, 0.0
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("tsctl_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("tsctl_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count

@@ -9,9 +9,10 @@ import http.client
 from pathlib import Path
 
 from benchmarks.lib.archives import mlp_archive_name
-from benchmarks.lib.load import run_wrk
+from benchmarks.lib.load import run_wrk, with_cpu
 from benchmarks.lib.procs import RssSampler
 from benchmarks.lib.quiet import QuietGate
+from benchmarks.lib.rest import batch_stats
 from benchmarks.lib.script import log
 from benchmarks.lib.serve_plan import MlpRow, Plan, Results, RssResult
 from benchmarks.lib.servers import Server, running, server_order, threads_for
@@ -82,22 +83,35 @@ def mlp_rows(
             )  # fmt: skip
             sample_rss = (workers, batch, conc) == (1, 1, 32) and "d" in plan.sections
             sampler = RssSampler(server.root_pid) if sample_rss else None
+            metrics = f"http://127.0.0.1:{server.metrics_port}"
+            before = batch_stats(metrics)
             with sampler or contextlib.nullcontext():
+                measured = functools.partial(
+                    run_wrk, server.inference_port, "/predictions/mlp", body_file,
+                    "application/json", conc, plan.duration, 10,
+                )  # fmt: skip
                 load = gate.measured(
-                    functools.partial(
-                        run_wrk, server.inference_port, "/predictions/mlp", body_file,
-                        "application/json", conc, plan.duration, 10,
-                    ),
+                    lambda m=measured: with_cpu(m, server.root_pid),  # type: ignore[misc]
                     server.root_pid, plan.retries, f"c={conc}",
                 )  # fmt: skip
+            after = batch_stats(metrics)
             if sampler is not None:
                 results.rss.append(
                     RssResult(server.name, idle, sampler.peak, sampler.peak_processes,
                               sampler.samples)
                 )  # fmt: skip
+            row = MlpRow(server.name, workers, batch, conc, observed, load, rep)
+            answered = load.rps * load.seconds
+            if answered:  # with_cpu's cores are over the run's wall time, about `seconds`
+                row.fe_us = load.fe_cores * load.seconds / answered * 1e6
+                row.wk_us = load.wk_cores * load.seconds / answered * 1e6
+            if after[1] > before[1]:
+                row.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
             if "a" in plan.sections:
-                results.mlp.append(MlpRow(server.name, workers, batch, conc, observed, load, rep))
+                results.mlp.append(row)
             log(
                 f"    c={conc}: {load.rps:.0f} req/s, p50 {load.p50_ms:.2f} ms, "
-                f"p99 {load.p99_ms:.2f} ms {load.problems()}"
+                f"p99 {load.p99_ms:.2f} ms, frontend {row.fe_us:.0f} µs/req, workers "
+                f"{row.wk_us:.0f} µs/req, mean batch {row.mean_batch or float('nan'):.2f} "
+                f"{load.problems()}"
             )

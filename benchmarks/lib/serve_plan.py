@@ -37,6 +37,12 @@ class MlpRow:
     threads: list[int]
     load: Load
     rep: int = 0
+    #: CPU µs per answered request: the server's frontend process (tsctl's daemon,
+    #: TorchServe's JVM) and its workers
+    fe_us: float = 0.0
+    wk_us: float = 0.0
+    #: the mean batch the workers got (tsctl's `tsctl_batch_size`; 0 when unknown)
+    mean_batch: float = 0.0
 
 
 @dataclass

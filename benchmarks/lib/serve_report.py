@@ -84,6 +84,7 @@ def print_mlp(results: Results, plan: Plan) -> None:
                             for r in rows[n]
                         )
                         notes.append(f"  {n} w={w} b={b} c={c} req/s by round: {spread}")
+    print_cpu(grouped, plan)
     print(
         "\nratios are tsctl / TorchServe (req/s: higher is better for tsctl; p99: lower); "
         "others = cores used by other processes on the machine during the run (tsctl/TS)"
@@ -97,6 +98,39 @@ def print_mlp(results: Results, plan: Plan) -> None:
         print(f"answers match: {'yes' if same_answers(a, b) else 'NO'}")
     if notes:
         print("details:\n" + "\n".join(notes))
+
+
+def print_cpu(grouped: dict[tuple[str, int, int, int], list[MlpRow]], plan: Plan) -> None:
+    """Where the CPU went per answered request (medians over rounds): the frontend process
+    (tsctl's daemon, TorchServe's JVM) and the workers, and the mean batch tsctl's workers got
+    (TorchServe has no batch-size metric)."""
+    print(
+        "\nCPU per answered request, µs (fe = frontend process, wk = workers; "
+        "batch = tsctl's mean batch size from tsctl_batch_size)\n"
+    )
+    print_head(
+        f"{'workers':>7} {'batch':>5} {'conc':>4} | {'tsctl fe':>8} {'wk':>6} {'batch':>5} | "
+        f"{'TS fe':>7} {'wk':>6} | {'fe ratio':>8}"
+    )
+    for w in plan.workers:
+        for b in plan.batches:
+            for c in plan.concs:
+                ours = grouped.get(("tsctl", w, b, c), [])
+                ref = grouped.get(("TorchServe", w, b, c), [])
+                if not ours and not ref:
+                    continue
+
+                def med(rows: list[MlpRow], key: str) -> float:
+                    values = [getattr(r, key) for r in rows if getattr(r, key)]
+                    return statistics.median(values) if values else 0.0
+
+                line = f"{w:>7} {b:>5} {c:>4} | "
+                line += f"{med(ours, 'fe_us'):>8.0f} {med(ours, 'wk_us'):>6.0f} "
+                line += f"{med(ours, 'mean_batch'):>5.2f} | "
+                line += f"{med(ref, 'fe_us'):>7.0f} {med(ref, 'wk_us'):>6.0f} | "
+                fe_ours, fe_ref = med(ours, "fe_us"), med(ref, "fe_us")
+                line += f"{ratio(fe_ours, fe_ref) if fe_ours and fe_ref else '-':>8}"
+                print(line)
 
 
 def print_resnet(results: Results) -> None:
