@@ -67,6 +67,8 @@ PREFIX = struct.Struct("!2sBBII")
 #: a frame's meta is small by construction; anything larger is a protocol error
 MAX_META = 16 << 20
 _SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(WorkerSpec))
+#: the meta's encoder, made once (`json.dumps` with options makes one per call)
+_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 class ProtocolError(Exception):
@@ -127,19 +129,29 @@ def _request_meta(request: WireRequest) -> list[Any]:
 
 def request_meta_size(request: WireRequest) -> int:
     """The bytes `request` adds to a batch frame's meta, at most (its entry in "reqs", the
-    lengths of its bodies in "lens", the commas). A cheap bound first: JSON escapes a
-    character in at most 12 bytes (a surrogate pair); the exact size only when that bound is
-    large, so an ordinary request is not encoded twice."""
-    strings = len(request.request_id) + sum(
-        len(p.name) + len(p.content_type) for p in request.parts
-    )
-    strings += sum(len(k) + len(v) for k, v in request.headers)
-    count = len(request.parts) + len(request.headers) + 1
-    lens = sum(len(str(memoryview(p.data).nbytes)) + 1 for p in request.parts)
-    bound = 12 * strings + 16 * count + lens + 8
+    lengths of its bodies in "lens", the commas). See `request_meta_bound`."""
+    return request_meta_bound(request.request_id, request.parts, request.headers)
+
+
+def request_meta_bound(
+    request_id: str, parts: Sequence[Part], headers: Sequence[tuple[str, str]]
+) -> int:
+    """`request_meta_size` of a request not built yet (it runs once per request, so it
+    builds nothing). A cheap bound first, from lengths alone: JSON escapes a character in at
+    most 12 bytes (a surrogate pair) and a body's length takes at most 20 digits; the exact
+    size only when that bound is large, so an ordinary request is not encoded twice."""
+    strings = len(request_id)
+    for part in parts:
+        strings += len(part.name) + len(part.content_type)
+    for name, value in headers:
+        strings += len(name) + len(value)
+    count = len(parts) + len(headers) + 1
+    bound = 12 * strings + 16 * count + 21 * len(parts) + 8
     if bound <= 1 << 16:
         return bound
-    return len(json.dumps(_request_meta(request), separators=(",", ":"))) + 1 + lens
+    lens = sum(len(str(memoryview(p.data).nbytes)) + 1 for p in parts)
+    meta = _request_meta(WireRequest(request_id, parts, headers))
+    return len(_JSON.encode(meta)) + 1 + lens
 
 
 def request_meta_budget(batch_size: int) -> int:
@@ -196,7 +208,7 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
         kind, meta = Kind.STOP, {"reason": message.reason}
     lens = [memoryview(s).nbytes for s in segments]
     meta["lens"] = lens
-    encoded = json.dumps(meta, separators=(",", ":")).encode()
+    encoded = _JSON.encode(meta).encode()
     if len(encoded) > MAX_META:
         raise FrameTooLarge(
             f"the frame's meta of {len(encoded)} bytes exceeds the limit of {MAX_META}"

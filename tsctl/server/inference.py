@@ -17,8 +17,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from tsctl.errors import InferenceTimeout, RequestTooLarge, ServiceUnavailable
-from tsctl.ipc.codec import request_meta_budget, request_meta_size
-from tsctl.ipc.messages import WireRequest
+from tsctl.ipc.codec import request_meta_bound, request_meta_budget
 from tsctl.server.registry import ModelVersion
 from tsctl.server.request import ClientGone, InferenceRequest, Job, Response
 
@@ -33,8 +32,8 @@ def expire(job: Job, timeout: float) -> None:
 
 def check_frame_size(request: InferenceRequest, batch_size: int) -> None:
     """`RequestTooLarge` if `request` would make a batch frame's meta exceed its bound."""
-    wire = WireRequest(request.request_id, request.parts, request.headers)
-    size, budget = request_meta_size(wire), request_meta_budget(batch_size)
+    size = request_meta_bound(request.request_id, request.parts, request.headers)
+    budget = request_meta_budget(batch_size)
     if size > budget:
         raise RequestTooLarge(
             f"the request's input names and headers take {size} bytes in a worker frame, over "

@@ -15,7 +15,7 @@ from random import getrandbits
 
 from tsctl.ipc.messages import Part
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a token: safe in a header line
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def new_request_id(incoming: str | None) -> str:
     Request ids need to be unique, not secret: `random` makes one several times faster than
     `uuid.uuid4()` (which reads the OS entropy pool), and this runs once per request.
     """
-    if incoming and _CLIENT_ID.match(incoming):
+    if incoming and _CLIENT_ID.fullmatch(incoming):
         return incoming
     h = f"{getrandbits(128):032x}"
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"

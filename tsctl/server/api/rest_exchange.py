@@ -14,6 +14,7 @@ error) that does not depend on the body.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
@@ -37,6 +38,14 @@ DISCARD_LIMIT = 64 << 20
 EXPLAIN_HEADER = ("explain", "True")
 
 
+@functools.lru_cache(maxsize=16)
+def _fixed_lines(cors: tuple[tuple[str, str], ...]) -> bytes:
+    """The header lines every answer carries besides its id (`base_headers`, CORS)."""
+    fixed = {**base_headers(""), **dict(cors)}
+    del fixed["x-request-id"]
+    return http1.header_lines(fixed.items())
+
+
 class _Exchange(http1.Exchange):
     """What every inference exchange shares: the request id, the answer, the access log."""
 
@@ -58,12 +67,19 @@ class _Exchange(http1.Exchange):
     ) -> None:
         if self.answered:
             return
-        headers = {**base_headers(self.request_id), **self.state.cors}
-        if content_type:
-            headers["Content-Type"] = content_type
-        if extra:
+        if extra:  # headers of the handler's may replace the fixed ones: merged by name
+            headers = {**base_headers(self.request_id), **self.state.cors}
+            if content_type:
+                headers["Content-Type"] = content_type
             headers.update(extra)
-        self.conn.respond(status, headers, body, reason)
+            self.conn.respond(status, headers, body, reason)
+        else:  # the common case: the fixed headers as bytes made once, the id a token
+            lead = b"x-request-id: %b\r\n%b" % (
+                self.request_id.encode("latin-1"),
+                _fixed_lines(tuple(self.state.cors.items())),
+            )
+            typed = {"Content-Type": content_type} if content_type else {}
+            self.conn.respond(status, typed, body, reason, lead)
         self.done(status)
 
     def answer_error(self, exc: BaseException) -> None:

@@ -18,7 +18,13 @@ What it does not do, on purpose: TLS (tsctl refuses https addresses), HTTP/2 (gR
 own port), request trailers (read and dropped), transfer codings other than chunked.
 """
 
-from tsctl.server.api.http1.connection import Connection, ErrorResponse, Exchange, RequestTimeout
+from tsctl.server.api.http1.connection import (
+    Connection,
+    ErrorResponse,
+    Exchange,
+    RequestTimeout,
+    header_lines,
+)
 from tsctl.server.api.http1.parser import RequestHead
 from tsctl.server.api.http1.server import Limits, Server
 
@@ -30,4 +36,5 @@ __all__ = [
     "RequestHead",
     "RequestTimeout",
     "Server",
+    "header_lines",
 ]

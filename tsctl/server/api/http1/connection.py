@@ -125,16 +125,22 @@ def reason_phrase(status: int) -> str:
         return "Unknown"
 
 
-_date_cache: tuple[int, str] = (0, "")
+_date_cache: tuple[int, str, bytes] = (0, "", b"")
 
 
 def http_date() -> str:
     """The `Date` header's value, formatted once per second."""
+    return _date()[1]
+
+
+def _date() -> tuple[int, str, bytes]:
+    """(second, `Date` value, `Date` header line), formatted once per second."""
     global _date_cache
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True))
-    return _date_cache[1]
+        value = formatdate(now, usegmt=True)
+        _date_cache = (now, value, f"Date: {value}\r\n".encode("latin-1"))
+    return _date_cache
 
 
 def status_line(status: int, reason: str | None) -> str:
@@ -143,6 +149,17 @@ def status_line(status: int, reason: str | None) -> str:
     if not reason or not _is_field_value(reason):
         reason = reason_phrase(status)
     return f"HTTP/1.1 {status} {reason}\r\n"
+
+
+@functools.lru_cache(maxsize=128)
+def _standard_status_line(status: int) -> bytes:
+    return status_line(status, None).encode("latin-1")
+
+
+def _status_line_bytes(status: int, reason: str | None) -> bytes:
+    if not reason and 100 <= status <= 999:
+        return _standard_status_line(status)
+    return status_line(status, reason).encode("latin-1", "replace")
 
 
 @functools.lru_cache(maxsize=256)
@@ -162,7 +179,14 @@ def header_block(
     """The status line, the headers, then `trusted` (header lines the layer made itself). A
     header that is not a token with a field value is dropped (and logged): nothing an
     application sets can split or forge a header."""
-    lines = [status_line(status, reason)]
+    return _status_line_bytes(status, reason) + header_lines(headers, trusted) + b"\r\n"
+
+
+def header_lines(headers: Iterable[tuple[str, str]], trusted: str = "") -> bytes:
+    """`headers` as `Name: value` lines, then `trusted`; a header that is not a token with a
+    field value is dropped (and logged). What `Connection.respond` takes as `lead` is made
+    here, or of values known to be tokens."""
+    lines = []
     for name, value in headers:
         name, value = str(name), str(value)
         if not _is_token(name) or not _is_field_value(value):
@@ -174,7 +198,6 @@ def header_block(
             continue
         lines.append(f"{name}: {value}\r\n")
     lines.append(trusted)
-    lines.append("\r\n")
     return "".join(lines).encode("latin-1", "replace")
 
 
@@ -583,8 +606,11 @@ class Connection(asyncio.Protocol):
         headers: dict[str, str],
         body: bytes | bytearray | memoryview,
         reason: str | None = None,
+        lead: bytes = b"",
     ) -> bool:
-        """Write the whole answer. False if it could not be (already answered, or gone)."""
+        """Write the whole answer, in one `transport.write`. False if it could not be
+        (already answered, or gone). `lead`: header lines sent first, made by `header_lines`
+        (or of values known to be safe) once for many answers; `headers` are checked here."""
         if self.answered:
             return False
         self.answered = True
@@ -593,16 +619,23 @@ class Connection(asyncio.Protocol):
             return False
         if self.body_pending:  # answered before the body: it will not be read
             self.close_after = True
-        trusted = f"Content-Length: {len(body)}\r\nDate: {http_date()}\r\n"
+        head = self.head
+        size = memoryview(body).nbytes
         if self.close_after:
-            trusted += "Connection: close\r\n"
-        elif self.head is not None and self.head.version == "HTTP/1.0":
-            trusted += "Connection: keep-alive\r\n"
-        block = header_block(status, reason, _application_headers(headers), trusted)
-        if self.head is not None and self.head.method == "HEAD":
-            transport.write(block)  # the length a GET would have had, and no body
+            framing = b"Content-Length: %d\r\n%bConnection: close\r\n\r\n"
+        elif head is not None and head.version == "HTTP/1.0":
+            framing = b"Content-Length: %d\r\n%bConnection: keep-alive\r\n\r\n"
         else:
-            transport.write(block + body)
+            framing = b"Content-Length: %d\r\n%b\r\n"
+        pieces: list[bytes | bytearray | memoryview] = [
+            _status_line_bytes(status, reason),
+            lead,
+            header_lines(_application_headers(headers)) if headers else b"",
+            framing % (size, _date()[2]),
+        ]
+        if head is None or head.method != "HEAD":  # HEAD: the length a GET would have had
+            pieces.append(body)
+        transport.write(b"".join(pieces))
         if self.body_pending:
             self._linger()
         elif self.body_done:
