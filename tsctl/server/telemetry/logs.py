@@ -91,10 +91,18 @@ class LineLog:
     without the logging module's cost, with TorchServe's ISO8601 timestamps.
 
     The file is created at once (TorchServe creates its log files at start-up) and kept open.
-    With `delay` > 0 lines are written in one go shortly after (at most `delay` seconds), so
-    a busy server makes one write call per batch of lines, not per line; with 0 each line is
-    written as it comes. Event-loop only; `flush()` at shutdown writes what is left.
+    Lines are never written one by one on the event loop: they are buffered and written in
+    one call. With `delay` 0 the buffer is written at the end of the current turn of the
+    event loop (`call_soon`: before the loop waits for I/O again, and before whatever the
+    code that wrote a line schedules after it, e.g. the response a metric line belongs
+    to); with `delay` > 0 at most `delay` seconds later. A buffer that reaches `MAX_LINES`
+    is written at once. Off the event loop (start-up, shutdown, tests) each line is written
+    as it comes. Event-loop only; `flush()` writes what is buffered (shutdown calls it
+    through `Logs.close`).
     """
+
+    #: lines held at most before the buffer is written, whatever the delay
+    MAX_LINES = 4096
 
     def __init__(self, path: Path, delay: float = 0.1) -> None:
         self.path = path
@@ -103,26 +111,54 @@ class LineLog:
         self.scheduled = False
         self._second = -1
         self._stamp = ""
+        self._second_text = ""
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held until close()
 
     def write(self, text: str) -> None:
         now = time.time()
         second = int(now)
         if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
-        self.lines.append(f"{self._stamp},{int(now * 1000) % 1000:03d} - {text}\n")
-        if not self.delay:
-            self.flush()
-        elif not self.scheduled:
-            self.scheduled = True
-            try:
-                asyncio.get_running_loop().call_later(self.delay, self.flush)
-            except RuntimeError:
-                self.flush()
+            self._stamp_second(second)
+        self.lines.append(f"{self._stamp}{_MILLIS[int(now * 1000) % 1000]}{text}\n")
+        if not self.scheduled or len(self.lines) >= self.MAX_LINES:
+            self._schedule()
 
-    def flush(self) -> None:
-        self.scheduled = False
+    def write_stamped(self, text: str) -> None:
+        """`text` then the epoch second of the line's own timestamp (TorchServe's metric
+        lines end with `timestamp:<seconds>`): one clock reading for both."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._stamp_second(second)
+        self.lines.append(
+            f"{self._stamp}{_MILLIS[int(now * 1000) % 1000]}{text}{self._second_text}\n"
+        )
+        if not self.scheduled or len(self.lines) >= self.MAX_LINES:
+            self._schedule()
+
+    def _stamp_second(self, second: int) -> None:
+        self._second = second
+        self._second_text = str(second)
+        self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+
+    def _schedule(self) -> None:
+        if self.scheduled:  # the buffer is full: write it now, the timer stays armed
+            self.flush(keep_scheduled=True)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # off the loop: at once
+            self.flush()
+            return
+        self.scheduled = True
+        if self.delay:
+            loop.call_later(self.delay, self.flush)
+        else:
+            loop.call_soon(self.flush)
+
+    def flush(self, keep_scheduled: bool = False) -> None:
+        if not keep_scheduled:
+            self.scheduled = False
         if not self.lines or self._file.closed:
             return
         text, self.lines = "".join(self.lines), []
@@ -132,6 +168,10 @@ class LineLog:
     def close(self) -> None:
         self.flush()
         self._file.close()
+
+
+#: ",000 - " to ",999 - ": the milliseconds of a line's timestamp and the separator
+_MILLIS = tuple(f",{ms:03d} - " for ms in range(1000))
 
 
 def _file_logger(

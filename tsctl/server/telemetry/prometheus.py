@@ -13,8 +13,10 @@ or model_metrics.log (handlers' metrics), in TorchServe's
 `Name.Unit:value|#dims|#hostname:host[,requestID:id],timestamp:s` form; in `prometheus` mode
 they are only on the metrics API; in `legacy` mode the three `ts_*` families are only on the
 metrics API and every other metric only in the logs. tsctl's own `tsctl_*` families are always
-on the metrics API. Event-loop only, never blocks: updating a value is a dict lookup and an
-addition, and a log line is one buffered write (`logs.LineLog`).
+on the metrics API. Event-loop only, never blocks. Per request the cost is small: each label
+set is a `Series` bound once (a model version's are held by `Metrics.for_model`), so an
+update is an addition and, when logged, one string built around the value from cached text
+and appended to a buffer that `logs.LineLog` writes once per event-loop turn.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import logging
 import math
 import re
 import socket
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,9 +52,78 @@ log = logging.getLogger("tsctl.server")
 class LineSink(Protocol):
     def write(self, text: str) -> None: ...
 
+    def write_stamped(self, text: str) -> None:
+        """`text` followed by the line's epoch second (`logs.LineLog`)."""
+
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Series:
+    """One label set of a family, bound once: an update is no label handling, and its
+    metric line is cached text around the value (TorchServe's
+    `Name.Unit:value|#dims|#hostname:host[,requestID:id],timestamp:s`; the last label is the
+    hostname). A family's routing (`sink`, `exposed`, `unit`, `log_dims`) is set before its
+    first update (`Metrics._route`), so the cached text stays right."""
+
+    __slots__ = ("family", "head", "key", "record", "stamped", "tail")
+
+    def __init__(self, family: Family, key: tuple[str, ...]) -> None:
+        self.family = family
+        self.key = key
+        dims = ",".join(f"{n}:{v}" for n, v in zip(family.log_dims, key[:-1], strict=False))
+        self.head = f"{family.name}.{family.unit}:"
+        self.tail = f"|#{dims}|#hostname:{key[-1] if key else ''}"
+        self.stamped = f"{self.tail},timestamp:"
+        #: the update a value of this family's kind gets (a handler metric's)
+        self.record = (
+            self.inc
+            if family.kind == "counter"
+            else self.observe
+            if family.kind == "histogram"
+            else self.set
+        )
+
+    def inc(self, amount: float = 1.0, request_id: str = "") -> None:
+        family = self.family
+        if family.sink is not None:
+            self.write_line(amount, request_id)
+        if family.exposed:
+            values = family.values
+            values[self.key] = values.get(self.key, 0.0) + amount
+
+    def set(self, value: float, request_id: str = "") -> None:
+        family = self.family
+        if family.sink is not None:
+            self.write_line(value, request_id)
+        if family.exposed:
+            family.values[self.key] = value
+
+    def observe(self, value: float, request_id: str = "") -> None:
+        family = self.family
+        if family.sink is not None:
+            self.write_line(value, request_id)
+        if not family.exposed:
+            return
+        counts = family.histograms.get(self.key)
+        if counts is None:  # one count per bucket, then sum, then count
+            counts = family.histograms[self.key] = [0.0] * (len(family.buckets) + 2)
+        for i, bound in enumerate(family.buckets):
+            if value <= bound:
+                counts[i] += 1
+        counts[-2] += value
+        counts[-1] += 1
+
+    def write_line(self, value: float, request_id: str = "") -> None:
+        sink = self.family.sink
+        assert sink is not None
+        if request_id:
+            sink.write_stamped(
+                f"{self.head}{float(value)!r}{self.tail},requestID:{request_id},timestamp:"
+            )
+        else:
+            sink.write_stamped(f"{self.head}{float(value)!r}{self.stamped}")
 
 
 @dataclass
@@ -72,44 +142,29 @@ class Family:
     unit: str = ""
     #: the dimension names a log line shows (the labels less the last one, the hostname)
     log_dims: tuple[str, ...] = ()
+    #: each label set's `Series`, bound at its first update
+    children: dict[tuple[str, ...], Series] = field(default_factory=dict, repr=False)
+
+    def series(self, labels: Sequence[str]) -> Series:
+        """The label set's series: bind it once (per model version, ...) and update it."""
+        key = labels if type(labels) is tuple else tuple(labels)
+        found = self.children.get(key)
+        if found is None:
+            found = self.children[key] = Series(self, key)
+        return found
 
     def inc(self, labels: Sequence[str], amount: float = 1.0, request_id: str = "") -> None:
-        if self.sink is not None:
-            self.write_line(labels, amount, request_id)
-        if self.exposed:
-            key = tuple(labels)
-            self.values[key] = self.values.get(key, 0.0) + amount
+        self.series(labels).inc(amount, request_id)
 
     def set(self, labels: Sequence[str], value: float, request_id: str = "") -> None:
-        if self.sink is not None:
-            self.write_line(labels, value, request_id)
-        if self.exposed:
-            self.values[tuple(labels)] = value
+        self.series(labels).set(value, request_id)
+
+    def observe(self, labels: Sequence[str], value: float, request_id: str = "") -> None:
+        self.series(labels).observe(value, request_id)
 
     def write_line(self, labels: Sequence[str], value: float, request_id: str = "") -> None:
         """TorchServe's metric line; the last label is the hostname."""
-        assert self.sink is not None
-        dims = ",".join(f"{n}:{v}" for n, v in zip(self.log_dims, labels[:-1], strict=False))
-        rid = f",requestID:{request_id}" if request_id else ""
-        self.sink.write(
-            f"{self.name}.{self.unit}:{float(value)!r}|#{dims}|#hostname:{labels[-1]}{rid},"
-            f"timestamp:{int(time.time())}"
-        )
-
-    def observe(self, labels: Sequence[str], value: float, request_id: str = "") -> None:
-        if self.sink is not None:
-            self.write_line(labels, value, request_id)
-        if not self.exposed:
-            return
-        key = tuple(labels)
-        counts = self.histograms.get(key)
-        if counts is None:  # one count per bucket, then sum, then count
-            counts = self.histograms[key] = [0.0] * (len(self.buckets) + 2)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                counts[i] += 1
-        counts[-2] += value
-        counts[-1] += 1
+        self.series(labels).write_line(value, request_id)
 
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.help}"
@@ -160,6 +215,8 @@ class Metrics:
         self.server_log = server_log
         self.model_log = model_log
         self.families: dict[str, Family] = {}
+        self._models: dict[tuple[str, str], ModelSeries] = {}
+        self._by_status: dict[int, Series] = {}
         #: handlers' metrics found undeclared (auto-detected, or warned about once)
         self.detected: dict[str, MetricSpec | None] = {}
         model = ("model_name", "model_version", "hostname")
@@ -253,9 +310,21 @@ class Metrics:
         return self._route(self.family(name, kind, help_text, labels), spec, self.server_log)
 
     def count_status(self, status: int) -> None:
-        family = self.by_status.get(f"{status // 100}XX")
-        if family is not None:
-            family.inc(("Host", HOSTNAME))
+        status_class = status // 100
+        found = self._by_status.get(status_class)
+        if found is None:
+            family = self.by_status.get(f"{status_class}XX")
+            if family is None:
+                return
+            found = self._by_status[status_class] = family.series(("Host", HOSTNAME))
+        found.inc()
+
+    def for_model(self, name: str, version: str) -> ModelSeries:
+        """A model version's series of the per-request and per-batch families, bound once."""
+        found = self._models.get((name, version))
+        if found is None:
+            found = self._models[(name, version)] = ModelSeries(self, name, version)
+        return found
 
     def model_metric(
         self,
@@ -268,18 +337,21 @@ class Metrics:
     ) -> None:
         """A handler's metric (or the handler time the frontend measured): recorded when the
         metrics configuration declares it, or with `model_metrics_auto_detect`."""
+        found = self.model_series(name, unit, kind, dims)
+        if found is not None:
+            found.record(value, request_id)
+
+    def model_series(
+        self, name: str, unit: str, kind: str, dims: Mapping[str, str]
+    ) -> Series | None:
+        """The series a handler metric with these dimensions updates (`Series.record`);
+        None when it is not recorded (see `model_metric`)."""
         family = self.families.get(f"model:{name}")
         if family is None:
             family = self._model_family(name, unit, kind, dims)
             if family is None:
-                return
-        key = (*(str(dims.get(d, "")) for d in family.labels[:-1]), HOSTNAME)
-        if family.kind == "counter":
-            family.inc(key, value, request_id)
-        elif family.kind == "histogram":
-            family.observe(key, value, request_id)
-        else:
-            family.set(key, value, request_id)
+                return None
+        return family.series((*(str(dims.get(d, "")) for d in family.labels[:-1]), HOSTNAME))
 
     def _model_family(
         self, name: str, unit: str, kind: str, dims: Mapping[str, str]
@@ -334,3 +406,36 @@ class Metrics:
 
 
 _MODEL_DIMS = ("ModelName", "Level")
+
+
+class ModelSeries:
+    """The series one model version updates per request and per batch, bound at its first
+    request (`Metrics.for_model`): the pool and the exchanges update them without label
+    handling."""
+
+    def __init__(self, metrics: Metrics, name: str, version: str) -> None:
+        self.metrics = metrics
+        self.name = name
+        model = (name, version, HOSTNAME)
+        host = ("Host", HOSTNAME)
+        self.requests_total = metrics.requests_total.series(model)
+        self.latency = metrics.latency.series(model)
+        self.queue_latency = metrics.queue_latency.series(model)
+        self.queue_time = metrics.queue_time.series(host)
+        self.worker_thread_time = metrics.worker_thread_time.series(host)
+        self.batch_size = metrics.batch_size.series((name, version))
+        self._handler_time: tuple[Series, ...] | None = None
+
+    def handler_time(self) -> tuple[Series, ...]:
+        """`HandlerTime` and `PredictionTime` (TorchServe's backend metrics), those the
+        metrics configuration declares; resolved at the first batch's result, when an
+        undeclared one is warned about (`Metrics.model_metric`)."""
+        found = self._handler_time
+        if found is None:
+            backend = {"ModelName": self.name, "Level": "Model"}
+            bound = (
+                self.metrics.model_series(name, "ms", "gauge", backend)
+                for name in ("HandlerTime", "PredictionTime")
+            )
+            found = self._handler_time = tuple(s for s in bound if s is not None)
+        return found

@@ -272,22 +272,21 @@ class WorkerPool:
                 )
 
     def _record_dispatch(self, jobs: list[Job], now: float) -> None:
-        stats = self.metrics
-        labels = (self.model_name, self.version, HOSTNAME)
+        series = self.metrics.for_model(self.model_name, self.version)  # bound once
         waited = [now - job.request.arrival for job in jobs]
-        stats.queue_latency.inc(labels, sum(waited) * 1e6)
-        stats.queue_time.set(("Host", HOSTNAME), waited[-1] * 1000)
-        stats.batch_size.observe((self.model_name, self.version), len(jobs))
+        series.queue_latency.inc(sum(waited) * 1e6)
+        series.queue_time.set(waited[-1] * 1000)
+        series.batch_size.observe(len(jobs))
 
     def _record_result(self, result: Result, jobs: list[Job], batch_ms: float) -> None:
         """The batch's metrics: the frontend's, the handler time it measured and the
         handler's own (`Metrics` routes each by `metrics_mode` and the metrics config)."""
         stats = self.metrics
-        stats.worker_thread_time.set(("Host", HOSTNAME), max(0.0, batch_ms - result.handler_ms))
+        series = stats.for_model(self.model_name, self.version)
+        series.worker_thread_time.set(max(0.0, batch_ms - result.handler_ms))
         request_id = jobs[0].request.request_id
-        backend = {"ModelName": self.model_name, "Level": "Model"}
-        for name in ("HandlerTime", "PredictionTime"):
-            stats.model_metric(name, "ms", "gauge", result.handler_ms, backend, request_id)
+        for handler_time in series.handler_time():
+            handler_time.record(result.handler_ms, request_id)
         for metric in result.metrics:
             stats.model_metric(
                 metric.name, metric.unit, metric.kind, metric.value, metric.dimensions, request_id
