@@ -32,6 +32,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from tsctl.errors import QueueFull
+from tsctl.server.deadlines import Deadlines
 from tsctl.server.request import Job
 
 #: how long an answered connection counts as "about to send again" (seconds)
@@ -58,6 +59,8 @@ class ModelQueue:
         self._pinned = 0  # queued jobs that belong to a sequence
         self._pruned = 0.0  # when idle sources were last looked for
         self._closed: Exception | None = None  # `drop_all`'s error: the queue is closed
+        #: the response deadlines of its jobs, queued or running (`tsctl.server.inference`)
+        self.deadlines = Deadlines()
 
     def __len__(self) -> int:
         return len(self._jobs)

@@ -3,7 +3,8 @@
 Runs on the daemon's event loop. `predict` puts a job on the model's queue (raising
 `QueueFull` at once when it is full), arms the job's deadline (counted from arrival, queue
 time included) and hands back a worker's answer, to `await result()` or to a `when_done`
-callback. A request whose input names and headers would not fit a worker frame (a form body of
+callback (one timer per model version's queue times the deadlines: `tsctl.server.deadlines`).
+A request whose input names and headers would not fit a worker frame (a form body of
 a million fields, names full of escaped control characters) is refused here, alone, with 413
 (`RequestTooLarge`): its batch-mates and the worker never see it. A caller whose client has
 gone away calls `Pending.abandon()`: the job is dropped before it reaches a worker.
@@ -16,18 +17,10 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from tsctl.errors import InferenceTimeout, RequestTooLarge, ServiceUnavailable
+from tsctl.errors import RequestTooLarge, ServiceUnavailable
 from tsctl.ipc.codec import request_meta_bound, request_meta_budget
 from tsctl.server.registry import ModelVersion
 from tsctl.server.request import ClientGone, InferenceRequest, Job, Response
-
-
-def expire(job: Job, timeout: float) -> None:
-    """A job's deadline passed: answer it with a timeout, wherever it is."""
-    if not job.future.done():
-        job.future.set_exception(
-            InferenceTimeout(f"no answer within the response timeout of {timeout:g} s")
-        )
 
 
 def check_frame_size(request: InferenceRequest, batch_size: int) -> None:
@@ -71,7 +64,7 @@ class Pending:
             sequence=sequence,
         )
         mv.queue.put(self.job)
-        self.job.timer = loop.call_at(deadline, expire, self.job, mv.response_timeout)
+        mv.queue.deadlines.add(self.job, mv.response_timeout, loop)
 
     async def result(self) -> Response:
         """Wait for the answer (raises the request's error)."""
@@ -93,9 +86,9 @@ class Pending:
 
     def _settle(self) -> None:
         job = self.job
-        if job.timer is not None:
-            job.timer.cancel()
-        self.mv.queue.answered(job.source, time.monotonic())  # the event loop's clock
+        queue = self.mv.queue
+        queue.deadlines.answered(job)
+        queue.answered(job.source, time.monotonic())  # the event loop's clock
 
     def abandon(self) -> None:
         if not self.job.future.done():

@@ -48,6 +48,7 @@ class Job:
     deadline: float
     #: who sent it (an HTTP/1.1 connection, a gRPC peer): the batcher's arrival hints
     source: Hashable | None = None
+    #: its own deadline timer, when it has one (`tsctl.server.deadlines`: most share one)
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     #: receives a streaming handler's intermediate answers
     on_chunk: Callable[[Response], None] | None = field(default=None, repr=False)

@@ -1,0 +1,86 @@
+"""The response deadlines of one model version's jobs: one timer for the lot. Event-loop only.
+
+A job must get its answer within the model's response timeout of its arrival, queue time
+included; past it, it is answered with `InferenceTimeout` wherever it is (queued or in a
+worker's batch). A timer per job (`loop.call_at`, then `cancel` when the answer comes) costs a
+`TimerHandle` and a heap push per request and leaves the loop's heap full of cancelled ones.
+Jobs of one model version mostly arrive in the order of their deadlines (the timeout is the
+model's), so `Deadlines` keeps them in that order in a deque and arms one timer, for the first
+deadline; when it fires, the jobs answered meanwhile are dropped, the ones past their deadline
+get their timeout, and the timer is armed for the next. A job whose deadline comes before the
+last one's (its body took longer to arrive than a later request's, or the timeout was
+lowered) gets a timer of its own, as before.
+
+Answered jobs leave the deque from its front as they are answered (`answered`); when a job
+held long in a worker keeps older answered ones in, the deque is compacted once it holds more
+than twice the jobs still waiting, so it never holds many more jobs than are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from tsctl.errors import InferenceTimeout
+from tsctl.server.request import Job
+
+#: answered jobs the deque may hold beyond twice the waiting ones before it is compacted
+_SLACK = 64
+
+
+def expire(job: Job, timeout: float) -> None:
+    """A job's deadline passed: answer it with a timeout, wherever it is."""
+    if not job.future.done():
+        job.future.set_exception(
+            InferenceTimeout(f"no answer within the response timeout of {timeout:g} s")
+        )
+
+
+class Deadlines:
+    """The deadlines of a queue's jobs, in order, and the one timer for the earliest."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[tuple[Job, float]] = deque()  # (job, its timeout), by deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting = 0  # added and not answered
+
+    def __len__(self) -> int:
+        """Jobs held (waiting, or answered and not dropped yet): for tests."""
+        return len(self._jobs)
+
+    def add(self, job: Job, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+        """Answer `job` with a timeout at `job.deadline` unless it is answered before
+        (`answered` says so)."""
+        jobs = self._jobs
+        if jobs and job.deadline < jobs[-1][0].deadline:  # out of order: a timer of its own
+            job.timer = loop.call_at(job.deadline, expire, job, timeout)
+            return
+        jobs.append((job, timeout))
+        self._waiting += 1
+        if self._timer is None:
+            self._timer = loop.call_at(job.deadline, self._sweep, loop)
+
+    def answered(self, job: Job) -> None:
+        """`job` has its answer (or its client is gone): it no longer needs its deadline."""
+        if job.timer is not None:
+            job.timer.cancel()
+            return
+        self._waiting -= 1
+        jobs = self._jobs
+        while jobs and jobs[0][0].future.done():
+            jobs.popleft()
+        if len(jobs) > 2 * self._waiting + _SLACK:
+            self._jobs = deque(entry for entry in jobs if not entry[0].future.done())
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        jobs = self._jobs
+        now = loop.time()
+        while jobs:
+            job, timeout = jobs[0]
+            if not job.future.done():
+                if job.deadline > now:
+                    self._timer = loop.call_at(job.deadline, self._sweep, loop)
+                    return
+                expire(job, timeout)
+            jobs.popleft()
