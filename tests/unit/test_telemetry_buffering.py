@@ -83,7 +83,7 @@ def test_the_timestamp_and_the_metric_second_come_from_one_clock_reading(
 ) -> None:
     log = LineLog(tmp_path / "m.log", delay=0)
     for _ in range(3):
-        log.write_stamped("Requests2XX.Count:1.0|#Level:Host|#hostname:h,timestamp:")
+        log.write_metric("Requests2XX.Count:", 1.0, "|#Level:Host|#hostname:h,timestamp:")
     for line in lines(log.path):
         match = LINE.match(line)
         assert match is not None
@@ -162,3 +162,17 @@ def test_a_declared_counter_handler_time_is_counted(logs: tuple[LineLog, LineLog
     handler_time.record(3.0)
     assert f'HandlerTime{{ModelName="mlp",Hostname="{HOSTNAME}",}} 5.0' in metrics.render()
     assert len(bodies(model.path)) == 2
+
+
+def test_histogram_buckets_count_values_up_to_their_bound(logs: tuple[LineLog, LineLog]) -> None:
+    metrics = Metrics("log", server_log=logs[0], model_log=logs[1])
+    series = metrics.batch_size.series(("m", "1"))
+    for value in (1, 2, 3, 128, 200):
+        series.observe(value)
+    text = metrics.render()
+    cumulated = {"1.0": 1, "2.0": 2, "4.0": 3, "64.0": 3, "128.0": 4, "+Inf": 5}
+    for bound, count in cumulated.items():
+        assert (
+            f'tsctl_batch_size_bucket{{model_name="m",model_version="1",le="{bound}",}} {count}.0'
+            in text
+        )

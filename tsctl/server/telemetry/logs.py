@@ -109,37 +109,42 @@ class LineLog:
         self.delay = delay
         self.lines: list[str] = []
         self.scheduled = False
+        #: the timestamp text ("2026-11-25T07:55:10,327 - ") of the millisecond `_millis`
+        self._millis = -1
+        self._prefix = ""
         self._second = -1
         self._stamp = ""
         self._second_text = ""
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held until close()
 
     def write(self, text: str) -> None:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._stamp_second(second)
-        self.lines.append(f"{self._stamp}{_MILLIS[int(now * 1000) % 1000]}{text}\n")
+        millis = int(time.time() * 1000)
+        if millis != self._millis:
+            self._stamp_millis(millis)
+        self.lines.append(f"{self._prefix}{text}\n")
         if not self.scheduled or len(self.lines) >= self.MAX_LINES:
             self._schedule()
 
-    def write_stamped(self, text: str) -> None:
-        """`text` then the epoch second of the line's own timestamp (TorchServe's metric
-        lines end with `timestamp:<seconds>`): one clock reading for both."""
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._stamp_second(second)
-        self.lines.append(
-            f"{self._stamp}{_MILLIS[int(now * 1000) % 1000]}{text}{self._second_text}\n"
-        )
+    def write_metric(self, head: str, value: float, tail: str) -> None:
+        """A metric line: `head`, `repr(value)`, `tail`, then the epoch second of the line's
+        own timestamp (TorchServe's metric lines end with `timestamp:<seconds>`): one clock
+        reading for both, one string built."""
+        millis = int(time.time() * 1000)
+        if millis != self._millis:
+            self._stamp_millis(millis)
+        self.lines.append(f"{self._prefix}{head}{value!r}{tail}{self._second_text}\n")
         if not self.scheduled or len(self.lines) >= self.MAX_LINES:
             self._schedule()
 
-    def _stamp_second(self, second: int) -> None:
-        self._second = second
-        self._second_text = str(second)
-        self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+    def _stamp_millis(self, millis: int) -> None:
+        """The timestamp text of this millisecond (the date's once per second)."""
+        self._millis = millis
+        second = millis // 1000
+        if second != self._second:
+            self._second = second
+            self._second_text = str(second)
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+        self._prefix = f"{self._stamp},{millis % 1000:03d} - "
 
     def _schedule(self) -> None:
         if self.scheduled:  # the buffer is full: write it now, the timer stays armed
@@ -168,10 +173,6 @@ class LineLog:
     def close(self) -> None:
         self.flush()
         self._file.close()
-
-
-#: ",000 - " to ",999 - ": the milliseconds of a line's timestamp and the separator
-_MILLIS = tuple(f",{ms:03d} - " for ms in range(1000))
 
 
 def _file_logger(

@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import socket
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -52,8 +53,8 @@ log = logging.getLogger("tsctl.server")
 class LineSink(Protocol):
     def write(self, text: str) -> None: ...
 
-    def write_stamped(self, text: str) -> None:
-        """`text` followed by the line's epoch second (`logs.LineLog`)."""
+    def write_metric(self, head: str, value: float, tail: str) -> None:
+        """`head`, `repr(value)`, `tail`, then the line's epoch second (`logs.LineLog`)."""
 
 
 def _escape(value: str) -> str:
@@ -88,7 +89,10 @@ class Series:
     def inc(self, amount: float = 1.0, request_id: str = "") -> None:
         family = self.family
         if family.sink is not None:
-            self.write_line(amount, request_id)
+            if request_id:
+                family.sink.write_metric(self.head, float(amount), self.with_id(request_id))
+            else:
+                family.sink.write_metric(self.head, float(amount), self.stamped)
         if family.exposed:
             values = family.values
             values[self.key] = values.get(self.key, 0.0) + amount
@@ -96,34 +100,40 @@ class Series:
     def set(self, value: float, request_id: str = "") -> None:
         family = self.family
         if family.sink is not None:
-            self.write_line(value, request_id)
+            if request_id:
+                family.sink.write_metric(self.head, float(value), self.with_id(request_id))
+            else:
+                family.sink.write_metric(self.head, float(value), self.stamped)
         if family.exposed:
             family.values[self.key] = value
 
     def observe(self, value: float, request_id: str = "") -> None:
         family = self.family
         if family.sink is not None:
-            self.write_line(value, request_id)
+            if request_id:
+                family.sink.write_metric(self.head, float(value), self.with_id(request_id))
+            else:
+                family.sink.write_metric(self.head, float(value), self.stamped)
         if not family.exposed:
             return
         counts = family.histograms.get(self.key)
-        if counts is None:  # one count per bucket, then sum, then count
+        if counts is None:  # one count per bucket (not cumulated), then sum, then count
             counts = family.histograms[self.key] = [0.0] * (len(family.buckets) + 2)
-        for i, bound in enumerate(family.buckets):
-            if value <= bound:
-                counts[i] += 1
+        buckets = family.buckets
+        i = bisect_left(buckets, value)  # the first bucket the value is in (`le`)
+        if i < len(buckets) and value <= buckets[i]:
+            counts[i] += 1
         counts[-2] += value
         counts[-1] += 1
+
+    def with_id(self, request_id: str) -> str:
+        return f"{self.tail},requestID:{request_id},timestamp:"
 
     def write_line(self, value: float, request_id: str = "") -> None:
         sink = self.family.sink
         assert sink is not None
-        if request_id:
-            sink.write_stamped(
-                f"{self.head}{float(value)!r}{self.tail},requestID:{request_id},timestamp:"
-            )
-        else:
-            sink.write_stamped(f"{self.head}{float(value)!r}{self.stamped}")
+        tail = self.with_id(request_id) if request_id else self.stamped
+        sink.write_metric(self.head, float(value), tail)
 
 
 @dataclass
@@ -172,9 +182,11 @@ class Family:
         if self.kind == "histogram":
             for key, counts in self.histograms.items():
                 base = self._labels(key)
+                cumulated = 0.0
                 for bound, count in zip(self.buckets, counts, strict=False):
+                    cumulated += count
                     le = self._labels(key, ("le", _num(bound)))
-                    yield f"{self.name}_bucket{le} {_num(count)}"
+                    yield f"{self.name}_bucket{le} {_num(cumulated)}"
                 yield f"{self.name}_bucket{self._labels(key, ('le', '+Inf'))} {_num(counts[-1])}"
                 yield f"{self.name}_sum{base} {_num(counts[-2])}"
                 yield f"{self.name}_count{base} {_num(counts[-1])}"
