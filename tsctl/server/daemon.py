@@ -205,14 +205,16 @@ class Daemon:
         if reporting is not None:
             reporting.cancel()
         log.info("stopping: draining in-flight requests")
-        state.snapshot("shutdown")
-        await self._shutdown(state, drain=True)
-        if not config.disable_system_metrics:
-            metric_log.report()
-        log.info("stopped")
-        files.close()
-        if console is not None:
-            console.close()
+        try:
+            state.snapshot("shutdown")
+            await self._shutdown(state, drain=True)
+            if not config.disable_system_metrics:
+                metric_log.report()
+            log.info("stopped")
+        finally:  # the access and metric lines still buffered (logs.LineLog) are written
+            files.close()
+            if console is not None:
+                console.close()
         return 0
 
     def _console(self) -> ConsoleHandler | None:
