@@ -29,7 +29,6 @@ from tsctl.server.inference import Pending
 from tsctl.server.registry import ModelVersion
 from tsctl.server.request import ClientGone, InferenceRequest, Response, new_request_id
 from tsctl.server.state import ServerState
-from tsctl.server.telemetry.prometheus import HOSTNAME
 
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 #: how much of a refused request's body is still read (and dropped) so the answer arrives
@@ -221,11 +220,11 @@ class PredictionExchange(_Exchange):
             self.answer_error(outcome)
             return
         response = outcome
-        assert self.mv is not None
-        labels = (self.mv.name, self.mv.version, HOSTNAME)
-        stats = self.state.metrics
-        stats.requests_total.inc(labels)
-        stats.latency.inc(labels, (time.perf_counter() - self.started) * 1e6)
+        mv = self.mv
+        assert mv is not None
+        series = self.state.metrics.for_model(mv.name, mv.version)  # bound once
+        series.requests_total.inc()
+        series.latency.inc((time.perf_counter() - self.started) * 1e6)
         if self.streaming:
             self._end_stream(response.status, bytes(response.body))
             return

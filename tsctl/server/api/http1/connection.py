@@ -11,8 +11,9 @@ One request is handled at a time. What a client pipelines behind it is parsed at
 (`parser.PIECE`) ahead and waits, parsed (`waiting`) or not (`unparsed`); reading pauses once
 `MAX_UNPARSED` bytes wait, and while the transport's write buffer is over its high-water mark
 (`pause_writing`), so a client that sends and never reads holds a bounded amount of memory.
-After each answer the next request starts on the next turn of the loop, never inside the
-same `data_received`: other connections and APIs on the loop get their turn.
+After each answer a request that waits behind it starts on the next turn of the loop, never
+inside the same `data_received`: other connections and APIs on the loop get their turn (when
+none waits and no parse is under way, the connection is ready for the next at once).
 
 Time limits (`Limits`, checked by the server's sweep): a request head must arrive within the
 header timeout of its first byte and its body within the body timeout of the head (else 408
@@ -43,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from tsctl.errors import TsctlError
 from tsctl.server.api.http1.parser import PIECE, RequestHead, RequestParser
@@ -246,6 +247,8 @@ class Connection(asyncio.Protocol):
         # the connection
         self.draining = False  # the server stops: no request after the one in progress
         self.holding = False  # answered: the next request starts on the loop's next turn
+        #: the parser is being fed (an answer written now must not start the next request)
+        self.feeding = False
         self.lingering = False  # answered early: the body is dropped until the close
         self.discarded = 0
         self.reading = True
@@ -261,8 +264,8 @@ class Connection(asyncio.Protocol):
     # --- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are asyncio's in all but their classes
+        self.transport = transport = cast(asyncio.Transport, transport)
         if not self.server.admit(self):  # over max_connections: closed at once
             self._closed = True
             self.parser.close()
@@ -347,12 +350,15 @@ class Connection(asyncio.Protocol):
 
     def _feed(self, data: bytes | bytearray) -> None:
         """Parse `data` a piece at a time while no parsed request waits; keep the rest."""
+        self.feeding = True
         if len(data) <= PIECE:  # the common case: one request, or part of a body
             try:
                 self.parser.feed(data)
             except Exception as exc:
+                self.feeding = False
                 self._crash(exc)
                 return
+            self.feeding = False
             self._update_reading()
             return
         view = memoryview(data)
@@ -362,9 +368,11 @@ class Connection(asyncio.Protocol):
                 self.parser.feed(view[pos : pos + PIECE])
                 pos += PIECE
         except Exception as exc:
+            self.feeding = False
             self._crash(exc)
             return
         finally:
+            self.feeding = False
             if pos < size and not self._closed and not self.lingering:
                 self.unparsed += view[pos:]
         self._update_reading()
@@ -485,6 +493,12 @@ class Connection(asyncio.Protocol):
         self.exchange = None
         if self.close_after or self.transport is None:
             self.close()
+            return
+        if not (self.feeding or self.waiting or self.unparsed or self.write_paused):
+            # answered from the loop (not from inside a `data_received`) and nothing waits
+            # behind it: the next request starts when it arrives, no turn to wait for
+            self._wait(HEAD if self.parser.in_head else IDLE)
+            self._update_reading()
             return
         self.holding = True
         self._wait(IDLE)
