@@ -176,3 +176,14 @@ def test_histogram_buckets_count_values_up_to_their_bound(logs: tuple[LineLog, L
             f'tsctl_batch_size_bucket{{model_name="m",model_version="1",le="{bound}",}} {count}.0'
             in text
         )
+
+
+def test_a_nan_observation_renders_as_prometheus_nan(logs: tuple[LineLog, LineLog]) -> None:
+    """A handler may feed a histogram NaN; the metrics API must still render (it raised)."""
+    metrics = Metrics("log", server_log=logs[0], model_log=logs[1])
+    series = metrics.batch_size.series(("m", "1"))
+    series.observe(float("nan"))
+    series.observe(2)
+    text = metrics.render()
+    assert 'tsctl_batch_size_sum{model_name="m",model_version="1",} NaN' in text
+    assert 'tsctl_batch_size_count{model_name="m",model_version="1",} 2.0' in text

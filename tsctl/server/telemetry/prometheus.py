@@ -203,6 +203,8 @@ class Family:
 
 
 def _num(value: float) -> str:
+    if math.isnan(value):  # a handler's histogram fed NaN: Prometheus' own spelling
+        return "NaN"
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     return repr(float(value)) if value != int(value) else f"{int(value)}.0"
