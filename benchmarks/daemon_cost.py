@@ -4,6 +4,7 @@ Run from the repository root (about 1 minute; `--profile` adds py-spy's table):
 
     .venv/bin/python benchmarks/daemon_cost.py [--rows w1b1c32,w1b8c32] [--duration S]
         [--warmup S] [--profile] [--top N] [--venv .venv] [--keep]
+        [--variant NAME=VALUE[,NAME=VALUE]|- ...] [--rounds N]
 
 For each row (workers, batch size, concurrency) it starts tsctl with the MLP of serve_bench.py
 (16→64→64→4, benchmarks/models/), drives `POST /predictions/mlp` with wrk (`-t1 -c<conc>`,
@@ -17,6 +18,11 @@ requests/s, but compare rows of one run, not runs of different days.
 With `--profile`, py-spy samples the daemon during a second measured run of each row (which is
 then slower: sampling costs CPU) and the functions with the most samples are printed, by own
 time and by inclusive time. `pip install py-spy` first (it is not a dependency).
+
+With `--variant` (repeatable; `-` is the daemon's own environment), each row is measured once
+per variant with those variables in the daemon's environment, which its workers inherit (e.g.
+`--variant - --variant OMP_WAIT_POLICY=PASSIVE`: an A/B of torch's idle threads), in `--rounds`
+rounds, the variants' order reversed every other round so slow drift hits them alike.
 
 This is a benchmark, not a test: the numbers depend on the machine and on what else runs.
 """
@@ -145,7 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25, help="functions shown per profile table")
     parser.add_argument("--venv", type=Path, default=ROOT / ".venv", help="tsctl's venv")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="an environment to A/B ('-': none); repeatable",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every variant")
     args = parser.parse_args(argv)
+    variants = [
+        {} if text == "-" else dict(item.split("=", 1) for item in text.split(","))
+        for text in args.variant or ["-"]
+    ]
     rows = []
     for text in args.rows.split(","):
         found = _ROW.match(text.strip())
@@ -166,16 +184,22 @@ def main(argv: list[str] | None = None) -> int:
         mlp_archives(python, tsctl, work, work / "store", {(r.workers, r.batch) for r in rows})
         server = TsctlServer(work, work / "store", tsctl)
         with stopped_at_end([server]):
-            for row in rows:
-                archive = f"{mlp_archive_name(row.workers, row.batch)}.mar"
-                threads = threads_for(row.workers)
-                with running(server, f"mlp={archive}", "mlp", row.workers, threads):
-                    print(measure(server, row, body, args), flush=True)
-                    if args.profile:
-                        raw = work / f"profile-{row.name}.txt"
-                        profile(server, row, body, raw, spy, args.duration)
-                        log(f"profile of {row.name} (py-spy, daemon only):")
-                        print(profile_table(raw, args.top), flush=True)
+            for index in range(args.rounds * len(rows)):
+                row = rows[index % len(rows)]
+                order = variants if index // len(rows) % 2 == 0 else variants[::-1]
+                for env in order:
+                    server.env = env
+                    archive = f"{mlp_archive_name(row.workers, row.batch)}.mar"
+                    threads = threads_for(row.workers)
+                    with running(server, f"mlp={archive}", "mlp", row.workers, threads):
+                        line = measure(server, row, body, args)
+                        name = ",".join(f"{k}={v}" for k, v in env.items()) or "-"
+                        print(f"{line}  env {name}" if len(variants) > 1 else line, flush=True)
+                        if args.profile:
+                            raw = work / f"profile-{row.name}.txt"
+                            profile(server, row, body, raw, spy, args.duration)
+                            log(f"profile of {row.name} (py-spy, daemon only):")
+                            print(profile_table(raw, args.top), flush=True)
     return 0
 
 
