@@ -17,7 +17,7 @@ import pytest
 from tsctl.errors import QueueFull, ServiceUnavailable
 from tsctl.server import batching
 from tsctl.server.batching import SOURCE_WINDOW, ModelQueue, next_batch
-from tsctl.server.request import InferenceRequest, Job, Response
+from tsctl.server.request import ClientGone, InferenceRequest, Job, Response
 
 T = TypeVar("T")
 
@@ -185,7 +185,8 @@ def test_jobs_already_answered_are_skipped(loop: VirtualLoop) -> None:
     gone, live = job(loop), job(loop)
     queue.put(gone)
     queue.put(live)
-    gone.future.cancel()  # timed out, or its client went away
+    gone.answer(ClientGone())  # timed out, or its client went away
+    assert gone.future is not None and isinstance(gone.future.exception(), ClientGone)
     assert run(loop, next_batch(queue, 8, 100)) == [live]
 
 
@@ -246,7 +247,7 @@ def test_drop_all_fails_every_waiting_job(loop: VirtualLoop) -> None:
     jobs = [job(loop), job(loop, sequence="s")]
     for each in jobs:
         queue.put(each)
-    jobs[0].future.set_result(Response(200, "", b""))  # answered already: left alone
+    jobs[0].answer(Response(200, "", b""))  # answered already: left alone
     error = RuntimeError("the model is unloading")
     queue.drop_all(error)
     assert len(queue) == 0 and queue.take() is None

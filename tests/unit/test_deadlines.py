@@ -32,7 +32,7 @@ def job(loop: asyncio.AbstractEventLoop, arrival: float | None = None) -> Job:
 
 
 def answer(deadlines: Deadlines, done: Job) -> None:
-    done.future.set_result(Response(200, "text/plain", b"ok"))
+    done.answer(Response(200, "text/plain", b"ok"))
     deadlines.answered(done)
 
 

@@ -99,7 +99,7 @@ class ModelQueue:
     def requeue_front(self, jobs: list[Job]) -> None:
         """Give back jobs a collector took but did not send (it was cancelled)."""
         for job in reversed(jobs):
-            if not job.future.done():
+            if not job.done:
                 self._jobs.appendleft(job)
                 self._pinned += job.sequence is not None
         if self._jobs:
@@ -115,6 +115,12 @@ class ModelQueue:
                 del self._sources[source]
         if now - self._pruned > SOURCE_WINDOW:
             self._prune(now)
+
+    def settle(self, job: Job) -> None:
+        """`job` has its answer (or its client is gone): drop its deadline, and count the
+        answer for its source."""
+        self.deadlines.answered(job)
+        self.answered(job.source, self.clock())
 
     def forget(self, source: Hashable) -> None:
         """`source`'s connection closed: forget it (once its last answer is in, if it still
@@ -151,13 +157,13 @@ class ModelQueue:
         if not self._pinned:  # the common case: plain FIFO
             while self._jobs:
                 job = self._jobs.popleft()
-                if not job.future.done():
+                if not job.done:
                     return job
             return None
         index = 0
         while index < len(self._jobs):
             job = self._jobs[index]
-            if job.future.done():
+            if job.done:
                 del self._jobs[index]
                 self._pinned -= job.sequence is not None
                 continue
@@ -193,8 +199,7 @@ class ModelQueue:
         self._closed = error
         jobs, self._jobs, self._pinned = self._jobs, deque(), 0
         for job in jobs:
-            if not job.future.done():
-                job.future.set_exception(error)
+            job.answer(error)
 
     def _wake(self, everyone: bool = False) -> None:
         for waiters in (self._fill_waiters, self._idle_waiters):

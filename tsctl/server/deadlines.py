@@ -30,10 +30,7 @@ _SLACK = 64
 
 def expire(job: Job, timeout: float) -> None:
     """A job's deadline passed: answer it with a timeout, wherever it is."""
-    if not job.future.done():
-        job.future.set_exception(
-            InferenceTimeout(f"no answer within the response timeout of {timeout:g} s")
-        )
+    job.answer(InferenceTimeout(f"no answer within the response timeout of {timeout:g} s"))
 
 
 class Deadlines:
@@ -67,20 +64,20 @@ class Deadlines:
             return
         self._waiting -= 1
         jobs = self._jobs
-        while jobs and jobs[0][0].future.done():
+        while jobs and jobs[0][0].done:
             jobs.popleft()
         if len(jobs) > 2 * self._waiting + _SLACK:
-            self._jobs = deque(entry for entry in jobs if not entry[0].future.done())
+            self._jobs = deque(entry for entry in jobs if not entry[0].done)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
-        jobs = self._jobs
         now = loop.time()
-        while jobs:
-            job, timeout = jobs[0]
-            if not job.future.done():
-                if job.deadline > now:
-                    self._timer = loop.call_at(job.deadline, self._sweep, loop)
-                    return
-                expire(job, timeout)
-            jobs.popleft()
+        # a job answered here may call `answered` at once, which drops answered jobs from the
+        # front or compacts the deque: it is read afresh each time, and a job leaves it first
+        while self._jobs:
+            job, timeout = self._jobs[0]
+            if not job.done and job.deadline > now:
+                self._timer = loop.call_at(job.deadline, self._sweep, loop)
+                return
+            self._jobs.popleft()
+            expire(job, timeout)

@@ -1,21 +1,21 @@
 """The one request path every API adapter uses: an `InferenceRequest` in, a `Response` out.
 
-Runs on the daemon's event loop. `predict` puts a job on the model's queue (raising
-`QueueFull` at once when it is full), arms the job's deadline (counted from arrival, queue
-time included) and hands back a worker's answer, to `await result()` or to a `when_done`
-callback (one timer per model version's queue times the deadlines: `tsctl.server.deadlines`).
-A request whose input names and headers would not fit a worker frame (a form body of
-a million fields, names full of escaped control characters) is refused here, alone, with 413
-(`RequestTooLarge`): its batch-mates and the worker never see it. A caller whose client has
-gone away calls `Pending.abandon()`: the job is dropped before it reaches a worker.
+Runs on the daemon's event loop. `submit` puts a job on the model's queue (raising
+`QueueFull` at once when it is full) and arms the job's deadline (counted from arrival,
+queue time included, one timer per model version's queue: `tsctl.server.deadlines`). The
+answer goes to the job's `on_answer`, called directly by whatever answers the job (no future,
+no scheduled callback: the REST exchanges), or to a future (`Pending`, to `await result()`:
+the gRPC calls). A request whose input names and headers would not fit a worker frame (a
+form body of a million fields, names full of escaped control characters) is refused here,
+alone, with 413 (`RequestTooLarge`): its batch-mates and the worker never see it. A caller
+whose client has gone away calls `job.answer(ClientGone())` (`Pending.abandon()`): the job
+is dropped before it reaches a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Hashable
-from typing import Any
 
 from tsctl.errors import RequestTooLarge, ServiceUnavailable
 from tsctl.ipc.codec import request_meta_bound, request_meta_budget
@@ -35,8 +35,44 @@ def check_frame_size(request: InferenceRequest, batch_size: int) -> None:
         )
 
 
+def submit(
+    mv: ModelVersion,
+    request: InferenceRequest,
+    source: Hashable | None,
+    on_answer: Callable[[Response | BaseException], None] | None = None,
+    on_chunk: Callable[[Response], None] | None = None,
+    sequence: str | None = None,
+    future: asyncio.Future[Response] | None = None,
+) -> Job:
+    """Queue `request` on `mv` and arm its deadline. Its answer goes to `future` when one is
+    given (the caller settles the job, as `Pending.result` does), else to `on_answer`, called
+    directly by whatever answers the job (a worker's batch, its deadline, the queue closing,
+    `job.answer(ClientGone())` from a caller whose client went away), after the queue's
+    bookkeeping."""
+    if mv.pool.target == 0:
+        raise ServiceUnavailable(
+            f'Model "{mv.name}" has no worker to serve inference request. '
+            "Please use scale workers API to add workers."
+        )
+    check_frame_size(request, mv.batch_size)
+    queue = mv.queue
+    job = Job(
+        request,
+        future,
+        request.arrival + mv.response_timeout,
+        source,
+        on_chunk=on_chunk,
+        sequence=sequence,
+        on_answer=on_answer,
+        settle=None if future is not None else queue.settle,
+    )
+    queue.put(job)
+    queue.deadlines.add(job, mv.response_timeout, asyncio.get_running_loop())
+    return job
+
+
 class Pending:
-    """A submitted request: await `result()`, or `abandon()` it."""
+    """A submitted request to `await result()` (gRPC's calls), or to `abandon()`."""
 
     def __init__(
         self,
@@ -46,50 +82,18 @@ class Pending:
         on_chunk: Callable[[Response], None] | None = None,
         sequence: str | None = None,
     ):
-        if mv.pool.target == 0:
-            raise ServiceUnavailable(
-                f'Model "{mv.name}" has no worker to serve inference request. '
-                "Please use scale workers API to add workers."
-            )
-        check_frame_size(request, mv.batch_size)
-        loop = asyncio.get_running_loop()
         self.mv = mv
-        deadline = request.arrival + mv.response_timeout
-        self.job = Job(
-            request,
-            loop.create_future(),
-            deadline,
-            source,
-            on_chunk=on_chunk,
-            sequence=sequence,
-        )
-        mv.queue.put(self.job)
-        mv.queue.deadlines.add(self.job, mv.response_timeout, loop)
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self.future = future
+        self.job = submit(mv, request, source, None, on_chunk, sequence, future)
 
     async def result(self) -> Response:
         """Wait for the answer (raises the request's error)."""
         try:
-            response: Response = await self.job.future
-            return response
+            return await self.future
         finally:
-            self._settle()
-
-    def when_done(self, callback: Callable[[Response | BaseException], None]) -> None:
-        """Call `callback` with the answer or the error once there is one (no task needed)."""
-
-        def done(future: asyncio.Future[Any]) -> None:
-            self._settle()
-            error = ClientGone() if future.cancelled() else future.exception()
-            callback(error if error is not None else future.result())
-
-        self.job.future.add_done_callback(done)
-
-    def _settle(self) -> None:
-        job = self.job
-        queue = self.mv.queue
-        queue.deadlines.answered(job)
-        queue.answered(job.source, time.monotonic())  # the event loop's clock
+            self.job.done = True  # also when this wait was cancelled (the call's client left)
+            self.mv.queue.settle(self.job)
 
     def abandon(self) -> None:
-        if not self.job.future.done():
-            self.job.future.set_exception(ClientGone())
+        self.job.answer(ClientGone())

@@ -8,12 +8,15 @@ all depend on this module, never on each other for these types. Event-loop only.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from random import getrandbits
 
 from tsctl.ipc.messages import Part
+
+log = logging.getLogger("tsctl.server")
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a token: safe in a header line
 
@@ -41,10 +44,16 @@ class Response:
 
 @dataclass(eq=False)
 class Job:
-    """One request waiting for, or being run by, a worker."""
+    """One request waiting for, or being run by, a worker; answered once (`answer`).
+
+    Its answer goes to `future` when it has one (an awaiting caller: gRPC), else straight to
+    `on_answer`, called from whatever answers it (the worker pool, the deadline timer, the
+    queue, a client that went away): no future, no scheduled callback. Before `on_answer`,
+    `settle` (the queue's bookkeeping) is called with the job. A job is answered only through
+    `answer` (`done` says whether it was), never by completing its future directly."""
 
     request: InferenceRequest
-    future: asyncio.Future[Response]
+    future: asyncio.Future[Response] | None
     deadline: float
     #: who sent it (an HTTP/1.1 connection, a gRPC peer): the batcher's arrival hints
     source: Hashable | None = None
@@ -54,6 +63,35 @@ class Job:
     on_chunk: Callable[[Response], None] | None = field(default=None, repr=False)
     #: a stateful sequence (gRPC `sequence_id`): all its jobs go to the same worker, in order
     sequence: str | None = None
+    #: receives the answer or the error, when there is no `future`
+    on_answer: Callable[[Response | BaseException], None] | None = field(default=None, repr=False)
+    #: called with the job as it is answered, before `on_answer` (not with a `future`)
+    settle: Callable[[Job], None] | None = field(default=None, repr=False)
+    #: answered, failed, timed out or abandoned: nothing more goes to it
+    done: bool = field(default=False, init=False, repr=False)
+
+    def answer(self, outcome: Response | BaseException) -> None:
+        """Deliver the answer (a `Response`) or the error, unless the job has one already.
+        An error raised by `on_answer` is logged, never passed to the caller: the pool
+        answering a batch goes on to the next request."""
+        if self.done:
+            return
+        self.done = True
+        future = self.future
+        if future is not None:
+            if not future.done():  # a caller that stopped waiting cancelled it
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+            return
+        if self.settle is not None:
+            self.settle(self)
+        if self.on_answer is not None:
+            try:
+                self.on_answer(outcome)
+            except Exception:
+                log.exception("answering request %s failed", self.request.request_id)
 
 
 class ClientGone(Exception):

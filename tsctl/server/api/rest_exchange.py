@@ -25,9 +25,9 @@ from tsctl.errors import BadRequest, RequestTooLarge, ServiceUnavailable, TsctlE
 from tsctl.ipc.messages import Part
 from tsctl.server.api import http1
 from tsctl.server.api.rest import access_line, base_headers, error_response, log
-from tsctl.server.inference import Pending
+from tsctl.server.inference import submit
 from tsctl.server.registry import ModelVersion
-from tsctl.server.request import ClientGone, InferenceRequest, Response, new_request_id
+from tsctl.server.request import ClientGone, InferenceRequest, Job, Response, new_request_id
 from tsctl.server.state import ServerState
 
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -158,7 +158,7 @@ class PredictionExchange(_Exchange):
         self.chunks: list[bytes] = []
         self.error: TsctlError | None = None
         self.mv: ModelVersion | None = None
-        self.pending: Pending | None = None
+        self.job: Job | None = None
         self.streaming = False
 
     def body_limit(self) -> int | None:
@@ -196,11 +196,9 @@ class PredictionExchange(_Exchange):
                 self.arrival,
             )
             on_chunk = self._on_chunk if self.streams else None
-            self.pending = Pending(self.mv, request, self.conn, on_chunk)
+            self.job = submit(self.mv, request, self.conn, self._respond, on_chunk)
         except TsctlError as exc:
             self.answer_error(exc)
-            return
-        self.pending.when_done(self._respond)
 
     def _respond(self, outcome: Response | BaseException) -> None:
         if isinstance(outcome, ClientGone):
@@ -256,8 +254,8 @@ class PredictionExchange(_Exchange):
         self.done(status)
 
     def connection_lost(self) -> None:
-        if self.pending is not None:
-            self.pending.abandon()  # its callback logs the 499
+        if self.job is not None:
+            self.job.answer(ClientGone())  # `_respond` logs the 499
         else:
             self.done(499)
 

@@ -230,7 +230,7 @@ class WorkerPool:
         return bool(s.recycle_above_rss_mb and worker.rss_mb() > s.recycle_above_rss_mb)
 
     async def _dispatch(self, worker: WorkerProcess, jobs: list[Job]) -> None:
-        live = [job for job in jobs if not job.future.done()]
+        live = [job for job in jobs if not job.done]
         if not live:
             return
         batch = Batch(
@@ -256,12 +256,10 @@ class WorkerPool:
             return
         # bodies over max_response_size were skipped as they were read (RESPONSE_TOO_LARGE)
         for job, answer in zip(live, result.responses, strict=True):
-            if job.future.done():
-                continue
             if answer.failure is not None:
-                job.future.set_exception(error_for(answer.failure))
+                job.answer(error_for(answer.failure))
             else:
-                job.future.set_result(
+                job.answer(
                     Response(
                         answer.status,
                         answer.content_type,
@@ -351,14 +349,14 @@ def _fan_out(jobs: list[Job], limit: int) -> Callable[[Chunk], None] | None:
 
     def deliver(chunk: Chunk) -> None:
         for i, (job, answer) in enumerate(zip(jobs, chunk.responses, strict=False)):
-            if job.on_chunk is None or job.future.done():
+            if job.on_chunk is None or job.done:
                 continue
             if answer.failure is not None:
-                job.future.set_exception(error_for(answer.failure))
+                job.answer(error_for(answer.failure))
                 continue
             sent[i] += len(answer.body)
             if sent[i] > limit:
-                job.future.set_exception(
+                job.answer(
                     PredictionFailed(
                         f"the streamed response of over {sent[i]} bytes exceeds "
                         f"max_response_size ({limit})"
@@ -388,5 +386,4 @@ def _log_if_timed_out(worker: WorkerProcess, exc: WorkerStartFailed) -> None:
 
 def _fail(jobs: list[Job], error: Exception) -> None:
     for job in jobs:
-        if not job.future.done():
-            job.future.set_exception(error)
+        job.answer(error)
