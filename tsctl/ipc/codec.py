@@ -18,14 +18,15 @@ status]` when the handler chose the HTTP status itself (TorchServe's `Prediction
 readers accept both. Anything malformed (a bad prefix, meta that is not the message's shape,
 lengths that do not add up, an unknown failure kind or spec field) is a `ProtocolError`.
 
-Bounds. A frame's meta is at most `MAX_META` bytes: the frontend checks what each request adds
-to a batch's meta (`request_meta_size`) before the request is queued, and `encode` refuses a
-frame over it (`FrameTooLarge`) before anything is written. The frontend's reader takes the
-largest body it accepts (`max_body`): a longer response body is skipped as it is read, never
-held, and arrives as a `RESPONSE_TOO_LARGE` failure of its own response. The worker's reader
-may `recover`: a frame whose prefix is sound but whose contents are not is read to its end and
-reported as `FrameRejected`, so the stream stays in step and the worker answers that frame
-with a failure instead of exiting.
+Bounds. A frame's meta is at most `MAX_META` bytes: the frontend encodes each request's entry
+in a batch's meta once, before the request is queued (`request_entry`; a batch of them is
+joined, not re-encoded: `Batch.entries`), and checks what it adds (`entry_size`); `encode`
+refuses a frame over the limit (`FrameTooLarge`) before anything is written. The frontend's
+reader takes the largest body it accepts (`max_body`): a longer response body is skipped as it
+is read, never held, and arrives as a `RESPONSE_TOO_LARGE` failure of its own response. The
+worker's reader may `recover`: a frame whose prefix is sound but whose contents are not is read
+to its end and reported as `FrameRejected`, so the stream stays in step and the worker answers
+that frame with a failure instead of exiting.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import json
 import socket
 import struct
 from collections.abc import Sequence
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tsctl.ipc.messages import (
@@ -69,6 +71,15 @@ MAX_META = 16 << 20
 _SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(WorkerSpec))
 #: the meta's encoder, made once (`json.dumps` with options makes one per call)
 _JSON = json.JSONEncoder(separators=(",", ":"))
+#: the C encoder `_JSON.encode` makes on every call, made once: a request's meta entry is
+#: encoded with it (lists of strings: no circular check needed); `_JSON` where there is none
+_ENTRY = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(
+        None, _JSON.default, encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+)
 
 
 class ProtocolError(Exception):
@@ -120,11 +131,30 @@ def _spec(raw: Any) -> WorkerSpec:
 
 
 def _request_meta(request: WireRequest) -> list[Any]:
+    headers = request.headers  # JSON writes a list or tuple of pairs as they are
     return [
         request.request_id,
-        [[part.name, part.content_type] for part in request.parts],
-        [list(h) for h in request.headers],
+        [(part.name, part.content_type) for part in request.parts],
+        headers if type(headers) in (list, tuple) else list(headers),
     ]
+
+
+def request_entry(request: WireRequest) -> bytes:
+    """`request`'s entry in a batch frame's meta (its id, part names and types, headers), as
+    `encode` writes it: a sender that queues requests encodes each once, as it is queued,
+    and passes the entries in `Batch.entries`."""
+    if _ENTRY is None:
+        return _JSON.encode(_request_meta(request)).encode()
+    return "".join(_ENTRY(_request_meta(request), 0)).encode()
+
+
+def entry_size(entry: bytes, parts: Sequence[Part]) -> int:
+    """The bytes a request with this `entry` adds to a batch frame's meta, exactly: the entry
+    and the lengths of its bodies in "lens", with their commas."""
+    size = len(entry) + 1
+    for part in parts:
+        size += len(str(memoryview(part.data).nbytes)) + 1
+    return size
 
 
 def request_meta_size(request: WireRequest) -> int:
@@ -166,6 +196,8 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
     segments: list[bytes | bytearray | memoryview] = []
     meta: dict[str, Any]
     if isinstance(message, Batch):
+        if message.entries:  # each request's meta encoded already: joined, as JSON writes it
+            return _encode_batch(message)
         kind = Kind.BATCH
         reqs = []
         for request in message.requests:
@@ -214,6 +246,28 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
             f"the frame's meta of {len(encoded)} bytes exceeds the limit of {MAX_META}"
         )
     prefix = PREFIX.pack(MAGIC, VERSION, kind, len(encoded), sum(lens))
+    return [prefix, encoded, *segments]
+
+
+def _encode_batch(batch: Batch) -> list[bytes | bytearray | memoryview]:
+    """`encode` of a batch whose requests' entries are encoded (`Batch.entries`): the bytes
+    the dict would encode to, `{"id":N,"reqs":[...],"lens":[...]}`, joined from them."""
+    if len(batch.entries) != len(batch.requests):
+        raise ValueError("a batch needs one entry per request")
+    segments: list[bytes | bytearray | memoryview] = [
+        part.data for request in batch.requests for part in request.parts
+    ]
+    lens = [memoryview(s).nbytes for s in segments]
+    encoded = b'{"id":%d,"reqs":[%b],"lens":[%b]}' % (
+        batch.batch_id,
+        b",".join(batch.entries),
+        ",".join(map(str, lens)).encode(),
+    )
+    if len(encoded) > MAX_META:
+        raise FrameTooLarge(
+            f"the frame's meta of {len(encoded)} bytes exceeds the limit of {MAX_META}"
+        )
+    prefix = PREFIX.pack(MAGIC, VERSION, Kind.BATCH, len(encoded), sum(lens))
     return [prefix, encoded, *segments]
 
 

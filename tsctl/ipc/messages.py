@@ -159,6 +159,9 @@ class WireRequest:
 class Batch:
     batch_id: int
     requests: Sequence[WireRequest]
+    #: each request's entry in the frame's meta, encoded already (`codec.request_entry`,
+    #: once per request as it is queued), or empty: the codec encodes them
+    entries: Sequence[bytes] = ()
 
 
 @dataclass(frozen=True)

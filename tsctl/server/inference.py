@@ -18,14 +18,16 @@ import asyncio
 from collections.abc import Callable, Hashable
 
 from tsctl.errors import RequestTooLarge, ServiceUnavailable
-from tsctl.ipc.codec import request_meta_bound, request_meta_budget
+from tsctl.ipc.codec import entry_size, request_entry, request_meta_budget
 from tsctl.server.registry import ModelVersion
 from tsctl.server.request import ClientGone, InferenceRequest, Job, Response
 
 
-def check_frame_size(request: InferenceRequest, batch_size: int) -> None:
-    """`RequestTooLarge` if `request` would make a batch frame's meta exceed its bound."""
-    size = request_meta_bound(request.request_id, request.parts, request.headers)
+def frame_entry(request: InferenceRequest, batch_size: int) -> bytes:
+    """`request`'s entry in a batch frame's meta (`codec.request_entry`), encoded once, here;
+    `RequestTooLarge` if it would make a batch frame's meta exceed its bound."""
+    entry = request_entry(request)
+    size = entry_size(entry, request.parts)
     budget = request_meta_budget(batch_size)
     if size > budget:
         raise RequestTooLarge(
@@ -33,6 +35,7 @@ def check_frame_size(request: InferenceRequest, batch_size: int) -> None:
             f"the limit of {budget} bytes for this model (batch size {batch_size}): "
             f"send fewer or shorter form fields ({len(request.parts)} were sent)"
         )
+    return entry
 
 
 def submit(
@@ -54,7 +57,7 @@ def submit(
             f'Model "{mv.name}" has no worker to serve inference request. '
             "Please use scale workers API to add workers."
         )
-    check_frame_size(request, mv.batch_size)
+    entry = frame_entry(request, mv.batch_size)
     queue = mv.queue
     job = Job(
         request,
@@ -64,6 +67,7 @@ def submit(
         on_chunk=on_chunk,
         sequence=sequence,
         on_answer=on_answer,
+        entry=entry,
         settle=None if future is not None else queue.settle,
     )
     queue.put(job)

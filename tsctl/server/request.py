@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from random import getrandbits
 
-from tsctl.ipc.messages import Part
+from tsctl.ipc.messages import WireRequest
 
 log = logging.getLogger("tsctl.server")
 
@@ -22,13 +22,12 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a token: safe in a header 
 
 
 @dataclass(frozen=True)
-class InferenceRequest:
-    """One prediction request, whatever API it came from."""
+class InferenceRequest(WireRequest):
+    """One prediction request, whatever API it came from: what a worker's batch frame
+    carries of it (a `WireRequest`: the batch is sent with these objects), and when it
+    arrived."""
 
-    request_id: str
-    parts: Sequence[Part]
-    headers: Sequence[tuple[str, str]]
-    arrival: float  # loop.time() when the request arrived
+    arrival: float = 0.0  # loop.time() when the request arrived
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,8 @@ class Job:
     sequence: str | None = None
     #: receives the answer or the error, when there is no `future`
     on_answer: Callable[[Response | BaseException], None] | None = field(default=None, repr=False)
+    #: its entry in a batch frame's meta, encoded when it was queued (`codec.request_entry`)
+    entry: bytes = field(default=b"", repr=False)
     #: called with the job as it is answered, before `on_answer` (not with a `future`)
     settle: Callable[[Job], None] | None = field(default=None, repr=False)
     #: answered, failed, timed out or abandoned: nothing more goes to it

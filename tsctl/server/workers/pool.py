@@ -35,7 +35,7 @@ from tsctl.errors import (
     WorkerStartFailed,
     prediction_failed,
 )
-from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, WireRequest, WorkerState
+from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, WorkerState
 from tsctl.server.batching import ModelQueue, next_batch
 from tsctl.server.request import Job, Response
 from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
@@ -233,10 +233,7 @@ class WorkerPool:
         live = [job for job in jobs if not job.done]
         if not live:
             return
-        batch = Batch(
-            next(_batch_ids),
-            [WireRequest(j.request.request_id, j.request.parts, j.request.headers) for j in live],
-        )
+        batch = Batch(next(_batch_ids), [job.request for job in live], [job.entry for job in live])
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._record_dispatch(live, now)
