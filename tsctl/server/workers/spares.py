@@ -64,9 +64,22 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+#: How long an idle torch thread spins before it sleeps, in libgomp's spin iterations (torch's
+#: CPU wheels use GNU OpenMP). libgomp's own default, 300,000 (about 7 ms here), spins through
+#: every serial stretch of a batch and every pause between batches, on a core the daemon
+#: needs; 10,000 (about 0.2 ms) still covers the gaps between a forward's parallel regions.
+#: Measured in docs/benchmarks.md, "torch's idle threads". Set in the environment before
+#: the worker starts: libgomp reads it once, when torch loads it.
+GOMP_SPINCOUNT = "10000"
+
+
 def worker_env() -> dict[str, str]:
-    """The environment every worker starts with (its thread counts are set once assigned)."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """The environment every worker starts with (its thread counts are set once assigned):
+    the daemon's, and a short OpenMP spin unless the operator chose a wait policy or spin."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+    return env
 
 
 def spawn(preload: bool) -> tuple[subprocess.Popen[bytes], socket.socket]:
