@@ -31,3 +31,18 @@ def test_a_stop_right_after_requests_loses_no_line(tmp_path: Path, async_logging
     assert count("ts_metrics.log", "ts_inference_requests_total.Count:1.0|") == REQUESTS
     assert count("ts_metrics.log", "QueueTime.Milliseconds:") == REQUESTS  # one per batch
     assert count("model_metrics.log", "HandlerTime.ms:") == REQUESTS
+
+
+def test_a_batchs_metric_lines_are_written_before_its_answer(tmp_path: Path) -> None:
+    """Without async_logging a client that has its answer finds the batch's metric lines in
+    the files already (TorchServe's own tests read model_metrics.log right after a request)."""
+    server = Server(tmp_path)
+    make_archive(server.store, "metered", "metered")
+    server.start("metered.mar")
+    model_log = server.log_dir / "model_metrics.log"
+    server_log = server.log_dir / "ts_metrics.log"
+    for n in range(1, 6):
+        assert server.predict("metered", {}).status == 200
+        # read at once, no waiting: the lines must be there when the answer is
+        assert model_log.read_text().count("HandlerTime.ms:") == n
+        assert server_log.read_text().count("QueueTime.Milliseconds:") == n

@@ -161,6 +161,13 @@ class LineLog:
         else:
             loop.call_soon(self.flush)
 
+    def settle(self) -> None:
+        """Without a delay: write the buffer now rather than at the end of the turn. Called
+        before a batch's answers are sent, so its metric lines are in the file before a
+        client that has its answer reads it (TorchServe writes them synchronously)."""
+        if not self.delay and self.lines:
+            self.flush(keep_scheduled=self.scheduled)
+
     def flush(self, keep_scheduled: bool = False) -> None:
         if not keep_scheduled:
             self.scheduled = False

@@ -404,6 +404,14 @@ class Metrics:
         """The declared model metrics, for the workers' `context.metrics`."""
         return tuple((s.name, s.unit, s.dimensions, s.kind) for s in self.declared.model.values())
 
+    def settle_logs(self) -> None:
+        """Write the metric lines buffered for the end of this turn now (`LineLog.settle`):
+        the pool calls it before it sends a batch's answers."""
+        for sink in (self.server_log, self.model_log):
+            settle = getattr(sink, "settle", None)
+            if settle is not None:
+                settle()
+
     def render(self, names: set[str] | None = None) -> str:
         lines: list[str] = []
         seen: set[int] = set()

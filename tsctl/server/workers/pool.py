@@ -248,6 +248,7 @@ class WorkerPool:
         worker.served += len(live)
         self._failures = 0
         self._record_result(result, live, (loop.time() - now) * 1000)
+        self.metrics.settle_logs()  # the batch's metric lines, before its answers go out
         if result.failure is not None:
             _fail(live, error_for(result.failure))
             return
