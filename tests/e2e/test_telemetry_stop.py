@@ -41,8 +41,11 @@ def test_a_batchs_metric_lines_are_written_before_its_answer(tmp_path: Path) -> 
     server.start("metered.mar")
     model_log = server.log_dir / "model_metrics.log"
     server_log = server.log_dir / "ts_metrics.log"
-    for n in range(1, 6):
-        assert server.predict("metered", {}).status == 200
-        # read at once, no waiting: the lines must be there when the answer is
-        assert model_log.read_text().count("HandlerTime.ms:") == n
-        assert server_log.read_text().count("QueueTime.Milliseconds:") == n
+    try:
+        for n in range(1, 6):
+            assert server.predict("metered", {}).status == 200
+            # read at once, no waiting: the lines must be there when the answer is
+            assert model_log.read_text().count("HandlerTime.ms:") == n
+            assert server_log.read_text().count("QueueTime.Milliseconds:") == n
+    finally:
+        server.stop()
