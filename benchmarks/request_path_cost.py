@@ -10,7 +10,7 @@ REST exchange has its body to the point its answer is handed back: an `Inference
 request, queued on a real `ModelQueue` with its deadline (`tsctl.server.inference`), batches
 of B taken with `next_batch`, sent through `WorkerPool._dispatch` (the batch frame encoded with
 `tsctl.ipc.codec.encode`, the batch's metrics in the default `metrics_mode=log`), and a
-`Result` frame read back with `read_message` from a `StreamReader` holding the bytes a worker
+`Result` frame read back with a `FrameReader` fed the bytes a worker
 would send (B JSON answers); each answer reaches a callback, as `PredictionExchange._respond`
 gets it. One event-loop turn per batch. The worker is a stand-in that answers at once (no
 process, no socket), and there is no HTTP: what is left is what `daemon_cost.py` cannot
@@ -63,9 +63,8 @@ class Worker:
 
     async def run(self, batch: Batch, on_chunk: Any = None) -> Any:
         codec.encode(batch)  # what `WorkerProcess` writes
-        reader = asyncio.StreamReader()
-        reader.feed_data(self.frames[len(batch.requests)])
-        return await codec.read_message(reader, 1 << 20)
+        [result] = codec.FrameReader(1 << 20).feed(self.frames[len(batch.requests)])
+        return result
 
 
 async def per_request(batch: int, requests: int) -> float:

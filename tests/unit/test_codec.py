@@ -4,7 +4,6 @@ stream that ends mid-frame is the reader's end-of-stream error, as the codec doc
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import struct
@@ -17,10 +16,10 @@ from tsctl.ipc.codec import (
     MAX_META,
     PREFIX,
     VERSION,
+    FrameReader,
     ProtocolError,
     decode,
     encode,
-    read_message,
     recv_message,
 )
 from tsctl.ipc.messages import (
@@ -146,13 +145,14 @@ def raw_frame(meta: Any, payload: bytes = b"", kind: int = Kind.HELLO, **prefix:
 
 
 def read_async(data: bytes) -> Message:
-    async def read() -> Message:
-        reader = asyncio.StreamReader()
-        reader.feed_data(data)
-        reader.feed_eof()
-        return await read_message(reader)
-
-    return asyncio.run(read())
+    """The frontend's reader (`FrameReader`) on `data`, which must hold one whole frame."""
+    reader = FrameReader()
+    messages = reader.feed(data)
+    if not messages:
+        raise EOFError("the stream ended within a frame")
+    [message] = messages
+    assert reader.idle
+    return message
 
 
 def read_blocking(data: bytes) -> Message:
@@ -216,14 +216,9 @@ def test_frames_read_back_to_back_and_in_small_pieces() -> None:
     trickle = Trickle(stream, step=3)
     assert [recv_message(trickle) for _ in MESSAGES] == MESSAGES
 
-    async def read_all() -> list[Message]:
-        reader = asyncio.StreamReader()
-        for i in range(0, len(stream), 5):
-            reader.feed_data(stream[i : i + 5])
-        reader.feed_eof()
-        return [await read_message(reader) for _ in MESSAGES]
-
-    assert asyncio.run(read_all()) == MESSAGES
+    reader = FrameReader()
+    read = [m for i in range(0, len(stream), 5) for m in reader.feed(stream[i : i + 5])]
+    assert read == MESSAGES and reader.idle
 
 
 def test_a_prefix_is_network_order() -> None:
@@ -263,7 +258,7 @@ def truncations() -> list[tuple[str, bytes]]:
 
 @pytest.mark.parametrize(("where", "data"), truncations(), ids=[w for w, _ in truncations()])
 def test_a_truncated_frame_is_end_of_stream(where: str, data: bytes) -> None:
-    with pytest.raises(asyncio.IncompleteReadError):
+    with pytest.raises(EOFError):
         read_async(data)
     with pytest.raises(EOFError, match="closed the connection"):
         read_blocking(data)

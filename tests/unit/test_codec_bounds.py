@@ -5,9 +5,7 @@ it cannot read, so that the next frame is read."""
 
 from __future__ import annotations
 
-import asyncio
 import io
-from typing import Any
 
 import pytest
 
@@ -15,11 +13,11 @@ from tests.unit.test_codec import frame, raw_frame
 from tsctl.ipc.codec import (
     BATCH_META_OVERHEAD,
     MAX_META,
+    FrameReader,
     FrameRejected,
     FrameTooLarge,
     ProtocolError,
     encode,
-    read_message,
     recv_message,
     request_meta_budget,
     request_meta_size,
@@ -77,31 +75,13 @@ def test_encode_refuses_a_meta_over_max_meta() -> None:
         encode(Batch(1, [huge]))
 
 
-class CountingReader:
-    """An `asyncio.StreamReader` that records the largest read it was asked for."""
-
-    def __init__(self, data: bytes) -> None:
-        self.reader = asyncio.StreamReader()
-        self.reader.feed_data(data)
-        self.reader.feed_eof()
-        self.largest = 0
-
-    async def readexactly(self, n: int) -> bytes:
-        self.largest = max(self.largest, n)
-        return await self.reader.readexactly(n)
-
-    async def read(self, n: int) -> bytes:
-        self.largest = max(self.largest, n)
-        return await self.reader.read(n)
-
-
 def read_bounded(data: bytes, max_body: int, frames: int = 1) -> tuple[list[Message], int]:
-    async def read() -> tuple[list[Message], int]:
-        counting = CountingReader(data)
-        reader: Any = counting
-        return [await read_message(reader, max_body) for _ in range(frames)], counting.largest
-
-    return asyncio.run(read())
+    """`frames` messages read by a `FrameReader` fed `data` 64 KiB at a time (as a socket
+    delivers it), and the most bytes the reader held at once."""
+    reader = FrameReader(max_body)
+    read = [m for i in range(0, len(data), 1 << 16) for m in reader.feed(data[i : i + (1 << 16)])]
+    assert len(read) == frames and reader.idle
+    return read, reader.most_held
 
 
 def test_a_body_over_the_limit_is_skipped_not_held() -> None:

@@ -1,6 +1,7 @@
 """Fuzzing the worker frame codec (`tsctl.ipc.codec`): whatever bytes arrive on a worker
 socket, both readers answer a message, a `ProtocolError`, or their documented end-of-stream
-error (`EOFError` for `recv_message`, `asyncio.IncompleteReadError` for `read_message`).
+error (`EOFError` for `recv_message`; `FrameReader.feed` returns no message until a frame
+is whole).
 
 Inputs: random bytes; valid frames of every kind with bytes flipped, cut or inserted; frames
 whose prefix is right and whose JSON meta is arbitrary (any JSON value, huge and non-finite
@@ -10,7 +11,6 @@ the blocking reader allocate gigabytes on a shared test machine.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
@@ -25,9 +25,9 @@ from tsctl.ipc.codec import (
     MAGIC,
     PREFIX,
     VERSION,
+    FrameReader,
     ProtocolError,
     encode,
-    read_message,
     recv_message,
 )
 from tsctl.ipc.messages import (
@@ -89,14 +89,8 @@ def read_both(data: bytes) -> None:
     with contextlib.suppress(ProtocolError, EOFError):
         recv_message(io.BytesIO(data))
 
-    async def read_async() -> None:
-        reader = asyncio.StreamReader(limit=1 << 24)
-        reader.feed_data(data)
-        reader.feed_eof()
-        with contextlib.suppress(ProtocolError, asyncio.IncompleteReadError):
-            await read_message(reader)
-
-    asyncio.run(read_async())
+    with contextlib.suppress(ProtocolError):
+        FrameReader().feed(data)
 
 
 @st.composite

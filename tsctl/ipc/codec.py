@@ -10,8 +10,8 @@ One module owns the format; both sides use it. A frame is::
 
 Bodies are never base64'd or re-encoded: a request body goes from the HTTP parser into the
 socket as is, and arrives in the worker as one `bytearray` (what TorchServe handlers receive).
-The worker reads frames with blocking calls on its own socket; the frontend reads them with
-`read_message(asyncio.StreamReader)` on the event loop and writes with `encode()` buffers.
+The worker reads frames with blocking calls on its own socket; the frontend feeds what its
+socket receives to a `FrameReader` on the event loop and writes with `encode()` buffers.
 Failures travel as data (`Failure`: a kind and a message), never as pickled exceptions. In a
 frame's meta a failure is the list `[kind, message, detail]`, or `[kind, message, detail,
 status]` when the handler chose the HTTP status itself (TorchServe's `PredictionException`);
@@ -37,7 +37,7 @@ import socket
 import struct
 from collections.abc import Sequence
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from tsctl.ipc.messages import (
     Assign,
@@ -59,9 +59,6 @@ from tsctl.ipc.messages import (
     WireResponse,
     WorkerSpec,
 )
-
-if TYPE_CHECKING:
-    import asyncio
 
 MAGIC = b"TW"
 VERSION = 1
@@ -382,37 +379,96 @@ def _too_large(kind: int, message: Message, skipped: dict[int, int], limit: int)
     raise ProtocolError(f"a frame of kind {kind} carries a body over the limit of {limit} bytes")
 
 
-async def _skip(reader: asyncio.StreamReader, size: int) -> None:
-    while size:
-        data = await reader.read(min(size, _SKIP))
-        if not data:
-            raise asyncio.IncompleteReadError(b"", size)
-        size -= len(data)
+class FrameReader:
+    """The frontend's reader of a worker's frames: fed bytes as they arrive (from an asyncio
+    protocol's `data_received`), it returns each message as soon as its frame is complete, so
+    a frame costs no awaits and no read call per segment.
 
+    A body longer than `max_body` is dropped as it arrives, never held: its response (in a
+    RESULT, CHUNK or DESCRIBED frame) becomes a `RESPONSE_TOO_LARGE` failure; in any other
+    frame it is a `ProtocolError`. A `ProtocolError` (bad prefix, meta or fields) leaves the
+    reader unusable: nothing tells where the next frame starts."""
 
-async def read_message(reader: asyncio.StreamReader, max_body: int | None = None) -> Message:
-    """Read one message on the event loop; raises `asyncio.IncompleteReadError` at EOF.
+    def __init__(self, max_body: int | None = None) -> None:
+        self.max_body = max_body
+        self._buffer = bytearray()
+        self._kind = -1  # -1: waiting for a prefix
+        self._meta_len = 0
+        self._payload_len = 0
+        self._meta: dict[str, Any] | None = None
+        self._lens: list[int] = []
+        self._segments: list[bytes] = []
+        self._skipped: dict[int, int] = {}
+        self._skipping = 0  # bytes of the current too-large body still to drop
+        #: the most bytes held at once (a body being skipped is held one `data` at a time)
+        self.most_held = 0
 
-    Each body is read on its own (one copy, out of the reader's buffer). A body longer than
-    `max_body` is skipped as it arrives, never held: its response (in a RESULT, CHUNK or
-    DESCRIBED frame) becomes a `RESPONSE_TOO_LARGE` failure; in any other frame it is a
-    `ProtocolError`."""
-    kind, meta_len, payload_len = _parse_prefix(await reader.readexactly(PREFIX.size))
-    meta = _parse_meta(await reader.readexactly(meta_len), payload_len)
-    segments: list[bytes] = []
-    skipped: dict[int, int] = {}
-    for i, n in enumerate(meta["lens"]):
-        if max_body is not None and n > max_body:
-            await _skip(reader, n)
-            skipped[i] = n
-            segments.append(b"")
-        else:
-            segments.append(await reader.readexactly(n) if n else b"")
-    message = decode(kind, meta, segments)
-    if skipped:
-        assert max_body is not None
-        return _too_large(kind, message, skipped, max_body)
-    return message
+    @property
+    def idle(self) -> bool:
+        """No frame is under way: the peer may stop here without cutting one short."""
+        return self._kind < 0 and not self._buffer
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """The messages whose frames `data` completes, in order."""
+        buffer = self._buffer
+        buffer += data
+        messages: list[Message] = []
+        at = 0
+        try:
+            while True:
+                if self._skipping:
+                    dropped = min(self._skipping, len(buffer) - at)
+                    at += dropped
+                    self._skipping -= dropped
+                    if self._skipping:
+                        break
+                    self._next_segment(b"")
+                    continue
+                if self._kind < 0:
+                    if len(buffer) - at < PREFIX.size:
+                        break
+                    prefix = bytes(buffer[at : at + PREFIX.size])
+                    self._kind, self._meta_len, self._payload_len = _parse_prefix(prefix)
+                    at += PREFIX.size
+                if self._meta is None:
+                    if len(buffer) - at < self._meta_len:
+                        break
+                    raw = bytes(buffer[at : at + self._meta_len])
+                    self._meta = _parse_meta(raw, self._payload_len)
+                    self._lens = list(self._meta["lens"])
+                    at += self._meta_len
+                if len(self._segments) == len(self._lens):
+                    messages.append(self._finish())
+                    continue
+                size = self._lens[len(self._segments)]
+                if self.max_body is not None and size > self.max_body:
+                    self._skipping = size
+                    continue
+                if len(buffer) - at < size:
+                    break
+                self._next_segment(bytes(buffer[at : at + size]) if size else b"")
+                at += size
+        finally:
+            self.most_held = max(self.most_held, len(buffer))
+            del buffer[:at]
+        return messages
+
+    def _next_segment(self, data: bytes) -> None:
+        """The current segment is read (`data`), or was dropped (`self._skipping` set it)."""
+        index = len(self._segments)
+        if self.max_body is not None and self._lens[index] > self.max_body:
+            self._skipped[index] = self._lens[index]
+        self._segments.append(data)
+
+    def _finish(self) -> Message:
+        assert self._meta is not None
+        kind, meta, segments, skipped = self._kind, self._meta, self._segments, self._skipped
+        self._kind, self._meta, self._lens, self._segments, self._skipped = -1, None, [], [], {}
+        message = decode(kind, meta, segments)
+        if skipped:
+            assert self.max_body is not None
+            return _too_large(kind, message, skipped, self.max_body)
+        return message
 
 
 class _Readable(Protocol):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from tsctl.errors import RequestTooLarge, WorkerDied, WorkerStartFailed
-from tsctl.ipc.codec import FrameTooLarge, ProtocolError, encode, read_message
+from tsctl.ipc.codec import FrameReader, FrameTooLarge, ProtocolError, encode
 from tsctl.ipc.messages import (
     Assign,
     Batch,
@@ -116,6 +116,82 @@ class AdoptedChild:
         return await asyncio.shield(self._exited)
 
 
+class _Link(asyncio.Protocol):
+    """The daemon's end of a worker's socket: frames are decoded as bytes arrive and handed
+    to `on_message` in the same turn of the loop; `on_lost` is called once, with the reason
+    (None at a clean end of stream). Writes respect the transport's flow control (`drain`)."""
+
+    def __init__(
+        self,
+        max_body: int | None,
+        on_message: Callable[[Message], None],
+        on_lost: Callable[[Exception | None], None],
+    ) -> None:
+        self.reader = FrameReader(max_body)
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._paused: asyncio.Future[None] | None = None
+        self._lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.reader.feed(data)
+        except ProtocolError as exc:
+            self._lose(exc)
+            return
+        for message in messages:
+            self.on_message(message)
+
+    def eof_received(self) -> bool:
+        return False  # close: a worker's end of stream is its end
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_exception(ConnectionResetError("the worker's socket closed"))
+        self._lose(exc)  # an end of stream within a frame is an exit, not an error
+
+    def _lose(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        if self.transport is not None:
+            self.transport.close()
+        self.on_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._paused is None or self._paused.done():
+            self._paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_result(None)
+
+    def write(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the worker's socket is closed")
+        self.transport.writelines(buffers)
+
+    async def drain(self) -> None:
+        if self._paused is not None and not self._paused.done():
+            await asyncio.shield(self._paused)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
+
 async def _stream_from(loop: asyncio.AbstractEventLoop, pipe: Any) -> asyncio.StreamReader:
     reader = asyncio.StreamReader(loop=loop)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
@@ -139,11 +215,13 @@ class WorkerProcess:
         self.served = 0
         self.recycling = False
         self.state = WorkerState.STARTING
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader: asyncio.StreamReader | None = None
+        self._writer: _Link | None = None
+        #: the worker's first message (Hello or InitFailed); None if its socket ended first
+        self._first: asyncio.Future[Message | None] | None = None
+        self._death: asyncio.Task[None] | None = None
         #: answers the worker owes, in the order it will send them, with who wants its chunks
         self._pending: deque[tuple[asyncio.Future[Any], Callable[[Chunk], None] | None]] = deque()
-        self._reader_task: asyncio.Task[None] | None = None
+        self._serving = False  # past its Hello: its socket's end is its death
         self._exit_watch: asyncio.Task[None] | None = None
         self.dead = asyncio.Event()
         self._on_dead: list[Callable[[], None]] = []
@@ -170,12 +248,18 @@ class WorkerProcess:
             asyncio.create_task(self._pump(self.proc.stdout, logging.INFO, "stdout")),
             asyncio.create_task(self._pump(self.proc.stderr, logging.WARNING, "stderr")),
         ]
-        self._reader, self._writer = await asyncio.open_connection(sock=parent)
-        self._writer.writelines(encode(Assign(self.spec)))
+        loop = asyncio.get_running_loop()
+        self._first = loop.create_future()
+        _, self._writer = await loop.create_connection(
+            lambda: _Link(self.max_body, self._on_message, self._on_lost), sock=parent
+        )
+        self._writer.write(encode(Assign(self.spec)))
         timeout = self.spec.startup_timeout
         try:
-            first: Message = await asyncio.wait_for(read_message(self._reader), timeout)
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+            first = await asyncio.wait_for(self._first, timeout)
+            if first is None:
+                raise ConnectionResetError
+        except ConnectionError:
             code = await self._reap()
             raise WorkerStartFailed(
                 f"worker {self.worker_id} exited during start-up (exit status {code})"
@@ -193,7 +277,9 @@ class WorkerProcess:
             self.kill()
             raise WorkerStartFailed(f"worker {self.worker_id} sent {type(first).__name__} first")
         self.state = WorkerState.READY
-        self._reader_task = asyncio.create_task(self._read_loop())
+        self._serving = True
+        if self._writer.lost:  # its socket ended since the Hello
+            self._death = asyncio.ensure_future(self._report_death())
         self._exit_watch = asyncio.create_task(self._watch_exit())
 
     async def _watch_exit(self) -> None:
@@ -216,37 +302,46 @@ class WorkerProcess:
                 return
             model_log.log(level, line.decode("utf-8", "replace").rstrip("\n"), extra=extra)
 
-    async def _read_loop(self) -> None:
-        assert self._reader is not None
-        try:
-            while True:
-                message = await read_message(self._reader, self.max_body)
-                if isinstance(message, Chunk) and self._pending:
-                    on_chunk = self._pending[0][1]
-                    if on_chunk is not None:
-                        on_chunk(message)
-                elif isinstance(message, (Result, Described)) and self._pending:
-                    waiter, _ = self._pending.popleft()
-                    if not waiter.done():
-                        waiter.set_result(message)
-                else:
-                    log.warning("worker %s sent an unexpected %s", self.worker_id, message)
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
-            if not isinstance(exc, asyncio.IncompleteReadError):
-                log.error("worker %s: %s; stopping it", self.worker_id, exc)
-                self.kill()
-        finally:
-            code = await self._reap()
-            self.state = WorkerState.DEAD
-            while self._pending:
-                waiter, _ = self._pending.popleft()
-                if not waiter.done():
-                    waiter.set_exception(
-                        WorkerDied(f"worker {self.worker_id} died (exit status {code})")
-                    )
-            self.dead.set()
-            for callback in self._on_dead:
-                callback()
+    def _on_message(self, message: Message) -> None:
+        """A message from the worker, in the turn its last byte arrived."""
+        if not self._serving:
+            if self._first is not None and not self._first.done():
+                self._first.set_result(message)
+            else:
+                log.warning("worker %s sent an unexpected %s", self.worker_id, message)
+        elif isinstance(message, Chunk) and self._pending:
+            on_chunk = self._pending[0][1]
+            if on_chunk is not None:
+                on_chunk(message)
+        elif isinstance(message, (Result, Described)) and self._pending:
+            waiter, _ = self._pending.popleft()
+            if not waiter.done():
+                waiter.set_result(message)
+        else:
+            log.warning("worker %s sent an unexpected %s", self.worker_id, message)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        """The worker's socket ended (`exc`: why, when it was not a clean end of stream)."""
+        if exc is not None:
+            log.error("worker %s: %s; stopping it", self.worker_id, exc)
+            self.kill()
+        if self._first is not None and not self._first.done():
+            self._first.set_result(None)
+        if self._serving:
+            self._death = asyncio.ensure_future(self._report_death())
+
+    async def _report_death(self) -> None:
+        code = await self._reap()
+        self.state = WorkerState.DEAD
+        while self._pending:
+            waiter, _ = self._pending.popleft()
+            if not waiter.done():
+                waiter.set_exception(
+                    WorkerDied(f"worker {self.worker_id} died (exit status {code})")
+                )
+        self.dead.set()
+        for callback in self._on_dead:
+            callback()
 
     async def run(self, batch: Batch, on_chunk: Callable[[Chunk], None] | None = None) -> Result:
         """Send one batch and wait for its result; `WorkerDied` if the process goes away.
@@ -279,7 +374,7 @@ class WorkerProcess:
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((waiter, on_chunk))
         try:
-            self._writer.writelines(frame)
+            self._writer.write(frame)
             await self._writer.drain()
             return await waiter
         except ConnectionError:
@@ -296,10 +391,10 @@ class WorkerProcess:
             return
         if self._writer is not None and not self._writer.is_closing():
             with contextlib.suppress(ConnectionError, RuntimeError):
-                self._writer.writelines(encode(Stop("stop")))
+                self._writer.write(encode(Stop("stop")))
         self.state = WorkerState.STOPPING
         try:
-            await asyncio.wait_for(self.dead.wait() if self._reader_task else self._reap(), timeout)
+            await asyncio.wait_for(self.dead.wait() if self._serving else self._reap(), timeout)
         except TimeoutError:
             self.kill()
             await self._reap()
