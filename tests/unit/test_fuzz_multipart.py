@@ -19,21 +19,16 @@ from hypothesis import strategies as st
 from tests.support import fuzzing
 from tsctl.errors import BadRequest
 from tsctl.ipc.messages import Part
+from tsctl.server.api.http1.parser import RequestHead
 from tsctl.server.api.rest_inference import PredictionExchange
 
 pytest_generate_tests = fuzzing.pytest_generate_tests
 
 
-class _Head:
-    def __init__(self, content_type: str) -> None:
-        self.content_type = content_type
-
-    def get(self, name: str, default: str = "") -> str:
-        return self.content_type if name == "content-type" else default
-
-
 def parse(content_type: str, body: bytes) -> list[Part] | None:
-    exchange: Any = SimpleNamespace(head=_Head(content_type))
+    exchange: Any = SimpleNamespace(
+        head=RequestHead("POST", "/predictions/m", "HTTP/1.1", [("Content-Type", content_type)])
+    )
     try:
         parts: list[Part] = PredictionExchange._parts(exchange, body)
     except BadRequest:

@@ -51,7 +51,7 @@ class _Exchange(http1.Exchange):
     def __init__(self, state: ServerState, conn: http1.Connection, head: http1.RequestHead):
         super().__init__(conn, head)
         self.state = state
-        self.request_id = new_request_id(head.get("x-request-id") or None)
+        self.request_id = new_request_id(head.fields.get("x-request-id") or None)
         self.started = time.perf_counter()
         self.answered = False
         state.request_started()
@@ -169,7 +169,7 @@ class PredictionExchange(_Exchange):
         cannot succeed: not authorized, shutting down, no such model."""
         state = self.state
         try:
-            state.authorize("inference", self.head.get("authorization") or None)
+            state.authorize("inference", self.head.fields.get("authorization") or None)
             if state.draining:
                 raise ServiceUnavailable("the server is shutting down")
             self.mv = state.model_for_inference(self.model, self.version)
@@ -260,7 +260,7 @@ class PredictionExchange(_Exchange):
             self.done(499)
 
     def _parts(self, body: bytes) -> list[Part]:
-        content_type = self.head.get("content-type")
+        content_type = self.head.fields.get("content-type", "")
         parts: list[Part] = []  # like TorchServe: query parameters are not handler inputs
         if content_type.split(";", 1)[0].strip().lower() not in _FORM_TYPES:
             parts.append(Part("body", content_type, body))

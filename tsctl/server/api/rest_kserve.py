@@ -170,7 +170,7 @@ def _document(
     if head.method != "GET":
         return _refused(state, conn, head, MethodNotAllowed(NOT_ALLOWED_MESSAGE))
     try:
-        state.authorize("inference", head.get("authorization") or None)
+        state.authorize("inference", head.fields.get("authorization") or None)
         answer = build()
     except TsctlError as exc:
         answer = exc

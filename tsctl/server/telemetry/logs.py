@@ -158,8 +158,12 @@ class LineLog:
         self.scheduled = True
         if self.delay:
             loop.call_later(self.delay, self.flush)
-        else:
-            loop.call_soon(self.flush)
+            return
+        global _END_OF_TURN_LOOP
+        if not _END_OF_TURN or _END_OF_TURN_LOOP is not loop:  # one callback for them all
+            _END_OF_TURN_LOOP = loop
+            loop.call_soon(_flush_end_of_turn)
+        _END_OF_TURN.append(self)
 
     def settle(self) -> None:
         """Without a delay: write the buffer now rather than at the end of the turn. Called
@@ -180,6 +184,18 @@ class LineLog:
     def close(self) -> None:
         self.flush()
         self._file.close()
+
+
+#: the logs without a delay that have lines to write at the end of this turn of the loop
+_END_OF_TURN: list[LineLog] = []
+_END_OF_TURN_LOOP: asyncio.AbstractEventLoop | None = None  # the loop its callback is on
+
+
+def _flush_end_of_turn() -> None:
+    due = _END_OF_TURN[:]
+    _END_OF_TURN.clear()
+    for line_log in due:
+        line_log.flush()
 
 
 def _file_logger(

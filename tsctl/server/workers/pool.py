@@ -110,6 +110,9 @@ class WorkerPool:
         #: workers whose process is loading its handler (the describe API lists them too)
         self.starting: list[WorkerProcess] = []
         self._loops: dict[WorkerProcess, asyncio.Task[None]] = {}
+        #: each busy worker's answer deadline (loop time; 0 when idle) and its one watchdog timer
+        self._due: dict[WorkerProcess, float] = {}
+        self._watchdogs: dict[WorkerProcess, asyncio.TimerHandle] = {}
         self._ids = itertools.count(9000)
         self._failures = 0
         self._closed = False
@@ -198,6 +201,7 @@ class WorkerPool:
             await worker.dead.wait()
         finally:
             self._loops.pop(worker, None)
+            self._unwatch(worker)
             self.queue.release(worker)
             if worker in self.workers:
                 self.workers.remove(worker)
@@ -237,14 +241,14 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._record_dispatch(live, now)
-        watchdog = loop.call_at(max(j.deadline for j in live), self._overdue, worker)
+        self._watch(worker, max(j.deadline for j in live), loop)
         try:
             result = await worker.run(batch, _fan_out(live, self.settings.max_response_size))
         except TsctlError as exc:  # the worker died, or the batch could not be sent
             _fail(live, exc)
             return
         finally:
-            watchdog.cancel()
+            self._due[worker] = 0.0
         worker.served += len(live)
         self._failures = 0
         self._record_result(result, live, (loop.time() - now) * 1000)
@@ -288,9 +292,33 @@ class WorkerPool:
                 metric.name, metric.unit, metric.kind, metric.value, metric.dimensions, request_id
             )
 
-    def _overdue(self, worker: WorkerProcess) -> None:
+    def _watch(self, worker: WorkerProcess, due: float, loop: asyncio.AbstractEventLoop) -> None:
+        """`worker` must answer its batch by `due` (loop time) or be killed. One timer per
+        worker, moved only to an earlier time: batch after batch reuses it (deadlines only
+        grow), and when it fires early for the batch in progress it is set again."""
+        self._due[worker] = due
+        timer = self._watchdogs.get(worker)
+        if timer is None or timer.when() > due:
+            if timer is not None:
+                timer.cancel()
+            self._watchdogs[worker] = loop.call_at(due, self._check_due, worker, loop)
+
+    def _check_due(self, worker: WorkerProcess, loop: asyncio.AbstractEventLoop) -> None:
+        del self._watchdogs[worker]
+        due = self._due.get(worker, 0.0)
+        if not due:  # idle: nothing to watch until its next batch
+            return
+        if loop.time() < due:
+            self._watchdogs[worker] = loop.call_at(due, self._check_due, worker, loop)
+            return
         log.error("worker %s overran the response timeout; replacing it", worker.worker_id)
         worker.kill()
+
+    def _unwatch(self, worker: WorkerProcess) -> None:
+        self._due.pop(worker, None)
+        timer = self._watchdogs.pop(worker, None)
+        if timer is not None:
+            timer.cancel()
 
     def _schedule_restart(self, retrying: bool = False) -> None:
         """Start a replacement worker after `restart_delay`. `retrying`: a restart that failed

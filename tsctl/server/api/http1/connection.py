@@ -460,7 +460,7 @@ class Connection(asyncio.Protocol):
             self._wait(NONE)
             return
         self._wait(BODY)
-        if head.get("expect").lower() == "100-continue" and self.transport is not None:
+        if head.fields.get("expect", "").lower() == "100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _body(self, chunk: bytes) -> None:
@@ -552,9 +552,7 @@ class Connection(asyncio.Protocol):
 
     def _wait(self, kind: int) -> None:
         self.deadline_kind = kind
-        self.deadline = (
-            math.inf if kind == NONE else self.loop.time() + self.server.limits.timeout(kind)
-        )
+        self.deadline = self.loop.time() + self.server.timeouts[kind]  # NONE: math.inf
 
     def timed_out(self) -> None:
         kind = self.deadline_kind

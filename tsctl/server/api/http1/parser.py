@@ -55,9 +55,10 @@ class UnsupportedTransferCoding(BadRequest):
 
 
 class RequestHead:
-    """A parsed request line and its headers (names as sent; `get` is case-insensitive)."""
+    """A parsed request line and its headers (names as sent; `get` is case-insensitive, and
+    `fields` maps each lower-cased name to its value, repeated ones joined with commas)."""
 
-    __slots__ = ("_index", "headers", "keep_alive", "method", "path", "target", "version")
+    __slots__ = ("fields", "headers", "keep_alive", "method", "path", "target", "version")
 
     def __init__(
         self, method: str, target: str, version: str, headers: list[tuple[str, str]]
@@ -71,7 +72,7 @@ class RequestHead:
         for name, value in headers:
             key = name.lower()
             index[key] = f"{index[key]},{value}" if key in index else value
-        self._index = index
+        self.fields = index
         connection = index.get("connection", "").lower()
         if version == "HTTP/1.1":
             self.keep_alive = "close" not in connection
@@ -79,16 +80,16 @@ class RequestHead:
             self.keep_alive = "keep-alive" in connection
 
     def get(self, name: str, default: str = "") -> str:
-        return self._index.get(name.lower(), default)
+        return self.fields.get(name.lower(), default)
 
     def body_length(self) -> int | None:
         """How the body is framed: its `Content-Length` (0: no body), or None when chunked.
         `BadRequest` for a malformed or ambiguous length, `UnsupportedTransferCoding` for a
         coding other than chunked. (llhttp refuses most of these first; this is the rule for
         heads made otherwise.)"""
-        coding = self.get("transfer-encoding").lower()
-        if "content-length" in self._index:
-            declared = self._index["content-length"].strip()
+        coding = self.fields.get("transfer-encoding", "").lower()
+        if "content-length" in self.fields:
+            declared = self.fields["content-length"].strip()
             if coding:
                 raise BadRequest("both Content-Length and Transfer-Encoding were sent")
             if not _DIGITS.fullmatch(declared):
@@ -230,7 +231,7 @@ class RequestParser:
         head = RequestHead(llhttp.get_method().decode("ascii"), target, version, self._headers)
         if llhttp.should_upgrade():
             head.keep_alive = False  # an upgrade tsctl will not make: close after answering
-        if head.get("transfer-encoding"):
+        if "transfer-encoding" in head.fields:
             head.body_length()  # 501 for codings llhttp lets through ("gzip, chunked")
         self.owner.on_head(head)
         if self.closed:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from tsctl.server.api.http1.connection import (
     HEAD,
     IDLE,
     LINGER,
+    LINGERING,
+    NONE,
     Connection,
     ErrorResponse,
     Exchange,
@@ -80,6 +83,10 @@ class Server:
         self.route = route
         self.error_response = error_response
         self.limits = limits or Limits()
+        #: each deadline kind's time limit, by kind (`Connection._wait` reads it per request)
+        self.timeouts = tuple(
+            math.inf if kind == NONE else self.limits.timeout(kind) for kind in range(LINGERING + 1)
+        )
         self.name = name
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
