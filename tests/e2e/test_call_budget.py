@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 # Python calls on the daemon's loop per request, measured when each change landed: update
 # them (down, or up with a reason in the commit) when the request path changes.
-BUDGET = {1: 251, 8: 148}
+BUDGET = {1: 251, 8: 139}
 MARGIN = 1.15  # loop turns and timed log flushes vary a little between runs
 REQUESTS = 400
 

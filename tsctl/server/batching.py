@@ -11,9 +11,11 @@ at concurrency 1 gets its answer without the `max_batch_delay` penalty TorchServ
 
 A source is forgotten, whatever the batch size, once nothing of it is in flight and either
 its connection closed (a source with `when_closed`, an `http1.Connection`, tells the queue;
-one with `closed()` is asked) or it sent nothing for `SOURCE_WINDOW` (checked at most once a
-window, on `put` and `answered`): the queue holds no closed connection, and at most the sources
-of the last window or so.
+one with `closed()` is asked whenever the likely arrivals are counted) or it sent nothing for
+`SOURCE_WINDOW` (looked for at most once a window, on `put`, `answered` and the count, which
+skips a source idle past the window at once): the queue holds no closed connection, and at most
+the sources of the last window or so. A closed connection still owed answers is expected to send
+nothing more.
 
 `drop_all` closes the queue for good (its model version is gone): waiting jobs fail with its
 error, and so does a later `put`, at once (a request that found the model just before it was
@@ -58,6 +60,7 @@ class ModelQueue:
         self._owners: OrderedDict[str, Hashable] = OrderedDict()
         self._pinned = 0  # queued jobs that belong to a sequence
         self._pruned = 0.0  # when idle sources were last looked for
+        self._polled = 0  # sources without `when_closed`: asked `closed()` when counted
         self._closed: Exception | None = None  # `drop_all`'s error: the queue is closed
         #: the response deadlines of its jobs, queued or running (`tsctl.server.inference`)
         self.deadlines = Deadlines()
@@ -85,6 +88,9 @@ class ModelQueue:
                 when_closed = getattr(job.source, "when_closed", None)
                 if callable(when_closed):
                     when_closed(self.forget)
+                else:
+                    record.polled = True
+                    self._polled += 1
             record.in_flight += 1
             record.peak = max(record.peak, record.in_flight)
             record.last = now
@@ -112,7 +118,7 @@ class ModelQueue:
             record.in_flight = max(0, record.in_flight - 1)
             record.last = now
             if record.in_flight == 0 and _closed(source):
-                del self._sources[source]
+                self._drop(source)
         if now - self._pruned > SOURCE_WINDOW:
             self._prune(now)
 
@@ -127,13 +133,21 @@ class ModelQueue:
         waits for some: `answered` asks `closed()`)."""
         record = self._sources.get(source)
         if record is not None and record.in_flight == 0:
-            del self._sources[source]
+            self._drop(source)
+        elif record is not None:
+            record.peak = record.in_flight  # it sends nothing more
 
     def likely_arrivals(self, now: float) -> int:
         """Requests the active, open sources are likely to send soon: for each, how many it
         has had in flight at once lately, less how many it has in flight now."""
-        self._prune(now)
-        return sum(max(0, r.peak - r.in_flight) for r in self._sources.values())
+        if self._polled or now - self._pruned > SOURCE_WINDOW:
+            self._prune(now)  # sources that cannot tell of their close are asked each time
+        quiet = now - SOURCE_WINDOW  # a source idle past the window counts as pruned
+        total = 0
+        for record in self._sources.values():
+            if record.peak > record.in_flight and record.last >= quiet:
+                total += record.peak - record.in_flight
+        return total
 
     def _prune(self, now: float) -> None:
         """Forget the sources that are idle past the window or closed; one still waiting on
@@ -147,9 +161,12 @@ class ModelQueue:
         for source in stale:
             record = self._sources[source]
             if record.in_flight == 0:
-                del self._sources[source]
+                self._drop(source)
             else:
                 record.peak = record.in_flight
+
+    def _drop(self, source: Hashable) -> None:
+        self._polled -= self._sources.pop(source).polled
 
     def take(self, worker: Hashable | None = None) -> Job | None:
         """The oldest live job `worker` may run, skipping ones already answered (timed out,
@@ -242,6 +259,7 @@ class _Source:
     in_flight: int = 0
     peak: int = 0  # the most it has had in flight at once, lately
     last: float = 0.0
+    polled: bool = False  # no `when_closed`: whether it closed is asked (`_closed`)
 
 
 def _closed(source: Hashable) -> bool:
