@@ -3,7 +3,8 @@
 Run from the repository root (about 7 minutes on 2 cores; `--quick` about 3):
 
     .venv/bin/python benchmarks/serve_bench.py [--quick] [--no-torchserve]
-        [--sections a,b,c,d] [--ts-venv /work/ts-venv] [--venv .venv] [--repeat N]
+        [--sections a,b,c,d] [--ts-venv /work/ts-venv] [--ts-threads matched|default]
+        [--venv .venv] [--repeat N]
         [--duration S] [--warmup S] [--retries N] [--quiet-budget S]
         [--json-out FILE] [--workdir DIR] [--keep]
 
@@ -26,7 +27,14 @@ Both servers get the same archive (built with `tsctl archive`), the same handler
 (`benchmarks/models/mlp_handler.py`, or the example's handler for (b)), per-model settings in
 its model-config.yaml, and the same torch threads per worker: tsctl gives each worker
 cores / total workers threads, and TorchServe, which has no such setting, gets that number as
-OMP_NUM_THREADS/MKL_NUM_THREADS in its environment (its workers inherit it). Load comes from
+OMP_NUM_THREADS/MKL_NUM_THREADS in its environment (its workers inherit it): this is
+`--ts-threads matched`, the default, TorchServe's best case. `--ts-threads default` leaves
+them unset, so each TorchServe worker keeps torch's default of one thread per core, as
+TorchServe runs out of the box: its worst case, the condition of issue 16's own harness.
+With 2 workers on 2 cores that oversubscribes the cores and TorchServe's 2-worker batch-8
+rows drop about 4x (3,628 and 3,785 against 906 and 848 req/s at w2 b8 c32, 2026-12-07),
+while its 1-worker rows are the same either way (2 threads in both). A result against
+TorchServe holds only with both runs. Load comes from
 wrk (`-t1 --latency`, connections = concurrency) with `benchmarks/models/post_file.lua`,
 after a warm-up run per row. Only one server runs at a time; each is stopped (and its process
 tree killed if it lingers) before the next starts. Everything generated (models, archives,
@@ -83,6 +91,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sections", default="a,b,c,d", help="any of a,b,c,d (default all)")
     parser.add_argument(
         "--ts-venv", type=Path, default=Path("/work/ts-venv"), help="TorchServe 0.12's venv"
+    )
+    parser.add_argument(
+        "--ts-threads",
+        choices=("matched", "default"),
+        default="matched",
+        help="TorchServe's torch threads per worker: tsctl's (OMP_NUM_THREADS, the default) "
+        "or torch's own default, one per core (TorchServe out of the box)",
     )
     parser.add_argument("--venv", type=Path, default=ROOT / ".venv", help="tsctl's venv")
     parser.add_argument("--duration", type=float, default=None, help="seconds per (a) row")
@@ -173,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         store = work / "store"
         servers: dict[str, Server] = {"tsctl": TsctlServer(work, store, tsctl, tsctl_env)}
         if not args.no_torchserve:
-            servers["TorchServe"] = TorchServeServer(work, store, args.ts_venv)
+            servers["TorchServe"] = TorchServeServer(
+                work, store, args.ts_venv, match_threads=args.ts_threads == "matched"
+            )
         with stopped_at_end(servers.values()):
             log(f"work dir {work}; machine: {machine_line()}")
             body_file, built = prepare(plan, work, python, tsctl, store)
@@ -201,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"sections {','.join(sorted(plan.sections))}; "
         f"{'quick' if args.quick else 'full'} run, {time.monotonic() - began:.0f} s in all "
-        f"({gate.waited_s:.0f} s of it waiting for other processes to go quiet)"
+        f"({gate.waited_s:.0f} s of it waiting for other processes to go quiet); "
+        f"TorchServe's torch threads: --ts-threads {args.ts_threads}"
     )
     if "a" in plan.sections:
         print_mlp(results, plan)

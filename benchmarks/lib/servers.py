@@ -8,7 +8,8 @@ writes them in its pid file; TorchServe gets two more free ports). A server reme
 process of its tree while it runs (`track`), so `stop()` can wait for all of them and kill
 what lingers. Torch threads: tsctl gives each worker cores / total workers threads;
 TorchServe, which has no such setting, gets the number as OMP_NUM_THREADS/MKL_NUM_THREADS in
-its environment (its workers inherit it).
+its environment (its workers inherit it), unless made with `match_threads=False`: then its
+workers keep torch's default, one thread per core each (what TorchServe does out of the box).
 """
 
 from __future__ import annotations
@@ -242,9 +243,12 @@ class TsctlServer(Server):
 class TorchServeServer(Server):
     name = "TorchServe"
 
-    def __init__(self, work: Path, store: Path, venv: Path, grpc: bool = False) -> None:
+    def __init__(
+        self, work: Path, store: Path, venv: Path, grpc: bool = False, match_threads: bool = True
+    ) -> None:
         super().__init__(work, store, grpc)
         self.venv = venv
+        self.match_threads = match_threads
         self.launcher: TorchServeLauncher | None = None
 
     def launch(self, models: str, workers: int, threads: int) -> None:
@@ -262,6 +266,8 @@ class TorchServeServer(Server):
         config = write_properties(run / "config.properties", properties)
         # tsctl's per-worker torch threads; TorchServe's workers inherit this environment
         variables = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        if not self.match_threads:
+            variables = {}  # torch's default in each worker: one thread per core
         self.launcher = TorchServeLauncher(self.venv, run, variables)
         self.proc = self.launcher.launch(self.store, config, models)
 
@@ -283,6 +289,8 @@ class TorchServeServer(Server):
         for pid in self.workers():
             if "model_service_worker" in cmdline(pid):
                 value = environ_value(pid, "OMP_NUM_THREADS")
+                if value is None and not self.match_threads:
+                    value = str(cpu_count())  # torch's default
                 found.append(int(value) if value and value.isdigit() else 0)
         return found
 
