@@ -8,9 +8,9 @@ Run from the repository root (a few seconds):
 On a running event loop it sends N requests through the daemon's own code from the point a
 REST exchange has its body to the point its answer is handed back: an `InferenceRequest` per
 request, queued on a real `ModelQueue` with its deadline (`tsctl.server.inference`), batches
-of B taken with `next_batch`, sent through `WorkerPool._dispatch` (the batch frame encoded with
-`tsctl.ipc.codec.encode`, the batch's metrics in the default `metrics_mode=log`), and a
-`Result` frame read back with a `FrameReader` fed the bytes a worker
+of B taken with `next_batch`, sent and answered by `WorkerPool._send` and `_finish` (the batch
+frame encoded with `tsctl.ipc.codec.encode`, the batch's metrics in the default
+`metrics_mode=log`), and a `Result` frame read back with a `FrameReader` fed the bytes a worker
 would send (B JSON answers); each answer reaches a callback, as `PredictionExchange._respond`
 gets it. One event-loop turn per batch. The worker is a stand-in that answers at once (no
 process, no socket), and there is no HTTP: what is left is what `daemon_cost.py` cannot
@@ -32,7 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from tsctl.ipc import codec
-from tsctl.ipc.messages import Batch, Part, Result, WireResponse
+from tsctl.ipc.messages import Batch, Part, Result, WireResponse, WorkerState
 from tsctl.server import inference
 from tsctl.server.batching import ModelQueue, next_batch
 from tsctl.server.request import InferenceRequest, Response, new_request_id
@@ -61,10 +61,17 @@ class Worker:
         }
         self.served = 0
 
-    async def run(self, batch: Batch, on_chunk: Any = None) -> Any:
+    state = WorkerState.READY
+
+    def send(self, batch: Batch, on_chunk: Any = None) -> asyncio.Future[Any]:
         codec.encode(batch)  # what `WorkerProcess` writes
         [result] = codec.FrameReader(1 << 20).feed(self.frames[len(batch.requests)])
-        return result
+        answered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        answered.set_result(result)
+        return answered
+
+    async def drain(self) -> None:
+        pass
 
 
 async def per_request(batch: int, requests: int) -> float:
@@ -106,7 +113,9 @@ async def per_request(batch: int, requests: int) -> float:
                     pending = inference.Pending(mv, request, None)  # type: ignore[arg-type]
                     getattr(pending, "when_done")(respond)  # noqa: B009
             jobs = await next_batch(queue, batch, 0.0, worker)
-            await pool._dispatch(worker, jobs)  # type: ignore[arg-type]
+            sent = pool._send(worker, jobs)  # type: ignore[arg-type]
+            assert sent is not None
+            await pool._finish(worker, sent)  # type: ignore[arg-type]
             await asyncio.sleep(0)  # one loop turn per batch (the done-callbacks run in it)
         elapsed = time.process_time() - started
         await asyncio.sleep(0)

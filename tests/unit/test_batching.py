@@ -482,3 +482,30 @@ def test_idle_sources_that_cannot_tell_are_forgotten_after_the_window(loop: Virt
     clock.now += SOURCE_WINDOW + 0.001
     queue.answered(None, clock.now)
     assert queue.tracked_sources() == 0
+
+
+def test_ready_batch_takes_a_full_batch_or_nothing(loop: VirtualLoop) -> None:
+    queue = queue_on(loop)
+    jobs = [job(loop) for _ in range(3)]
+    for queued in jobs:
+        queue.put(queued)
+    assert batching.ready_batch(queue, 4) == []  # 3 waiting: next_batch decides how long to wait
+    assert len(queue) == 3
+    jobs[0].answer(Response(504, "", b""))  # answered already: no longer counts toward a batch
+    queue.put(extra := job(loop))
+    assert batching.ready_batch(queue, 4) == []
+    assert [queue.take(), queue.take(), queue.take()] == [jobs[1], jobs[2], extra]  # order kept
+    for queued in jobs[1:]:
+        queue.put(queued)
+    assert batching.ready_batch(queue, 2) == jobs[1:]
+    assert batching.ready_batch(queue, 1) == []  # empty
+
+
+def test_ready_batch_leaves_another_workers_sequence(loop: VirtualLoop) -> None:
+    queue = queue_on(loop)
+    first = job(loop, sequence="s")
+    queue.put(first)
+    assert queue.take("worker-a") is first  # the sequence is now worker-a's
+    queue.put(second := job(loop, sequence="s"))
+    assert batching.ready_batch(queue, 1, "worker-b") == []
+    assert batching.ready_batch(queue, 1, "worker-a") == [second]

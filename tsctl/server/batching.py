@@ -299,3 +299,19 @@ async def next_batch(
         queue.requeue_front(batch)
         raise
     return batch
+
+
+def ready_batch(queue: ModelQueue, batch_size: int, worker: Hashable | None = None) -> list[Job]:
+    """The batch `next_batch` would send at once, without waiting: `batch_size` live jobs that
+    `worker` may run, taken from the queue; or none taken, when fewer are waiting (then
+    `next_batch` decides how long to wait for more). A worker's serving loop sends it while
+    it answers the batch before (`WorkerPool._serve`)."""
+    if len(queue) < batch_size:
+        return []
+    batch: list[Job] = []
+    while len(batch) < batch_size and (job := queue.take(worker)) is not None:
+        batch.append(job)
+    if len(batch) < batch_size:
+        queue.requeue_front(batch)
+        return []
+    return batch

@@ -36,7 +36,7 @@ from tsctl.errors import (
     prediction_failed,
 )
 from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, WorkerState
-from tsctl.server.batching import ModelQueue, next_batch
+from tsctl.server.batching import ModelQueue, next_batch, ready_batch
 from tsctl.server.request import Job, Response
 from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
 from tsctl.server.workers.process import WorkerProcess
@@ -171,19 +171,30 @@ class WorkerPool:
             loop_task.cancel()
 
     async def _serve(self, worker: WorkerProcess) -> None:
+        """The worker's serving loop: collect a batch, send it, answer it. When its result
+        arrives and the next batch is ready (`ready_batch`: full, or a job waiting at batch
+        size 1), that batch is sent before this one's answers are written, so the worker
+        computes while the daemon answers (still one batch at a time in the worker)."""
         settings = self.settings
         jobs: list[Job] = []
+        sent: _Sent | None = None
         try:
-            while worker.state == WorkerState.READY:
-                self._idle.add(worker)
-                try:
-                    jobs = await next_batch(
-                        self.queue, settings.batch_size, settings.max_batch_delay, worker
-                    )
-                finally:
-                    self._idle.discard(worker)
-                await self._dispatch(worker, jobs)
-                jobs = []
+            while sent is not None or worker.state == WorkerState.READY:
+                if sent is None:
+                    self._idle.add(worker)
+                    try:
+                        jobs = await next_batch(
+                            self.queue, settings.batch_size, settings.max_batch_delay, worker
+                        )
+                    finally:
+                        self._idle.discard(worker)
+                    sent = self._send(worker, jobs)
+                    if sent is None:
+                        jobs = []
+                        continue
+                jobs = sent.jobs
+                sent = await self._finish(worker, sent)
+                jobs = sent.jobs if sent is not None else []
                 if not worker.recycling and self._should_recycle(worker):
                     worker.recycling = True
                     log.info(
@@ -233,25 +244,55 @@ class WorkerPool:
             return True
         return bool(s.recycle_above_rss_mb and worker.rss_mb() > s.recycle_above_rss_mb)
 
-    async def _dispatch(self, worker: WorkerProcess, jobs: list[Job]) -> None:
+    def _send(self, worker: WorkerProcess, jobs: list[Job]) -> _Sent | None:
+        """Send the batch of `jobs` still waiting; None when there is nothing to wait for
+        (none was live, or it could not be sent: those jobs are answered with the error)."""
         live = [job for job in jobs if not job.done]
         if not live:
-            return
+            return None
         batch = Batch(next(_batch_ids), [job.request for job in live], [job.entry for job in live])
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._record_dispatch(live, now)
-        self._watch(worker, max(j.deadline for j in live), loop)
         try:
-            result = await worker.run(batch, _fan_out(live, self.settings.max_response_size))
+            waiter = worker.send(batch, _fan_out(live, self.settings.max_response_size))
+        except TsctlError as exc:  # the worker died, or the batch could not be encoded
+            _fail(live, exc)
+            return None
+        self._watch(worker, max(j.deadline for j in live), loop)
+        return _Sent(live, waiter, now)
+
+    async def _finish(self, worker: WorkerProcess, sent: _Sent) -> _Sent | None:
+        """Wait for the result of `sent` and answer its jobs; the batch sent meanwhile, if
+        one was ready when the result arrived (see `_serve`)."""
+        live = sent.jobs
+        try:
+            await worker.drain()
+            result = await sent.result
         except TsctlError as exc:  # the worker died, or the batch could not be sent
             _fail(live, exc)
-            return
+            return None
         finally:
             self._due[worker] = 0.0
+        following = None
+        if worker.state == WorkerState.READY:
+            ready = ready_batch(self.queue, self.settings.batch_size, worker)
+            if ready:
+                following = self._send(worker, ready)
+        try:
+            self._answer(worker, sent, result)
+        except Exception:
+            if following is not None:  # the serving loop fails its own batch and stops
+                _fail(following.jobs, PredictionFailed(f"worker {worker.worker_id} failed"))
+            raise
+        return following
+
+    def _answer(self, worker: WorkerProcess, sent: _Sent, result: Result) -> None:
+        live = sent.jobs
         worker.served += len(live)
         self._failures = 0
-        self._record_result(result, live, (loop.time() - now) * 1000)
+        batch_ms = (asyncio.get_running_loop().time() - sent.at) * 1000
+        self._record_result(result, live, batch_ms)
         self.metrics.settle_logs()  # the batch's metric lines, before its answers go out
         if result.failure is not None:
             _fail(live, error_for(result.failure))
@@ -408,6 +449,15 @@ def _log_if_timed_out(worker: WorkerProcess, exc: WorkerStartFailed) -> None:
             "Backend worker did not respond in given time (%s)",
             worker.worker_id, exc.message,
         )  # fmt: skip
+
+
+@dataclass
+class _Sent:
+    """A batch written to a worker: its live jobs, its result's future, when it was sent."""
+
+    jobs: list[Job]
+    result: asyncio.Future[Result]
+    at: float
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:

@@ -315,6 +315,8 @@ class WorkerProcess:
                 on_chunk(message)
         elif isinstance(message, (Result, Described)) and self._pending:
             waiter, _ = self._pending.popleft()
+            if isinstance(message, Result) and self.state == WorkerState.BUSY:
+                self.state = WorkerState.READY  # before its waiter runs: it may send the next
             if not waiter.done():
                 waiter.set_result(message)
         else:
@@ -343,27 +345,46 @@ class WorkerProcess:
         for callback in self._on_dead:
             callback()
 
-    async def run(self, batch: Batch, on_chunk: Callable[[Chunk], None] | None = None) -> Result:
-        """Send one batch and wait for its result; `WorkerDied` if the process goes away.
-        Intermediate answers of a streaming handler go to `on_chunk` as they come."""
+    def send(
+        self, batch: Batch, on_chunk: Callable[[Chunk], None] | None = None
+    ) -> asyncio.Future[Result]:
+        """Write one batch now and return the future of its result (`WorkerDied` if the
+        process goes away); the worker is BUSY until the result arrives. Intermediate answers
+        of a streaming handler go to `on_chunk` as they come. `RequestTooLarge` (nothing
+        written) for a batch whose frame exceeds the codec's limit; call `drain` after."""
         if self.state != WorkerState.READY or self._writer is None:
             raise WorkerDied(f"worker {self.worker_id} is not running")
+        waiter: asyncio.Future[Result] = self._write(batch, on_chunk)
         self.state = WorkerState.BUSY
+        return waiter
+
+    async def drain(self) -> None:
+        """Until the socket takes more (a large batch frame is being written)."""
+        assert self._writer is not None
         try:
-            result: Result = await self._ask(batch, on_chunk)
-            return result
+            await self._writer.drain()
+        except ConnectionError:
+            raise WorkerDied(f"worker {self.worker_id} closed its connection") from None
+
+    async def run(self, batch: Batch, on_chunk: Callable[[Chunk], None] | None = None) -> Result:
+        """Send one batch and wait for its result (`send`, then the result)."""
+        waiter = self.send(batch, on_chunk)
+        try:
+            await self.drain()
+            return await waiter
         finally:
-            if self.state == WorkerState.BUSY:
+            if self.state == WorkerState.BUSY:  # cancelled, or failed before the answer
                 self.state = WorkerState.READY
 
     async def describe(self) -> Described:
         """The handler's own description (`describe_handle`), queued behind any batch."""
         if not self.state.serving or self._writer is None:
             raise WorkerDied(f"worker {self.worker_id} is not running")
-        described: Described = await self._ask(Describe())
-        return described
+        waiter: asyncio.Future[Described] = self._write(Describe())
+        await self.drain()
+        return await waiter
 
-    async def _ask(
+    def _write(
         self, message: Batch | Describe, on_chunk: Callable[[Chunk], None] | None = None
     ) -> Any:
         assert self._writer is not None
@@ -371,14 +392,13 @@ class WorkerProcess:
             frame = encode(message)
         except FrameTooLarge as exc:  # nothing was written: the worker is unaffected
             raise RequestTooLarge(f"the batch cannot be sent to a worker: {exc}") from None
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((waiter, on_chunk))
         try:
             self._writer.write(frame)
-            await self._writer.drain()
-            return await waiter
         except ConnectionError:
             raise WorkerDied(f"worker {self.worker_id} closed its connection") from None
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((waiter, on_chunk))
+        return waiter
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
