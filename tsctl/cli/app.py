@@ -15,7 +15,7 @@ import sys
 import typer
 
 from tsctl import __version__
-from tsctl.cli.commands import archive, infer, models, serve, torchserve_compat
+from tsctl.cli.commands import archive, infer, models, plugins, serve, torchserve_compat
 from tsctl.errors import TsctlError
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app = typer.Typer(
 app.add_typer(archive.app, name="archive")
 app.add_typer(serve.app, name="serve")
 app.add_typer(models.app, name="models")
+app.add_typer(plugins.app, name="plugins")
 app.registered_commands.extend(infer.app.registered_commands)
 app.registered_commands.extend(torchserve_compat.app.registered_commands)
 

@@ -44,6 +44,9 @@ class ServerConfig(BaseModel):
     grpc_oip_port: int = Field(default=7072, ge=0, le=65535)
     enable_metrics_api: bool = True
     model_store: Path | None = None
+    #: a folder of Python plugins (`.py` files or packages listing theirs in `PLUGINS`), beside
+    #: the installed ones (entry points `tsctl.plugins`): docs/plugins.md
+    plugins_path: Path | None = None
     #: models to load at start: `all`, `NAME=PATH`, or `PATH` (relative to the model store)
     load_models: tuple[str, ...] = ()
     default_workers_per_model: int = Field(default_factory=cpu_count, ge=0)
@@ -259,6 +262,7 @@ _PROPERTY_KEYS = {
     "metrics_address",
     "enable_metrics_api",
     "model_store",
+    "plugins_path",
     "load_models",
     "default_workers_per_model",
     "job_queue_size",

@@ -28,9 +28,11 @@ from typing import Any
 from tsctl.errors import InvalidInput, TsctlError
 from tsctl.local import pidfile
 from tsctl.local.lifecycle import started_line, tail
+from tsctl.plugins import loader
 from tsctl.server import snapshot, tls
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig, parse_address
+from tsctl.server.plugins import ServerPlugins
 from tsctl.server.registry import Registry
 from tsctl.server.settings import LoadOptions
 from tsctl.server.state import ServerState
@@ -122,6 +124,7 @@ class Daemon:
         raise_open_file_limit()
         try:
             declarations = declared.load(config.metrics_config)
+            found = loader.load(config.plugins_path)
         except TsctlError as exc:
             log.error("start-up failed: %s", exc.message)
             notify({"ok": False, "error": exc.message})
@@ -138,6 +141,9 @@ class Daemon:
         metric_log = MetricLog(config.log_dir, stats, config.number_of_gpu)
         state = ServerState(config, registry, stats, metric_log, access_log, started_at=time.time())
         state.loading_startup_models = True  # not ready before the start-up models serve
+        for warning in found.warnings:
+            log.warning("plugins: %s", warning)
+        state.plugins = ServerPlugins.of(found.plugins)
         if not config.disable_token_authorization:
             state.auth = TokenAuth.create(Path.cwd(), config.token_expiration_min)
             log.info("token authorization is on; keys in %s", state.auth.path)
@@ -145,6 +151,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         try:
+            state.plugins.setup(state)
             self.tls = tls.load(config)
             if self.tls is not None:
                 log.info("TLS: key and certificate from %s", self.tls.source)

@@ -10,6 +10,7 @@ from tsctl.errors import ModelNotFound, StartingUp
 from tsctl.server import snapshot
 from tsctl.server.auth import TokenAuth
 from tsctl.server.config import ServerConfig
+from tsctl.server.plugins import ServerPlugins
 from tsctl.server.registry import ModelVersion, Registry
 from tsctl.server.telemetry.logs import LineLog
 from tsctl.server.telemetry.metric_log import MetricLog
@@ -26,6 +27,8 @@ class ServerState:
     metric_log: MetricLog
     access_log: LineLog
     auth: TokenAuth | None = None
+    #: the loaded plugins (`tsctl.server.plugins`), by kind
+    plugins: ServerPlugins = field(default_factory=ServerPlugins)
     started_at: float = 0.0
     draining: bool = False
     #: true from start until the start-up models are registered and their workers started

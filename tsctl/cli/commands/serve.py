@@ -75,7 +75,10 @@ def start(
         None, "--workflow-store", help="Accepted for compatibility; workflows are not served."
     ),
     plugins_path: Path | None = typer.Option(
-        None, "--plugins-path", "--ppath", help="Accepted for compatibility (Java plugin jars)."
+        None,
+        "--plugins-path",
+        "--ppath",
+        help="A folder of Python plugins (setting plugins_path); see `tsctl plugins list`.",
     ),
     log_dir: Path | None = typer.Option(
         None, "--log-dir", help="Log folder (default: $LOG_LOCATION, else ./logs)."
@@ -114,8 +117,8 @@ def start(
             "--log-config": log_config,
             "--cpp-log-config": cpp_log_config,
             "--workflow-store": workflow_store,
-            "--plugins-path": plugins_path,
         },
+        plugins_path=plugins_path,
         log_dir=log_dir,
         console_log=console_log,
         state_dir=state_dir,
@@ -167,6 +170,7 @@ def start_config(
     enable_model_api: bool,
     torchserve_only: dict[str, Path | None],
     log_dir: Path | None,
+    plugins_path: Path | None = None,
     console_log: bool | None,
     state_dir: Path | None,
     adjust: Adjust | None = None,
@@ -195,6 +199,7 @@ def start_config(
         sys.stderr.write(f"tsctl: warning: unknown setting {key!r} in {chosen.source} (ignored)\n")
     overrides: dict[str, Any] = {
         "model_store": model_store,
+        "plugins_path": plugins_path,
         "load_models": wanted or None,
         "log_dir": log_dir or _env_path("LOG_LOCATION"),
         # TorchServe's rule: METRICS_LOCATION, else ./logs even when LOG_LOCATION moves the

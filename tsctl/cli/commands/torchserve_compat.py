@@ -164,7 +164,7 @@ def torchserve(
         None, "--workflow-store", help="Accepted for compatibility; workflows are not served."
     ),
     plugins_path: Path | None = typer.Option(
-        None, "--plugins-path", "--ppath", help="Accepted for compatibility (Java plugin jars)."
+        None, "--plugins-path", "--ppath", help="A folder of Python plugins (plugins_path)."
     ),
     log_dir: Path | None = typer.Option(
         None, "--log-dir", help="Log folder (default: $LOG_LOCATION, else ./logs)."
@@ -215,8 +215,8 @@ def torchserve(
             "--log-config": log_config,
             "--cpp-log-config": cpp_log_config,
             "--workflow-store": workflow_store,
-            "--plugins-path": plugins_path,
         },
+        plugins_path=plugins_path,
         log_dir=log_dir,
         console_log=None,
         state_dir=state_dir,

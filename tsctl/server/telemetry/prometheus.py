@@ -194,6 +194,26 @@ class Family:
         for key, value in self.values.items():
             yield f"{self.name}{self._labels(key)} {_num(value)}"
 
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """The current (labels, value) pairs of the series `name`: the family's own, or for a
+        histogram its `_bucket` (with `le`, cumulative), `_sum` or `_count` series."""
+        if self.kind != "histogram":
+            return [(dict(zip(self.labels, k, strict=True)), v) for k, v in self.values.items()]
+        found: list[tuple[dict[str, str], float]] = []
+        for key, counts in self.histograms.items():
+            labels = dict(zip(self.labels, key, strict=True))
+            if name == f"{self.name}_sum":
+                found.append((labels, counts[-2]))
+            elif name == f"{self.name}_count":
+                found.append((labels, counts[-1]))
+            elif name == f"{self.name}_bucket":
+                cumulated = 0.0
+                for bound, count in zip(self.buckets, counts, strict=False):
+                    cumulated += count
+                    found.append(({**labels, "le": _num(bound)}, cumulated))
+                found.append(({**labels, "le": "+Inf"}, counts[-1]))
+        return found
+
     def _labels(self, key: tuple[str, ...], extra: tuple[str, str] | None = None) -> str:
         # TorchServe's (the Java client's) form: a comma after each pair; parsers accept it
         pairs = [f'{n}="{_escape(v)}",' for n, v in zip(self.labels, key, strict=True)]
@@ -411,6 +431,16 @@ class Metrics:
             settle = getattr(sink, "settle", None)
             if settle is not None:
                 settle()
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """A metric's current samples by its metrics-API name (see `Family.samples`)."""
+        family = self.families.get(name)
+        if family is None:
+            for suffix in ("_bucket", "_sum", "_count"):
+                if name.endswith(suffix):
+                    family = self.families.get(name.removesuffix(suffix))
+                    break
+        return family.samples(name) if family is not None else []
 
     def render(self, names: set[str] | None = None) -> str:
         lines: list[str] = []
