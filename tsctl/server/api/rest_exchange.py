@@ -220,9 +220,9 @@ class PredictionExchange(_Exchange):
         response = outcome
         mv = self.mv
         assert mv is not None
-        series = self.state.metrics.for_model(mv.name, mv.version)  # bound once
-        series.requests_total.inc()
-        series.latency.inc((time.perf_counter() - self.started) * 1e6)
+        self.state.metrics.for_model(mv.name, mv.version).answered(
+            time.perf_counter() - self.started
+        )
         if self.streaming:
             self._end_stream(response.status, bytes(response.body))
             return

@@ -34,6 +34,23 @@ from tsctl.server.telemetry.declared import DEFAULT, Declarations, MetricSpec
 
 HOSTNAME = socket.gethostname()
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_:]")
+#: request durations, in seconds: 1 ms to 60 s
+DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    60.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 #: the Prometheus client's default buckets (TorchServe's histograms use them)
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
@@ -293,6 +310,13 @@ class Metrics:
             ("model_name", "model_version"),
             BATCH_BUCKETS,
         )
+        self.request_duration = self.family(
+            "tsctl_request_duration_seconds",
+            "histogram",
+            "Time from a prediction's arrival to its answer (REST), in seconds",
+            ("model_name", "model_version"),
+            DURATION_BUCKETS,
+        )
         self.queue_depth = self.family(
             "tsctl_queue_depth",
             "gauge",
@@ -476,7 +500,15 @@ class ModelSeries:
         self.queue_time = metrics.queue_time.series(host)
         self.worker_thread_time = metrics.worker_thread_time.series(host)
         self.batch_size = metrics.batch_size.series((name, version))
+        self.duration = metrics.request_duration.series((name, version))
         self._handler_time: tuple[Series, ...] | None = None
+
+    def answered(self, seconds: float) -> None:
+        """A prediction answered `seconds` after it arrived: counted, its time summed (the
+        TorchServe counters) and observed (`tsctl_request_duration_seconds`)."""
+        self.requests_total.inc()
+        self.latency.inc(seconds * 1e6)
+        self.duration.observe(seconds)
 
     def handler_time(self) -> tuple[Series, ...]:
         """`HandlerTime` and `PredictionTime` (TorchServe's backend metrics), those the
