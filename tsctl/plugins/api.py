@@ -15,10 +15,12 @@ Thread and loop rules (every method here is called on the daemon's event loop):
   Either way it is given the request's deadline (`response_timeout`): past it the client gets
   504 and the plugin's result is dropped.
 - `BatchingStrategy.next_batch` is a coroutine on the loop: it waits with the queue's own
-  waits, never with `time.sleep`.
+  waits, never with `time.sleep`; `ready_batch` is plain and must not wait at all.
+  `BatchingStrategy.configure` is the exception: it runs while a model is registered, in a
+  thread (the archive is read there), so it only checks options and builds an instance.
 
 An exception from a plugin fails the one request (500, the plugin named in ts_log.log), or the
-one batch for a strategy; it never stops the server.
+one batch for a strategy (its worker lives on); it never stops the server.
 """
 
 from __future__ import annotations
@@ -132,13 +134,22 @@ class BatchingStrategy(Plugin):
     """Decides, for one model version's queue, which waiting jobs form a worker's next batch
     and when to send it. A model picks one by name in its model-config.yaml
     (`batchingStrategy: NAME`, with the strategy's own options under `batchingOptions`); one
-    instance is made per model version with `configure`."""
+    instance is made per model version with `configure`, and shared by that version's
+    workers: each worker's serving loop calls `next_batch` when the worker is idle, so
+    several calls may wait at once on the same queue (one per idle worker).
+
+    The jobs it returns must be ones it took from `queue` (`take`, `take_job`), at least one
+    and at most `batch_size`. Jobs it took and did not return go back to the front of the
+    queue. If it raises, the jobs it took are answered 500 (the strategy and its traceback in
+    ts_log.log) and the worker's loop asks again after a short pause. tsctl's own batching is
+    the built-in strategy "default" (`tsctl.server.batching.DefaultBatching`)."""
 
     kind: ClassVar[str] = "batching"
 
     def configure(self, options: Mapping[str, Any]) -> BatchingStrategy:
-        """A new instance for one model version with its `batchingOptions` (the default
-        copies this one; raise `ValueError` naming the bad option to refuse the model)."""
+        """The instance for one model version, given its `batchingOptions` (empty when it has
+        none). The default returns this one; raise `ValueError` naming the bad option to
+        refuse the model (its registration fails with 400 and that message)."""
         return self
 
     @abc.abstractmethod
@@ -147,8 +158,16 @@ class BatchingStrategy(Plugin):
     ) -> list[Job]:
         """The jobs `worker` runs next (at least one, at most `batch_size`), taken from
         `queue` (`take`, `take_job`, `waiting`, `wait_for_job`, `wait_for_more`,
-        `likely_arrivals`, `clock`). Cancelled when the worker goes away: jobs taken and not
-        returned must be given back (`queue.requeue_front`)."""
+        `likely_arrivals`, `clock`). `max_delay_ms` is the model's `maxBatchDelay`. Cancelled
+        when the worker goes away: jobs taken and not returned are given back (it may do so
+        itself with `queue.requeue_front`)."""
+
+    def ready_batch(self, queue: ModelQueue, batch_size: int, worker: Hashable) -> list[Job]:
+        """A batch to send at once as `worker`'s result arrives, before that result's answers
+        are written (so the worker computes while the daemon answers), taken from `queue`
+        without waiting; or [] to let `next_batch` collect the next one. Plain, never waits.
+        This one sends nothing early; the default strategy sends a full batch."""
+        return []
 
 
 class ServerView(abc.ABC):

@@ -21,6 +21,13 @@ nothing more.
 error, and so does a later `put`, at once (a request that found the model just before it was
 unregistered gets its error, not the response timeout).
 
+`DefaultBatching` is this module's collection as a `BatchingStrategy` (the plugin interface,
+`tsctl.plugins.api`): the strategy of every model whose model-config.yaml names no other. A
+plugin strategy chooses jobs itself with the queue's public methods (`take`, `take_job`,
+`waiting`, `wait_for_job`, `wait_for_more`, `likely_arrivals`, `requeue_front`, `clock`); for
+one, the queue records what each worker's collector took (`record_takes`, `taken_by`), so
+that the pool can fail or give back the jobs of a collector that raised or went away.
+
 Nothing here blocks: every method is either plain or a coroutine that awaits futures.
 """
 
@@ -30,10 +37,12 @@ import asyncio
 import copy
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from tsctl.errors import QueueFull
+from tsctl.plugins.api import BatchingStrategy
 from tsctl.server.deadlines import Deadlines
 from tsctl.server.request import Job
 
@@ -62,6 +71,9 @@ class ModelQueue:
         self._pruned = 0.0  # when idle sources were last looked for
         self._polled = 0  # sources without `when_closed`: asked `closed()` when counted
         self._closed: Exception | None = None  # `drop_all`'s error: the queue is closed
+        #: what each worker's collector took and has not handed over, when recorded
+        #: (`record_takes`: a plugin strategy's queue); None: not recorded
+        self._held: dict[Hashable | None, list[Job]] | None = None
         #: the response deadlines of its jobs, queued or running (`tsctl.server.inference`)
         self.deadlines = Deadlines()
 
@@ -103,7 +115,11 @@ class ModelQueue:
             self._wake(everyone=True)
 
     def requeue_front(self, jobs: list[Job]) -> None:
-        """Give back jobs a collector took but did not send (it was cancelled)."""
+        """Give back jobs a collector took but did not send (it was cancelled), in their
+        order, before every waiting job; answered ones are dropped."""
+        if self._held is not None:
+            for held in self._held.values():
+                held[:] = [job for job in held if job not in jobs]
         for job in reversed(jobs):
             if not job.done:
                 self._jobs.appendleft(job)
@@ -175,6 +191,8 @@ class ModelQueue:
             while self._jobs:
                 job = self._jobs.popleft()
                 if not job.done:
+                    if self._held is not None:
+                        self._held.setdefault(worker, []).append(job)
                     return job
             return None
         index = 0
@@ -192,8 +210,61 @@ class ModelQueue:
                 self._own(job.sequence, worker)
                 self._pinned -= 1
             del self._jobs[index]
+            if self._held is not None:
+                self._held.setdefault(worker, []).append(job)
             return job
         return None
+
+    def take_job(self, job: Job, worker: Hashable | None = None) -> bool:
+        """Take `job` (one of `waiting()`) out of the queue, if it is still waiting, not
+        answered, and `worker` may run it (not a job of a sequence another worker serves);
+        whether it was taken. For a strategy that chooses jobs out of arrival order."""
+        if job.done:
+            return False
+        if job.sequence is not None:
+            owner = self._owners.get(job.sequence)
+            if owner is not None and owner is not worker:
+                return False
+        try:
+            self._jobs.remove(job)  # by identity: jobs compare as themselves
+        except ValueError:
+            return False  # taken by another collector, or never queued here
+        if job.sequence is not None:
+            self._own(job.sequence, worker)
+            self._pinned -= 1
+        if self._held is not None:
+            self._held.setdefault(worker, []).append(job)
+        return True
+
+    def waiting(self, worker: Hashable | None = None) -> list[Job]:
+        """A snapshot of the jobs waiting, oldest first: those not answered yet that `worker`
+        may run (a sequence another worker serves is left out). Taking one is `take_job`."""
+        owners = self._owners
+        return [
+            job
+            for job in self._jobs
+            if not job.done
+            and (
+                job.sequence is None
+                or (owner := owners.get(job.sequence)) is None
+                or owner is worker
+            )
+        ]
+
+    def record_takes(self) -> None:
+        """Record from now on which jobs each worker's collector takes (`taken_by`). The pool
+        turns it on for a plugin strategy: jobs of a strategy that raised are failed, jobs of
+        one that was cancelled or kept some are given back. Off for the default strategy."""
+        if self._held is None:
+            self._held = {}
+
+    def taken_by(self, worker: Hashable | None) -> list[Job]:
+        """The jobs `worker`'s collector took (`take`, `take_job`) and did not give back
+        (`requeue_front`) since it was last asked, oldest take first; forgotten now. Empty
+        unless `record_takes` is on."""
+        if self._held is None:
+            return []
+        return self._held.pop(worker, [])
 
     def _own(self, sequence: str, worker: Hashable | None) -> None:
         if worker is None:
@@ -204,9 +275,12 @@ class ModelQueue:
             self._owners.popitem(last=False)
 
     def release(self, worker: Hashable) -> None:
-        """`worker` is gone: its sequences may move to another worker."""
+        """`worker` is gone: its sequences may move to another worker, and jobs its collector
+        took and never handed over (`taken_by`) go back to the front of the queue."""
         for sequence in [s for s, w in self._owners.items() if w is worker]:
             del self._owners[sequence]
+        if self._held is not None and self._held.get(worker):
+            self.requeue_front(self._held.pop(worker))
         if self._pinned:
             self._wake(everyone=True)
 
@@ -315,3 +389,22 @@ def ready_batch(queue: ModelQueue, batch_size: int, worker: Hashable | None = No
         queue.requeue_front(batch)
         return []
     return batch
+
+
+class DefaultBatching(BatchingStrategy):
+    """The built-in strategy (a model's unless its model-config.yaml names another): TorchServe's
+    batching with tsctl's early send when no client is likely to send soon (`next_batch`), and
+    a full batch sent as a worker's result arrives (`ready_batch`). It takes no options.
+
+    Its methods are this module's functions themselves, so the pool's call costs the one
+    Python call per batch it did before strategies were pluggable."""
+
+    name = "default"
+    next_batch = staticmethod(next_batch)
+    ready_batch = staticmethod(ready_batch)
+
+    def configure(self, options: Mapping[str, Any]) -> DefaultBatching:
+        if options:
+            names = ", ".join(sorted(str(name) for name in options))
+            raise ValueError(f"the default batching strategy takes no options (given: {names})")
+        return self

@@ -144,6 +144,7 @@ class Daemon:
         for warning in found.warnings:
             log.warning("plugins: %s", warning)
         state.plugins = ServerPlugins.of(found.plugins)
+        registry.strategies = state.plugins.strategies  # what batchingStrategy may name
         if not config.disable_token_authorization:
             state.auth = TokenAuth.create(Path.cwd(), config.token_expiration_min)
             log.info("token authorization is on; keys in %s", state.auth.path)

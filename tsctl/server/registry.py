@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,8 @@ from tsctl.errors import (
     ServiceUnavailable,
 )
 from tsctl.ipc.messages import WorkerSpec
-from tsctl.server.batching import ModelQueue
+from tsctl.plugins.api import BatchingStrategy
+from tsctl.server.batching import DefaultBatching, ModelQueue
 from tsctl.server.config import ServerConfig
 from tsctl.server.deps import install as model_deps
 from tsctl.server.settings import (
@@ -109,6 +110,9 @@ class Registry:
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tsctl-models-")))
     #: workers started ahead of start-up, taken by the first workers the pools start
     spares: Spares = field(default_factory=Spares)
+    #: the batching strategy plugins by name (`ServerPlugins.strategies`): what a model's
+    #: `batchingStrategy` may name besides "default"
+    strategies: Mapping[str, BatchingStrategy] = field(default_factory=dict)
     #: the server-wide GPU round robin: the n-th worker started on a GPU takes GPU n mod count
     _gpu_turns: Iterator[int] = field(default_factory=itertools.count)
 
@@ -297,6 +301,10 @@ class Registry:
             cfg.default_startup_timeout,
         )
         handler = options.handler or model.handler
+        # the strategy and its options come together from model-config.yaml, else the
+        # `models` setting
+        named = settings.batching_strategy or settings.batching_options is not None
+        strategy = self._batching(model_name, settings if named else configured)
         queue = ModelQueue(cfg.job_queue_size)
         pool_settings = PoolSettings(
             batch_size=batch_size,
@@ -327,6 +335,7 @@ class Registry:
             # the spec as it is when a worker starts (`add` fills in its dependencies)
             self._worker_factory(lambda: mv.worker_spec, self._gpu_chooser(settings)),
             self.metrics,
+            strategy,
         )
         mv = ModelVersion(
             name=model_name,
@@ -347,6 +356,38 @@ class Registry:
             worker_spec=spec,
         )
         return mv
+
+    def _batching(self, model: str, settings: ModelSettings) -> BatchingStrategy:
+        """The batching strategy `settings` name for `model` (`batchingStrategy`: "default" or
+        a loaded plugin's name), made for it with its `batchingOptions`; `BadRequest` naming
+        the model and the problem when the name is unknown or the strategy refuses its options.
+        (In `_prepare`'s thread: `configure` only checks options and builds an instance.)"""
+        name = settings.batching_strategy or DefaultBatching.name
+        plugin = DefaultBatching() if name == DefaultBatching.name else self.strategies.get(name)
+        where = f"model {model}: batchingStrategy {name}"
+        if plugin is None:
+            known = ", ".join(sorted({DefaultBatching.name, *self.strategies}))
+            raise BadRequest(
+                f"model {model}: batchingStrategy {name!r} is not a loaded batching strategy "
+                f"(these are: {known})"
+            )
+        try:
+            made = plugin.configure(dict(settings.batching_options or {}))
+        except ValueError as exc:  # the strategy's own word on its options
+            lines = str(exc).strip().splitlines()
+            problem = lines[0] if lines else "refused (ValueError)"
+            raise BadRequest(f"{where}: bad batchingOptions: {problem}") from None
+        except Exception:
+            log.exception("batching strategy %s failed to configure model %s", name, model)
+            raise BadRequest(
+                f"{where}: the strategy failed on its batchingOptions (see the server's log)"
+            ) from None
+        if not isinstance(made, BatchingStrategy):
+            log.error("batching strategy %s: configure returned %s", name, type(made).__name__)
+            raise BadRequest(
+                f"{where}: the strategy could not be configured (see the server's log)"
+            )
+        return made
 
     def _worker_factory(
         self, spec: Callable[[], WorkerSpec], next_gpu: Callable[[], int | None]

@@ -32,6 +32,10 @@ class ModelSettings(BaseModel):
     device_type: str | None = Field(default=None, alias="deviceType")
     #: the GPUs this model's workers take, round robin (default: every GPU of the server)
     device_ids: list[int] | None = Field(default=None, alias="deviceIds")
+    #: who forms its batches: "default" (tsctl's, TorchServe's way) or a loaded batching
+    #: strategy plugin's name (`tsctl.plugins`), with that strategy's own options
+    batching_strategy: str | None = Field(default=None, alias="batchingStrategy", min_length=1)
+    batching_options: dict[str, Any] | None = Field(default=None, alias="batchingOptions")
 
 
 @dataclass(frozen=True)

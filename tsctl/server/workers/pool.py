@@ -12,6 +12,12 @@ N requests or past an RSS limit (the successor starts first). Workers start at m
 reader skips a longer body, and a streamed answer whose chunks add up to more ends with an
 error. Worker failures arrive as data (`Failure`) and become the errors
 clients see in `error_for`: the statuses are chosen here, on the frontend, never by workers.
+
+Batches are chosen by the model version's batching strategy (`tsctl.plugins.api`), the
+built-in `DefaultBatching` unless its model-config.yaml names a plugin. A plugin strategy is
+held to the interface's rules (`_plugin_batch`): a strategy that raises or breaks them fails
+the jobs it took (500, logged with its traceback) and its worker's loop asks it again after
+`STRATEGY_PAUSE`; the worker is not killed, for its process is fine.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +42,8 @@ from tsctl.errors import (
     prediction_failed,
 )
 from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, WorkerState
-from tsctl.server.batching import ModelQueue, next_batch, ready_batch
+from tsctl.plugins.api import BatchingStrategy
+from tsctl.server.batching import DefaultBatching, ModelQueue
 from tsctl.server.request import Job, Response
 from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
 from tsctl.server.workers.process import WorkerProcess
@@ -45,6 +52,10 @@ log = logging.getLogger("tsctl.server")
 
 #: the longest wait before restarting a worker, however often it has failed (seconds)
 MAX_BACKOFF = 30.0
+#: how long a worker's loop waits before asking a strategy that failed again (seconds)
+STRATEGY_PAUSE = 0.1
+#: what a client whose job a failed batching strategy held is answered (500)
+STRATEGY_FAILED = "the model's batching strategy failed on this request (see the server's log)"
 _batch_ids = itertools.count(1)
 
 
@@ -98,6 +109,7 @@ class WorkerPool:
         settings: PoolSettings,
         make_worker: Callable[[str], WorkerProcess],
         metrics: Metrics,
+        strategy: BatchingStrategy | None = None,
     ) -> None:
         self.name = name
         self.model_name, self.version = model
@@ -119,6 +131,19 @@ class WorkerPool:
         self._tasks: set[asyncio.Future[Any]] = set()
         #: workers whose serving loop waits for a batch (cancelled at once if they die)
         self._idle: set[WorkerProcess] = set()
+        #: the model version's batching strategy (`configure`d for it), and how it is called:
+        #: the default one directly (its methods are `tsctl.server.batching`'s functions),
+        #: a plugin through the checks of `_plugin_batch` and `_plugin_ready_batch`
+        self.strategy = DefaultBatching() if strategy is None else strategy
+        self._next_batch: Callable[[ModelQueue, int, float, WorkerProcess], Awaitable[list[Job]]]
+        self._ready_batch: Callable[[ModelQueue, int, WorkerProcess], list[Job]]
+        if type(self.strategy) is DefaultBatching:
+            self._next_batch = self.strategy.next_batch
+            self._ready_batch = self.strategy.ready_batch
+        else:
+            queue.record_takes()
+            self._next_batch = self._plugin_batch
+            self._ready_batch = self._plugin_ready_batch
 
     def busy(self) -> bool:
         return any(w.state == WorkerState.BUSY for w in self.workers)
@@ -171,10 +196,11 @@ class WorkerPool:
             loop_task.cancel()
 
     async def _serve(self, worker: WorkerProcess) -> None:
-        """The worker's serving loop: collect a batch, send it, answer it. When its result
-        arrives and the next batch is ready (`ready_batch`: full, or a job waiting at batch
-        size 1), that batch is sent before this one's answers are written, so the worker
-        computes while the daemon answers (still one batch at a time in the worker)."""
+        """The worker's serving loop: collect a batch (the strategy's `next_batch`), send it,
+        answer it. When its result arrives and the strategy has the next batch ready (its
+        `ready_batch`; the default's: full, or a job waiting at batch size 1), that batch is
+        sent before this one's answers are written, so the worker computes while the daemon
+        answers (still one batch at a time in the worker)."""
         settings = self.settings
         jobs: list[Job] = []
         sent: _Sent | None = None
@@ -183,9 +209,13 @@ class WorkerPool:
                 if sent is None:
                     self._idle.add(worker)
                     try:
-                        jobs = await next_batch(
+                        jobs = await self._next_batch(
                             self.queue, settings.batch_size, settings.max_batch_delay, worker
                         )
+                    except Exception:  # a plugin strategy's: its batch fails, not its worker
+                        self._strategy_failed(worker, "next_batch")
+                        await asyncio.sleep(STRATEGY_PAUSE)  # idle still: a death cancels it
+                        continue
                     finally:
                         self._idle.discard(worker)
                     sent = self._send(worker, jobs)
@@ -276,7 +306,7 @@ class WorkerPool:
             self._due[worker] = 0.0
         following = None
         if worker.state == WorkerState.READY:
-            ready = ready_batch(self.queue, self.settings.batch_size, worker)
+            ready = self._ready_batch(self.queue, self.settings.batch_size, worker)
             if ready:
                 following = self._send(worker, ready)
         try:
@@ -286,6 +316,67 @@ class WorkerPool:
                 _fail(following.jobs, PredictionFailed(f"worker {worker.worker_id} failed"))
             raise
         return following
+
+    async def _plugin_batch(
+        self, queue: ModelQueue, batch_size: int, max_delay: float, worker: WorkerProcess
+    ) -> list[Job]:
+        """A plugin strategy's `next_batch`, held to the interface's rules (`_checked`). When
+        it is cancelled (its worker died or retires), the jobs it took go back to the front
+        of the queue; when it raises, `_serve` fails them (`_strategy_failed`)."""
+        try:
+            jobs = await self.strategy.next_batch(queue, batch_size, max_delay, worker)
+        except asyncio.CancelledError:
+            queue.requeue_front(queue.taken_by(worker))
+            raise
+        return self._checked(jobs, batch_size, worker, at_least_one=True)
+
+    def _plugin_ready_batch(
+        self, queue: ModelQueue, batch_size: int, worker: WorkerProcess
+    ) -> list[Job]:
+        """A plugin strategy's `ready_batch`, checked as `_plugin_batch`; one that raises
+        fails the jobs it took, and nothing is sent early."""
+        try:
+            return self._checked(
+                self.strategy.ready_batch(queue, batch_size, worker), batch_size, worker
+            )
+        except Exception:
+            self._strategy_failed(worker, "ready_batch")
+            return []
+
+    def _checked(
+        self, jobs: list[Job], batch_size: int, worker: WorkerProcess, at_least_one: bool = False
+    ) -> list[Job]:
+        """`jobs`, if the strategy kept the rules: a list of at most `batch_size` jobs (at
+        least one from `next_batch`), each taken from the queue. Jobs it took and did not
+        return go back to the front of the queue. A broken rule fails the jobs it took and
+        raises `StrategyBroke` (the caller logs it)."""
+        taken = self.queue.taken_by(worker)
+        problem = ""
+        if not isinstance(jobs, list) or not all(isinstance(job, Job) for job in jobs):
+            problem = f"it returned {type(jobs).__name__}, not a list of jobs"
+        elif len(jobs) > batch_size:
+            problem = f"it returned {len(jobs)} jobs, over the batch size {batch_size}"
+        elif at_least_one and not jobs:
+            problem = "next_batch returned no job (it must wait until it has one)"
+        elif not set(jobs) <= set(taken):
+            problem = "it returned a job it did not take from the queue (take, take_job)"
+        if problem:
+            _fail(taken, TsctlError(STRATEGY_FAILED))
+            raise StrategyBroke(problem)
+        if len(taken) > len(jobs):
+            chosen = set(jobs)
+            self.queue.requeue_front([job for job in taken if job not in chosen])
+        return jobs
+
+    def _strategy_failed(self, worker: WorkerProcess, method: str) -> None:
+        """The strategy's `method` raised (called in its `except`): log it with its
+        traceback and answer the jobs it had taken with 500."""
+        log.exception(
+            "batching strategy %s failed in %s for model %s version %s (worker %s); "
+            "the jobs it had taken are answered 500",
+            self.strategy.name, method, self.model_name, self.version, worker.worker_id,
+        )  # fmt: skip
+        _fail(self.queue.taken_by(worker), TsctlError(STRATEGY_FAILED))
 
     def _answer(self, worker: WorkerProcess, sent: _Sent, result: Result) -> None:
         live = sent.jobs
@@ -449,6 +540,10 @@ def _log_if_timed_out(worker: WorkerProcess, exc: WorkerStartFailed) -> None:
             "Backend worker did not respond in given time (%s)",
             worker.worker_id, exc.message,
         )  # fmt: skip
+
+
+class StrategyBroke(Exception):
+    """A plugin strategy broke the interface's rules (the message says which)."""
 
 
 @dataclass
