@@ -127,3 +127,16 @@ def test_entry_points_of_installed_packages_are_found(
     found = [f for f in loader.discover().found if f.name == "allow-all"]
     assert len(found) == 1 and found[0].kind == "authorizer" and found[0].plugin is not None
     assert found[0].source == "entry point allow_plugin:Allow (allow-plugin 1.2)"
+
+
+def test_a_batching_strategy_may_not_take_the_default_name(tmp_path: Path) -> None:
+    source = (
+        "from tsctl.plugins import BatchingStrategy\n"
+        "class B(BatchingStrategy):\n    name = 'default'\n"
+        "    async def next_batch(self, queue, batch_size, max_delay_ms, worker):\n"
+        "        return []\n"
+        "PLUGINS = [B]\n"
+    )
+    write_plugin(tmp_path, "b", source)
+    [found] = loader.discover(tmp_path).found
+    assert found.error == "ValueError: the name 'default' is the built-in batching strategy's"

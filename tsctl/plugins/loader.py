@@ -178,8 +178,11 @@ def _validate(plugin: Plugin) -> None:
         if not methods or not all(m.isalpha() for m in methods):
             raise ValueError(f"endpoint methods {plugin.methods!r}")
         plugin.methods = methods
-    if isinstance(plugin, BatchingStrategy) and not inspect.iscoroutinefunction(plugin.next_batch):
-        raise TypeError("next_batch must be a coroutine function (async def)")
+    if isinstance(plugin, BatchingStrategy):
+        if not inspect.iscoroutinefunction(plugin.next_batch):
+            raise TypeError("next_batch must be a coroutine function (async def)")
+        if plugin.name == "default":
+            raise ValueError("the name 'default' is the built-in batching strategy's")
 
 
 def _check_names(result: Discovery) -> None:
