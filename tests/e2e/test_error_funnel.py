@@ -274,10 +274,11 @@ def bugged_state(tmp_path: Path) -> Any:
         config, registry, metrics, MetricLog(tmp_path), LineLog(tmp_path / "access_log.log")
     )
 
-    def authorize(kind: str, authorization: str | None) -> None:
+    def authorize(request: Any) -> None:
         raise RuntimeError(SECRET)
 
     state.authorize = authorize  # type: ignore[method-assign]
+    state.authorizers = ("bug",)  # the adapters ask `authorize` only when there are some
     return state
 
 

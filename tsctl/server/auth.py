@@ -1,21 +1,35 @@
-"""Token authorization, as TorchServe 0.12 does it, and the one place requests are authorized.
+"""The one place requests are authorized: a chain of `Authorizer`s (`run_chain`), and
+TorchServe's token authorization, the built-in one (`TokenAuthorizer`).
 
-At start the daemon writes `key_file.json` (mode 0600) in the directory it was started from,
-with three keys: `management`, `inference` (each with an expiration time) and `API` (used only
-to rotate the other two through `/token?type=management|inference`). Requests carry
-`Authorization: Bearer <key>`. Health checks (`/ping`) never need a key: load-balancer probes
-cannot carry one. `--disable-token-auth` or `disable_token_authorization=true` turn it off.
+The chain is the token authorizer (when token authorization is on), then the plugin
+authorizers in the order they were loaded; all must allow. A plugin's `Denied` becomes an
+`AccessDenied` error with its status and message (gRPC: 401 UNAUTHENTICATED, 403
+PERMISSION_DENIED, 429 RESOURCE_EXHAUSTED, any other PERMISSION_DENIED); an authorizer that
+raises (or answers something that is not a `Denied`) fails that request alone with a 500 whose
+message names nothing of it, and its name and traceback go to ts_log.log. Health checks never
+reach here (their adapters do not call `authorize`).
 
-Event-loop only; the key file is small and written atomically.
+Token authorization, as TorchServe 0.12 does it: at start the daemon writes `key_file.json`
+(mode 0600) in the directory it was started from, with three keys: `management`, `inference`
+(each with an expiration time) and `API` (used only to rotate the other two through
+`/token?type=management|inference`). Requests carry `Authorization: Bearer <key>`. Health
+checks (`/ping`) never need a key: load-balancer probes cannot carry one. The metrics API needs
+none either. `--disable-token-auth` or `disable_token_authorization=true` turn it off.
+
+Event-loop only (authorizers must not block); the key file is small and written atomically.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
+import inspect
 import json
+import logging
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +37,9 @@ from typing import Any
 
 from tsctl.errors import TsctlError
 from tsctl.local.keys import EXPIRY_FORMAT, KEY_FILE
+from tsctl.plugins.api import Authorizer, Denied, RequestInfo
+
+log = logging.getLogger("tsctl.server")
 
 #: TorchServe's answer to a missing, wrong or expired key (the `/token` API says
 #: "Authentication" where the others say "Authorization", as TorchServe does)
@@ -38,6 +55,92 @@ class Unauthorized(TsctlError):
     http_status = 400
     grpc_code = "UNAUTHENTICATED"
     type_name = "InvalidKeyException"
+
+
+class AccessDenied(TsctlError):
+    """A plugin authorizer's `Denied`: its status and message (`refusal` gives each status a
+    class of its own, so the REST and gRPC funnels answer it as any other error)."""
+
+    exit_code = 1
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+    type_name = "AccessDeniedException"
+
+
+#: a denial's gRPC code by its HTTP status (any other: PERMISSION_DENIED)
+GRPC_CODES = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}
+#: what a client is told when an authorizer fails (its name and traceback are in ts_log.log)
+AUTHORIZER_FAILED = (
+    "internal server error: the request could not be authorized; "
+    "the server log (ts_log.log) has the details"
+)
+
+
+@functools.cache
+def _denied_class(status: int) -> type[AccessDenied]:
+    """The error class of one denial status (at most 200 of them: 400 to 599)."""
+    code = GRPC_CODES.get(status, "PERMISSION_DENIED")
+    return type(
+        f"AccessDenied{status}", (AccessDenied,), {"http_status": status, "grpc_code": code}
+    )
+
+
+@dataclass(frozen=True)
+class TokenDenied(Denied):
+    """The token authorizer's refusal: answered as TorchServe does (`Unauthorized`)."""
+
+    status: int = Unauthorized.http_status
+    message: str = FAILED
+
+
+def refusal(denied: Denied) -> TsctlError:
+    """The error that answers `denied` (the caller checked it is a `Denied`)."""
+    if isinstance(denied, TokenDenied):
+        return Unauthorized(denied.message)
+    return _denied_class(denied.status)(denied.message)
+
+
+def _valid(denied: object) -> bool:
+    """Whether an authorizer's answer is a usable `Denied` (a status from 400 to 599, a
+    message that is a string)."""
+    if not isinstance(denied, Denied):
+        return False
+    status = denied.status
+    return type(status) is int and 400 <= status <= 599 and isinstance(denied.message, str)
+
+
+def run_chain(chain: Sequence[Authorizer], request: RequestInfo) -> None:
+    """Ask each authorizer of `chain` in turn: return when all allow, raise the error of the
+    first that denies (`refusal`), or a 500 for one that raises or answers nonsense."""
+    for authorizer in chain:
+        try:
+            denied = authorizer.authorize(request)
+        except Exception:  # a plugin may raise anything: the request fails, never the server
+            log.exception(
+                "authorizer %s failed on %s %s %s (%s API)",
+                authorizer.name,
+                request.protocol,
+                request.method,
+                request.path,
+                request.api,
+            )
+            raise TsctlError(AUTHORIZER_FAILED) from None
+        if denied is None:
+            continue
+        if not _valid(denied):
+            if inspect.iscoroutine(denied):
+                denied.close()  # an `async def authorize`: it must be a plain function
+            log.error(
+                "authorizer %s answered %r on %s %s %s: not None or a Denied with a status "
+                "from 400 to 599 and a str message (authorize is a plain function)",
+                authorizer.name,
+                denied,
+                request.protocol,
+                request.method,
+                request.path,
+            )
+            raise TsctlError(AUTHORIZER_FAILED)
+        raise refusal(denied)
 
 
 @dataclass
@@ -102,3 +205,27 @@ class TokenAuth:
         key = self.keys[kind]
         expiry = datetime.fromtimestamp(key.expires).strftime(EXPIRY_FORMAT) if key.expires else ""
         return {"key": key.value, "expiration time": expiry}
+
+
+class TokenAuthorizer(Authorizer):
+    """TorchServe's token authorization on the `Authorizer` interface: the inference API
+    needs the `inference` key, the management API the `management` key, and its `/token`
+    path the `API` key (`Authorization: Bearer <key>`; gRPC: `authorization` metadata). The
+    metrics API needs none, as in TorchServe."""
+
+    name = "token"
+
+    def __init__(self, auth: TokenAuth) -> None:
+        self.auth = auth
+
+    def authorize(self, request: RequestInfo) -> Denied | None:
+        api = request.api
+        if api == "metrics":
+            return None
+        if api == "management" and request.path == "/token" and request.protocol == "http":
+            api = "API"
+        try:
+            self.auth.check(api, request.headers.get("authorization"))
+        except Unauthorized as exc:
+            return TokenDenied(message=exc.message)
+        return None

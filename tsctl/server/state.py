@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from tsctl.errors import ModelNotFound, StartingUp
+from tsctl.plugins.api import Authorizer, RequestInfo
 from tsctl.server import snapshot
-from tsctl.server.auth import TokenAuth
+from tsctl.server.auth import TokenAuth, TokenAuthorizer, run_chain
 from tsctl.server.config import ServerConfig
 from tsctl.server.plugins import ServerPlugins
 from tsctl.server.registry import ModelVersion, Registry
@@ -60,10 +61,19 @@ class ServerState:
         )
         return {name: value for name, value in pairs if value}
 
-    def authorize(self, kind: str, authorization: str | None) -> None:
-        """The one authorization check every API adapter calls (no-op when auth is off)."""
-        if self.auth is not None:
-            self.auth.check(kind, authorization)
+    @cached_property
+    def authorizers(self) -> tuple[Authorizer, ...]:
+        """The authorization chain (`tsctl.server.auth`): the token authorizer when token
+        authorization is on, then the plugins'. Made at the first request, once start-up has
+        set `auth` and `plugins`. Adapters call `authorize` only when it is not empty (the
+        hot path without authorizers builds no `RequestInfo`)."""
+        token = (TokenAuthorizer(self.auth),) if self.auth is not None else ()
+        return (*token, *self.plugins.authorizers)
+
+    def authorize(self, request: RequestInfo) -> None:
+        """The one authorization check every API adapter calls: returns when every
+        authorizer allows, else raises the error that answers the request."""
+        run_chain(self.authorizers, request)
 
     def model_for_inference(self, name: str, version: str | None) -> ModelVersion:
         """The model version a prediction goes to. While the start-up models are still

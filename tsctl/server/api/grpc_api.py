@@ -16,6 +16,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from types import MappingProxyType
 from typing import Any
 
 import grpc
@@ -23,6 +24,7 @@ from grpc import aio
 
 from tsctl.errors import TsctlError
 from tsctl.ipc.messages import Part
+from tsctl.plugins.api import RequestInfo
 from tsctl.proto_gen import (
     health_pb2,
     health_pb2_grpc,
@@ -45,6 +47,28 @@ def _metadata(context: aio.ServicerContext) -> dict[str, str]:
     return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
+#: the services' method paths start with these (the RPC's name follows)
+INFERENCE_PATH = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/"
+MANAGEMENT_PATH = "/org.pytorch.serve.grpc.management.ManagementAPIsService/"
+
+
+def request_info(
+    context: aio.ServicerContext,
+    metadata: dict[str, str],
+    api: str,
+    path: str,
+    model: str | None,
+) -> RequestInfo:
+    """What the authorizers know of a call (built only when there are authorizers):
+    `path` the full method path, its last part the RPC's name."""
+    peer = context.peer() or ""
+    if peer.startswith(("ipv4:", "ipv6:")):  # grpc's "ipv4:127.0.0.1:5000": "host:port"
+        peer = peer[5:]
+    rpc = path.rpartition("/")[2]
+    headers = MappingProxyType(metadata)
+    return RequestInfo(api, rpc, path, headers, peer, model or None, "grpc")
+
+
 class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type: ignore[misc]
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -59,10 +83,13 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         context: aio.ServicerContext,
         on_chunk: Callable[[Response], None] | None = None,
         sequence: str | None = None,
+        rpc: str = "Predictions",
     ) -> bytes:
         meta = _metadata(context)
         state = self.state
-        state.authorize("inference", meta.get("authorization"))
+        if state.authorizers:
+            path = INFERENCE_PATH + rpc
+            state.authorize(request_info(context, meta, "inference", path, request.model_name))
         mv = state.model_for_inference(request.model_name, request.model_version or None)
         parts = [Part(name, "", bytes(value)) for name, value in request.input.items()]
         request_id = new_request_id(meta.get("x-request-id"))
@@ -93,7 +120,12 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         """One message per intermediate answer of a streaming handler, then the final one."""
         chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
         final = asyncio.ensure_future(
-            self._predict(request, context, lambda r: chunks.put_nowait(bytes(r.body)))
+            self._predict(
+                request,
+                context,
+                lambda r: chunks.put_nowait(bytes(r.body)),
+                rpc="StreamPredictions",
+            )
         )
         final.add_done_callback(lambda _: chunks.put_nowait(None))
         try:
@@ -115,7 +147,9 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         async for request in requests:
             sequence = request.sequence_id if request.HasField("sequence_id") else None
             try:
-                body = await self._predict(request, context, sequence=sequence)
+                body = await self._predict(
+                    request, context, sequence=sequence, rpc="StreamPredictions2"
+                )
                 answer = inference_pb2.PredictionResponse(prediction=body)
             except TsctlError as exc:
                 code, message = status_of(exc)
@@ -145,9 +179,14 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
         self.state = state
 
     async def _run(
-        self, context: aio.ServicerContext, call: Any, changes_models: bool = False
+        self, context: aio.ServicerContext, request: Any, call: Any, changes_models: bool = False
     ) -> Any:
-        self.state.authorize("management", _metadata(context).get("authorization"))
+        state = self.state
+        if state.authorizers:
+            # each RPC takes a message named after it (DescribeModel: DescribeModelRequest)
+            path = MANAGEMENT_PATH + request.DESCRIPTOR.name.removesuffix("Request")
+            model = getattr(request, "model_name", None)
+            state.authorize(request_info(context, _metadata(context), "management", path, model))
         if changes_models and not self.state.config.enable_model_api:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, MODEL_API_DISABLED)
         answer = await call()
@@ -163,7 +202,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
                 self.state, request.model_name, version, request.customized
             )
 
-        return await self._run(context, call)
+        return await self._run(context, request, call)
 
     @funnel
     async def ListModels(self, request: Any, context: aio.ServicerContext) -> Any:
@@ -172,7 +211,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
                 self.state, request.limit or 100, request.next_page_token or 0
             )
 
-        return await self._run(context, call)
+        return await self._run(context, request, call)
 
     @funnel
     async def RegisterModel(self, request: Any, context: aio.ServicerContext) -> Any:
@@ -192,7 +231,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
             params = management.parse(management.RegisterParams, values)
             return await management.register(self.state, params)
 
-        return await self._run(context, call, changes_models=True)
+        return await self._run(context, request, call, changes_models=True)
 
     @funnel
     async def ScaleWorker(self, request: Any, context: aio.ServicerContext) -> Any:
@@ -207,14 +246,14 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
             version = request.model_version or None
             return await management.scale(self.state, request.model_name, version, params)
 
-        return await self._run(context, call)
+        return await self._run(context, request, call)
 
     @funnel
     async def SetDefault(self, request: Any, context: aio.ServicerContext) -> Any:
         async def call() -> Any:
             return management.set_default(self.state, request.model_name, request.model_version)
 
-        return await self._run(context, call)
+        return await self._run(context, request, call)
 
     @funnel
     async def UnregisterModel(self, request: Any, context: aio.ServicerContext) -> Any:
@@ -222,7 +261,7 @@ class ManagementService(management_pb2_grpc.ManagementAPIsServiceServicer):  # t
             version = request.model_version or None
             return await management.unregister(self.state, request.model_name, version)
 
-        return await self._run(context, call, changes_models=True)
+        return await self._run(context, request, call, changes_models=True)
 
 
 class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]

@@ -39,7 +39,7 @@ from tsctl.proto_gen import grpc_predict_v2_pb2 as pb
 from tsctl.proto_gen import grpc_predict_v2_pb2_grpc as pb_grpc
 from tsctl.proto_gen import health_pb2_grpc
 from tsctl.server import readiness
-from tsctl.server.api.grpc_api import HealthService, server_options
+from tsctl.server.api.grpc_api import HealthService, request_info, server_options
 from tsctl.server.api.grpc_errors import funnel
 from tsctl.server.inference import Pending
 from tsctl.server.registry import ModelVersion
@@ -52,6 +52,8 @@ SERVER_NAME = "tsctl"
 EXTENSIONS = ("binary_tensor_data",)
 #: ModelMetadata's platform for every model
 PLATFORM = "pytorch"
+#: the service's method paths start with this (the RPC's name follows)
+OIP_PATH = "/inference.GRPCInferenceService/"
 
 #: datatype -> (the `InferTensorContents` field that carries it, its `array` typecode)
 TYPED: Mapping[str, tuple[str, str]] = {
@@ -289,6 +291,19 @@ class OipService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
+    def _authorize(
+        self,
+        context: aio.ServicerContext,
+        rpc: str,
+        model: str | None,
+        meta: dict[str, str] | None = None,
+    ) -> None:
+        """The authorizers' leave for a call of the inference API (none asked for probes)."""
+        state = self.state
+        if state.authorizers:
+            meta = _metadata(context) if meta is None else meta
+            state.authorize(request_info(context, meta, "inference", OIP_PATH + rpc, model))
+
     @funnel
     async def ServerLive(self, request: Any, context: aio.ServicerContext) -> Any:
         return pb.ServerLiveResponse(live=readiness.server_live(self.state))
@@ -304,7 +319,7 @@ class OipService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
 
     @funnel
     async def ServerMetadata(self, request: Any, context: aio.ServicerContext) -> Any:
-        self.state.authorize("inference", _metadata(context).get("authorization"))
+        self._authorize(context, "ServerMetadata", None)
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=tsctl.__version__, extensions=EXTENSIONS
         )
@@ -312,7 +327,7 @@ class OipService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     @funnel
     async def ModelMetadata(self, request: Any, context: aio.ServicerContext) -> Any:
         state = self.state
-        state.authorize("inference", _metadata(context).get("authorization"))
+        self._authorize(context, "ModelMetadata", request.name)
         mv = state.registry.get(request.name, request.version or None)
         return pb.ModelMetadataResponse(
             name=mv.name,
@@ -327,7 +342,8 @@ class OipService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         state = self.state
         try:
             meta = _metadata(context)
-            state.authorize("inference", meta.get("authorization"))
+            if state.authorizers:
+                self._authorize(context, "ModelInfer", request.model_name, meta)
             mv = state.model_for_inference(request.model_name, request.model_version or None)
             part = request_part(request)
             request_id = new_request_id(meta.get("x-request-id"))

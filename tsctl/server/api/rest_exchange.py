@@ -17,12 +17,14 @@ from __future__ import annotations
 import functools
 import json
 import time
+from types import MappingProxyType
 from typing import Any
 
 from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
 from tsctl.errors import BadRequest, RequestTooLarge, ServiceUnavailable, TsctlError
 from tsctl.ipc.messages import Part
+from tsctl.plugins.api import RequestInfo
 from tsctl.server.api import http1
 from tsctl.server.api.rest import access_line, base_headers, error_response, log
 from tsctl.server.inference import submit
@@ -43,6 +45,14 @@ def _fixed_lines(cors: tuple[tuple[str, str], ...]) -> bytes:
     fixed = {**base_headers(""), **dict(cors)}
     del fixed["x-request-id"]
     return http1.header_lines(fixed.items())
+
+
+def request_info(conn: http1.Connection, head: http1.RequestHead, model: str | None) -> RequestInfo:
+    """What the authorizers know of a request on the inference port (built only when there
+    are authorizers: `ServerState.authorizers`)."""
+    peer = "" if conn.client == "unknown" else conn.client
+    headers = MappingProxyType(head.fields)
+    return RequestInfo("inference", head.method, head.path, headers, peer, model, "http")
 
 
 class _Exchange(http1.Exchange):
@@ -169,7 +179,8 @@ class PredictionExchange(_Exchange):
         cannot succeed: not authorized, shutting down, no such model."""
         state = self.state
         try:
-            state.authorize("inference", self.head.fields.get("authorization") or None)
+            if state.authorizers:
+                state.authorize(request_info(self.conn, self.head, self.model))
             if state.draining:
                 raise ServiceUnavailable("the server is shutting down")
             self.mv = state.model_for_inference(self.model, self.version)

@@ -9,12 +9,12 @@ inference API's router calls it for `/v1/...` and `/v2...`):
   `GET /v2/models/{m}[/versions/{v}]` (model metadata), `.../ready`, `POST .../infer`.
 
 Inference requests take the path `/predictions` takes (`rest_exchange.PredictionExchange`: the
-same token check, body bound, queue, batching, workers, access log and metrics), with the body
+same authorization, body bound, queue, batching, workers, access log and metrics), with the body
 wrapped in one `Part` whose media type names the protocol (`tsctl.ipc.oip`): the daemon never
 parses a tensor or an OIP body; it only checks `Inference-Header-Content-Length` against the
 body's length. The worker decodes the request and encodes the protocol's answer. Every error
 of these paths is answered `{"error": "<message>"}` with the status the error class carries
-(KServe's and Triton's shape, for v1 as for v2). Health and readiness paths need no token.
+(KServe's and Triton's shape, for v1 as for v2). Health and readiness paths ask no authorizer.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tsctl.ipc.oip import HEADER_LENGTH, KSERVE_V1_MEDIA, PART_NAME, media_type
 from tsctl.server import readiness
 from tsctl.server.api import http1
 from tsctl.server.api.rest import error_response
-from tsctl.server.api.rest_exchange import FixedExchange, PredictionExchange
+from tsctl.server.api.rest_exchange import FixedExchange, PredictionExchange, request_info
 from tsctl.server.registry import ModelVersion
 from tsctl.server.state import ServerState
 
@@ -151,7 +151,7 @@ def route(
             return _refused(state, conn, head, MethodNotAllowed(NOT_ALLOWED_MESSAGE))
         if verb == "ready":
             return _readiness(state, conn, head, model, version, v1=False)
-        return _document(state, conn, head, lambda: _model_metadata(state, model, version))
+        return _document(state, conn, head, lambda: _model_metadata(state, model, version), model)
     if path.startswith(("/v1/", "/v2/")):
         return _refused(state, conn, head, NotFound(f"no such path: {path}"))
     return None
@@ -164,13 +164,19 @@ def _refused(
 
 
 def _document(
-    state: ServerState, conn: http1.Connection, head: http1.RequestHead, build: Any
+    state: ServerState,
+    conn: http1.Connection,
+    head: http1.RequestHead,
+    build: Any,
+    model: str | None = None,
 ) -> http1.Exchange:
-    """A document for a GET that needs the inference token (when tokens are on)."""
+    """A document for a GET that needs the inference token (when tokens are on) and the
+    authorizers' leave; `model`: the model it is about, if any."""
     if head.method != "GET":
         return _refused(state, conn, head, MethodNotAllowed(NOT_ALLOWED_MESSAGE))
     try:
-        state.authorize("inference", head.fields.get("authorization") or None)
+        if state.authorizers:
+            state.authorize(request_info(conn, head, model))
         answer = build()
     except TsctlError as exc:
         answer = exc

@@ -7,25 +7,39 @@ operations themselves live in `tsctl.server.management`.
 from __future__ import annotations
 
 import json
+from types import MappingProxyType
 from typing import Any
 
 import tornado.web
 
 from tsctl.errors import BadRequest
+from tsctl.plugins.api import RequestInfo
 from tsctl.server import management
 from tsctl.server.api.openapi import management_document
 from tsctl.server.api.rest import ApiHandler, NotFoundHandler, log_request
 from tsctl.server.state import ServerState
 
 
-class ManagementHandler(ApiHandler):
-    key_kind = "management"
+def request_info(handler: tornado.web.RequestHandler, api: str, model: str | None) -> RequestInfo:
+    """What the authorizers know of a request to a tornado API (management, metrics)."""
+    request = handler.request
+    address = getattr(getattr(request.connection, "context", None), "address", None)
+    peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else request.remote_ip
+    headers = MappingProxyType({k.lower(): v for k, v in request.headers.items()})
+    return RequestInfo(api, request.method or "", request.path, headers, peer or "", model)
 
+
+class ManagementHandler(ApiHandler):
     def initialize(self, state: ServerState) -> None:
         self.state = state
 
     def prepare(self) -> None:
-        self.state.authorize(self.key_kind, self.request.headers.get("Authorization"))
+        if self.state.authorizers:
+            self.state.authorize(request_info(self, "management", self.model_name()))
+
+    def model_name(self) -> str | None:
+        """The model the request is about: the path's first capture (`/models/{name}...`)."""
+        return self.path_args[0] if self.path_args else None
 
     def params(self) -> dict[str, Any]:
         """Query parameters (last value wins), then a JSON body's keys on top."""
@@ -87,9 +101,8 @@ class DescriptionHandler(ManagementHandler):
 
 
 class TokenHandler(ManagementHandler):
-    """`/token?type=management|inference`: rotate a key (needs the API key)."""
-
-    key_kind = "API"
+    """`/token?type=management|inference`: rotate a key (needs the API key: the token
+    authorizer asks for it on this path)."""
 
     def get(self) -> None:
         kind = self.get_query_argument("type", "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tornado.web
 
 from tsctl.server.api.rest import ApiHandler, NotFoundHandler, log_request
+from tsctl.server.api.rest_management import request_info
 from tsctl.server.state import ServerState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -13,6 +14,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class MetricsHandler(ApiHandler):
     def initialize(self, state: ServerState) -> None:
         self.state = state
+
+    def prepare(self) -> None:
+        """The plugin authorizers' leave (the token authorizer asks nothing here)."""
+        if self.state.authorizers:
+            self.state.authorize(request_info(self, "metrics", None))
 
     def get(self) -> None:
         stats = self.state.metrics
