@@ -140,3 +140,9 @@ def test_a_batching_strategy_may_not_take_the_default_name(tmp_path: Path) -> No
     write_plugin(tmp_path, "b", source)
     [found] = loader.discover(tmp_path).found
     assert found.error == "ValueError: the name 'default' is the built-in batching strategy's"
+
+
+def test_an_authorizer_must_be_a_plain_function(tmp_path: Path) -> None:
+    write_plugin(tmp_path, "a", ALLOW.replace("def authorize", "async def authorize"))
+    [found] = loader.discover(tmp_path).found
+    assert "authorize must be a plain function (def), not async" in found.error

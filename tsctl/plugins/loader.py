@@ -178,6 +178,8 @@ def _validate(plugin: Plugin) -> None:
         if not methods or not all(m.isalpha() for m in methods):
             raise ValueError(f"endpoint methods {plugin.methods!r}")
         plugin.methods = methods
+    if isinstance(plugin, Authorizer) and inspect.iscoroutinefunction(plugin.authorize):
+        raise TypeError("authorize must be a plain function (def), not async: it runs inline")
     if isinstance(plugin, BatchingStrategy):
         if not inspect.iscoroutinefunction(plugin.next_batch):
             raise TypeError("next_batch must be a coroutine function (async def)")
