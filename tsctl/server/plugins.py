@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from tsctl.plugins.api import Authorizer, BatchingStrategy, Endpoint, Plugin, ServerView
 from tsctl.plugins.loader import PluginError
+from tsctl.server.endpoint_routes import EndpointRoutes
 
 if TYPE_CHECKING:
     from tsctl.server.state import ServerState
@@ -24,6 +25,8 @@ class ServerPlugins:
     endpoints: list[Endpoint] = field(default_factory=list)
     authorizers: list[Authorizer] = field(default_factory=list)
     strategies: dict[str, BatchingStrategy] = field(default_factory=dict)
+    #: where the endpoints are mounted (`tsctl.server.endpoint_routes`), made by `setup`
+    routes: EndpointRoutes | None = None
 
     @classmethod
     def of(cls, plugins: list[Plugin]) -> ServerPlugins:
@@ -42,7 +45,10 @@ class ServerPlugins:
         return [*self.endpoints, *self.authorizers, *self.strategies.values()]
 
     def setup(self, state: ServerState) -> None:
-        """Each plugin's `setup`, once; `PluginError` naming the first that raises."""
+        """Each plugin's `setup`, once; `PluginError` naming the first that raises. The
+        endpoints are placed first: one that would shadow a built-in route or another
+        plugin's is a `PluginError` before any plugin is set up."""
+        self.routes = EndpointRoutes(self.endpoints)
         view = DaemonView(state)
         for plugin in self.all:
             try:

@@ -10,7 +10,9 @@ answer in one piece (or streams it, for handlers that send intermediate answers)
 `/explanations/...` takes the same path, with the request header `explain: True` added as
 TorchServe's frontend does (its BaseHandler then calls `explain_handle`). The few other paths
 answer from a `FixedExchange` (both in `rest_exchange`); KServe v1 and Open Inference Protocol
-paths (`/v1/...`, `/v2...`) go to `rest_kserve`.
+paths (`/v1/...`, `/v2...`) go to `rest_kserve`. Plugin endpoints of this API are tried first
+(`tsctl.server.endpoint_routes` says in what order, and why none can shadow a built-in route)
+and answered by `plugin_routes.EndpointExchange`; without them routing costs nothing more.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from tsctl.errors import NOT_ALLOWED_MESSAGE, MethodNotAllowed, NotFound
 from tsctl.server.api import http1, rest_kserve
 from tsctl.server.api.openapi import inference_document
+from tsctl.server.api.plugin_routes import EndpointExchange
 from tsctl.server.api.rest import NOT_FOUND_MESSAGE, error_response
 from tsctl.server.api.rest_exchange import (
     DISCARD_LIMIT,
@@ -42,10 +45,21 @@ class InferenceApi:
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.routes = state.plugins.routes
+        #: the plugin endpoints' routes of this API (None: there are none)
+        self.plugins = self.routes.api("inference") if self.routes is not None else None
 
     def route(self, conn: http1.Connection, head: http1.RequestHead) -> http1.Exchange:
         state = self.state
         method, path = head.method, head.path
+        if self.plugins is not None:
+            found = self.plugins.match(method, path)
+            if found is not None:
+                if found.endpoint is not None and self.routes is not None:
+                    endpoint, params = found.endpoint, found.params
+                    return EndpointExchange(state, conn, head, self.routes, endpoint, params)
+                if not found.builtin:  # a plugin's path, a method it does not list
+                    return FixedExchange(state, conn, head, MethodNotAllowed(NOT_ALLOWED_MESSAGE))
         if path.startswith(("/v1/", "/v2")):  # KServe v1, the Open Inference Protocol
             exchange = rest_kserve.route(state, conn, head)
             if exchange is not None:

@@ -1,7 +1,10 @@
 """The REST management API (TorchServe's paths and JSON shapes). Event-loop only.
 
 Thin adapters: parameters come from the query string (or a JSON body for registration), the
-operations themselves live in `tsctl.server.management`.
+operations themselves live in `tsctl.server.management`. Plugin endpoints of this API
+(`PluginHandler`) are tried before the built-in routes, which no plugin can shadow
+(`tsctl.server.endpoint_routes`); a path of a plugin's with a method no endpoint lists, and no
+built-in route for it, is answered 405 by the last rule.
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ import json
 from types import MappingProxyType
 from typing import Any
 
+import tornado.httputil
+import tornado.routing
 import tornado.web
 
-from tsctl.errors import BadRequest
-from tsctl.plugins.api import RequestInfo
+from tsctl.errors import NOT_ALLOWED_MESSAGE, BadRequest, MethodNotAllowed
+from tsctl.plugins.api import EndpointRequest, RequestInfo
 from tsctl.server import management
+from tsctl.server.api import plugin_routes
 from tsctl.server.api.openapi import management_document
 from tsctl.server.api.rest import ApiHandler, NotFoundHandler, log_request
+from tsctl.server.endpoint_routes import ApiRoutes, EndpointRoutes
 from tsctl.server.state import ServerState
 
 
@@ -115,17 +122,81 @@ class TokenHandler(ManagementHandler):
     put = post = get
 
 
+class PluginHandler(ManagementHandler):
+    """A plugin endpoint (`tsctl.plugins.Endpoint` with api "management"): authorized as every
+    management route (`ManagementHandler.prepare`), run by `plugin_routes.call`. Also the
+    target of the last rule, which answers 405 for a plugin's path with a method no endpoint
+    lists."""
+
+    def initialize(  # type: ignore[override]  # the routes too
+        self, state: ServerState, routes: EndpointRoutes, plugins: ApiRoutes
+    ) -> None:
+        super().initialize(state)
+        self.routes = routes
+        self.plugins = plugins
+
+    def model_name(self) -> str | None:
+        """The `{model}` or `{name}` capture of the endpoint's path, if it has one."""
+        return plugin_routes.model_of(self.path_kwargs)
+
+    async def serve(self, **params: str) -> None:
+        request = self.request
+        method, path = request.method or "", request.path
+        found = self.plugins.match(method, path)
+        if found is None or found.endpoint is None:
+            raise MethodNotAllowed(NOT_ALLOWED_MESSAGE)
+        info = request_info(self, "management", self.model_name())
+        query = plugin_routes.query_of(request.query)
+        asked = EndpointRequest(info, found.params, query, request.body)
+        answer = await plugin_routes.call(
+            self.state, self.routes, found.endpoint, asked, self.request_id
+        )
+        self.set_status(answer.status)
+        if answer.content_type:
+            self.set_header("Content-Type", answer.content_type)
+        else:
+            self.clear_header("Content-Type")
+        for name, value in answer.headers.items():
+            self.set_header(name, value)
+        self.finish(answer.body)
+
+    get = post = put = delete = patch = head = options = serve
+
+
+class _PluginPaths(tornado.routing.Matcher):
+    """Matches a path of a plugin endpoint's: with a method it lists (`any_method` false), or
+    with any method (the 405 rule)."""
+
+    def __init__(self, plugins: ApiRoutes, any_method: bool) -> None:
+        self.plugins = plugins
+        self.any_method = any_method
+
+    def match(self, request: tornado.httputil.HTTPServerRequest) -> dict[str, Any] | None:
+        found = self.plugins.match(request.method or "", request.path)
+        if found is None or (found.endpoint is None and not self.any_method):
+            return None
+        return {"path_kwargs": found.params}
+
+
 def make_app(state: ServerState) -> tornado.web.Application:
     kwargs = {"state": state}
+    rules: list[Any] = [
+        (r"/", DescriptionHandler, kwargs),
+        (r"/token", TokenHandler, kwargs),
+        (r"/models/?", ModelsHandler, kwargs),  # TorchServe lists at /models/ too
+        (r"/models/([^/]+)/([^/]+)/set-default", SetDefaultHandler, kwargs),
+        (r"/models/([^/]+)", ModelHandler, kwargs),
+        (r"/models/([^/]+)/([^/]+)", ModelHandler, kwargs),
+    ]
+    routes = state.plugins.routes
+    plugins = routes.api("management") if routes is not None else None
+    if routes is not None and plugins is not None:
+        found = {"state": state, "routes": routes, "plugins": plugins}
+        first = tornado.routing.Rule(_PluginPaths(plugins, False), PluginHandler, found)
+        last = tornado.routing.Rule(_PluginPaths(plugins, True), PluginHandler, found)
+        rules = [first, *rules, last]
     return tornado.web.Application(
-        [
-            (r"/", DescriptionHandler, kwargs),
-            (r"/token", TokenHandler, kwargs),
-            (r"/models/?", ModelsHandler, kwargs),  # TorchServe lists at /models/ too
-            (r"/models/([^/]+)/([^/]+)/set-default", SetDefaultHandler, kwargs),
-            (r"/models/([^/]+)", ModelHandler, kwargs),
-            (r"/models/([^/]+)/([^/]+)", ModelHandler, kwargs),
-        ],
+        rules,
         default_handler_class=NotFoundHandler,
         log_function=log_request,
         state=state,
