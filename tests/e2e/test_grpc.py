@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from tests.support.daemon import Server, make_archive
+from tests.support.grpc_stubs import torchserve_stubs
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +33,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def stubs(server: Server, ts_protos: dict[str, ModuleType]) -> Iterator[tuple[Any, Any]]:
-    assert server.info is not None
-    inference = grpc.insecure_channel(server.info.grpc_inference_address)
-    manage = grpc.insecure_channel(server.info.grpc_management_address)
-    yield (
-        ts_protos["inference_pb2_grpc"].InferenceAPIsServiceStub(inference),
-        ts_protos["management_pb2_grpc"].ManagementAPIsServiceStub(manage),
-    )
-    inference.close()
-    manage.close()
+    with torchserve_stubs(server, ts_protos) as found:
+        yield found
 
 
 def predict(stubs: Any, protos: dict[str, ModuleType], model: str, **inputs: bytes) -> Any:

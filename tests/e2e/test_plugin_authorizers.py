@@ -21,6 +21,7 @@ import pytest
 from tests.e2e.test_auth import FAILED, bearer, keys
 from tests.e2e.test_serve import assert_error
 from tests.support.daemon import Response, Server, make_archive
+from tests.support.grpc_stubs import torchserve_stubs
 from tests.support.plugins import install_example, write_plugin
 
 pytestmark = pytest.mark.slow
@@ -160,15 +161,8 @@ def rpc_fails(call: Any, *args: Any, **kw: Any) -> grpc.RpcError:
 
 @pytest.fixture(scope="module")
 def ts_stubs(server: Server, ts_protos: dict[str, ModuleType]) -> Iterator[tuple[Any, Any]]:
-    assert server.info is not None
-    inference = grpc.insecure_channel(server.info.grpc_inference_address)
-    manage = grpc.insecure_channel(server.info.grpc_management_address)
-    yield (
-        ts_protos["inference_pb2_grpc"].InferenceAPIsServiceStub(inference),
-        ts_protos["management_pb2_grpc"].ManagementAPIsServiceStub(manage),
-    )
-    inference.close()
-    manage.close()
+    with torchserve_stubs(server, ts_protos) as found:
+        yield found
 
 
 def oip_stub(server: Server) -> tuple[grpc.Channel, Any]:
