@@ -257,6 +257,11 @@ class WorkerProcess:
         timeout = self.spec.startup_timeout
         try:
             first = await asyncio.wait_for(self._first, timeout)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # cancelled in the turn the first message (or the end) came: wait_for returned
+                # it and dropped the cancellation; honour it (a stop cancels starts)
+                raise asyncio.CancelledError
             if first is None:
                 raise ConnectionResetError
         except ConnectionError:
