@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from tsctl.errors import TsctlError
-from tsctl.plugins.api import Endpoint, EndpointRequest, Reply, RequestInfo
+from tsctl.plugins.api import Endpoint, EndpointRequest, Reply
 from tsctl.server.api import http1
 from tsctl.server.api.rest import log
-from tsctl.server.api.rest_exchange import _Exchange
+from tsctl.server.api.rest_exchange import BodyExchange, request_info
 from tsctl.server.endpoint_routes import EndpointRoutes
 from tsctl.server.state import ServerState
 
@@ -205,7 +205,7 @@ def model_of(params: Mapping[str, str]) -> str | None:
     return params.get("model") or params.get("name")
 
 
-class EndpointExchange(_Exchange):
+class EndpointExchange(BodyExchange):
     """A request to a plugin endpoint on the inference API (tsctl's HTTP/1.1 layer): authorized
     before its body is read, the body bounded by `max_request_size`, then the handler run by
     `call` and its answer written with the headers every answer has."""
@@ -223,20 +223,8 @@ class EndpointExchange(_Exchange):
         self.routes = routes
         self.endpoint = endpoint
         self.params = params
-        self.chunks: list[bytes] = []
-        self.error: TsctlError | None = None
         self.task: asyncio.Task[None] | None = None
-        self.info = RequestInfo(
-            "inference",
-            head.method,
-            head.path,
-            head.fields,
-            conn.client if conn.client != "unknown" else "",
-            model_of(params),
-        )
-
-    def body_limit(self) -> int | None:
-        return self.state.config.max_request_size
+        self.info = request_info(conn, head, model_of(params))
 
     def headers_received(self) -> None:
         state = self.state
@@ -244,18 +232,12 @@ class EndpointExchange(_Exchange):
             if state.authorizers:
                 state.authorize(self.info)
         except TsctlError as exc:
-            self.error = exc
-            self.answer_error(exc)
-
-    def data_received(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
+            self.refuse_early(exc)
 
     def finish(self) -> None:
-        if self.error is not None:
-            self.answer_error(self.error)
+        body = self.take_body()
+        if body is None:
             return
-        body = b"".join(self.chunks)
-        self.chunks = []
         query = query_of(self.head.target.partition("?")[2])
         request = EndpointRequest(self.info, self.params, query, body)
         self.task = asyncio.ensure_future(self._run(request))

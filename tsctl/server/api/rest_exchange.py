@@ -145,7 +145,35 @@ class FixedExchange(_Exchange):
             self.answer(200, json.dumps(self.fixed, indent=2).encode())
 
 
-class PredictionExchange(_Exchange):
+class BodyExchange(_Exchange):
+    """An exchange that reads its whole body (at most `max_request_size`), or is refused from
+    its head (`refuse_early`) and then answered once the body has been read past."""
+
+    def __init__(self, state: ServerState, conn: http1.Connection, head: http1.RequestHead):
+        super().__init__(state, conn, head)
+        self.chunks: list[bytes] = []
+        self.error: TsctlError | None = None
+
+    def body_limit(self) -> int | None:
+        return self.state.config.max_request_size
+
+    def refuse_early(self, exc: TsctlError) -> None:
+        self.error = exc
+        self.answer_error(exc)
+
+    def data_received(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def take_body(self) -> bytes | None:
+        """The body, joined once; None when the request was refused (now answered)."""
+        if self.error is not None:
+            self.answer_error(self.error)
+            return None
+        chunks, self.chunks = self.chunks, []
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class PredictionExchange(BodyExchange):
     """One prediction request, from its head to the answer written on the connection."""
 
     #: whether a streaming handler's intermediate answers are sent (TorchServe's REST only)
@@ -165,14 +193,9 @@ class PredictionExchange(_Exchange):
         self.version = version
         self.explain = explain
         self.arrival = time.monotonic()  # the event loop's clock
-        self.chunks: list[bytes] = []
-        self.error: TsctlError | None = None
         self.mv: ModelVersion | None = None
         self.job: Job | None = None
         self.streaming = False
-
-    def body_limit(self) -> int | None:
-        return self.state.config.max_request_size
 
     def headers_received(self) -> None:
         """Refused before the body is read (and without `100 Continue`) when the request
@@ -185,18 +208,12 @@ class PredictionExchange(_Exchange):
                 raise ServiceUnavailable("the server is shutting down")
             self.mv = state.model_for_inference(self.model, self.version)
         except TsctlError as exc:
-            self.error = exc
-            self.answer_error(exc)
-
-    def data_received(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
+            self.refuse_early(exc)
 
     def finish(self) -> None:
-        if self.error is not None:
-            self.answer_error(self.error)
+        body = self.take_body()
+        if body is None:
             return
-        chunks, self.chunks = self.chunks, []
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         headers = self.head.headers
         try:
             assert self.mv is not None
