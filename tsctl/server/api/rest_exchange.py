@@ -37,6 +37,9 @@ _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 DISCARD_LIMIT = 64 << 20
 #: the header TorchServe's frontend adds to an explanation request for the handler to see
 EXPLAIN_HEADER = ("explain", "True")
+#: what `/predictions` and `/explanations` add without an extra path (`url_path` empty)
+_NO_URL_PATH = (("url_path", ""),)
+_NO_URL_PATH_EXPLAIN = (("url_path", ""), EXPLAIN_HEADER)
 
 
 @functools.lru_cache(maxsize=16)
@@ -187,11 +190,22 @@ class PredictionExchange(BodyExchange):
         model: str,
         version: str | None,
         explain: bool,
+        url_path: str | None = None,
     ) -> None:
         super().__init__(state, conn, head)
         self.model = model
         self.version = version
         self.explain = explain
+        #: the headers this path adds after the client's (so they win): TorchServe's
+        #: `url_path` (paths of `/predictions` and `/explanations` only) and `explain`
+        self.added: tuple[tuple[str, str], ...]
+        if url_path is None:
+            self.added = (EXPLAIN_HEADER,) if explain else ()
+        elif not url_path:
+            self.added = _NO_URL_PATH_EXPLAIN if explain else _NO_URL_PATH
+        else:
+            path = ("url_path", url_path)
+            self.added = (path, EXPLAIN_HEADER) if explain else (path,)
         self.arrival = time.monotonic()  # the event loop's clock
         self.mv: ModelVersion | None = None
         self.job: Job | None = None
@@ -220,7 +234,7 @@ class PredictionExchange(BodyExchange):
             request = InferenceRequest(
                 self.request_id,
                 self._parts(body),
-                [*headers, EXPLAIN_HEADER] if self.explain else headers,
+                [*headers, *self.added] if self.added else headers,
                 self.arrival,
             )
             on_chunk = self._on_chunk if self.streams else None

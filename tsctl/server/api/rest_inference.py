@@ -10,7 +10,11 @@ answer in one piece (or streams it, for handlers that send intermediate answers)
 `/explanations/...` takes the same path, with the request header `explain: True` added as
 TorchServe's frontend does (its BaseHandler then calls `explain_handle`). The few other paths
 answer from a `FixedExchange` (both in `rest_exchange`); KServe v1 and Open Inference Protocol
-paths (`/v1/...`, `/v2...`) go to `rest_kserve`. Plugin endpoints of this API are tried first
+paths (`/v1/...`, `/v2...`) go to `rest_kserve`. What follows `/predictions/{model}/{version}/`
+reaches the handler as the request header `url_path` (empty when nothing follows), as in
+TorchServe, whose third segment is always the version. Paths no route above takes are tried
+last against SageMaker's and TorchServe's legacy paths (`rest_invocations`), so they cost the
+hot path nothing. Plugin endpoints of this API are tried first
 (`tsctl.server.endpoint_routes` says in what order, and why none can shadow a built-in route)
 and answered by `plugin_routes.EndpointExchange`; without them routing costs nothing more.
 """
@@ -21,9 +25,10 @@ import re
 import socket
 import ssl
 from typing import Any
+from urllib.parse import unquote
 
 from tsctl.errors import NOT_ALLOWED_MESSAGE, MethodNotAllowed, NotFound
-from tsctl.server.api import http1, rest_kserve
+from tsctl.server.api import http1, rest_invocations, rest_kserve
 from tsctl.server.api.openapi import inference_document
 from tsctl.server.api.plugin_routes import EndpointExchange
 from tsctl.server.api.rest import NOT_FOUND_MESSAGE, error_response
@@ -37,7 +42,9 @@ from tsctl.server.state import ServerState
 
 __all__ = ["EXPLAIN_HEADER", "InferenceApi", "PredictionExchange", "serve"]
 
-_PREDICTIONS = re.compile(r"^/(predictions|explanations)/([^/]+)(?:/([^/]+))?/?$")
+#: `/predictions/{model}[/{version}[/{url_path}]]` (and `/explanations/...`); trailing `/`s
+#: are dropped, as TorchServe's split of the path drops them
+_PREDICTIONS = re.compile(r"^/(predictions|explanations)/([^/]+)(?:/([^/]+)(?:/(.*?))?)?/*$")
 
 
 class InferenceApi:
@@ -66,8 +73,11 @@ class InferenceApi:
                 return exchange
         match = _PREDICTIONS.match(path)
         if match is not None and method not in ("OPTIONS", "HEAD"):
-            api, model, version = match.groups()
-            return PredictionExchange(state, conn, head, model, version, api == "explanations")
+            api, model, version, url_path = match.groups()
+            if url_path and "%" in url_path:
+                url_path = unquote(url_path)
+            explain = api == "explanations"
+            return PredictionExchange(state, conn, head, model, version, explain, url_path or "")
         answer: Any
         if path == "/ping" and method == "GET":
             answer = {"status": "Healthy"}
@@ -78,6 +88,9 @@ class InferenceApi:
         elif match is not None or path in ("/ping", "/api-description", "/"):
             answer = MethodNotAllowed(NOT_ALLOWED_MESSAGE)
         else:
+            other = rest_invocations.route(state, conn, head)
+            if other is not None:
+                return other
             answer = NotFound(NOT_FOUND_MESSAGE)
         return FixedExchange(state, conn, head, answer)
 
