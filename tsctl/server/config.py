@@ -44,6 +44,8 @@ class ServerConfig(BaseModel):
     grpc_oip_port: int = Field(default=7072, ge=0, le=65535)
     enable_metrics_api: bool = True
     model_store: Path | None = None
+    #: where `POST /workflows?url=` finds `.war` files (TorchServe's default: the model store)
+    workflow_store: Path | None = None
     #: a folder of Python plugins (`.py` files or packages listing theirs in `PLUGINS`), beside
     #: the installed ones (entry points `tsctl.plugins`): docs/plugins.md
     plugins_path: Path | None = None
@@ -262,6 +264,7 @@ _PROPERTY_KEYS = {
     "metrics_address",
     "enable_metrics_api",
     "model_store",
+    "workflow_store",
     "plugins_path",
     "load_models",
     "default_workers_per_model",
@@ -321,7 +324,6 @@ _ACCEPTED = {
     # bookkeeping TorchServe writes into its snapshots
     "python",
     "version",
-    "workflow_store",
 }
 
 

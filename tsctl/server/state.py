@@ -16,6 +16,7 @@ from tsctl.server.registry import ModelVersion, Registry
 from tsctl.server.telemetry.logs import LineLog
 from tsctl.server.telemetry.metric_log import MetricLog
 from tsctl.server.telemetry.prometheus import Metrics
+from tsctl.server.workflows import Workflows
 
 
 @dataclass
@@ -38,6 +39,8 @@ class ServerState:
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Future[None]] = field(default_factory=set)
+    #: the registered workflows (`tsctl.server.workflows`)
+    workflows: Workflows = field(default_factory=Workflows)
 
     def track(self, task: asyncio.Future[None]) -> None:
         """Hold a background task until it is done (the loop keeps only weak references)."""
@@ -48,7 +51,10 @@ class ServerState:
         """Record the models' state (after every change), unless snapshots are off."""
         if self.config.no_config_snapshots:
             return
-        snapshot.write(self.config, snapshot.models_of(self.registry), kind)
+        models = snapshot.models_of(self.registry)
+        if self.workflows.known or self.workflows.pending:  # not snapshotted, as in TorchServe
+            models = [m for m in models if not self.workflows.owns(m.name)]
+        snapshot.write(self.config, models, kind)
 
     @cached_property
     def cors(self) -> dict[str, str]:

@@ -72,7 +72,9 @@ def start(
         None, "--cpp-log-config", help="Accepted for compatibility; not used."
     ),
     workflow_store: Path | None = typer.Option(
-        None, "--workflow-store", help="Accepted for compatibility; workflows are not served."
+        None,
+        "--workflow-store",
+        help="Where workflow archives (.war) are registered from (default: the model store).",
     ),
     plugins_path: Path | None = typer.Option(
         None,
@@ -116,9 +118,9 @@ def start(
         torchserve_only={
             "--log-config": log_config,
             "--cpp-log-config": cpp_log_config,
-            "--workflow-store": workflow_store,
         },
         plugins_path=plugins_path,
+        workflow_store=workflow_store,
         log_dir=log_dir,
         console_log=console_log,
         state_dir=state_dir,
@@ -171,6 +173,7 @@ def start_config(
     torchserve_only: dict[str, Path | None],
     log_dir: Path | None,
     plugins_path: Path | None = None,
+    workflow_store: Path | None = None,
     console_log: bool | None,
     state_dir: Path | None,
     adjust: Adjust | None = None,
@@ -200,6 +203,7 @@ def start_config(
     overrides: dict[str, Any] = {
         "model_store": model_store,
         "plugins_path": plugins_path,
+        "workflow_store": workflow_store,
         "load_models": wanted or None,
         "log_dir": log_dir or _env_path("LOG_LOCATION"),
         # TorchServe's rule: METRICS_LOCATION, else ./logs even when LOG_LOCATION moves the
@@ -214,6 +218,8 @@ def start_config(
     }
     if model_store is not None and not model_store.is_dir():
         raise InvalidInput(f"model store {str(model_store)!r} is not a directory")
+    if workflow_store is not None and not workflow_store.is_dir():
+        raise InvalidInput(f"workflow store {str(workflow_store)!r} is not a directory")
     config = build_config(properties, overrides, dict(os.environ))
     if adjust is not None:
         config = adjust(config, properties)

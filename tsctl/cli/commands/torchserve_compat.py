@@ -161,7 +161,9 @@ def torchserve(
         None, "--cpp-log-config", help="Accepted for compatibility; not used."
     ),
     workflow_store: Path | None = typer.Option(
-        None, "--workflow-store", help="Accepted for compatibility; workflows are not served."
+        None,
+        "--workflow-store",
+        help="Where workflow archives (.war) are registered from (default: the model store).",
     ),
     plugins_path: Path | None = typer.Option(
         None, "--plugins-path", "--ppath", help="A folder of Python plugins (plugins_path)."
@@ -214,9 +216,9 @@ def torchserve(
         torchserve_only={
             "--log-config": log_config,
             "--cpp-log-config": cpp_log_config,
-            "--workflow-store": workflow_store,
         },
         plugins_path=plugins_path,
+        workflow_store=workflow_store,
         log_dir=log_dir,
         console_log=None,
         state_dir=state_dir,

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from tsctl.errors import NOT_ALLOWED_MESSAGE, MethodNotAllowed, NotFound
-from tsctl.server.api import http1, rest_invocations, rest_kserve
+from tsctl.server.api import http1, rest_invocations, rest_kserve, rest_workflows
 from tsctl.server.api.openapi import inference_document
 from tsctl.server.api.plugin_routes import EndpointExchange
 from tsctl.server.api.rest import NOT_FOUND_MESSAGE, error_response
@@ -88,6 +88,9 @@ class InferenceApi:
         elif match is not None or path in ("/ping", "/api-description", "/"):
             answer = MethodNotAllowed(NOT_ALLOWED_MESSAGE)
         else:
+            flow = rest_workflows.route(state, conn, head)  # /wfpredict/{workflow}
+            if flow is not None:
+                return flow
             other = rest_invocations.route(state, conn, head)
             if other is not None:
                 return other

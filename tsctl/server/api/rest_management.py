@@ -19,7 +19,7 @@ import tornado.web
 
 from tsctl.errors import NOT_ALLOWED_MESSAGE, BadRequest, MethodNotAllowed
 from tsctl.plugins.api import EndpointRequest, RequestInfo
-from tsctl.server import management
+from tsctl.server import management, workflows
 from tsctl.server.api import plugin_routes
 from tsctl.server.api.openapi import management_document
 from tsctl.server.api.rest import ApiHandler, NotFoundHandler, log_request
@@ -99,6 +99,47 @@ class ModelHandler(ManagementHandler):
 class SetDefaultHandler(ManagementHandler):
     def put(self, name: str, version: str) -> None:
         self.status(management.set_default(self.state, name, version))
+
+
+class WorkflowApiHandler(ManagementHandler):
+    """TorchServe's workflow management API (`tsctl.server.workflows`), authorized as the
+    model API is."""
+
+    def model_name(self) -> str | None:
+        return None  # a workflow is no model (authorizers see no model)
+
+
+class WorkflowsHandler(WorkflowApiHandler):
+    """`/workflows`: list, register."""
+
+    def get(self) -> None:
+        try:
+            limit = int(self.get_query_argument("limit", "100"))
+            start = int(self.get_query_argument("next_page_token", "0") or 0)
+        except ValueError:
+            raise BadRequest("limit and next_page_token must be integers") from None
+        self.write_json(workflows.list_workflows(self.state, limit, start))
+
+    async def post(self) -> None:
+        params = management.parse(workflows.RegisterWorkflowParams, self.params())
+        message = await workflows.register(
+            self.state,
+            params.url,
+            params.workflow_name,
+            params.response_timeout,
+            params.startup_timeout,
+        )
+        self.write_json({"status": message})
+
+
+class WorkflowHandler(WorkflowApiHandler):
+    """`/workflows/{name}`: describe, unregister."""
+
+    def get(self, name: str) -> None:
+        self.write_json(workflows.describe(self.state, name))
+
+    async def delete(self, name: str) -> None:
+        self.write_json({"status": await workflows.unregister(self.state, name)})
 
 
 class DescriptionHandler(ManagementHandler):
@@ -187,6 +228,8 @@ def make_app(state: ServerState) -> tornado.web.Application:
         (r"/models/([^/]+)/([^/]+)/set-default", SetDefaultHandler, kwargs),
         (r"/models/([^/]+)", ModelHandler, kwargs),
         (r"/models/([^/]+)/([^/]+)", ModelHandler, kwargs),
+        (r"/workflows/?", WorkflowsHandler, kwargs),
+        (r"/workflows/([^/]+)", WorkflowHandler, kwargs),
     ]
     routes = state.plugins.routes
     plugins = routes.api("management") if routes is not None else None
