@@ -236,5 +236,6 @@ def parse_spec(loaded: Any, functions: set[str], handler: str | None) -> Workflo
         start,
         tuple(order),
     )
-    text = "{" + ", ".join(f"{n}=[{', '.join(edges[n])}]" for n in edges) + "}"
+    declared = [str(k).strip() for k in loaded["dag"]]  # as written: leaves it names not
+    text = "{" + ", ".join(f"{n}=[{', '.join(edges[n])}]" for n in declared) + "}"
     return WorkflowSpec(overall, dag, text)

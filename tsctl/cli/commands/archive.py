@@ -143,18 +143,61 @@ def _write_with_progress(plan: Any) -> Path:
         return write_archive(plan, lambda n: bar.advance(task, n))
 
 
+@app.command("workflow")
+def workflow(
+    workflow_name: str = typer.Option(
+        ..., "--workflow-name", help="Workflow name; the archive is named <workflow-name>.war."
+    ),
+    spec_file: Path = typer.Option(
+        ..., "--spec-file", help="The workflow's YAML spec (its models and dag)."
+    ),
+    handler: Path | None = typer.Option(
+        None, "--handler", help="Python file with the functions the dag names."
+    ),
+    extra_files: str | None = typer.Option(
+        None, "--extra-files", help="Comma-separated extra files and directories."
+    ),
+    export_path: Path = typer.Option(
+        Path(), "--export-path", help="Where to write the archive (default: here)."
+    ),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing archive."),
+) -> None:
+    """Package a workflow into a .war archive, as torch-workflow-archiver does."""
+    from tsctl.archive.workflow import WorkflowSpecArgs, write_workflow
+
+    args = WorkflowSpecArgs(
+        workflow_name=workflow_name,
+        spec_file=spec_file,
+        handler=handler,
+        extra_files=tuple(extra_files.split(",")) if extra_files else (),
+        export_path=export_path,
+        force=force,
+    )
+    destination = write_workflow(args)
+    typer.echo(f"wrote {destination}")
+
+
 @app.command("inspect")
 def inspect(
-    path: Path = typer.Argument(..., help="A .mar, a .tar.gz, or a no-archive directory."),
+    path: Path = typer.Argument(
+        ..., help="A .mar, a .tar.gz, a no-archive directory, or a workflow's .war."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
-    """Show an archive's manifest and files."""
+    """Show an archive's manifest and files (a .war's too)."""
     from tsctl.archive.reader import open_archive
+    from tsctl.archive.workflow import open_workflow
 
-    with open_archive(path) as archive:
-        manifest = archive.manifest.to_dict()
-        members = archive.members()
-        kind = archive.kind.value
+    if path.suffix == ".war" and path.is_file():
+        with open_workflow(path) as war:
+            manifest = war.workflow_manifest.to_dict()
+            members = war.members()
+            kind = "war"
+    else:
+        with open_archive(path) as archive:
+            manifest = archive.manifest.to_dict()
+            members = archive.members()
+            kind = archive.kind.value
     if as_json:
         files = [{"name": m.name, "size": m.size, "kind": m.kind} for m in members]
         doc = {"path": str(path), "format": kind, "manifest": manifest, "files": files}

@@ -1,0 +1,300 @@
+"""Workflows end to end: .war archives (tsctl's and TorchServe's), the workflow management API,
+`/wfpredict` through a DAG of models and functions, failures and token authorization."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_serve import assert_error
+from tests.support.daemon import Server
+from tests.support.paths import FIXTURES
+from tsctl.archive.workflow import WorkflowSpecArgs, open_workflow, write_workflow
+from tsctl.archive.writer import ArchiveSpec, plan_archive, write_archive
+
+pytestmark = pytest.mark.slow
+WORKFLOWS = FIXTURES / "workflows"
+HANDLER = WORKFLOWS / "arith_workflow.py"
+TS_ARCHIVER = Path("/tmp/ts-ref/bin/torch-workflow-archiver")
+
+
+def make_models(store: Path, *names: str) -> None:
+    store.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        spec = ArchiveSpec(
+            model_name=name,
+            handler=str(WORKFLOWS / f"{name}.py"),
+            export_path=store,
+            force=True,
+        )
+        write_archive(plan_archive(spec))
+
+
+def make_war(store: Path, name: str, spec: str, handler: Path | None = HANDLER) -> Path:
+    args = WorkflowSpecArgs(name, WORKFLOWS / spec, handler, export_path=store, force=True)
+    return write_workflow(args)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("workflows"))
+    make_models(srv.store, "adder", "doubler", "combiner", "broken")
+    make_war(srv.store, "arith", "arith.yaml")
+    make_war(srv.store, "fork", "fork.yaml")
+    make_war(srv.store, "failing", "failing.yaml")
+    make_war(srv.store, "unknown", "unknown_node.yaml")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def register(server: Server, url: str, name: str = "", **kw: str) -> tuple[int, object]:
+    query = f"url={url}" + (f"&workflow_name={name}" if name else "")
+    reply = server.manage("POST", f"/workflows?{query}", headers=kw or None)
+    return reply.status, reply.json()
+
+
+def wfpredict(server: Server, name: str, body: object, **headers: str) -> object:
+    data = json.dumps(body)
+    return server.request(
+        "POST", f"/wfpredict/{name}", data, {"Content-Type": "application/json", **headers}
+    )
+
+
+def test_three_models_and_functions_with_a_parallel_branch(server: Server) -> None:
+    status, doc = register(server, "arith.war")
+    assert status == 200, doc
+    assert doc == {"status": "Workflow arith has been registered and scaled successfully."}
+    try:
+        reply = wfpredict(server, "arith", {"n": 5}, **{"x-trace": "t-1"})
+        assert reply.status == 200, reply.body
+        assert reply.headers["content-type"] == "application/json"
+        # pre -> {x: 5}; adder 6 and doubler 10 in parallel; combiner gets both by name
+        assert reply.json() == {"result": {"sum": 16, "inputs": ["adder", "doubler"]}}
+        # the nodes are real models, named as TorchServe names them, with their settings
+        models = server.manage("GET", "/models").json()["models"]
+        names = {m["modelName"] for m in models}
+        assert {"arith__adder", "arith__doubler", "arith__combiner", "arith__pre"} <= names
+        doubler = server.manage("GET", "/models/arith__doubler").json()[0]
+        assert (doubler["batchSize"], doubler["maxBatchDelay"]) == (2, 10)
+        assert len(doubler["workers"]) == 1
+        pre = server.manage("GET", "/models/arith__pre").json()[0]
+        assert (pre["batchSize"], pre["maxBatchDelay"]) == (1, 0)
+        # the doubler saw the client's headers (every node does)
+        direct = server.predict("arith__doubler", {"x": 1}, headers={"x-trace": "t-2"})
+        assert direct.json() == {"x": 2, "trace": "t-2"}
+    finally:
+        assert server.manage("DELETE", "/workflows/arith").status == 200
+
+
+def test_several_last_nodes_answer_an_object_by_node(server: Server) -> None:
+    assert register(server, "fork.war", "forked")[0] == 200
+    try:
+        reply = wfpredict(server, "forked", {"n": 3}, **{"x-trace": "f"})
+        assert reply.status == 200, reply.body
+        assert reply.json() == {"adder": {"x": 4}, "doubler": {"x": 6, "trace": "f"}}
+    finally:
+        server.manage("DELETE", "/workflows/forked")
+
+
+def test_register_list_describe_unregister(server: Server) -> None:
+    assert register(server, "fork.war")[0] == 200
+    assert register(server, "arith.war", "second")[0] == 200
+    try:
+        listed = server.manage("GET", "/workflows").json()
+        assert listed == {
+            "workflows": [
+                {"workflowName": "fork", "workflowUrl": "fork.war"},
+                {"workflowName": "second", "workflowUrl": "arith.war"},
+            ]
+        }
+        page = server.manage("GET", "/workflows?limit=1").json()
+        assert page == {
+            "nextPageToken": "1",
+            "workflows": [{"workflowName": "fork", "workflowUrl": "fork.war"}],
+        }
+        described = server.manage("GET", "/workflows/second").json()
+        assert described == [
+            {
+                "workflowName": "second",
+                "workflowUrl": "arith.war",
+                "minWorkers": 1,
+                "maxWorkers": 1,
+                "batchSize": 4,
+                "maxBatchDelay": 10,
+                "workflowDag": "{pre=[adder, doubler], adder=[combiner], doubler=[combiner], "
+                "combiner=[post]}",
+            }
+        ]
+        again = register(server, "fork.war")
+        assert again[0] == 409
+        assert again[1]["message"] == "Workflow fork is already registered."  # type: ignore[index]
+    finally:
+        gone = server.manage("DELETE", "/workflows/fork")
+        assert gone.json() == {"status": 'Workflow "fork" unregistered'}
+        server.manage("DELETE", "/workflows/second")
+    names = {m["modelName"] for m in server.manage("GET", "/models").json()["models"]}
+    assert not any(n.startswith(("fork__", "second__")) for n in names)
+    assert_error(
+        server.manage("GET", "/workflows/fork"),
+        404,
+        "WorkflowNotFoundException",
+        "Workflow not found: fork",
+    )
+    assert server.manage("DELETE", "/workflows/fork").status == 404
+    missing = wfpredict(server, "fork", {"n": 1})
+    assert_error(missing, 404, "WorkflowNotFoundException", "Workflow not found: fork")
+
+
+@pytest.mark.daemon_errors("broken on purpose")
+def test_a_failing_node_fails_the_request_naming_it(server: Server) -> None:
+    assert register(server, "failing.war")[0] == 200
+    try:
+        reply = wfpredict(server, "failing", {"n": 1})
+        assert reply.status == 500
+        doc = reply.json()
+        assert doc["type"] == "InternalServerException"
+        assert "Error executing broken" in doc["message"]
+        assert "after 2 attempts" in doc["message"]  # retry-attempts: 1
+    finally:
+        server.manage("DELETE", "/workflows/failing")
+
+
+def test_bad_specs_are_400_naming_the_problem(server: Server, tmp_path: Path) -> None:
+    status, doc = register(server, "unknown.war")
+    assert status == 400
+    assert doc["type"] == "InvalidDAGException"  # type: ignore[index]
+    assert "unknown node ghost" in doc["message"]  # type: ignore[index]
+    cyclic = tmp_path / "cyclic.yaml"
+    cyclic.write_text("models: {}\ndag:\n  pre: [post]\n  post: [pre2]\n  pre2: [post]\n")
+    war = write_workflow(WorkflowSpecArgs("cyclic", cyclic, HANDLER, export_path=server.store))
+    status, doc = register(server, war.name)
+    assert status == 400
+    assert "a cycle runs through post, pre2" in doc["message"]  # type: ignore[index]
+    for url, problem in (
+        ("../x.war", "Relative path is not allowed"),
+        ("nothing.war", "Workflow not found in workflow store: nothing.war"),
+    ):
+        status, doc = register(server, url)
+        assert status in (400, 404) and problem in doc["message"], doc  # type: ignore[index]
+    status, doc = register(server, "adder.mar")
+    assert status == 400 and "WAR-INF/MANIFEST.json" in doc["message"]  # type: ignore[index]
+    reply = server.manage("POST", "/workflows")
+    assert_error(reply, 400, "BadRequestException", "Parameter url is required.")
+    names = {m["modelName"] for m in server.manage("GET", "/models").json()["models"]}
+    assert not any("__" in n for n in names)  # nothing left of the refused ones
+
+
+def test_tsctl_war_manifest_has_torchserves_shape(tmp_path: Path) -> None:
+    war = make_war(tmp_path, "arith", "arith.yaml")
+    with zipfile.ZipFile(war) as zf:
+        names = set(zf.namelist())
+        manifest = json.loads(zf.read("WAR-INF/MANIFEST.json"))
+    assert names == {"arith.yaml", "arith_workflow.py", "WAR-INF/MANIFEST.json"}
+    assert list(manifest) == ["createdOn", "workflow", "archiverVersion"]
+    assert manifest["workflow"] == {
+        "workflowName": "arith",
+        "specFile": "arith.yaml",
+        "handler": "arith_workflow.py",
+    }
+    if TS_ARCHIVER.exists():  # the reference tool's manifest, key for key
+        made = tmp_path / "ts"
+        made.mkdir()
+        run_ts_archiver(made, "arith", WORKFLOWS / "arith.yaml")
+        with zipfile.ZipFile(made / "arith.war") as zf:
+            theirs = json.loads(zf.read("WAR-INF/MANIFEST.json"))
+            assert set(zf.namelist()) == names
+        assert list(theirs) == list(manifest)
+        assert theirs["workflow"] == manifest["workflow"]
+
+
+def run_ts_archiver(export: Path, name: str, spec: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    subprocess.run(
+        [
+            str(TS_ARCHIVER),
+            "--workflow-name",
+            name,
+            "--spec-file",
+            str(spec),
+            "--handler",
+            str(HANDLER),
+            "--export-path",
+            str(export),
+        ],
+        check=True,
+        env=env,
+        cwd=export,
+    )
+
+
+@pytest.mark.skipif(not TS_ARCHIVER.exists(), reason="TorchServe's torch-workflow-archiver absent")
+def test_a_war_made_by_torchserves_archiver_is_served(server: Server) -> None:
+    run_ts_archiver(server.store, "tsmade", WORKFLOWS / "fork.yaml")
+    with open_workflow(server.store / "tsmade.war") as war:
+        assert war.workflow_manifest.workflow is not None
+        assert war.workflow_manifest.workflow.workflow_name == "tsmade"
+    assert register(server, "tsmade.war")[0] == 200
+    try:
+        reply = wfpredict(server, "tsmade", {"n": 10}, **{"x-trace": "ts"})
+        assert reply.json() == {"adder": {"x": 11}, "doubler": {"x": 20, "trace": "ts"}}
+    finally:
+        server.manage("DELETE", "/workflows/tsmade")
+
+
+def test_cli_archive_workflow(tmp_path: Path, server: Server) -> None:
+    result = server.tsctl(
+        "archive",
+        "workflow",
+        "--workflow-name",
+        "climade",
+        "--spec-file",
+        WORKFLOWS / "fork.yaml",
+        "--handler",
+        HANDLER,
+        "--extra-files",
+        WORKFLOWS / "adder.py",
+        "--export-path",
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "climade.war") as zf:
+        assert "adder.py" in zf.namelist()
+    again = server.tsctl(
+        "archive", "workflow", "--workflow-name", "climade", "--spec-file",
+        WORKFLOWS / "fork.yaml", "--export-path", tmp_path,
+    )  # fmt: skip
+    assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_token_authorization(tmp_path: Path) -> None:
+    srv = Server(tmp_path)
+    make_models(srv.store, "adder", "doubler")
+    make_war(srv.store, "fork", "fork.yaml")
+    srv.start(auth=True)
+    try:
+        keys = json.loads((srv.root / "key_file.json").read_text())
+
+        def bearer(kind: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {keys[kind]['key']}"}
+
+        assert register(srv, "fork.war")[0] == 400
+        assert register(srv, "fork.war", **bearer("inference"))[0] == 400
+        assert register(srv, "fork.war", **bearer("management"))[0] == 200
+        assert srv.manage("GET", "/workflows").status == 400
+        assert srv.manage("GET", "/workflows", headers=bearer("management")).status == 200
+        body = {"n": 1}
+        assert wfpredict(srv, "fork", body).status == 400
+        assert wfpredict(srv, "fork", body, **bearer("management")).status == 400
+        assert wfpredict(srv, "fork", body, **bearer("inference")).status == 200
+        gone = srv.manage("DELETE", "/workflows/fork")
+        assert gone.status == 400
+        assert srv.manage("DELETE", "/workflows/fork", headers=bearer("management")).status == 200
+    finally:
+        srv.stop()
