@@ -69,6 +69,22 @@ def _explain(with_version: bool) -> dict[str, Any]:
     return {"post": {**operation, "operationId": "explanations"}, "put": operation}
 
 
+def _wfpredict() -> dict[str, Any]:
+    """A request through a registered workflow's DAG (docs/workflows.md)."""
+    operation = {
+        **_predict(False)["put"],
+        "operationId": "wfpredict",
+        "description": "Run the request through the workflow's DAG of models and functions; "
+        "the answer is the last node's output, or a JSON object of the last nodes' outputs.",
+        "parameters": [_path("workflow_name")],
+    }
+    return {"post": operation}
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
 def inference_api_description() -> dict[str, Any]:
     return {
         "openapi": "3.0.1",
@@ -96,6 +112,7 @@ def inference_api_description() -> dict[str, Any]:
             "/predictions/{model_name}/{model_version}": _predict(True),
             "/explanations/{model_name}": _explain(False),
             "/explanations/{model_name}/{model_version}": _explain(True),
+            "/wfpredict/{workflow_name}": _wfpredict(),
         },
     }
 
@@ -124,6 +141,7 @@ def _query(name: str, kind: str, description: str) -> dict[str, Any]:
 def management_api_description() -> dict[str, Any]:
     name = _model_params(False)
     name_version = _model_params(True)
+    wf = _path("workflow_name")
     scale_params = [
         _query("min_worker", "integer", "Workers to keep"),
         _query("max_worker", "integer", "Upper bound"),
@@ -170,6 +188,30 @@ def management_api_description() -> dict[str, Any]:
             },
             "/models/{model_name}/{model_version}/set-default": {
                 "put": _op("setDefault", "Make this version the default", name_version),
+            },
+            "/workflows": {
+                "get": _op(
+                    "listWorkflows",
+                    "Registered workflows, sorted by name",
+                    [
+                        _query("limit", "integer", "Page size (default and at most 100)"),
+                        _query("next_page_token", "string", "Where the page starts"),
+                    ],
+                ),
+                "post": _op(
+                    "registerWorkflow",
+                    "Register a workflow archive (.war) and its models",
+                    [
+                        _query("url", "string", "A .war in the workflow store"),
+                        _query("workflow_name", "string", "Name (default: the manifest's)"),
+                        _query("response_timeout", "integer", "Seconds a node's request may take"),
+                        _query("startup_timeout", "integer", "Seconds a worker may take to load"),
+                    ],
+                ),
+            },
+            "/workflows/{workflow_name}": {
+                "get": _op("describeWorkflow", "The workflow's description", [wf]),
+                "delete": _op("unregisterWorkflow", "Unregister it and its models", [wf]),
             },
         },
     }
