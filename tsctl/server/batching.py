@@ -39,12 +39,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tsctl.errors import QueueFull
 from tsctl.plugins.api import BatchingStrategy
 from tsctl.server.deadlines import Deadlines
 from tsctl.server.request import Job
+
+if TYPE_CHECKING:
+    from tsctl.server.sessions import Sessions
 
 #: how long an answered connection counts as "about to send again" (seconds)
 SOURCE_WINDOW = 1.0
@@ -68,6 +71,13 @@ class ModelQueue:
         #: which worker serves each sequence (least recently used first)
         self._owners: OrderedDict[str, Hashable] = OrderedDict()
         self._pinned = 0  # queued jobs that belong to a sequence
+        #: each session's job a worker runs now: its next one waits (one at a time, in order)
+        self._running: dict[str, Job] = {}
+        #: how many sequences each worker serves, and the most it may (0: no limit)
+        self._owned: dict[Hashable, int] = {}
+        self.sequence_cap = 0
+        #: the model's stateful sessions, if it has them (`tsctl.server.sessions`)
+        self.sessions: Sessions | None = None
         self._pruned = 0.0  # when idle sources were last looked for
         self._polled = 0  # sources without `when_closed`: asked `closed()` when counted
         self._closed: Exception | None = None  # `drop_all`'s error: the queue is closed
@@ -112,6 +122,8 @@ class ModelQueue:
             self._wake()
         else:  # only its worker may take it: let every collector look
             self._pinned += 1
+            if self.sessions is not None:
+                self.sessions.queued(job)
             self._wake(everyone=True)
 
     def requeue_front(self, jobs: list[Job]) -> None:
@@ -123,7 +135,10 @@ class ModelQueue:
         for job in reversed(jobs):
             if not job.done:
                 self._jobs.appendleft(job)
-                self._pinned += job.sequence is not None
+                if job.sequence is not None:
+                    self._pinned += 1
+                    if self._running.get(job.sequence) is job:
+                        del self._running[job.sequence]
         if self._jobs:
             self._wake(everyone=self._pinned > 0)
 
@@ -143,6 +158,27 @@ class ModelQueue:
         answer for its source."""
         self.deadlines.answered(job)
         self.answered(job.source, self.clock())
+        if job.sequence is not None:
+            self._sequence_settled(job)
+
+    def _sequence_settled(self, job: Job) -> None:
+        """A job of a sequence has its answer: the sequence's next job may run."""
+        sequence = job.sequence or ""
+        if self._running.get(sequence) is job:
+            del self._running[sequence]
+            if self._pinned:
+                self._wake(everyone=True)
+        if self.sessions is not None:
+            self.sessions.settled(job)
+
+    def sequence_free(self, job: Job) -> None:
+        """`job` still runs (a continuous batch streams it) but its sequence's next job may
+        run beside it."""
+        sequence = job.sequence or ""
+        if self._running.get(sequence) is job:
+            del self._running[sequence]
+            if self._pinned:
+                self._wake(everyone=True)
 
     def forget(self, source: Hashable) -> None:
         """`source`'s connection closed: forget it (once its last answer is in, if it still
@@ -203,11 +239,12 @@ class ModelQueue:
                 self._pinned -= job.sequence is not None
                 continue
             if job.sequence is not None:
-                owner = self._owners.get(job.sequence)
-                if owner is not None and owner is not worker:
+                if not self._may_take(job.sequence, worker):
                     index += 1
                     continue
                 self._own(job.sequence, worker)
+                if self.sessions is not None:
+                    self._running[job.sequence] = job
                 self._pinned -= 1
             del self._jobs[index]
             if self._held is not None:
@@ -221,16 +258,16 @@ class ModelQueue:
         whether it was taken. For a strategy that chooses jobs out of arrival order."""
         if job.done:
             return False
-        if job.sequence is not None:
-            owner = self._owners.get(job.sequence)
-            if owner is not None and owner is not worker:
-                return False
+        if job.sequence is not None and not self._may_take(job.sequence, worker):
+            return False
         try:
             self._jobs.remove(job)  # by identity: jobs compare as themselves
         except ValueError:
             return False  # taken by another collector, or never queued here
         if job.sequence is not None:
             self._own(job.sequence, worker)
+            if self.sessions is not None:
+                self._running[job.sequence] = job
             self._pinned -= 1
         if self._held is not None:
             self._held.setdefault(worker, []).append(job)
@@ -239,17 +276,25 @@ class ModelQueue:
     def waiting(self, worker: Hashable | None = None) -> list[Job]:
         """A snapshot of the jobs waiting, oldest first: those not answered yet that `worker`
         may run (a sequence another worker serves is left out). Taking one is `take_job`."""
-        owners = self._owners
         return [
             job
             for job in self._jobs
-            if not job.done
-            and (
-                job.sequence is None
-                or (owner := owners.get(job.sequence)) is None
-                or owner is worker
-            )
+            if not job.done and (job.sequence is None or self._may_take(job.sequence, worker))
         ]
+
+    def _may_take(self, sequence: str, worker: Hashable | None) -> bool:
+        """Whether `worker` may run the next job of `sequence` now: it is `worker`'s sequence,
+        or nobody's and `worker` serves fewer than `sequence_cap` sequences; and, for a
+        session (a model with `sessions`), none of its jobs runs."""
+        if self.sessions is not None:
+            running = self._running.get(sequence)
+            if running is not None and not running.done:
+                return False
+        owner = self._owners.get(sequence)
+        if owner is None:
+            cap = self.sequence_cap
+            return not cap or worker is None or self._owned.get(worker, 0) < cap
+        return owner is worker
 
     def record_takes(self) -> None:
         """Record from now on which jobs each worker's collector takes (`taken_by`). The pool
@@ -269,16 +314,42 @@ class ModelQueue:
     def _own(self, sequence: str, worker: Hashable | None) -> None:
         if worker is None:
             return
+        if self._owners.get(sequence) is None:
+            self._owned[worker] = self._owned.get(worker, 0) + 1
         self._owners[sequence] = worker
         self._owners.move_to_end(sequence)
         while len(self._owners) > MAX_SEQUENCES:
-            self._owners.popitem(last=False)
+            self._disown(self._owners.popitem(last=False)[1])
+
+    def _disown(self, worker: Hashable) -> None:
+        count = self._owned.get(worker, 0) - 1
+        if count > 0:
+            self._owned[worker] = count
+        else:
+            self._owned.pop(worker, None)
+
+    def drop_sequence(self, sequence: str, error: Exception) -> None:
+        """`sequence` is closed (a session that ended or expired): its waiting jobs are
+        answered with `error`, and its worker serves it no more."""
+        dropped = [job for job in self._jobs if job.sequence == sequence]
+        if dropped:
+            self._jobs = deque(job for job in self._jobs if job.sequence != sequence)
+            self._pinned -= len(dropped)
+        owner = self._owners.pop(sequence, None)
+        if owner is not None:
+            self._disown(owner)
+        self._running.pop(sequence, None)
+        for job in dropped:
+            job.answer(copy.copy(error).with_traceback(None))
+        if self._pinned:
+            self._wake(everyone=True)
 
     def release(self, worker: Hashable) -> None:
         """`worker` is gone: its sequences may move to another worker, and jobs its collector
         took and never handed over (`taken_by`) go back to the front of the queue."""
         for sequence in [s for s, w in self._owners.items() if w is worker]:
             del self._owners[sequence]
+        self._owned.pop(worker, None)
         if self._held is not None and self._held.get(worker):
             self.requeue_front(self._held.pop(worker))
         if self._pinned:

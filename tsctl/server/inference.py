@@ -51,14 +51,17 @@ def submit(
     given (the caller settles the job, as `Pending.result` does), else to `on_answer`, called
     directly by whatever answers the job (a worker's batch, its deadline, the queue closing,
     `job.answer(ClientGone())` from a caller whose client went away), after the queue's
-    bookkeeping."""
+    bookkeeping. A stateful model's request joins its session (`tsctl.server.sessions`:
+    `sequence`, else its `ts_request_sequence_id` header, else a new one: `job.sequence`)."""
     if mv.pool.target == 0:
         raise ServiceUnavailable(
             f'Model "{mv.name}" has no worker to serve inference request. '
             "Please use scale workers API to add workers."
         )
-    entry = frame_entry(request, mv.batch_size)
     queue = mv.queue
+    if queue.sessions is not None:  # a stateful model: every request is in a session
+        request, sequence = queue.sessions.admit(request, sequence)
+    entry = frame_entry(request, mv.batch_size)
     job = Job(
         request,
         future,

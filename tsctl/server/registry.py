@@ -36,6 +36,7 @@ from tsctl.plugins.api import BatchingStrategy
 from tsctl.server.batching import DefaultBatching, ModelQueue
 from tsctl.server.config import ServerConfig
 from tsctl.server.deps import install as model_deps
+from tsctl.server.sessions import Sessions, SessionSettings
 from tsctl.server.settings import (
     LoadOptions,
     ModelSettings,
@@ -45,9 +46,11 @@ from tsctl.server.settings import (
     whole,
 )
 from tsctl.server.telemetry.prometheus import Metrics
+from tsctl.server.workers.inflight import AsyncWorkerProcess
 from tsctl.server.workers.pool import PoolSettings, WorkerPool
 from tsctl.server.workers.process import WorkerProcess
 from tsctl.server.workers.spares import Spares, cpu_count
+from tsctl.server.workers.torchrun import launcher as torchrun_launcher
 from tsctl.validation import first_problem
 
 log = logging.getLogger("tsctl.server")
@@ -306,6 +309,10 @@ class Registry:
         named = settings.batching_strategy or settings.batching_options is not None
         strategy = self._batching(model_name, settings if named else configured)
         queue = ModelQueue(cfg.job_queue_size)
+        # several processes per instance (parallelType, torchrun): None for one
+        torchrun = torchrun_launcher(model_name, settings, cfg.number_of_gpu)
+        if settings.sequence_batching:
+            _sessions(model_name, settings, queue, batch_size, min_workers, max_workers)
         pool_settings = PoolSettings(
             batch_size=batch_size,
             max_batch_delay=delay,
@@ -326,6 +333,13 @@ class Registry:
             startup_timeout=startup_timeout,
             service_envelope=cfg.service_envelope,
             declared_metrics=self.metrics.model_declarations(),
+            async_communication=bool(
+                first(settings.async_communication, configured.async_communication, False)
+            ),
+        )
+        # asyncCommunication: batches in flight per worker (TorchServe sends all it has)
+        in_flight = first(
+            settings.max_batches_in_flight, configured.max_batches_in_flight, cfg.job_queue_size
         )
         pool = WorkerPool(
             f"{model_name}_{version}",
@@ -333,7 +347,9 @@ class Registry:
             queue,
             pool_settings,
             # the spec as it is when a worker starts (`add` fills in its dependencies)
-            self._worker_factory(lambda: mv.worker_spec, self._gpu_chooser(settings)),
+            self._worker_factory(lambda: mv.worker_spec, self._gpu_chooser(settings), in_flight)
+            if torchrun is None
+            else torchrun.factory(lambda: mv.worker_spec),
             self.metrics,
             strategy,
         )
@@ -390,13 +406,18 @@ class Registry:
         return made
 
     def _worker_factory(
-        self, spec: Callable[[], WorkerSpec], next_gpu: Callable[[], int | None]
+        self,
+        spec: Callable[[], WorkerSpec],
+        next_gpu: Callable[[], int | None],
+        in_flight: int = 1,
     ) -> Callable[[str], WorkerProcess]:
         def make(worker_id: str) -> WorkerProcess:
             threads = self.config.worker_threads or max(
                 1, cpu_count() // max(1, self.total_workers())
             )
             assigned = replace(spec(), worker_id=worker_id, threads=threads, gpu_id=next_gpu())
+            if assigned.async_communication:
+                return AsyncWorkerProcess(assigned, self.spares.take(), max_in_flight=in_flight)
             return WorkerProcess(assigned, self.spares.take())
 
         return make
@@ -421,3 +442,30 @@ class Registry:
     def _discard(self, mv: ModelVersion) -> None:
         if mv.extracted:
             shutil.rmtree(mv.model_dir, ignore_errors=True)
+
+
+def _sessions(
+    model: str,
+    settings: ModelSettings,
+    queue: ModelQueue,
+    batch_size: int,
+    min_workers: int,
+    max_workers: int,
+) -> Sessions:
+    """The stateful sessions of a model with `sequenceBatching: true`, on its queue."""
+    if not settings.sequence_max_idle_msec:
+        raise ArchiveError(
+            f"model {model}: sequenceBatching needs sequenceMaxIdleMSec (over 0), how long "
+            "a session may stay idle"
+        )
+    session_settings = SessionSettings.of(
+        settings.sequence_max_idle_msec,
+        settings.sequence_timeout_msec,
+        settings.max_sequence_job_queue_size,
+        settings.max_num_sequence,
+        settings.continuous_batching,
+        batch_size,
+        min_workers,
+        max(max_workers, min_workers),
+    )
+    return Sessions(model, session_settings, queue)

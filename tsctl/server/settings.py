@@ -10,9 +10,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tsctl.errors import ArchiveError, BadRequest
+
+#: TorchServe's `parallelType`s that start an instance's processes with torchrun: with `tp`
+#: and `pptp` every rank runs every batch, with `pp` only rank 0 does
+PARALLEL_TYPES = ("tp", "pp", "pptp")
+
+
+class TorchrunSettings(BaseModel):
+    """The `torchrun` section of a `model-config.yaml` (TorchServe's keys): how the processes
+    of one model instance are started (`tsctl.server.workers.torchrun`)."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    nnodes: int = Field(default=1, ge=1, le=1)  # an instance's ranks are on this machine
+    nproc_per_node: int = Field(default=1, alias="nproc-per-node", ge=1, le=64)
+    rdzv_backend: str = Field(default="c10d", alias="rdzv-backend", min_length=1)
+    #: default: `localhost:0`, a free port per instance (TorchServe's default, 29400, would
+    #: make two instances on one machine meet)
+    rdzv_endpoint: str | None = Field(default=None, alias="rdzv-endpoint", min_length=1)
+    rdzv_conf: str | None = Field(default=None, alias="rdzv-conf", min_length=1)
+    monitor_interval: float | None = Field(default=None, alias="monitor-interval", gt=0)
+    node_rank: int = Field(default=0, alias="node-rank", ge=0, le=0)
+    #: each rank's OMP_NUM_THREADS (and torch threads)
+    omp_number_threads: int = Field(default=1, alias="OMP_NUMBER_THREADS", ge=1)
 
 
 class ModelSettings(BaseModel):
@@ -32,10 +55,37 @@ class ModelSettings(BaseModel):
     device_type: str | None = Field(default=None, alias="deviceType")
     #: the GPUs this model's workers take, round robin (default: every GPU of the server)
     device_ids: list[int] | None = Field(default=None, alias="deviceIds")
+    #: stateful sessions (TorchServe's sequence batching: `tsctl.server.sessions`)
+    sequence_batching: bool = Field(default=False, alias="sequenceBatching")
+    continuous_batching: bool = Field(default=False, alias="continuousBatching")
+    sequence_max_idle_msec: int = Field(default=0, alias="sequenceMaxIdleMSec", ge=0)
+    sequence_timeout_msec: int = Field(default=0, alias="sequenceTimeoutMSec", ge=0)
+    max_sequence_job_queue_size: int = Field(default=1, alias="maxSequenceJobQueueSize", ge=1)
+    max_num_sequence: int = Field(default=1, alias="maxNumSequence", ge=1)
     #: who forms its batches: "default" (tsctl's, TorchServe's way) or a loaded batching
     #: strategy plugin's name (`tsctl.plugins`), with that strategy's own options
     batching_strategy: str | None = Field(default=None, alias="batchingStrategy", min_length=1)
     batching_options: dict[str, Any] | None = Field(default=None, alias="batchingOptions")
+    #: one instance of several processes started by torchrun (`tsctl.server.workers.torchrun`):
+    #: `parallelType`, and `parallelLevel` ranks (the `torchrun` section's nproc-per-node)
+    parallel_type: str | None = Field(default=None, alias="parallelType")
+    parallel_level: int | None = Field(default=None, alias="parallelLevel", ge=0, le=64)
+    torchrun: TorchrunSettings | None = None
+    #: TorchServe's `asyncCommunication`: an `async def handle` with several batches in
+    #: flight in each worker, at most `maxBatchesInFlight` (tsctl's own; default: the
+    #: server's `job_queue_size`, what the model's queue may hold)
+    async_communication: bool | None = Field(default=None, alias="asyncCommunication")
+    max_batches_in_flight: int | None = Field(default=None, alias="maxBatchesInFlight", ge=1)
+
+    @field_validator("parallel_type")
+    @classmethod
+    def _known_parallel_type(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.lower() not in PARALLEL_TYPES:
+            known = ", ".join(PARALLEL_TYPES)
+            raise ValueError(f"{value!r} is not a parallelType tsctl runs (use one of {known})")
+        return value.lower()
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,13 @@ class Context:
         self.request_ids: dict[int, str] = {}
         self._request_processor: list[RequestProcessor] = []
         self.metrics: Any = metrics
-        #: TorchServe's hook for generation handlers; tsctl does not use it
+        #: continuous batching (TorchServe's): one callable per request of the batch, given its
+        #: answer: True ends its stream, False streams on (`ts_stream_next`), None: no stream
         self.stopping_criteria: Any = None
+        #: the stateful-session headers' names (TorchServe's defaults)
+        self.header_key_sequence_id = "ts_request_sequence_id"
+        self.header_key_sequence_start = "ts_request_sequence_start"
+        self.header_key_sequence_end = "ts_request_sequence_end"
         #: set by the worker for each batch: sends intermediate answers (streaming handlers)
         self.send_intermediate: Any = None
 
@@ -116,7 +121,7 @@ class Context:
 
     def get_sequence_id(self, idx: int) -> Any:
         """The sequence id of a stateful (sequence batching) request, from its header."""
-        return self.get_request_header(idx, "ts_request_sequence_id")
+        return self.get_request_header(idx, self.header_key_sequence_id)
 
     def set_response_content_type(self, idx: int, value: str) -> None:
         self.set_response_header(idx, "content-type", value)

@@ -39,7 +39,7 @@ from tsctl.ipc.messages import (
     WireResponse,
 )
 from tsctl.ipc.oip import KSERVE_V1_MEDIA, OIP_MEDIA, PART_NAME
-from tsctl.worker import oip
+from tsctl.worker import awaiting, oip
 from tsctl.worker.context import Context, RequestProcessor
 from tsctl.worker.envelope import EnvelopeInputError, split, unwrap_handler
 from tsctl.worker.loader import Entry
@@ -166,6 +166,9 @@ class Service:
     def __init__(self, entry: Entry, context: Context) -> None:
         self.entry = entry
         self.context = context
+        #: the handler's awaitables are awaited (its worker runs an event loop:
+        #: `asyncCommunication`); else one is a configuration error
+        self.awaits = False
         self.plain_entry, self.envelope = split(entry)
         model = (getattr(context, "manifest", None) or {}).get("model") or {}
         self.model_version = str(model.get("modelVersion") or "")
@@ -177,10 +180,24 @@ class Service:
         ]
 
     def run(self, batch: Batch, send: Callable[[Chunk], None] | None = None) -> Result:
+        """Run one batch (`run_batch`) with a handler that is not asynchronous: nothing in it
+        awaits, so it runs to its end at once."""
+        running = self.run_batch(batch, send)
+        try:
+            running.send(None)
+        except StopIteration as done:
+            result: Result = done.value
+            return result
+        running.close()  # only `awaits` (an asyncCommunication worker) awaits: not here
+        raise RuntimeError("a batch awaited outside the worker's event loop")
+
+    async def run_batch(self, batch: Batch, send: Callable[[Chunk], None] | None = None) -> Result:
         """Run one batch. A handler that streams (yields lists, or calls
         `context.send_intermediate(answers)`) has each intermediate list sent through `send`
         as a `Chunk`; its last list is the final answer. Requests whose input cannot be
-        decoded are answered with their failure and left out of the handler's batch."""
+        decoded are answered with their failure and left out of the handler's batch. An
+        asynchronous handler's answer is awaited when `awaits` (its worker's event loop runs
+        this coroutine), else it is the configuration error `awaiting.NOT_ASYNC`."""
         responses: dict[int, WireResponse] = {}
         plans: dict[int, _Plan] = {}
         for i, request in enumerate(batch.requests):
@@ -202,7 +219,7 @@ class Service:
         for members in groups:
             entry = self.entry if plans[members[0]].wrapped else self.plain_entry
             streams = send if len(groups) == 1 else None
-            outcome = self._call(entry, batch, members, plans, responses, streams)
+            outcome = await self._call(entry, batch, members, plans, responses, streams)
             handler_ms += outcome.handler_ms
             metrics.extend(outcome.metrics)
             if outcome.failure is None:
@@ -227,7 +244,7 @@ class Service:
             return _Plan(_instances(parts[0]), False, "v1", explain=explain)
         return _Plan([{p.name: decode_value(p) for p in parts}])
 
-    def _call(
+    async def _call(
         self,
         entry: Entry,
         batch: Batch,
@@ -293,6 +310,13 @@ class Service:
             answers = entry(rows, context)
             if inspect.isgenerator(answers):
                 answers = _last_of(answers, intermediate)
+            elif awaiting.is_async(answers):
+                if not self.awaits:
+                    awaiting.discard(answers)
+                    message = awaiting.NOT_ASYNC.format(what="the handler's answer")
+                    failure = Failure(FailureKind.MISCONFIGURED, message)
+                    return Result(batch.batch_id, failure=failure)
+                answers = await awaiting.settle(answers, intermediate)
         except Exception as exc:
             ids_text = ", ".join(batch.requests[i].request_id for i in members)
             log.error(
@@ -350,6 +374,8 @@ class Service:
         if isinstance(answer, EnvelopeInputError):
             return WireResponse(failure=Failure(FailureKind.INVALID_INPUT, answer.message))
         processor = self.context.request_processor[idx]
+        if self.context.stopping_criteria:
+            _stream_next(self.context.stopping_criteria, processor, idx, answer)
         headers = processor.get_response_headers()
         content_type = headers.get("content-type") or headers.get("Content-Type") or ""
         extra = [(k, v) for k, v in headers.items() if k.lower() != "content-type"]
@@ -411,6 +437,19 @@ class Service:
             message = f"handler output is no OIP answer: {type(exc).__name__}: {exc}"
             return WireResponse(failure=Failure(FailureKind.BAD_OUTPUT, message))
         return WireResponse(200, reply.content_type, reply.body, reply.headers)
+
+
+def _stream_next(criteria: Any, processor: RequestProcessor, idx: int, answer: Any) -> None:
+    """TorchServe's continuous batching: the handler's stopping criterion for request `idx`
+    says whether its stream ends (True: `ts_stream_next: false`), goes on (False: `true`, the
+    frontend sends the request again with the next batch) or is none (None: a plain answer)."""
+    try:
+        stop = criteria[idx](answer)
+    except Exception:
+        log.error("the stopping criterion of request %s raised:\n%s", idx, traceback.format_exc())
+        return
+    if stop is not None:
+        processor.add_response_property("ts_stream_next", "false" if stop else "true")
 
 
 def _instances(part: Part) -> list[Any]:

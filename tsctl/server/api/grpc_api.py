@@ -13,6 +13,7 @@ INTERNAL with a request id and no details. Message sizes follow `max_request_siz
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -38,6 +39,7 @@ from tsctl.server.api.grpc_errors import funnel, funnel_stream, status_of
 from tsctl.server.config import ServerConfig
 from tsctl.server.inference import Pending
 from tsctl.server.request import InferenceRequest, Response, new_request_id
+from tsctl.server.sessions import SEQUENCE_ID, SEQUENCE_START, SequenceIdRequired
 from tsctl.server.state import ServerState
 
 HEALTHY = json.dumps({"status": "Healthy"}, indent=2)
@@ -84,6 +86,7 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         on_chunk: Callable[[Response], None] | None = None,
         sequence: str | None = None,
         rpc: str = "Predictions",
+        sequences: list[str] | None = None,
     ) -> bytes:
         meta = _metadata(context)
         state = self.state
@@ -91,11 +94,23 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
             path = INFERENCE_PATH + rpc
             state.authorize(request_info(context, meta, "inference", path, request.model_name))
         mv = state.model_for_inference(request.model_name, request.model_version or None)
+        if sequences is not None and sequence is None and mv.queue.sessions is not None:
+            start = bytes(request.input.get(SEQUENCE_START, b"")).lower()
+            if start != b"true":  # TorchServe's rule: a new session is asked for explicitly
+                raise SequenceIdRequired(
+                    f"Parameter sequenceId is required (or input {SEQUENCE_START}: true, "
+                    "to open a new session)"
+                )
         parts = [Part(name, "", bytes(value)) for name, value in request.input.items()]
         request_id = new_request_id(meta.get("x-request-id"))
-        wire = InferenceRequest(request_id, parts, list(meta.items()), time.monotonic())
+        headers = list(meta.items())
+        if sequence is not None:  # the handler reads it (`context.get_sequence_id`)
+            headers.append((SEQUENCE_ID, sequence))
+        wire = InferenceRequest(request_id, parts, headers, time.monotonic())
         # the peer (one HTTP/2 connection, many calls) is the batcher's source
         pending = Pending(mv, wire, context.peer(), on_chunk, sequence)
+        if sequences is not None and pending.job.sequence is not None:
+            sequences.append(pending.job.sequence)  # a stateful model's new session's too
         try:
             response = await pending.result()
         except BaseException:
@@ -140,25 +155,58 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
     async def StreamPredictions2(
         self, requests: AsyncIterator[Any], context: aio.ServicerContext
     ) -> AsyncGenerator[Any, None]:
-        """One answer per request, in order; a request that fails has its error in the
-        answer's `status`, and the stream goes on (a bug ends it through the funnel)."""
+        """One answer per request, in order (and before it, one per intermediate answer of
+        a continuous batch: `tsctl.server.sessions`); a request that fails has its error in
+        the answer's `status`, and the stream goes on (a bug ends it through the funnel). A
+        stateful model's request without `sequence_id` opens a session: its answers carry
+        the new id."""
         from google.rpc import status_pb2
 
         async for request in requests:
             sequence = request.sequence_id if request.HasField("sequence_id") else None
-            try:
-                body = await self._predict(
-                    request, context, sequence=sequence, rpc="StreamPredictions2"
+            sequence = sequence or None
+            chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+            sequences: list[str] = []
+            final = asyncio.ensure_future(
+                self._predict(
+                    request,
+                    context,
+                    functools.partial(_put_body, chunks),
+                    sequence,
+                    "StreamPredictions2",
+                    sequences,
                 )
-                answer = inference_pb2.PredictionResponse(prediction=body)
+            )
+            final.add_done_callback(functools.partial(_put_end, chunks))
+            try:
+                while (body := await chunks.get()) is not None:
+                    yield _with_sequence(
+                        inference_pb2.PredictionResponse(prediction=body), sequences
+                    )
+                answer = inference_pb2.PredictionResponse(prediction=await final)
             except TsctlError as exc:
                 code, message = status_of(exc)
                 answer = inference_pb2.PredictionResponse(
                     status=status_pb2.Status(code=code.value[0], message=message)
                 )
-            if sequence is not None:
-                answer.sequence_id = sequence
-            yield answer
+            finally:
+                final.cancel()
+            yield _with_sequence(answer, sequences or ([sequence] if sequence else []))
+
+
+def _put_body(chunks: asyncio.Queue[bytes | None], response: Response) -> None:
+    chunks.put_nowait(bytes(response.body))
+
+
+def _put_end(chunks: asyncio.Queue[bytes | None], _: object) -> None:
+    chunks.put_nowait(None)
+
+
+def _with_sequence(answer: Any, sequences: list[str]) -> Any:
+    """`answer` with the session id its request had (`sequences`: none or one)."""
+    if sequences:
+        answer.sequence_id = sequences[0]
+    return answer
 
 
 #: TorchServe's gRPC answer to register and unregister while `enable_model_api` is off

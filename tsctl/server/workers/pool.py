@@ -45,7 +45,9 @@ from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, Worke
 from tsctl.plugins.api import BatchingStrategy
 from tsctl.server.batching import DefaultBatching, ModelQueue
 from tsctl.server.request import Job, Response
+from tsctl.server.sessions import continued
 from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
+from tsctl.server.workers.inflight import AsyncWorkerProcess, serve_concurrently
 from tsctl.server.workers.process import WorkerProcess
 
 log = logging.getLogger("tsctl.server")
@@ -82,6 +84,8 @@ def error_for(failure: Failure) -> TsctlError:
         return OutOfResources(failure.message)
     if failure.kind is FailureKind.HANDLER_ERROR:
         return PredictionFailed(PREDICTION_FAILED)
+    if failure.kind is FailureKind.MISCONFIGURED:  # the operator's to fix: 500, named
+        return TsctlError(failure.message)
     return prediction_failed(failure.message, failure.status)
 
 
@@ -131,6 +135,8 @@ class WorkerPool:
         self._tasks: set[asyncio.Future[Any]] = set()
         #: workers whose serving loop waits for a batch (cancelled at once if they die)
         self._idle: set[WorkerProcess] = set()
+        #: each worker's requests a continuous batch streams: sent again with its next batch
+        self._carry: dict[WorkerProcess, list[Job]] = {}
         #: the model version's batching strategy (`configure`d for it), and how it is called:
         #: the default one directly (its methods are `tsctl.server.batching`'s functions),
         #: a plugin through the checks of `_plugin_batch` and `_plugin_ready_batch`
@@ -183,7 +189,10 @@ class WorkerPool:
             await worker.stop()
             raise ServiceUnavailable(f"model {self.name} is being unloaded")
         self.workers.append(worker)
-        self._loops[worker] = asyncio.create_task(self._serve(worker))
+        if isinstance(worker, AsyncWorkerProcess):  # asyncCommunication: many batches at once
+            self._loops[worker] = asyncio.create_task(serve_concurrently(self, worker))
+        else:
+            self._loops[worker] = asyncio.create_task(self._serve(worker))
         worker.when_dead(lambda: self._died(worker))
         log.info("worker %s started (pid %s)", worker.worker_id, worker.pid)
         return worker
@@ -206,6 +215,12 @@ class WorkerPool:
         sent: _Sent | None = None
         try:
             while sent is not None or worker.state == WorkerState.READY:
+                if sent is None and (carried := self._carry.pop(worker, None)):
+                    jobs = continued(self.queue, carried, settings.batch_size, worker)
+                    sent = self._send(worker, jobs)
+                    if sent is None:
+                        jobs = []
+                        continue
                 if sent is None:
                     self._idle.add(worker)
                     try:
@@ -242,6 +257,9 @@ class WorkerPool:
             await worker.dead.wait()
         finally:
             self._loops.pop(worker, None)
+            _fail(
+                self._carry.pop(worker, []), PredictionFailed(f"worker {worker.worker_id} stopped")
+            )
             self._unwatch(worker)
             self.queue.release(worker)
             if worker in self.workers:
@@ -305,7 +323,7 @@ class WorkerPool:
         finally:
             self._due[worker] = 0.0
         following = None
-        if worker.state == WorkerState.READY:
+        if worker.state == WorkerState.READY and self.queue.sessions is None:
             ready = self._ready_batch(self.queue, self.settings.batch_size, worker)
             if ready:
                 following = self._send(worker, ready)
@@ -389,19 +407,25 @@ class WorkerPool:
             _fail(live, error_for(result.failure))
             return
         # bodies over max_response_size were skipped as they were read (RESPONSE_TOO_LARGE)
+        sessions = self.queue.sessions
         for job, answer in zip(live, result.responses, strict=True):
             if answer.failure is not None:
                 job.answer(error_for(answer.failure))
-            else:
-                job.answer(
-                    Response(
-                        answer.status,
-                        answer.content_type,
-                        answer.body,
-                        tuple(answer.headers),
-                        answer.reason,
-                    )
-                )
+                continue
+            response = Response(
+                answer.status,
+                answer.content_type,
+                answer.body,
+                tuple(answer.headers),
+                answer.reason,
+            )
+            if sessions is not None and job.sequence is not None:
+                kept = sessions.answered(job, response)
+                if kept is None:  # streamed on: sent again with the worker's next batch
+                    self._carry.setdefault(worker, []).append(job)
+                    continue
+                response = kept
+            job.answer(response)
 
     def _record_dispatch(self, jobs: list[Job], now: float) -> None:
         series = self.metrics.for_model(self.model_name, self.version)  # bound once
@@ -491,6 +515,8 @@ class WorkerPool:
     async def close(self, error: TsctlError) -> None:
         """Stop every worker (after in-flight batches) and fail what is still queued."""
         self._closed = True
+        if self.queue.sessions is not None:
+            self.queue.sessions.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(self._retire(w) for w in list(self.workers)))
