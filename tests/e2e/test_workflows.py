@@ -49,6 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     make_war(srv.store, "fork", "fork.yaml")
     make_war(srv.store, "failing", "failing.yaml")
     make_war(srv.store, "unknown", "unknown_node.yaml")
+    make_war(srv.store, "missing", "missing_model.yaml")
     srv.start()
     yield srv
     srv.stop()
@@ -185,6 +186,13 @@ def test_bad_specs_are_400_naming_the_problem(server: Server, tmp_path: Path) ->
         assert status in (400, 404) and problem in doc["message"], doc  # type: ignore[index]
     status, doc = register(server, "adder.mar")
     assert status == 400 and "WAR-INF/MANIFEST.json" in doc["message"]  # type: ignore[index]
+    status, doc = register(server, "missing.war")  # a model that cannot load: rolled back
+    assert status == 500
+    assert doc["message"] == (  # type: ignore[index]
+        "Workflow missing has failed to register. Failures: [Workflow Node lost failed to "
+        "register. Details: Model not found at: missing.mar]"
+    )
+    assert server.manage("GET", "/workflows/missing").status == 404
     reply = server.manage("POST", "/workflows")
     assert_error(reply, 400, "BadRequestException", "Parameter url is required.")
     names = {m["modelName"] for m in server.manage("GET", "/models").json()["models"]}

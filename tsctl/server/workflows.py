@@ -39,9 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from tsctl.archive.manifest import Runtime, new_manifest
 from tsctl.archive.workflow import check_workflow_name, open_workflow
 from tsctl.errors import (
+    NOT_ALLOWED_MESSAGE,
     BadRequest,
     Conflict,
     InferenceTimeout,
+    MethodNotAllowed,
     ModelNotFound,
     NotFound,
     RequestTooLarge,
@@ -256,7 +258,9 @@ async def _register_node(
         url = str(wf.directory)
     else:
         url = node.url
-        if download.is_remote(url):
+        if download.is_remote(url):  # as `POST /models` with a URL: model API and allowed_urls
+            if not state.config.enable_model_api:
+                raise MethodNotAllowed(NOT_ALLOWED_MESSAGE)
             url = await download.fetch(state.config, url)
     mv = await registry.add(url, options)
     try:
