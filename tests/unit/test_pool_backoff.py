@@ -59,6 +59,8 @@ ANSWERS = [
         "InternalServerException",
     ),
     (FailureKind.BAD_FRAME, PredictionFailed, 503, "UNAVAILABLE", "InternalServerException"),
+    # an async handler without asyncCommunication: the operator's configuration to fix
+    (FailureKind.MISCONFIGURED, TsctlError, 500, "INTERNAL", "InternalServerException"),
     # a PredictionException without a status of its own is a plain failed prediction
     (
         FailureKind.PREDICTION_EXCEPTION,

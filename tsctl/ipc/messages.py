@@ -47,6 +47,9 @@ class FailureKind(str, Enum):
     RESPONSE_TOO_LARGE = "ResponseTooLarge"
     #: the worker could not read a frame the frontend sent (its contents were invalid)
     BAD_FRAME = "BadFrame"
+    #: the model's configuration does not fit its handler (an `async def handle` without
+    #: `asyncCommunication: true`): the operator's mistake, named in the message
+    MISCONFIGURED = "ModelConfigError"
 
 
 class WorkerState(str, Enum):
@@ -108,6 +111,14 @@ class WorkerSpec:
     worker_id: str = ""
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     gpu_id: int | None = None
+    #: a multi-process instance (torchrun, `tsctl.worker.ranks`): TorchServe's parallelType
+    #: ("tp", "pp", "pptp"; "" for one process) and its number of ranks (0 for one process);
+    #: `gpu_id` is then the first of its GPUs, and each rank's context has its LOCAL_RANK
+    parallel_type: str = ""
+    parallel_level: int = 0
+    #: `asyncCommunication: true`: the worker runs its handler on an event loop, several
+    #: batches in flight at once, each answered when it is done (`tsctl.worker.async_service`)
+    async_communication: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ collections made while serving do not walk torch's modules again and again.
 
 from __future__ import annotations
 
+import functools
 import gc
 import io
 import logging
@@ -48,7 +49,7 @@ from tsctl.ipc.messages import (
     Stop,
     WorkerSpec,
 )
-from tsctl.worker import envelope
+from tsctl.worker import async_service, envelope, ranks
 from tsctl.worker.context import Context
 from tsctl.worker.loader import HandlerLoadError, load_entry
 from tsctl.worker.metrics import MetricsCache
@@ -91,6 +92,7 @@ def serve(
     stream: io.BufferedReader,
     spec: WorkerSpec,
     preloading: threading.Event | None,
+    relay: ranks.Relay | None = None,
 ) -> int:
     log = logging.getLogger("tsctl.worker")
     context = Context(
@@ -113,7 +115,10 @@ def serve(
             os.environ["PYTHONPATH"] = os.pathsep.join(
                 p for p in (dep_path, os.environ.get("PYTHONPATH")) if p
             )
-        entry = load_entry(spec.handler, spec.model_dir, context)
+        # asyncCommunication: the loop exists before the handler loads (see async_service)
+        loop = async_service.new_loop() if spec.async_communication else None
+        awaits = loop.run_until_complete if loop is not None else None
+        entry = load_entry(spec.handler, spec.model_dir, context, awaits)
         entry = envelope.wrap(entry, spec.service_envelope)
         threads.apply()
     except BaseException as exc:
@@ -128,8 +133,16 @@ def serve(
     service = Service(entry, context)
     gc.freeze()
     gc.enable()
+    failed = relay.gather() if relay is not None else None  # rank 0: every rank is ready
+    if failed is not None:
+        send_message(sock, InitFailed(failed))
+        return 1
     send_message(sock, Hello(os.getpid()))
     log.info("worker ready (pid %d, %s threads)", os.getpid(), spec.threads or "default")
+    if loop is not None:
+        return async_service.serve(
+            sock, stream, service, loop, threads.apply, functools.partial(_send, sock)
+        )
     while True:
         try:
             incoming = recv_message(stream, recover=True)
@@ -195,7 +208,11 @@ def main() -> None:
     # like TorchServe's workers: logging goes to stdout, which the frontend copies into
     # model_log.log line by line (stderr lines are marked as warnings there)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
-    stream = sock.makefile("rb", buffering=1 << 16)
+    rank: ranks.Rank | None = None
+    if "--ranks" in sys.argv[2:]:  # one rank of a multi-process instance
+        rank = ranks.join(sock, sys.argv[sys.argv.index("--ranks") + 1])
+        sock = rank.sock
+    stream = rank.stream if rank is not None else sock.makefile("rb", buffering=1 << 16)
     assert isinstance(stream, io.BufferedReader)  # has readinto, which recv_message uses
     try:
         first = recv_message(stream)
@@ -203,11 +220,14 @@ def main() -> None:
         sys.exit(0)  # a spare that was never assigned
     if not isinstance(first, Assign):
         sys.exit(f"tsctl worker: expected an Assign frame first, got {type(first).__name__}")
-    spec = first.spec
+    spec = first.spec if rank is None else rank.assigned(first.spec)
     threads = spec.threads
     if threads > 0:  # for what the handler starts, and torch ops before it is applied
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    sys.exit(serve(sock, stream, spec, preloading))
+    code = serve(sock, stream, spec, preloading, rank.relay if rank is not None else None)
+    if rank is not None:
+        rank.finish(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ with the named function (default `handle`) is used as a function: TorchServe cal
 class; it is instantiated, its `initialize(context)` is called, and its method of that name
 handles batches (request envelopes are applied around it by `tsctl.worker.envelope.wrap`).
 
+An asynchronous handler (`async def handle`, an `async def initialize`) loads only for a model
+with `asyncCommunication: true`: the worker then passes its event loop's `run_until_complete`
+as `run`, which awaits what the load step returns; without it, loading fails with the
+configuration error naming the setting (`tsctl.worker.awaiting`).
+
 Before any handler is imported, `install_compat_path` puts tsctl's own `ts` package
 (tsctl/worker/compat) first on `sys.path`, so handlers written for TorchServe import it.
 """
@@ -19,11 +24,12 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from tsctl.worker.awaiting import NOT_ASYNC, NotAsync, settled_at_load
 from tsctl.worker.context import Context
 
 Entry = Callable[[Any, Context], Any]
@@ -64,8 +70,23 @@ def install_compat_path() -> None:
             del sys.modules[name]
 
 
-def load_entry(handler: str, model_dir: str, context: Context) -> Entry:
-    """Import the handler, initialize it with `context`, and return what handles batches."""
+def load_entry(
+    handler: str,
+    model_dir: str,
+    context: Context,
+    run: Callable[[Awaitable[Any]], Any] | None = None,
+) -> Entry:
+    """Import the handler, initialize it with `context`, and return what handles batches;
+    `run` awaits an asynchronous handler's load step (None: asynchronous is refused)."""
+    try:
+        return _load(handler, model_dir, context, run)
+    except NotAsync as exc:
+        raise HandlerLoadError(str(exc)) from None
+
+
+def _load(
+    handler: str, model_dir: str, context: Context, run: Callable[[Awaitable[Any]], Any] | None
+) -> Entry:
     install_compat_path()
     module_part, _, function_name = handler.partition(":")
     function_name = function_name or "handle"
@@ -74,7 +95,7 @@ def load_entry(handler: str, model_dir: str, context: Context) -> Entry:
     candidate = getattr(module, function_name, None)
     if candidate is not None and inspect.isfunction(candidate):
         entry: Entry = candidate
-        entry(None, context)
+        settled_at_load(entry(None, context), run, f"handler function {function_name!r}")
         return entry
 
     classes = [
@@ -94,9 +115,12 @@ def load_entry(handler: str, model_dir: str, context: Context) -> Entry:
             f"handler class {classes[0].__name__!r} has no method {function_name!r}"
         )
     method: Entry = getattr(service, function_name)
+    what = f"{classes[0].__name__}.{function_name}"
+    if run is None and inspect.iscoroutinefunction(method):
+        raise NotAsync(NOT_ASYNC.format(what=what))
     initialize = getattr(service, "initialize", None)
     if initialize is not None:
-        initialize(context)
+        settled_at_load(initialize(context), run, f"{classes[0].__name__}.initialize")
     return method
 
 
