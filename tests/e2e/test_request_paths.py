@@ -290,3 +290,16 @@ def test_no_startup_model_needs_model_name(tmp_path: Path) -> None:
         assert seen(named)["model"] == "solo"
     finally:
         srv.stop()
+
+
+def test_the_api_description_lists_these_paths(server: Server) -> None:
+    paths = seen(server.request("GET", "/api-description"))["paths"]
+    for path in (
+        "/predictions/{model_name}/{model_version}/{url_path}",
+        "/explanations/{model_name}/{model_version}/{url_path}",
+        "/invocations",
+        "/models/{model_name}/invoke",
+        "/{model_name}/predict",
+        "/{model_name}/{model_version}/predict",
+    ):
+        assert "post" in paths[path], path

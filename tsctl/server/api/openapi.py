@@ -85,7 +85,35 @@ def _path(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+def _url_path(api: str) -> dict[str, Any]:
+    """`/{api}/{model}/{version}/{url_path}`: the extra path reaches the handler."""
+    operation = {
+        **(_predict(True) if api == "predictions" else _explain(True))["put"],
+        "description": f"As /{api}/{{model_name}}/{{model_version}}; what follows the version "
+        "reaches the handler as the request header `url_path` "
+        "(`context.get_request_header(i, 'url_path')`), percent-decoded.",
+    }
+    operation["parameters"] = [
+        *operation["parameters"],
+        {"name": "url_path", "in": "path", "required": True, "schema": {"type": "string"}},
+    ]
+    return {"post": {**operation, "operationId": f"{api}UrlPath"}, "put": operation}
+
+
+def _other_path(operation_id: str, description: str, params: list[Any]) -> dict[str, Any]:
+    """SageMaker's and the legacy paths: the request path of predictions, query parameters
+    as handler inputs."""
+    operation = {
+        **_predict(False)["put"],
+        "description": description + " Query parameters are handler inputs too.",
+        "parameters": params,
+    }
+    return {"post": {**operation, "operationId": operation_id}, "put": operation}
+
+
 def inference_api_description() -> dict[str, Any]:
+    model_name = _model_params(False)
+    invocations = [_query("model_name", "string", "The model (see the description)")]
     return {
         "openapi": "3.0.1",
         "info": {"title": "tsctl inference API", "version": __version__},
@@ -112,6 +140,23 @@ def inference_api_description() -> dict[str, Any]:
             "/predictions/{model_name}/{model_version}": _predict(True),
             "/explanations/{model_name}": _explain(False),
             "/explanations/{model_name}/{model_version}": _explain(True),
+            "/predictions/{model_name}/{model_version}/{url_path}": _url_path("predictions"),
+            "/explanations/{model_name}/{model_version}/{url_path}": _url_path("explanations"),
+            "/invocations": _other_path(
+                "invocations",
+                "SageMaker's path: the model named by the query parameter `model_name`, else "
+                "the only model loaded at start-up, else a `model_name` form field.",
+                invocations,
+            ),
+            "/models/{model_name}/invoke": _other_path(
+                "invoke", "SageMaker's multi-model path: the model's default version.", model_name
+            ),
+            "/{model_name}/predict": _other_path(
+                "legacyPredict", "TorchServe's legacy path.", model_name
+            ),
+            "/{model_name}/{model_version}/predict": _other_path(
+                "legacyPredictVersion", "TorchServe's legacy path.", _model_params(True)
+            ),
             "/wfpredict/{workflow_name}": _wfpredict(),
         },
     }
