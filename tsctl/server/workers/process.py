@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import time
 from collections import deque
@@ -60,6 +61,14 @@ class Child(Protocol):
 
     def kill(self) -> None: ...
     async def wait(self) -> int: ...
+
+
+class Launcher(Protocol):
+    """Starts a worker otherwise than `spawn`: the ranks of a multi-process instance
+    (`tsctl.server.workers.torchrun`), its child the process that watches them."""
+
+    def spawn(self) -> tuple[subprocess.Popen[bytes], socket.socket]: ...
+    async def adopt(self, popen: subprocess.Popen[bytes]) -> Child: ...
 
 
 class AdoptedChild:
@@ -203,12 +212,17 @@ class WorkerProcess:
     this worker takes over instead of starting one."""
 
     def __init__(
-        self, spec: WorkerSpec, spare: Spare | None = None, max_body: int | None = None
+        self,
+        spec: WorkerSpec,
+        spare: Spare | None = None,
+        max_body: int | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         self.worker_id = spec.worker_id
         self.max_body = max_body
         self.spec = spec
         self.spare = spare
+        self.launcher = launcher
         self._pumps: list[asyncio.Task[None]] = []
         self.proc: Child | None = None
         self.started_at = time.time()
@@ -235,14 +249,19 @@ class WorkerProcess:
         return self.proc.pid if self.proc else None
 
     async def start(self) -> None:
-        if self.spare is not None:
+        if self.launcher is not None:  # several processes (tsctl.server.workers.torchrun)
+            popen, parent = self.launcher.spawn()
+        elif self.spare is not None:
             popen, parent = self.spare.popen, self.spare.sock
             self.spare = None
         else:
             # Popen's fork and exec take a few milliseconds: fine on the loop, and one way
             # of starting workers whether they are spares or not
             popen, parent = spawn(preload=False)
-        self.proc = await AdoptedChild.adopt(popen)
+        if self.launcher is not None:
+            self.proc = await self.launcher.adopt(popen)
+        else:
+            self.proc = await AdoptedChild.adopt(popen)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._pumps = [
             asyncio.create_task(self._pump(self.proc.stdout, logging.INFO, "stdout")),
