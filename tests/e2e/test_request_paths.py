@@ -191,6 +191,8 @@ def test_legacy_predict_errors_name_the_model(server: Server) -> None:
         "/models/echo/predict",
         "/invocations/predict",
         "/predict",
+        "/predictions",
+        "/predictions//1.0",
     ],
 )
 def test_other_paths_are_404(server: Server, path: str) -> None:
