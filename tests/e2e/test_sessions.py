@@ -290,6 +290,12 @@ def test_grpc_stream2_sessions(stubs: Any, ts_protos: dict[str, ModuleType]) -> 
     answers = stream2(*adds)
     assert [a.sequence_id for a in answers] == [session, session]
     assert [json.loads(a.prediction)["seen"] for a in answers] == [[1, 2], [1, 2, 3]]
+    streaming = pb.PredictionsRequest(
+        model_name="counter", input={"body": b'{"stream": 3}'}, sequence_id=session
+    )
+    steps = stream2(streaming)
+    assert [a.prediction for a in steps] == [b"chunk start", b"chunk 2", b"chunk 1", b"done"]
+    assert {a.sequence_id for a in steps} == {session}
     ending = pb.PredictionsRequest(
         model_name="counter", input={"body": b'{"end": true}'}, sequence_id=session
     )

@@ -28,6 +28,12 @@ plugin strategy chooses jobs itself with the queue's public methods (`take`, `ta
 one, the queue records what each worker's collector took (`record_takes`, `taken_by`), so
 that the pool can fail or give back the jobs of a collector that raised or went away.
 
+Sequences: a job with a `sequence` (gRPC `sequence_id`, a stateful session) runs only on the
+worker that took its sequence's first job. For a model with stateful sessions
+(`tsctl.server.sessions`, the queue's `sessions`), a session's next job also waits until its
+job before is answered (or streams on: `sequence_free`), and a worker takes at most
+`sequence_cap` sessions; `drop_sequence` answers the waiting jobs of a session that closed.
+
 Nothing here blocks: every method is either plain or a coroutine that awaits futures.
 """
 

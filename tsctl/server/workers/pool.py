@@ -13,6 +13,10 @@ reader skips a longer body, and a streamed answer whose chunks add up to more en
 error. Worker failures arrive as data (`Failure`) and become the errors
 clients see in `error_for`: the statuses are chosen here, on the frontend, never by workers.
 
+A model with stateful sessions (`tsctl.server.sessions`) has its answers read by them first:
+a continuous batch's intermediate answer leaves its request on the worker (`_carry`), sent
+again with that worker's next batch (`sessions.continued`) before it waits for new jobs.
+
 Batches are chosen by the model version's batching strategy (`tsctl.plugins.api`), the
 built-in `DefaultBatching` unless its model-config.yaml names a plugin. A plugin strategy is
 held to the interface's rules (`_plugin_batch`): a strategy that raises or breaks them fails
