@@ -56,6 +56,11 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "/predictions/{model}/{version}",
         "/explanations/{model}",
         "/explanations/{model}/{version}",
+        "/invocations",  # SageMaker
+        "/models/{model}/invoke",
+        "/{model}/predict",  # TorchServe's legacy path
+        "/{model}/{version}/predict",
+        "/wfpredict/{workflow}",
         "/v1/models",
         "/v1/models/{model}",  # also `{model}:predict` and `{model}:explain`
         "/v2",
@@ -76,6 +81,8 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "/models/{model}",
         "/models/{model}/{version}",
         "/models/{model}/{version}/set-default",
+        "/workflows",
+        "/workflows/{workflow}",
     ),
 }
 
