@@ -306,3 +306,19 @@ def test_token_authorization(tmp_path: Path) -> None:
         assert srv.manage("DELETE", "/workflows/fork", headers=bearer("management")).status == 200
     finally:
         srv.stop()
+
+
+def test_workflow_models_stay_out_of_snapshots(tmp_path: Path) -> None:
+    srv = Server(tmp_path, properties={"enable_model_api": "true"})
+    make_models(srv.store, "adder", "doubler")
+    make_war(srv.store, "fork", "fork.yaml")
+    srv.start(ncs=False)
+    try:
+        assert register(srv, "fork.war")[0] == 200
+        plain = srv.manage("POST", "/models?url=adder.mar&model_name=plain")
+        assert plain.status == 200  # a model change: a snapshot is written
+        newest = sorted((srv.log_dir / "config").glob("*-snapshot.cfg"))[-1].read_text()
+        assert '"plain"' in newest.replace("\\", "")
+        assert "fork__" not in newest  # as in TorchServe: workflows are registered again
+    finally:
+        srv.stop()
