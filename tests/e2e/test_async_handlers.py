@@ -26,6 +26,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     make_archive(srv.store, "paired", "async_gather", config={**ASYNC, "batchSize": 2})
     make_archive(srv.store, "bounded", "async_gather", config={**ASYNC, "maxBatchesInFlight": 2})
     make_archive(srv.store, "victim", "async_gather", config=ASYNC)
+    make_archive(srv.store, "slow", "async_gather", config={**ASYNC, "responseTimeout": 1})
+    make_archive(srv.store, "recycled", "async_gather", config={**ASYNC, "recycleAfterRequests": 2})
     make_archive(srv.store, "function", "async_function", config=ASYNC)
     make_archive(srv.store, "returned", "async_returned", config=ASYNC)
     make_archive(srv.store, "returned_plain", "async_returned")
@@ -34,6 +36,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "paired.mar",
         "bounded.mar",
         "victim.mar",
+        "slow.mar",
+        "recycled.mar",
         "function.mar",
         "returned.mar",
         "returned_plain.mar",
@@ -144,3 +148,23 @@ def test_a_worker_killed_with_batches_in_flight_answers_them_all(server: Server)
         assert "died" in answer.json()["message"]
     server.wait_for(lambda: worker_pids(server, "victim") not in ([], [pid]))
     assert server.predict("victim", {"x": 1}).status == 200
+
+
+@pytest.mark.daemon_errors(r"overran the response timeout", r"died|killed", required=False)
+def test_a_batch_past_the_response_timeout_is_answered_and_its_worker_replaced(
+    server: Server,
+) -> None:
+    [pid] = worker_pids(server, "slow")
+    stuck = server.predict("slow", {"wait": "never", "value": 0})
+    assert stuck.status == 500, stuck.body
+    assert "response timeout" in stuck.json()["message"]
+    server.wait_for(lambda: worker_pids(server, "slow") not in ([], [pid]))
+    assert server.predict("slow", {"x": 1}).status == 200
+
+
+def test_an_async_worker_is_recycled_after_its_requests(server: Server) -> None:
+    [first] = worker_pids(server, "recycled")
+    for _ in range(2):
+        assert server.predict("recycled", {"x": 1}).json()["pid"] == first
+    server.wait_for(lambda: first not in worker_pids(server, "recycled"))  # successor first
+    assert server.predict("recycled", {"x": 1}).json()["pid"] != first
