@@ -4,6 +4,8 @@ Started by the frontend only, with one end of a socketpair inherited as FD. The 
 reads is `Assign`: the model, its directory and the settings the handler's context exposes.
 The worker reports `Hello` once its handler is initialized (or `InitFailed` with the error),
 then answers each `Batch` with a `Result` until it reads `Stop` or its socket closes.
+A model with `asyncCommunication: true` is served by `tsctl.worker.async_service` instead
+(an event loop, several batches in flight at once, each answered when it is done).
 
 Nothing in a frame ends the worker: a frame it cannot read (read to its end, `FrameRejected`)
 and any exception while running a batch (beyond the handler's own, which `Service` reports)

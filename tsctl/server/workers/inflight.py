@@ -123,7 +123,7 @@ async def serve_concurrently(pool: WorkerPool, worker: AsyncWorkerProcess) -> No
                 )
             except Exception:  # a plugin strategy's: its batch fails, not its worker
                 pool._strategy_failed(worker, "next_batch")
-                await asyncio.sleep(0.1)  # idle still: a death cancels it
+                await asyncio.sleep(0.1)  # the pool's STRATEGY_PAUSE; idle: a death cancels it
                 continue
             finally:
                 pool._idle.discard(worker)
