@@ -80,7 +80,8 @@ def test_a_killed_rank_takes_the_instance_down_and_it_comes_back(server: Server)
     assert after["sum"] == 30
     assert not set(after["pids"]) & set(before["pids"])
     assert worker_pid(server) != torchrun
-    server.model_log()  # the rank's death is logged, not raised in the daemon
+    # torchrun's report of the rank it lost reaches model_log.log (as a warning: its stderr)
+    server.wait_for(lambda: "ChildFailedError" in server.model_log())
 
 
 def gone(server: Server, pids: list[int]) -> None:
@@ -108,6 +109,20 @@ def test_ranks_die_with_torchrun(server: Server) -> None:
     server.wait_for(lambda: server.predict("tp2", "1").status == 200, timeout=120)
     after, _, _ = ask(server, 4, "tp2")
     assert after["sum"] == 12 and not set(after["pids"]) & set(before["pids"])
+
+
+@pytest.mark.daemon_errors("rank 1 cannot load its shard", "starting workers for bad")
+@pytest.mark.daemon_errors("ChildFailedError", required=False)  # torchrun, on the exit
+def test_one_rank_failing_to_load_fails_the_start_with_its_message(tmp_path: Path) -> None:
+    srv = Server(tmp_path, properties={"enable_model_api": "true"})
+    make_archive(srv.store, "bad", "ranks_allreduce", config={**TP2, "handler": {"fail_rank": 1}})
+    srv.start()
+    try:
+        answer = srv.manage("POST", "/models?url=bad.mar&initial_workers=1&synchronous=true")
+        assert answer.status >= 400, answer.body
+        assert "rank 1 cannot load its shard" in answer.json()["message"]
+    finally:
+        srv.stop()
 
 
 def test_no_rank_is_left_after_the_server_stops(tmp_path: Path) -> None:
