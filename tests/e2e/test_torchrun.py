@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,19 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import Server, make_archive
+from tsctl.ipc.messages import WorkerSpec
 from tsctl.server.settings import ModelSettings
-from tsctl.server.workers.torchrun import launcher
+from tsctl.server.workers.torchrun import Instance, launcher
 
 RANKS = 4
 TP = {"parallelType": "tp", "deviceType": "cpu", "torchrun": {"nproc-per-node": RANKS}}
 #: two ranks, a short response timeout: for the ways the daemon ends an instance itself
-TP2 = {"parallelType": "tp", "torchrun": {"nproc-per-node": 2}, "responseTimeout": 2}
+TP2 = {
+    "parallelType": "tp",
+    "deviceType": "cpu",
+    "torchrun": {"nproc-per-node": 2},
+    "responseTimeout": 2,
+}
 
 
 def alive(pid: int) -> bool:
@@ -92,7 +99,7 @@ def gone(server: Server, pids: list[int]) -> None:
 @pytest.mark.daemon_errors(r"overran the response timeout")
 def test_a_batch_past_its_deadline_kills_every_rank(server: Server) -> None:
     before, _, _ = ask(server, 1, "tp2")
-    assert before["sum"] == 3 and before["gpu_id"] is None  # no GPU here
+    assert before["sum"] == 3 and before["gpu_id"] is None  # deviceType cpu
     torchrun = worker_pid(server, "tp2")
     late = server.predict("tp2", "sleep", headers={"Content-Type": "text/plain"})
     assert late.status == 500, late.body
@@ -157,3 +164,21 @@ def test_settings_are_checked_when_the_model_loads() -> None:
         settings(parallelType="custom")
     with pytest.raises(Exception, match="less than or equal to 1"):
         settings(torchrun={"nnodes": 2})
+
+
+def test_an_instance_on_gpus_sees_its_own_and_runs_torchrun_from_this_interpreter() -> None:
+    torchrun = launcher("m", ModelSettings.model_validate({**TP, "deviceType": "gpu"}), 8)
+    assert torchrun is not None
+    make = torchrun.factory(lambda: WorkerSpec("m", "/models/m", "handler"))
+    make("1-m")  # the first instance takes GPUs 0-3
+    worker = make("2-m")
+    spec = worker.spec
+    assert (spec.gpu_id, spec.parallel_type, spec.parallel_level, spec.threads) == (4, "tp", 4, 1)
+    assert isinstance(worker.launcher, Instance)
+    env = torchrun.environment(worker.launcher.devices)
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7" and env["OMP_NUM_THREADS"] == "1"
+    command = torchrun.command(spec, Path("/run/r.sock"), Path("/run/logs"))
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert command[command.index("--max-restarts") + 1] == "0"
+    assert command[command.index("--rdzv-endpoint") + 1] == "localhost:0"
+    assert command[-5:] == ["-m", "tsctl.worker", "0", "--ranks", "/run/r.sock"]
