@@ -306,3 +306,13 @@ def test_grpc_stream2_sessions(stubs: Any, ts_protos: dict[str, ModuleType]) -> 
     [nameless] = stream2(pb.PredictionsRequest(model_name="counter", input={"body": b"{}"}))
     assert nameless.status.code == grpc.StatusCode.INTERNAL.value[0]
     assert "Parameter sequenceId is required" in nameless.status.message
+
+
+def test_describe_shows_the_session_settings(server: Server) -> None:
+    described = server.manage("GET", "/models/counter").json()[0]
+    assert described["stateful"] is True
+    assert described["continuousBatching"] is True
+    assert described["sequenceMaxIdleMSec"] == 30000
+    assert described["maxNumSequence"] == 2
+    assert described["maxSequenceJobQueueSize"] == 2
+    assert described["sequenceTimeoutMSec"] == 0

@@ -29,7 +29,7 @@ from tsctl.errors import (
 from tsctl.ipc.messages import FailureKind
 from tsctl.server import download
 from tsctl.server.registry import ModelVersion
-from tsctl.server.settings import LoadOptions, check_workers
+from tsctl.server.settings import LoadOptions, ModelSettings, check_workers
 from tsctl.server.state import ServerState
 from tsctl.server.workers.pool import error_for, restart_delay
 from tsctl.validation import describe
@@ -281,6 +281,9 @@ def describe_model(mv: ModelVersion) -> dict[str, Any]:
         }
         for w in [*mv.pool.workers, *mv.pool.starting]  # as TorchServe: starting ones too
     ]
+    # validated when the model loaded: model parallelism and stateful sessions as configured
+    yaml = ModelSettings.model_validate(mv.yaml_config)
+    stateful = yaml.sequence_batching
     return {
         "modelName": mv.name,
         "modelVersion": mv.version,
@@ -288,21 +291,20 @@ def describe_model(mv: ModelVersion) -> dict[str, Any]:
         "runtime": mv.manifest.get("runtime", "python"),
         **mv.settings(),
         # TorchServe 0.12's other settings, at the values tsctl runs with (it has no retry
-        # timeout, client timeout, model parallelism, continuous batching, job tickets, venvs
-        # or stateful sequences to configure)
+        # timeout, client timeout, job tickets or venvs to configure)
         "maxRetryTimeoutInSec": 300,
         "clientTimeoutInMills": 0,
-        "parallelType": "",
-        "parallelLevel": 0,
+        "parallelType": yaml.parallel_type or "",
+        "parallelLevel": yaml.parallel_level or 0,
         "deviceType": "gpu" if any(w.spec.gpu_id is not None for w in mv.pool.workers) else "cpu",
-        "continuousBatching": False,
+        "continuousBatching": yaml.continuous_batching,
         "useJobTicket": False,
         "useVenv": False,
-        "stateful": False,
-        "sequenceMaxIdleMSec": 0,
-        "sequenceTimeoutMSec": 0,
-        "maxNumSequence": 0,
-        "maxSequenceJobQueueSize": 0,
+        "stateful": stateful,
+        "sequenceMaxIdleMSec": yaml.sequence_max_idle_msec if stateful else 0,
+        "sequenceTimeoutMSec": yaml.sequence_timeout_msec if stateful else 0,
+        "maxNumSequence": yaml.max_num_sequence if stateful else 0,
+        "maxSequenceJobQueueSize": yaml.max_sequence_job_queue_size if stateful else 0,
         "loadedAtStartup": mv.loaded_at_startup,
         "workers": workers,
         "jobQueueStatus": {
