@@ -74,6 +74,11 @@ def test_every_rank_runs_each_batch_and_rank_0_answers_in_chunks(server: Server)
     assert again["sum"] == 50 and again["pids"] == answer["pids"]  # the same instance
 
 
+def test_describe_reports_the_parallelism(server: Server) -> None:
+    described = server.manage("GET", "/models/tp").json()[0]
+    assert (described["parallelType"], described["parallelLevel"]) == ("tp", RANKS)
+
+
 @pytest.mark.daemon_errors(r"ChildFailedError")  # torchrun's report of the killed rank
 def test_a_killed_rank_takes_the_instance_down_and_it_comes_back(server: Server) -> None:
     before, _, _ = ask(server, 1)

@@ -295,7 +295,9 @@ def describe_model(mv: ModelVersion) -> dict[str, Any]:
         "maxRetryTimeoutInSec": 300,
         "clientTimeoutInMills": 0,
         "parallelType": yaml.parallel_type or "",
-        "parallelLevel": yaml.parallel_level or 0,
+        # torchrun's nproc-per-node when only that section gives it (TorchServe's report)
+        "parallelLevel": yaml.parallel_level
+        or (yaml.torchrun.nproc_per_node if yaml.torchrun else 0),
         "deviceType": "gpu" if any(w.spec.gpu_id is not None for w in mv.pool.workers) else "cpu",
         "continuousBatching": yaml.continuous_batching,
         "useJobTicket": False,
