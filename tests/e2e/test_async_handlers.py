@@ -168,3 +168,25 @@ def test_an_async_worker_is_recycled_after_its_requests(server: Server) -> None:
         assert server.predict("recycled", {"x": 1}).json()["pid"] == first
     server.wait_for(lambda: first not in worker_pids(server, "recycled"))  # successor first
     assert server.predict("recycled", {"x": 1}).json()["pid"] != first
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (
+            {"sequenceBatching": True, "sequenceMaxIdleMSec": 1000, "continuousBatching": True},
+            "asyncCommunication and continuousBatching",
+        ),
+        ({"parallelType": "tp", "parallelLevel": 2}, "asyncCommunication cannot be used with"),
+    ],
+    ids=["continuous", "torchrun"],
+)
+def test_what_an_async_worker_cannot_run_is_refused_at_registration(
+    server: Server, extra: dict[str, Any], named: str
+) -> None:
+    name = f"refused_{next(iter(extra))}"
+    make_archive(server.store, name, "async_gather", config={**ASYNC, **extra})
+    refused = server.manage("POST", f"/models?url={name}.mar&initial_workers=1&synchronous=true")
+    assert refused.status == 400, refused.body
+    assert named in refused.json()["message"]
+    assert server.manage("GET", f"/models/{name}").status == 404

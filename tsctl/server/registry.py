@@ -311,6 +311,11 @@ class Registry:
         queue = ModelQueue(cfg.job_queue_size)
         # several processes per instance (parallelType, torchrun): None for one
         torchrun = torchrun_launcher(model_name, settings, cfg.number_of_gpu)
+        async_communication = bool(
+            first(settings.async_communication, configured.async_communication, False)
+        )
+        if async_communication:
+            _check_async(model_name, settings, torchrun is not None)
         if settings.sequence_batching:
             _sessions(model_name, settings, queue, batch_size, min_workers, max_workers)
         pool_settings = PoolSettings(
@@ -333,9 +338,7 @@ class Registry:
             startup_timeout=startup_timeout,
             service_envelope=cfg.service_envelope,
             declared_metrics=self.metrics.model_declarations(),
-            async_communication=bool(
-                first(settings.async_communication, configured.async_communication, False)
-            ),
+            async_communication=async_communication,
         )
         # asyncCommunication: batches in flight per worker (TorchServe sends all it has)
         in_flight = first(
@@ -442,6 +445,23 @@ class Registry:
     def _discard(self, mv: ModelVersion) -> None:
         if mv.extracted:
             shutil.rmtree(mv.model_dir, ignore_errors=True)
+
+
+def _check_async(model: str, settings: ModelSettings, torchrun: bool) -> None:
+    """Refuse what an `asyncCommunication` worker cannot run (`ArchiveError`, naming the keys):
+    continuous batching (its streams are sent again with a worker's next batch, which only
+    the one-batch-at-a-time loop does) and a torchrun instance (its ranks take one batch at a
+    time)."""
+    if settings.continuous_batching:
+        raise ArchiveError(
+            f"model {model}: asyncCommunication and continuousBatching cannot be used together "
+            "in model-config.yaml (turn one of them off)"
+        )
+    if torchrun:
+        raise ArchiveError(
+            f"model {model}: asyncCommunication cannot be used with parallelType or torchrun "
+            "in model-config.yaml (a multi-process instance takes one batch at a time)"
+        )
 
 
 def _sessions(
