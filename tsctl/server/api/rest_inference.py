@@ -43,8 +43,10 @@ from tsctl.server.state import ServerState
 __all__ = ["EXPLAIN_HEADER", "InferenceApi", "PredictionExchange", "serve"]
 
 #: `/predictions/{model}[/{version}[/{url_path}]]` (and `/explanations/...`); trailing `/`s
-#: are dropped, as TorchServe's split of the path drops them
-_PREDICTIONS = re.compile(r"^/(predictions|explanations)/([^/]+)(?:/([^/]+)(?:/(.*?))?)?/*$")
+#: are dropped, as TorchServe's split of the path drops them. The url path is greedy and ends
+#: on a character other than `/`: a lazy `(.*?)/*$` backtracks quadratically on a run of
+#: `/`s (a 64 KiB request head of them held the loop for seconds, before any authorization)
+_PREDICTIONS = re.compile(r"^/(predictions|explanations)/([^/]+)(?:/([^/]+)(?:/(.*[^/]))?)?/*$")
 
 
 class InferenceApi:
