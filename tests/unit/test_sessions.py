@@ -29,6 +29,7 @@ from tsctl.server.sessions import (
 )
 
 _ids = iter(range(1, 1 << 30))
+LIMIT = 1 << 20  # max_response_size
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ def ok(*headers: tuple[str, str]) -> Response:
 
 def answer(sessions: Sessions, job: Job, response: Response) -> Response | None:
     """What the pool does with a worker's answer to a session's job."""
-    kept = sessions.answered(job, response)
+    kept = sessions.answered(job, response, LIMIT)
     if kept is not None:
         job.answer(kept)
     return kept

@@ -324,7 +324,9 @@ class ModelQueue:
             self._owned[worker] = self._owned.get(worker, 0) + 1
         self._owners[sequence] = worker
         self._owners.move_to_end(sequence)
-        while len(self._owners) > MAX_SEQUENCES:
+        # a model with sessions forgets a sequence when its session closes (`drop_sequence`);
+        # the sessions open are capped by maxNumSequence, and none may move worker
+        while self.sessions is None and len(self._owners) > MAX_SEQUENCES:
             self._disown(self._owners.popitem(last=False)[1])
 
     def _disown(self, worker: Hashable) -> None:

@@ -59,8 +59,29 @@ def submit(
             "Please use scale workers API to add workers."
         )
     queue = mv.queue
-    if queue.sessions is not None:  # a stateful model: every request is in a session
-        request, sequence = queue.sessions.admit(request, sequence)
+    sessions = queue.sessions
+    if sessions is None:
+        return _queued(mv, request, source, on_answer, on_chunk, sequence, future)
+    # a stateful model: every request is in a session; one it opened for a request that
+    # is refused (413, a full queue) closes again, holding no maxNumSequence place
+    request, sequence = sessions.admit(request, sequence)
+    try:
+        return _queued(mv, request, source, on_answer, on_chunk, sequence, future)
+    except Exception:
+        sessions.unopen(sequence)
+        raise
+
+
+def _queued(
+    mv: ModelVersion,
+    request: InferenceRequest,
+    source: Hashable | None,
+    on_answer: Callable[[Response | BaseException], None] | None,
+    on_chunk: Callable[[Response], None] | None,
+    sequence: str | None,
+    future: asyncio.Future[Response] | None,
+) -> Job:
+    queue = mv.queue
     entry = frame_entry(request, mv.batch_size)
     job = Job(
         request,

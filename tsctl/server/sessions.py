@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from random import getrandbits
 from typing import TYPE_CHECKING
 
-from tsctl.errors import BadRequest, ServiceUnavailable
+from tsctl.errors import BadRequest, PredictionFailed, ServiceUnavailable
 from tsctl.ipc.codec import request_entry
 from tsctl.server.request import InferenceRequest, Job, Response
 
@@ -123,6 +123,8 @@ class Session:
     pending: int = 0  # requests queued and not answered yet
     #: why it is past its time, if it is: it closes once its pending requests are answered
     expiring: str = ""
+    #: no request of it was queued yet (`unopen` may take it back)
+    fresh: bool = True
 
 
 class Sessions:
@@ -142,6 +144,11 @@ class Sessions:
         self._open: dict[str, Session] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()  # id -> why it closed
         self._timer: asyncio.TimerHandle | None = None
+        #: jobs a continuous batch streams on (sent again with their worker's next batch):
+        #: their steps are not new requests (served, queue latency: `WorkerPool`)
+        self.carried: set[Job] = set()
+        #: the bytes each job streamed so far, all its steps' chunks together
+        self.streamed: dict[Job, int] = {}
         queue.sessions = self
         queue.sequence_cap = settings.per_worker
 
@@ -214,9 +221,20 @@ class Sessions:
         session = self._open.get(job.sequence or "")
         if session is not None:
             session.pending += 1
+            session.fresh = False
+
+    def unopen(self, sequence: str) -> None:
+        """The request `admit` opened `sequence` for was refused before it was queued: the
+        session goes as if it never opened (its id may be used again)."""
+        session = self._open.get(sequence)
+        if session is not None and session.fresh:
+            del self._open[sequence]
 
     def settled(self, job: Job) -> None:
         """`job` has its answer (the queue's `settle`)."""
+        if self.carried or self.streamed:
+            self.carried.discard(job)
+            self.streamed.pop(job, None)
         session = self._open.get(job.sequence or "")
         if session is not None:
             session.pending = max(0, session.pending - 1)
@@ -224,10 +242,24 @@ class Sessions:
             if session.expiring and not session.pending:
                 self.close(session.id, session.expiring)
 
-    def answered(self, job: Job, response: Response) -> Response | None:
+    def stream(self, job: Job, size: int, limit: int) -> bool:
+        """Count `size` more bytes streamed to `job`; past `limit` (max_response_size, all
+        its steps' chunks together) the job is answered with an error and False returned."""
+        total = self.streamed[job] = self.streamed.get(job, 0) + size
+        if total <= limit:
+            return True
+        job.answer(
+            PredictionFailed(
+                f"the streamed response of over {total} bytes exceeds max_response_size ({limit})"
+            )
+        )
+        return False
+
+    def answered(self, job: Job, response: Response, limit: int) -> Response | None:
         """What to answer `job` with (`response` with the session's id header), or None when
         it is an intermediate answer of a continuous batch: streamed to the client (when it
-        takes chunks), the job stays on its worker (the pool sends it again)."""
+        takes chunks), the job stays on its worker (the pool sends it again) unless its
+        chunks add up to more than `limit` bytes, which ends it with an error."""
         sequence = job.sequence or ""
         headers = response.headers
         end = stream = None
@@ -247,8 +279,13 @@ class Sessions:
                 if ended.strip():
                     self.close(ended.strip(), "was ended by the model's handler")
         if stream == "true" and self.settings.continuous and not job.done:
+            if not self.stream(job, len(response.body), limit):
+                return None
             if job.on_chunk is not None:
                 job.on_chunk(response)
+            if job.done:  # its client's end refused it (a full gRPC stream)
+                return None
+            self.carried.add(job)
             self.queue.sequence_free(job)  # the session's next request may join
             if job.request.parts:  # sent again without its body, as TorchServe does
                 job.request = dataclasses.replace(job.request, parts=())

@@ -32,6 +32,7 @@ from tsctl.server.workers.process import WorkerProcess
 from tsctl.server.workers.spares import Spare
 
 if TYPE_CHECKING:
+    from tsctl.server.request import Job
     from tsctl.server.workers.pool import WorkerPool, _Sent
 
 log = logging.getLogger("tsctl.server")
@@ -111,6 +112,7 @@ async def serve_concurrently(pool: WorkerPool, worker: AsyncWorkerProcess) -> No
     settings = pool.settings
     landing: set[asyncio.Task[None]] = set()
     dues: dict[int, float] = {}  # each batch in flight's deadline (loop time)
+    jobs: list[Job] = []  # taken and not yet in a landing task's hands
     try:
         while worker.state in (WorkerState.READY, WorkerState.BUSY):
             if len(worker.flights) >= worker.max_in_flight:
@@ -122,18 +124,20 @@ async def serve_concurrently(pool: WorkerPool, worker: AsyncWorkerProcess) -> No
                     pool.queue, settings.batch_size, settings.max_batch_delay, worker
                 )
             except Exception:  # a plugin strategy's: its batch fails, not its worker
+                from tsctl.server.workers.pool import STRATEGY_PAUSE  # pool imports this
+
                 pool._strategy_failed(worker, "next_batch")
-                await asyncio.sleep(0.1)  # the pool's STRATEGY_PAUSE; idle: a death cancels it
+                await asyncio.sleep(STRATEGY_PAUSE)  # idle still: a death cancels it
                 continue
             finally:
                 pool._idle.discard(worker)
             sent = pool._send(worker, jobs)
+            jobs = []
             if sent is None:
                 continue
-            batch_id = next(reversed(worker.flights))  # the batch `_send` wrote
-            dues[batch_id] = max(job.deadline for job in sent.jobs)
+            dues[sent.batch_id] = max(job.deadline for job in sent.jobs)
             pool._due[worker] = min(dues.values())  # `_send` set its own batch's
-            task = asyncio.create_task(_land(pool, worker, sent, batch_id, dues))
+            task = asyncio.create_task(_land(pool, worker, sent, sent.batch_id, dues))
             landing.add(task)
             task.add_done_callback(landing.discard)
             with contextlib.suppress(WorkerDied):  # its death fails its batches
@@ -144,21 +148,16 @@ async def serve_concurrently(pool: WorkerPool, worker: AsyncWorkerProcess) -> No
         log.warning("worker %s (pid %s) died while collecting", worker.worker_id, worker.pid)
     except Exception:
         log.exception("serving worker %s failed; replacing it", worker.worker_id)
+        _fail(jobs, PredictionFailed(f"worker {worker.worker_id} failed; it is replaced"))
         worker.kill()
         await worker.dead.wait()
     finally:
-        if landing:  # its batches end first (the watchdog bounds it); never cancelled here
-            await asyncio.wait(landing)
-        pool._loops.pop(worker, None)
-        pool._unwatch(worker)
-        pool.queue.release(worker)
-        if worker in pool.workers:
-            pool.workers.remove(worker)
-    if worker.state == WorkerState.DEAD and not pool._closed:
-        pool.metrics.restarts.inc((pool.model_name, pool.version))
-        pool._schedule_restart()
-    elif worker.state != WorkerState.DEAD:
-        await worker.stop()
+        try:
+            if landing:  # its batches end first (the watchdog bounds it); never cancelled here
+                await asyncio.wait(landing)
+        finally:  # also when a second cancel ends that wait: the landing tasks go on
+            pool._serving_ended(worker)
+    await pool._after_serving(worker)
 
 
 async def _land(

@@ -49,7 +49,7 @@ from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, Worke
 from tsctl.plugins.api import BatchingStrategy
 from tsctl.server.batching import DefaultBatching, ModelQueue
 from tsctl.server.request import Job, Response
-from tsctl.server.sessions import continued
+from tsctl.server.sessions import Sessions, continued
 from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
 from tsctl.server.workers.inflight import AsyncWorkerProcess, serve_concurrently
 from tsctl.server.workers.process import WorkerProcess
@@ -219,7 +219,7 @@ class WorkerPool:
         sent: _Sent | None = None
         try:
             while sent is not None or worker.state == WorkerState.READY:
-                if sent is None and (carried := self._carry.pop(worker, None)):
+                if sent is None and self._carry and (carried := self._carry.pop(worker, None)):
                     jobs = continued(self.queue, carried, settings.batch_size, worker)
                     sent = self._send(worker, jobs)
                     if sent is None:
@@ -260,14 +260,22 @@ class WorkerPool:
             worker.kill()
             await worker.dead.wait()
         finally:
-            self._loops.pop(worker, None)
-            _fail(
-                self._carry.pop(worker, []), PredictionFailed(f"worker {worker.worker_id} stopped")
-            )
-            self._unwatch(worker)
-            self.queue.release(worker)
-            if worker in self.workers:
-                self.workers.remove(worker)
+            self._serving_ended(worker)
+        await self._after_serving(worker)
+
+    def _serving_ended(self, worker: WorkerProcess) -> None:
+        """A serving loop's last bookkeeping (in its `finally`: it never awaits): the
+        requests it streamed fail, its watchdog and sessions go, it leaves the workers."""
+        self._loops.pop(worker, None)
+        _fail(self._carry.pop(worker, []), PredictionFailed(f"worker {worker.worker_id} stopped"))
+        self._unwatch(worker)
+        self.queue.release(worker)
+        if worker in self.workers:
+            self.workers.remove(worker)
+
+    async def _after_serving(self, worker: WorkerProcess) -> None:
+        """After a serving loop that was not retired: a dead worker is replaced (after the
+        backoff), a live one (it failed, or was recycled) stops."""
         if worker.state == WorkerState.DEAD and not self._closed:
             self.metrics.restarts.inc((self.model_name, self.version))
             self._schedule_restart()
@@ -292,6 +300,8 @@ class WorkerPool:
 
     def _should_recycle(self, worker: WorkerProcess) -> bool:
         s = self.settings
+        if self._carry and self._carry.get(worker):  # not while it streams (continuous)
+            return False
         if s.recycle_after_requests and worker.served >= s.recycle_after_requests:
             return True
         return bool(s.recycle_above_rss_mb and worker.rss_mb() > s.recycle_above_rss_mb)
@@ -305,14 +315,16 @@ class WorkerPool:
         batch = Batch(next(_batch_ids), [job.request for job in live], [job.entry for job in live])
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self._record_dispatch(live, now)
+        sessions = self.queue.sessions
+        carried = sessions.carried if sessions is not None else ()
+        self._record_dispatch(live, now, carried)
         try:
-            waiter = worker.send(batch, _fan_out(live, self.settings.max_response_size))
+            waiter = worker.send(batch, _fan_out(live, self.settings.max_response_size, sessions))
         except TsctlError as exc:  # the worker died, or the batch could not be encoded
             _fail(live, exc)
             return None
-        self._watch(worker, max(j.deadline for j in live), loop)
-        return _Sent(live, waiter, now)
+        self._watch(worker, _due(live, now, carried), loop)
+        return _Sent(live, waiter, now, batch.batch_id)
 
     async def _finish(self, worker: WorkerProcess, sent: _Sent) -> _Sent | None:
         """Wait for the result of `sent` and answer its jobs; the batch sent meanwhile, if
@@ -402,7 +414,11 @@ class WorkerPool:
 
     def _answer(self, worker: WorkerProcess, sent: _Sent, result: Result) -> None:
         live = sent.jobs
-        worker.served += len(live)
+        sessions = self.queue.sessions
+        if sessions is not None and sessions.carried:  # a stream's step is no new request
+            worker.served += sum(job not in sessions.carried for job in live)
+        else:
+            worker.served += len(live)
         self._failures = 0
         batch_ms = (asyncio.get_running_loop().time() - sent.at) * 1000
         self._record_result(result, live, batch_ms)
@@ -411,7 +427,6 @@ class WorkerPool:
             _fail(live, error_for(result.failure))
             return
         # bodies over max_response_size were skipped as they were read (RESPONSE_TOO_LARGE)
-        sessions = self.queue.sessions
         for job, answer in zip(live, result.responses, strict=True):
             if answer.failure is not None:
                 job.answer(error_for(answer.failure))
@@ -424,18 +439,23 @@ class WorkerPool:
                 answer.reason,
             )
             if sessions is not None and job.sequence is not None:
-                kept = sessions.answered(job, response)
+                kept = sessions.answered(job, response, self.settings.max_response_size)
                 if kept is None:  # streamed on: sent again with the worker's next batch
-                    self._carry.setdefault(worker, []).append(job)
+                    if not job.done:
+                        self._carry.setdefault(worker, []).append(job)
                     continue
                 response = kept
             job.answer(response)
 
-    def _record_dispatch(self, jobs: list[Job], now: float) -> None:
+    def _record_dispatch(
+        self, jobs: list[Job], now: float, carried: set[Job] | tuple[()] = ()
+    ) -> None:
+        """The batch's queue metrics; the steps of streams (`carried`) waited in no queue."""
         series = self.metrics.for_model(self.model_name, self.version)  # bound once
-        waited = [now - job.request.arrival for job in jobs]
-        series.queue_latency.inc(sum(waited) * 1e6)
-        series.queue_time.set(waited[-1] * 1000)
+        waited = [now - job.request.arrival for job in jobs if not carried or job not in carried]
+        if waited:
+            series.queue_latency.inc(sum(waited) * 1e6)
+            series.queue_time.set(waited[-1] * 1000)
         series.batch_size.observe(len(jobs))
 
     def _record_result(self, result: Result, jobs: list[Job], batch_ms: float) -> None:
@@ -527,10 +547,24 @@ class WorkerPool:
         self.queue.drop_all(error)
 
 
-def _fan_out(jobs: list[Job], limit: int) -> Callable[[Chunk], None] | None:
+def _due(jobs: list[Job], now: float, carried: set[Job] | tuple[()]) -> float:
+    """When the batch of `jobs` sent at `now` must be answered: its latest deadline, a
+    stream's step (`carried`) counted afresh from `now` (the response timeout is per step,
+    as TorchServe's)."""
+    if not carried:
+        return max(job.deadline for job in jobs)
+    return max(
+        now + job.deadline - job.request.arrival if job in carried else job.deadline for job in jobs
+    )
+
+
+def _fan_out(
+    jobs: list[Job], limit: int, sessions: Sessions | None = None
+) -> Callable[[Chunk], None] | None:
     """Deliver each intermediate answer of a chunk to its request, if it asked for chunks. A
     failed answer ends its request with the error, and so does a stream whose chunks add up
-    to more than `limit` bytes (the final answer is not counted: it is bounded by itself)."""
+    to more than `limit` bytes (the final answer is not counted: it is bounded by itself); a
+    stateful model's `sessions` count them over all the steps of a continuous stream."""
     if not any(job.on_chunk is not None for job in jobs):
         return None
     sent = [0] * len(jobs)
@@ -542,15 +576,19 @@ def _fan_out(jobs: list[Job], limit: int) -> Callable[[Chunk], None] | None:
             if answer.failure is not None:
                 job.answer(error_for(answer.failure))
                 continue
-            sent[i] += len(answer.body)
-            if sent[i] > limit:
-                job.answer(
-                    PredictionFailed(
-                        f"the streamed response of over {sent[i]} bytes exceeds "
-                        f"max_response_size ({limit})"
+            if sessions is not None:  # counted over all the steps of a continuous stream
+                if not sessions.stream(job, len(answer.body), limit):
+                    continue  # answered with the error
+            else:
+                sent[i] += len(answer.body)
+                if sent[i] > limit:
+                    job.answer(
+                        PredictionFailed(
+                            f"the streamed response of over {sent[i]} bytes exceeds "
+                            f"max_response_size ({limit})"
+                        )
                     )
-                )
-                continue
+                    continue
             job.on_chunk(
                 Response(answer.status, answer.content_type, answer.body, tuple(answer.headers))
             )
@@ -583,6 +621,7 @@ class _Sent:
     jobs: list[Job]
     result: asyncio.Future[Result]
     at: float
+    batch_id: int = 0
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:

@@ -26,6 +26,7 @@ worker), `kill` reads a few files under /proc.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -39,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tsctl.errors import ArchiveError
+from tsctl.errors import ArchiveError, WorkerStartFailed
 from tsctl.ipc.messages import WorkerSpec
 from tsctl.server.settings import ModelSettings, TorchrunSettings
 from tsctl.server.workers.process import AdoptedChild, Child, WorkerProcess
@@ -47,6 +48,8 @@ from tsctl.server.workers.spares import worker_env
 
 #: the relay socket's name in an instance's private folder
 RELAY = "ranks.sock"
+#: the longest path a Unix socket may bind to (Linux's sun_path, less its NUL)
+MAX_SOCKET_PATH = 107
 
 
 @dataclass(frozen=True)
@@ -126,10 +129,17 @@ class Instance:
         """Start torchrun with the daemon's socket as its stdin, in a private folder of its
         own (mode 0700: the relay socket and torchrun's logs; removed once it has ended)."""
         self.folder = folder = Path(tempfile.mkdtemp(prefix="tsctl-ranks-"))
+        relay = folder / RELAY
+        if len(os.fsencode(relay)) > MAX_SOCKET_PATH:  # rank 0 could not bind it
+            shutil.rmtree(folder, ignore_errors=True)
+            raise WorkerStartFailed(
+                f"the ranks' socket {relay} is longer than a Unix socket's path may be "
+                f"({MAX_SOCKET_PATH} bytes): set TMPDIR to a shorter folder"
+            )
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             popen = subprocess.Popen(
-                self.torchrun.command(self.spec, folder / RELAY, folder / "logs"),
+                self.torchrun.command(self.spec, relay, folder / "logs"),
                 stdin=child.fileno(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -177,7 +187,8 @@ class RankTree:
 
     async def wait(self) -> int:
         code = await self.torchrun.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        # torchrun's logs may be many files: removed off the event loop
+        await asyncio.to_thread(shutil.rmtree, self.folder, ignore_errors=True)
         return code
 
 
