@@ -13,8 +13,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.unit.test_batching import VirtualLoop, run
-from tsctl.errors import BadRequest
+from tsctl.errors import BadRequest, PredictionFailed, RequestTooLarge
 from tsctl.ipc.messages import Part
+from tsctl.server import batching
+from tsctl.server.api.grpc_api import MAX_HELD_CHUNKS, HeldChunks
 from tsctl.server.batching import ModelQueue, next_batch
 from tsctl.server.request import InferenceRequest, Job, Response
 from tsctl.server.sessions import (
@@ -253,3 +255,65 @@ def test_a_stream_is_a_plain_answer_without_continuous_batching(loop: VirtualLoo
     assert sessions.queue.take("a") is job
     assert answer(sessions, job, ok((STREAM_NEXT, "true"))) is not None
     assert client.chunks == []
+
+
+def test_a_streams_steps_are_carried_and_its_chunks_count_against_the_limit(
+    loop: VirtualLoop,
+) -> None:
+    sessions = sessions_on(loop)
+    client = Client()
+    stream = submit(sessions, client, "s")
+    assert sessions.queue.take("a") is stream
+    step = Response(200, "text/plain", b"x" * 400, ((STREAM_NEXT, "true"),))
+    assert sessions.answered(stream, step, 1000) is None and stream in sessions.carried
+    assert sessions.answered(stream, step, 1000) is None and not stream.done
+    assert sessions.answered(stream, step, 1000) is None  # 1,200 bytes in all: ended
+    error = client.answers[stream.request.request_id]
+    assert isinstance(error, PredictionFailed) and "exceeds max_response_size" in error.message
+    assert len(client.chunks) == 2
+    assert not sessions.carried and not sessions.streamed  # forgotten once answered
+
+
+def test_an_open_sessions_worker_is_never_forgotten(
+    loop: VirtualLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batching, "MAX_SEQUENCES", 2)  # past it, closed sequences' go
+    sessions = sessions_on(loop, max_num=4, min_workers=1)
+    client = Client()
+    for name in ("s1", "s2", "s3"):
+        job = submit(sessions, client, name)
+        assert sessions.queue.take("a") is job
+        answer(sessions, job, ok())
+    later = submit(sessions, client, "s1")
+    assert sessions.queue.take("b") is None  # still a's session: its state is there
+    assert sessions.queue.take("a") is later
+
+
+def test_a_session_opened_for_a_refused_request_is_taken_back(loop: VirtualLoop) -> None:
+    sessions = sessions_on(loop)
+    request = InferenceRequest("r", [], [], 0.0)
+
+    async def opened() -> str:
+        return sessions.admit(request, "fresh")[1]
+
+    run(loop, opened())
+    sessions.unopen("fresh")  # its request was refused before it was queued
+    assert sessions.get("fresh") is None and len(sessions) == 0
+    client = Client()
+    kept = submit(sessions, client, "kept")
+    sessions.unopen("kept")  # a session with a request queued stays
+    assert sessions.get("kept") is not None and kept.sequence == "kept"
+
+
+def test_a_grpc_client_that_does_not_read_holds_a_bounded_stream(loop: VirtualLoop) -> None:
+    held = HeldChunks()
+    client = Client()
+    sessions = sessions_on(loop)
+    job = submit(sessions, client, "s")
+    held.jobs.append(job)
+    for _ in range(MAX_HELD_CHUNKS + 1):
+        held.put(ok())
+    assert held.chunks.qsize() == MAX_HELD_CHUNKS
+    assert isinstance(client.answers[job.request.request_id], RequestTooLarge)
+    held.end(None)  # its end still has its place
+    assert held.chunks.qsize() == MAX_HELD_CHUNKS + 1

@@ -13,7 +13,6 @@ INTERNAL with a request id and no details. Message sizes follow `max_request_siz
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -23,7 +22,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from tsctl.errors import TsctlError
+from tsctl.errors import RequestTooLarge, TsctlError
 from tsctl.ipc.messages import Part
 from tsctl.plugins.api import RequestInfo
 from tsctl.proto_gen import (
@@ -38,7 +37,7 @@ from tsctl.server import management
 from tsctl.server.api.grpc_errors import funnel, funnel_stream, status_of
 from tsctl.server.config import ServerConfig
 from tsctl.server.inference import Pending
-from tsctl.server.request import InferenceRequest, Response, new_request_id
+from tsctl.server.request import InferenceRequest, Job, Response, new_request_id
 from tsctl.server.sessions import SEQUENCE_ID, SEQUENCE_START, SequenceIdRequired
 from tsctl.server.state import ServerState
 
@@ -87,6 +86,7 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         sequence: str | None = None,
         rpc: str = "Predictions",
         sequences: list[str] | None = None,
+        jobs: list[Job] | None = None,
     ) -> bytes:
         meta = _metadata(context)
         state = self.state
@@ -109,6 +109,8 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         wire = InferenceRequest(request_id, parts, headers, time.monotonic())
         # the peer (one HTTP/2 connection, many calls) is the batcher's source
         pending = Pending(mv, wire, context.peer(), on_chunk, sequence)
+        if jobs is not None:
+            jobs.append(pending.job)
         if sequences is not None and pending.job.sequence is not None:
             sequences.append(pending.job.sequence)  # a stateful model's new session's too
         try:
@@ -165,21 +167,22 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
         async for request in requests:
             sequence = request.sequence_id if request.HasField("sequence_id") else None
             sequence = sequence or None
-            chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+            held = HeldChunks()
             sequences: list[str] = []
             final = asyncio.ensure_future(
                 self._predict(
                     request,
                     context,
-                    functools.partial(_put_body, chunks),
+                    held.put,
                     sequence,
                     "StreamPredictions2",
                     sequences,
+                    held.jobs,
                 )
             )
-            final.add_done_callback(functools.partial(_put_end, chunks))
+            final.add_done_callback(held.end)
             try:
-                while (body := await chunks.get()) is not None:
+                while (body := await held.chunks.get()) is not None:
                     yield _with_sequence(
                         inference_pb2.PredictionResponse(prediction=body), sequences
                     )
@@ -194,12 +197,33 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
             yield _with_sequence(answer, sequences or ([sequence] if sequence else []))
 
 
-def _put_body(chunks: asyncio.Queue[bytes | None], response: Response) -> None:
-    chunks.put_nowait(bytes(response.body))
+#: a StreamPredictions2 request's intermediate answers its client has not read yet, at most
+MAX_HELD_CHUNKS = 64
 
 
-def _put_end(chunks: asyncio.Queue[bytes | None], _: object) -> None:
-    chunks.put_nowait(None)
+class HeldChunks:
+    """A StreamPredictions2 request's intermediate answers until its client reads them (a
+    continuous stream's may be many): at most `MAX_HELD_CHUNKS`; one more ends the request
+    (its `jobs`) with an error, so a client that does not read holds no more. Event-loop only."""
+
+    def __init__(self) -> None:
+        #: the bodies, then None once the request is answered (one place kept for it)
+        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_HELD_CHUNKS + 1)
+        self.jobs: list[Job] = []
+
+    def put(self, response: Response) -> None:
+        if self.chunks.qsize() < MAX_HELD_CHUNKS:
+            self.chunks.put_nowait(bytes(response.body))
+            return
+        error = RequestTooLarge(
+            f"the client has not read the last {MAX_HELD_CHUNKS} intermediate answers of its "
+            "stream: the request is ended"
+        )
+        for job in self.jobs:
+            job.answer(error)
+
+    def end(self, _: object) -> None:
+        self.chunks.put_nowait(None)
 
 
 def _with_sequence(answer: Any, sequences: list[str]) -> Any:
