@@ -8,6 +8,7 @@ import os
 import subprocess
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -315,10 +316,126 @@ def test_workflow_models_stay_out_of_snapshots(tmp_path: Path) -> None:
     srv.start(ncs=False)
     try:
         assert register(srv, "fork.war")[0] == 200
+        assert register(srv, "fork.war", "my__wf")[0] == 200  # `__` in a workflow's name
         plain = srv.manage("POST", "/models?url=adder.mar&model_name=plain")
         assert plain.status == 200  # a model change: a snapshot is written
         newest = sorted((srv.log_dir / "config").glob("*-snapshot.cfg"))[-1].read_text()
         assert '"plain"' in newest.replace("\\", "")
         assert "fork__" not in newest  # as in TorchServe: workflows are registered again
+        assert "my__wf__" not in newest
     finally:
         srv.stop()
+
+
+# -- a workflow's models are its own; unregistering; parallel branches --------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with the model API on, where users register models beside workflows."""
+    srv = Server(tmp_path_factory.mktemp("wf-guarded"), properties={"enable_model_api": "true"})
+    make_models(srv.store, "adder", "doubler", "gate")
+    (srv.store / "v2").mkdir()
+    adder2 = ArchiveSpec(
+        model_name="adder",
+        handler=str(WORKFLOWS / "adder.py"),
+        export_path=srv.store / "v2",
+        version="2.0",
+    )
+    write_archive(plan_archive(adder2))
+    make_war(srv.store, "fork", "fork.yaml")
+    make_war(srv.store, "parallel", "parallel.yaml", None)
+    make_war(srv.store, "gated", "gated.yaml", None)
+    srv.start(ncs=False)
+    yield srv
+    srv.stop()
+
+
+def model_names(server: Server) -> set[str]:
+    return {m["modelName"] for m in server.manage("GET", "/models").json()["models"]}
+
+
+def test_a_users_model_of_a_nodes_name_is_refused_not_used(guarded: Server) -> None:
+    user = guarded.manage("POST", "/models?url=v2/adder.mar&model_name=clash__adder")
+    assert user.status == 200, user.body
+    try:
+        status, doc = register(guarded, "fork.war", "clash")
+        assert status == 409, doc
+        assert doc["message"] == (  # type: ignore[index]
+            "Workflow clash: model clash__adder is already registered"
+        )
+        assert guarded.manage("GET", "/workflows/clash").status == 404
+        versions = guarded.manage("GET", "/models/clash__adder/all").json()
+        assert [v["modelVersion"] for v in versions] == ["2.0"]
+        assert "clash__doubler" not in model_names(guarded)
+    finally:
+        assert guarded.manage("DELETE", "/models/clash__adder/2.0").status == 200
+
+
+def test_a_node_unregistered_by_hand_is_not_replaced_by_a_users_model(guarded: Server) -> None:
+    assert register(guarded, "fork.war", "byhand")[0] == 200
+    try:
+        assert guarded.manage("DELETE", "/models/byhand__adder").status == 200
+        # the name stays the workflow's: a user's model of it would be called and deleted
+        user = guarded.manage("POST", "/models?url=v2/adder.mar&model_name=byhand__adder")
+        assert user.status == 409, user.body
+        assert "byhand__adder belongs to a workflow" in user.json()["message"]
+        reply = wfpredict(guarded, "byhand", {"n": 1})
+        assert reply.status == 500
+        message = reply.json()["message"]
+        assert "Error executing adder: Model not found: byhand__adder" in message
+        assert "after 1 attempt:" in message  # no retry of a model that is gone
+    finally:
+        assert guarded.manage("DELETE", "/workflows/byhand").status == 200
+    assert "byhand__doubler" not in model_names(guarded)
+    user = guarded.manage("POST", "/models?url=v2/adder.mar&model_name=byhand__adder")
+    assert user.status == 200, user.body  # free once the workflow is gone
+    assert guarded.manage("DELETE", "/models/byhand__adder/2.0").status == 200
+
+
+def test_parallel_branches_run_at_the_same_time(guarded: Server, tmp_path: Path) -> None:
+    """Each branch waits for a file the other creates when it starts: one after the other,
+    the first would wait until the node's timeout-ms and the request would fail."""
+    assert register(guarded, "parallel.war")[0] == 200
+    try:
+        body = {"dir": str(tmp_path), "waits": {"left": "right.started", "right": "left.started"}}
+        reply = wfpredict(guarded, "parallel", body)
+        assert reply.status == 200, reply.body
+        assert reply.json() == {"left": body, "right": body}
+    finally:
+        assert guarded.manage("DELETE", "/workflows/parallel").status == 200
+
+
+def test_unregister_keeps_the_name_until_its_models_are_gone(
+    guarded: Server, tmp_path: Path
+) -> None:
+    """While a request holds the first node, DELETE waits for it; meanwhile the name is not
+    free, new requests are 404, and the next node is already unregistered (with the rest)."""
+    assert register(guarded, "gated.war", "closing")[0] == 200
+    body = {"dir": str(tmp_path), "waits": {"gate": "release"}}
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(wfpredict, guarded, "closing", body)
+        guarded.wait_for((tmp_path / "gate.started").exists)
+        deleting = pool.submit(guarded.manage, "DELETE", "/workflows/closing")
+
+        def listed() -> set[str]:
+            doc = guarded.manage("GET", "/workflows").json()
+            return {w["workflowName"] for w in doc["workflows"]}
+
+        guarded.wait_for(lambda: "closing" not in listed())
+        guarded.wait_for(lambda: "closing__after" not in model_names(guarded))
+        assert wfpredict(guarded, "closing", body).status == 404
+        status, doc = register(guarded, "gated.war", "closing")
+        assert (status, doc) == (409, {  # type: ignore[comparison-overlap]
+            "code": 409,
+            "type": "ConflictStatusException",
+            "message": "Workflow closing is already registered.",
+        })  # fmt: skip
+        (tmp_path / "release").touch()
+        reply = running.result()
+        assert reply.status == 500
+        assert "Error executing after: Model not found: closing__after" in reply.json()["message"]
+        assert deleting.result().status == 200
+    assert not {"closing__gate", "closing__after"} & model_names(guarded)
+    assert register(guarded, "gated.war", "closing")[0] == 200
+    assert guarded.manage("DELETE", "/workflows/closing").status == 200

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tsctl.errors import (
     NOT_ALLOWED_MESSAGE,
     BadRequest,
+    Conflict,
     InvalidModelVersion,
     MethodNotAllowed,
     ServiceUnavailable,
@@ -124,6 +125,9 @@ async def register(state: ServerState, params: RegisterParams) -> Outcome:
     if download.is_remote(url):
         url = await download.fetch(cfg, url)
     mv = await registry.add(url, options)
+    if state.workflows.owns(mv.name):  # checked as it is added: its versions are a workflow's
+        await registry.unload(mv)
+        raise Conflict(f"Model {mv.name} belongs to a workflow; unregister the workflow first")
     if workers is None and mv.min_workers == 0:
         mv.min_workers = max(1, min(cfg.default_workers_per_model, cfg.max_workers_per_model))
         mv.max_workers = max(mv.max_workers, mv.min_workers)

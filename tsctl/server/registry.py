@@ -137,9 +137,11 @@ class Registry:
             max(mv.pool.target, mv.min_workers) for vs in self.models.values() for mv in vs.values()
         )
 
-    async def load(self, url: str, options: LoadOptions = DEFAULTS) -> ModelVersion:
+    async def load(
+        self, url: str, options: LoadOptions = DEFAULTS, *, new_name: bool = False
+    ) -> ModelVersion:
         """Open, extract and register a model archive, then start its workers."""
-        mv = await self.add(url, options)
+        mv = await self.add(url, options, new_name=new_name)
         try:
             await mv.pool.scale(mv.min_workers)
         except BaseException:
@@ -147,12 +149,17 @@ class Registry:
             raise
         return mv
 
-    async def add(self, url: str, options: LoadOptions = DEFAULTS) -> ModelVersion:
-        """Open, extract and register a model archive, with no workers yet."""
+    async def add(
+        self, url: str, options: LoadOptions = DEFAULTS, *, new_name: bool = False
+    ) -> ModelVersion:
+        """Open, extract and register a model archive, with no workers yet; `new_name`: a
+        Conflict when any version of that name is registered (a workflow's models)."""
         path = self.resolve(url, options.trusted)
         mv = await asyncio.to_thread(self._prepare, path, url, options)
 
         def refuse_a_duplicate() -> None:
+            if new_name and mv.name in self.models:
+                raise Conflict(f"Model {mv.name} is already registered")
             if mv.version in self.models.get(mv.name, {}):
                 raise Conflict(
                     f"Model version {mv.version} is already registered for model {mv.name}"

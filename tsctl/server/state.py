@@ -52,7 +52,7 @@ class ServerState:
         if self.config.no_config_snapshots:
             return
         models = snapshot.models_of(self.registry)
-        if self.workflows.known or self.workflows.pending:  # not snapshotted, as in TorchServe
+        if self.workflows.models:  # a workflow's models are not snapshotted (TorchServe's way)
             models = [m for m in models if not self.workflows.owns(m.name)]
         snapshot.write(self.config, models, kind)
 

@@ -39,11 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tsctl.archive.manifest import Runtime, new_manifest
 from tsctl.archive.workflow import check_workflow_name, open_workflow
 from tsctl.errors import (
-    NOT_ALLOWED_MESSAGE,
     BadRequest,
     Conflict,
     InferenceTimeout,
-    MethodNotAllowed,
     ModelNotFound,
     NotFound,
     RequestTooLarge,
@@ -55,7 +53,7 @@ from tsctl.server import download
 from tsctl.server.config import ServerConfig
 from tsctl.server.inference import Pending
 from tsctl.server.registry import ModelVersion
-from tsctl.server.request import InferenceRequest, Response, new_request_id
+from tsctl.server.request import InferenceRequest, Response
 from tsctl.server.settings import LoadOptions
 from tsctl.server.workflow_spec import (
     InvalidWorkflowSpec,
@@ -100,21 +98,23 @@ class Workflow:
     spec: WorkflowSpec
     #: where the `.war` was extracted (the function nodes' model folder)
     directory: Path
+    #: the model versions this workflow registered, by node: the only ones it calls or
+    #: unregisters (a user's model of the same name is never touched)
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
 
     def model_name(self, node: str) -> str:
         return f"{self.name}__{node}"
 
-    @property
-    def model_names(self) -> list[str]:
-        return [self.model_name(n) for n in self.spec.dag.order]
-
 
 @dataclass
 class Workflows:
-    """The registered workflows by name; `pending` holds names being registered."""
+    """The registered workflows by name. `pending` holds the names being registered or
+    unregistered (no other registration may take them meanwhile); `models` the model names
+    that belong to a workflow, from before each is added until it is gone."""
 
     known: dict[str, Workflow] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)
+    models: set[str] = field(default_factory=set)
 
     def get(self, name: str) -> Workflow:
         found = self.known.get(name)
@@ -123,13 +123,8 @@ class Workflows:
         return found
 
     def owns(self, model: str) -> bool:
-        """Whether `model` is a node of a workflow, registered or being registered (snapshots
-        leave those out)."""
-        workflow, _, node = model.partition("__")
-        if not node:
-            return False
-        found = self.known.get(workflow)
-        return workflow in self.pending or (found is not None and node in found.spec.dag.nodes)
+        """Whether `model` belongs to a workflow (snapshots leave those out)."""
+        return model in self.models
 
 
 # -- registration -------------------------------------------------------------------------
@@ -238,12 +233,19 @@ def _prepare(path: Path, work_dir: Path, max_bytes: int, asked_name: str | None)
     return _Prepared(name, spec, target, handler)
 
 
+def _is_registered(state: ServerState, mv: ModelVersion) -> bool:
+    return state.registry.models.get(mv.name, {}).get(mv.version) is mv
+
+
 async def _register_node(
     state: ServerState, wf: Workflow, node: Node, handler: str | None, timeouts: _Timeouts
-) -> ModelVersion:
+) -> None:
+    """Register one node's model with its workers, into `wf.versions`. Its name must be new:
+    a model of that name (a user's, or another workflow's) is a Conflict naming it."""
     s = node.settings
+    name = wf.model_name(node.name)
     options = LoadOptions(
-        name=wf.model_name(node.name),
+        name=name,
         batch_size=s.batch_size,
         max_batch_delay=s.max_batch_delay,
         response_timeout=timeouts.response,
@@ -252,29 +254,64 @@ async def _register_node(
         min_workers=s.max_workers,
         max_workers=s.max_workers,
     )
-    registry = state.registry
     if node.url is None:
         options = replace(options, handler=f"{handler}:{node.name}", trusted=True)
         url = str(wf.directory)
     else:
         url = node.url
         if download.is_remote(url):  # as `POST /models` with a URL: model API and allowed_urls
-            if not state.config.enable_model_api:
-                raise MethodNotAllowed(NOT_ALLOWED_MESSAGE)
-            url = await download.fetch(state.config, url)
-    mv = await registry.add(url, options)
+            from tsctl.server.management import require_model_api  # (it imports this module)
+
+            require_model_api(state)
+    models = state.workflows.models
+    if name in models or name in state.registry.models:
+        raise Conflict(f"Model {name} is already registered")
+    models.add(name)
     try:
-        await mv.pool.scale(mv.min_workers)
+        if download.is_remote(url):
+            url = await download.fetch(state.config, url)
+        wf.versions[node.name] = await state.registry.load(url, options, new_name=True)
     except BaseException:
-        await registry.unload(mv)
+        models.discard(name)
         raise
-    return mv
 
 
 @dataclass(frozen=True)
 class _Timeouts:
     response: float | None
     startup: float | None
+
+
+async def _remove_models(state: ServerState, wf: Workflow, timeout: float | None) -> None:
+    """Unregister the models `wf` registered, all at once (each lets its queued requests
+    finish for up to `timeout` seconds; None: at once), and free their names as each is
+    gone; then remove its folder."""
+
+    async def remove(mv: ModelVersion) -> None:
+        try:
+            if _is_registered(state, mv):  # else unregistered by hand through the model API
+                if timeout is None:
+                    await state.registry.unload(mv)
+                else:
+                    await state.registry.unregister(mv, timeout)
+        finally:
+            state.workflows.models.discard(mv.name)
+
+    mvs = list(wf.versions.values())
+    results = await asyncio.gather(*(remove(mv) for mv in mvs), return_exceptions=True)
+    for mv, result in zip(mvs, results, strict=True):
+        if isinstance(result, Exception):
+            log.error("workflow %s: unregistering %s failed", wf.name, mv.name,
+                      exc_info=(type(result), result, result.__traceback__))  # fmt: skip
+    await asyncio.to_thread(shutil.rmtree, wf.directory, True)
+
+
+async def _roll_back(state: ServerState, wf: Workflow) -> None:
+    """Undo a registration that failed or was cancelled; runs to its end even if the caller
+    is cancelled again (a task of its own, held by `state.track`)."""
+    cleanup = asyncio.ensure_future(_remove_models(state, wf, None))
+    state.track(cleanup)
+    await asyncio.shield(cleanup)
 
 
 async def register(
@@ -284,7 +321,8 @@ async def register(
     response_timeout: float | None = None,
     startup_timeout: float | None = None,
 ) -> str:
-    """Register a workflow and its models, with workers; TorchServe's status text."""
+    """Register a workflow and its models, with workers; TorchServe's status text. A failed
+    or cancelled registration unregisters what it registered."""
     if not url:
         raise BadRequest("Parameter url is required.")
     path = resolve(state.config, url)
@@ -298,9 +336,14 @@ async def register(
     if wf.name in workflows.known or wf.name in workflows.pending:
         await asyncio.to_thread(shutil.rmtree, wf.directory, True)
         raise Conflict(f"Workflow {wf.name} is already registered.")
+    taken = [wf.model_name(n) for n in wf.spec.dag.order]
+    taken = [m for m in taken if m in state.registry.models or m in workflows.models]
+    if taken:  # never use a model the workflow did not register (checked again as each loads)
+        await asyncio.to_thread(shutil.rmtree, wf.directory, True)
+        raise Conflict(f"Workflow {wf.name}: model {taken[0]} is already registered")
     workflows.pending.add(wf.name)
+    nodes = list(wf.spec.dag.nodes.values())
     try:
-        nodes = list(wf.spec.dag.nodes.values())
         timeouts = _Timeouts(response_timeout, startup_timeout)
         results = await asyncio.gather(
             *(_register_node(state, wf, n, prepared.handler, timeouts) for n in nodes),
@@ -315,31 +358,30 @@ async def register(
                           exc_info=(type(result), result, result.__traceback__))  # fmt: skip
                 failures.append(f"Workflow Node {node.name} failed to register. Check error logs.")
         if failures:
-            for result in results:
-                if isinstance(result, ModelVersion):
-                    await state.registry.unload(result)
-            await asyncio.to_thread(shutil.rmtree, wf.directory, True)
             raise StartFailed(
                 f"Workflow {wf.name} has failed to register. Failures: [{', '.join(failures)}]"
             )
-        workflows.known[wf.name] = wf
+    except BaseException:
+        await _roll_back(state, wf)
+        raise
     finally:
         workflows.pending.discard(wf.name)
+    workflows.known[wf.name] = wf
     log.info("workflow %s registered (%d nodes)", wf.name, len(nodes))
     return f"Workflow {wf.name} has been registered and scaled successfully."
 
 
 async def unregister(state: ServerState, name: str) -> str:
-    """Unregister a workflow and its models (their queued requests finish first)."""
-    wf = state.workflows.get(name)
-    del state.workflows.known[name]
-    for model in wf.model_names:
-        try:
-            mv = state.registry.get(model)
-        except ModelNotFound:  # unregistered by hand through the model API
-            continue
-        await state.registry.unregister(mv, state.config.unregister_model_timeout)
-    await asyncio.to_thread(shutil.rmtree, wf.directory, True)
+    """Unregister a workflow and its models, together (their queued requests finish first).
+    The name stays taken until they are gone."""
+    workflows = state.workflows
+    wf = workflows.get(name)
+    del workflows.known[name]
+    workflows.pending.add(name)
+    try:
+        await _remove_models(state, wf, state.config.unregister_model_timeout)
+    finally:
+        workflows.pending.discard(name)
     return f'Workflow "{name}" unregistered'
 
 
@@ -379,24 +421,35 @@ def describe(state: ServerState, name: str) -> list[dict[str, Any]]:
 
 
 async def _call_node(
-    state: ServerState, wf: Workflow, node: Node, parts: list[Part], headers: Any
+    state: ServerState,
+    wf: Workflow,
+    node: Node,
+    parts: list[Part],
+    headers: Any,
+    request_id: str,
 ) -> bytes:
-    """One node's answer, with TorchServe's retries; `WorkflowNodeFailed` naming it."""
+    """One node's answer, with TorchServe's retries; `WorkflowNodeFailed` naming it. Each try
+    is request `{request_id}-{node}-{try}` (model_log ties it to the client's request)."""
     size = sum(len(p.data) for p in parts)
     limit = state.config.max_request_size
     if size > limit:
-        raise RequestTooLarge(
-            f"Error executing {node.name}: its input of {size} bytes exceeds "
-            f"max_request_size ({limit})"
-        )
+        problem = f"its input of {size} bytes exceeds max_request_size ({limit})"
+        if node.name == wf.spec.dag.start:  # the client's own body
+            raise RequestTooLarge(f"Error executing {node.name}: {problem}")
+        raise WorkflowNodeFailed(f"Error executing {node.name}: {problem}")
     attempts = node.settings.retry_attempts + 1
     seconds = node.settings.timeout_ms / 1000
     loop = asyncio.get_running_loop()
+    mv = wf.versions[node.name]
     problem = ""
-    for attempt in range(attempts):
+    tried = 0
+    while tried < attempts:
+        tried += 1
         try:
-            mv = state.registry.get(wf.model_name(node.name))
-            request = InferenceRequest(new_request_id(None), parts, headers, loop.time())
+            if not _is_registered(state, mv):  # unregistered (by hand, or with the workflow)
+                raise ModelNotFound(f"Model not found: {mv.name}")
+            rid = f"{request_id}-{node.name}-{tried}"
+            request = InferenceRequest(rid, parts, headers, loop.time())
             pending = Pending(mv, request, None)
             try:
                 answer: Response = await asyncio.wait_for(pending.result(), seconds)
@@ -410,17 +463,24 @@ async def _call_node(
         except TsctlError as exc:
             problem = exc.message
             log.warning("workflow %s node %s failed (attempt %d of %d): %s",
-                        wf.name, node.name, attempt + 1, attempts, problem)  # fmt: skip
+                        wf.name, node.name, tried, attempts, problem)  # fmt: skip
             if isinstance(exc, ModelNotFound):
                 break
+    shown = "1 attempt" if tried == 1 else f"{tried} attempts"
     raise WorkflowNodeFailed(
-        f"Failed to execute workflow Node after {attempts} attempts: "
-        f"Error executing {node.name}: {problem}"
+        f"Failed to execute workflow Node after {shown}: Error executing {node.name}: {problem}"
     )
 
 
-async def run(state: ServerState, name: str, parts: list[Part], headers: Any) -> Response:
-    """Run one request through workflow `name`'s DAG; its answer."""
+#: above this many bytes of last nodes' outputs, their merge runs in a thread
+_MERGE_ON_LOOP = 64 << 10
+
+
+async def run(
+    state: ServerState, name: str, parts: list[Part], headers: Any, request_id: str
+) -> Response:
+    """Run one request (`request_id`, the client's) through workflow `name`'s DAG; its
+    answer."""
     wf = state.workflows.get(name)
     dag = wf.spec.dag
     inputs: dict[str, list[Part]] = {dag.start: list(parts)}
@@ -429,7 +489,7 @@ async def run(state: ServerState, name: str, parts: list[Part], headers: Any) ->
     running: dict[asyncio.Task[bytes], str] = {}
 
     def launch(node: str) -> None:
-        call = _call_node(state, wf, dag.nodes[node], inputs.pop(node), headers)
+        call = _call_node(state, wf, dag.nodes[node], inputs.pop(node), headers, request_id)
         running[asyncio.ensure_future(call)] = node
 
     launch(dag.start)
@@ -453,23 +513,29 @@ async def run(state: ServerState, name: str, parts: list[Part], headers: Any) ->
             task.cancel()
         if running:
             await asyncio.wait(running)
-    return _answer(state, dag.leaves, leaves)
+    limit = state.config.max_response_size
+    if len(dag.leaves) == 1:
+        return Response(200, "application/json", leaves[dag.leaves[0]])
+    if sum(len(b) for b in leaves.values()) <= _MERGE_ON_LOOP:
+        return _merge(dag.leaves, leaves, limit)
+    return await asyncio.to_thread(_merge, dag.leaves, leaves, limit)
 
 
-def _answer(state: ServerState, order: tuple[str, ...], leaves: dict[str, bytes]) -> Response:
-    if len(order) == 1:
-        return Response(200, "application/json", leaves[order[0]])
-    merged: dict[str, Any] = {}
+def _merge(order: tuple[str, ...], leaves: dict[str, bytes], limit: int) -> Response:
+    """Several last nodes' outputs as one JSON object by node name: each is checked to be
+    JSON and spliced in as its bytes (not parsed into objects and written again)."""
+    pieces: list[bytes] = []
     for node in order:
+        raw = leaves[node]
         try:
-            merged[node] = json.loads(leaves[node])
+            json.loads(raw.decode("utf-8"))  # UTF-8 only: the bytes are spliced as they are
         except ValueError:
             raise WorkflowNodeFailed(
                 f"Error executing {node}: its output is not JSON, and a workflow with several "
                 "last nodes answers a JSON object of their outputs"
             ) from None
-    body = json.dumps(merged).encode()
-    limit = state.config.max_response_size
+        pieces.append(json.dumps(node).encode() + b": " + raw.strip())
+    body = b"{" + b", ".join(pieces) + b"}"
     if len(body) > limit:
         raise WorkflowNodeFailed(f"the workflow's answer exceeds max_response_size ({limit})")
     return Response(200, "application/json", body)

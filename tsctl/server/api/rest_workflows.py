@@ -63,7 +63,7 @@ class WorkflowExchange(PredictionExchange):
         except TsctlError as exc:
             self.answer_error(exc)
             return
-        run = workflows.run(self.state, self.model, parts, self.head.headers)
+        run = workflows.run(self.state, self.model, parts, self.head.headers, self.request_id)
         self.task = asyncio.ensure_future(run)
         self.task.add_done_callback(self._ran)
 
