@@ -333,7 +333,8 @@ def test_workflow_models_stay_out_of_snapshots(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server with the model API on, where users register models beside workflows."""
-    srv = Server(tmp_path_factory.mktemp("wf-guarded"), properties={"enable_model_api": "true"})
+    props = {"enable_model_api": "true", "max_request_size": 100_000}
+    srv = Server(tmp_path_factory.mktemp("wf-guarded"), properties=props)
     make_models(srv.store, "adder", "doubler", "gate")
     (srv.store / "v2").mkdir()
     adder2 = ArchiveSpec(
@@ -439,3 +440,31 @@ def test_unregister_keeps_the_name_until_its_models_are_gone(
     assert not {"closing__gate", "closing__after"} & model_names(guarded)
     assert register(guarded, "gated.war", "closing")[0] == 200
     assert guarded.manage("DELETE", "/workflows/closing").status == 200
+
+
+def test_node_requests_carry_the_clients_request_id(guarded: Server, tmp_path: Path) -> None:
+    assert register(guarded, "gated.war", "traced")[0] == 200
+    try:
+        body = {"dir": str(tmp_path), "echo_id": True}
+        reply = wfpredict(guarded, "traced", body, **{"x-request-id": "trace-7"})
+        assert reply.status == 200, reply.body
+        assert reply.headers["x-request-id"] == "trace-7"
+        answer = reply.json()
+        assert (answer["id_gate"], answer["id_after"]) == ("trace-7-gate-1", "trace-7-after-1")
+    finally:
+        assert guarded.manage("DELETE", "/workflows/traced").status == 200
+
+
+def test_an_oversized_output_between_nodes_is_the_servers_500(
+    guarded: Server, tmp_path: Path
+) -> None:
+    assert register(guarded, "gated.war", "padded")[0] == 200
+    try:
+        body = {"dir": str(tmp_path), "pad": {"gate": 200_000}}
+        reply = wfpredict(guarded, "padded", body)
+        assert reply.status == 500, reply.body
+        message = reply.json()["message"]
+        assert "Error executing after: its input of " in message
+        assert "exceeds max_request_size (100000)" in message
+    finally:
+        assert guarded.manage("DELETE", "/workflows/padded").status == 200
