@@ -116,9 +116,48 @@ def test_too_many_nodes() -> None:
     assert "over the limit" in refused(f"dag:\n{chain}", functions)
 
 
+def test_too_many_targets_are_refused_while_the_dag_is_read() -> None:
+    targets = [f"n{i}" for i in range(100_000)]
+    loaded = {"dag": {"pre": targets + targets}}
+    with pytest.raises(InvalidWorkflowSpec, match="over the limit of 64 nodes"):
+        parse_spec(loaded, {"pre", *targets}, "h.py")
+    # the same child listed many times is one edge
+    found = parse_spec({"dag": {"pre": ["post"] * 10_000}}, FUNCTIONS, "h.py")
+    assert found.dag.children["pre"] == ("post",)
+
+
 def test_handler_functions_are_read_not_run() -> None:
     source = "import os\nos._exit(1)\ndef pre(d, c): pass\nasync def post(d, c): pass\nx = 1\n"
-    assert handler_functions(source, "h.py") == {"pre", "post"}
+    assert handler_functions(source, "h.py") == {"os", "pre", "post", "x"}
+
+
+def test_handler_names_bound_as_torchserves_hasattr_finds_them() -> None:
+    source = """
+import json, os.path as osp, a.b
+from functools import partial
+from lib import pre as first, post
+mid = partial(print)
+left, (right, *rest) = 1, (2, 3)
+typed: int = 1
+declared: int
+obj.attr = 1
+class Step: pass
+if True:
+    try:
+        from fast import step
+    except ImportError:
+        step = None
+def outer():
+    hidden = 1
+"""
+    assert handler_functions(source, "h.py") == {
+        "json", "osp", "a", "partial", "first", "post", "mid", "left", "right", "rest",
+        "typed", "Step", "step", "outer",
+    }  # fmt: skip
+    found = spec("dag:\n  first: [mid]\n", handler_functions(source, "h.py"))
+    assert all(n.is_function for n in found.dag.nodes.values())
+    star = handler_functions("from lib import *\n", "h.py")
+    assert spec("dag:\n  anything: [other]\n", star).dag.order == ("anything", "other")
     with pytest.raises(InvalidWorkflowSpec, match="not valid Python"):
         handler_functions("def (:", "h.py")
 

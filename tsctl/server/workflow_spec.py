@@ -8,7 +8,7 @@ with TorchServe's settings for functions (one worker, batches of one, no batch d
 
 Checked as TorchServe does, with a message naming the problem: exactly one start node, no
 cycle, no node feeding itself; and also what TorchServe finds only at inference or worker
-start: a node that is neither a model nor a function defined in the handler file, a model
+start: a node that is neither a model nor a name the handler file binds at its top level, a model
 without `url`, settings that are not whole numbers in range, names that cannot name a model.
 """
 
@@ -86,15 +86,54 @@ class WorkflowSpec:
     dag_text: str
 
 
+#: in `handler_functions`' answer: the handler file star-imports, so any name may be bound
+ANY_NAME = "*"
+
+
 def handler_functions(source: str, name: str) -> set[str]:
-    """The functions a handler file defines at its top level (read, not run)."""
+    """The names a handler file binds at its top level (read, not run): what TorchServe's
+    `hasattr(module, node)` finds, so `def`, `class`, assignments and imports, also inside a
+    top-level `if`, `try` or `with`. A star import gives `ANY_NAME` (any node may be one)."""
     try:
         tree = ast.parse(source, filename=name)
     except SyntaxError as exc:
         raise InvalidWorkflowSpec(f"handler file {name} is not valid Python: {exc.msg}") from None
-    return {
-        node.name for node in tree.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-    }
+    found: set[str] = set()
+    _bound(tree.body, found)
+    return found
+
+
+def _bound(body: list[ast.stmt], found: set[str]) -> None:
+    for node in body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            found.add(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                found.update(_target_names(target))
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            found.update(_target_names(node.target))
+        elif isinstance(node, ast.Import):
+            found.update(a.asname or a.name.partition(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.update(ANY_NAME if a.name == "*" else a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.If | ast.With | ast.AsyncWith):
+            _bound(node.body, found)
+            _bound(getattr(node, "orelse", []), found)
+        elif isinstance(node, ast.Try | ast.TryStar):
+            for part in (node.body, node.orelse, node.finalbody):
+                _bound(part, found)
+            for handler in node.handlers:
+                _bound(handler.body, found)
+
+
+def _target_names(target: ast.expr) -> list[str]:
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, ast.Tuple | ast.List):
+        return [n for element in target.elts for n in _target_names(element)]
+    if isinstance(target, ast.Starred):
+        return _target_names(target.value)
+    return []  # an attribute or an item: binds no name of the module
 
 
 def _setting(key: str, value: Any, where: str) -> tuple[str, int]:
@@ -156,6 +195,7 @@ def _edges(section: Any) -> dict[str, list[str]]:
                 f"Invalid workflow specification: dag node {name} must list the nodes it feeds"
             )
         found = edges.setdefault(name, [])
+        seen = set(found)
         for target in targets:
             if target is None or (isinstance(target, str) and not target.strip()):
                 continue  # TorchServe skips empty names
@@ -164,10 +204,21 @@ def _edges(section: Any) -> dict[str, list[str]]:
                 raise InvalidWorkflowSpec(
                     f"Invalid workflow specification: node {name} feeds itself (self loop)"
                 )
-            if child not in found:
+            if child not in seen:
+                seen.add(child)
                 found.append(child)
             edges.setdefault(child, [])
+            _count(edges)
+        _count(edges)
     return edges
+
+
+def _count(edges: dict[str, list[str]]) -> None:
+    """Checked as the nodes are found, so a huge `dag` is refused early."""
+    if len(edges) > MAX_NODES:
+        raise InvalidWorkflowSpec(
+            f"Invalid workflow specification: over the limit of {MAX_NODES} nodes"
+        )
 
 
 def _order(edges: dict[str, list[str]], parents: dict[str, list[str]]) -> tuple[str, list[str]]:
@@ -203,10 +254,6 @@ def parse_spec(loaded: Any, functions: set[str], handler: str | None) -> Workflo
         raise InvalidWorkflowSpec("Invalid workflow specification: it has no `dag` section")
     overall, models = _models(loaded.get("models") or {})
     edges = _edges(loaded["dag"])
-    if len(edges) > MAX_NODES:
-        raise InvalidWorkflowSpec(
-            f"Invalid workflow specification: {len(edges)} nodes, over the limit of {MAX_NODES}"
-        )
     parents: dict[str, list[str]] = {n: [] for n in edges}
     for node, targets in edges.items():
         for child in targets:
@@ -218,7 +265,7 @@ def parse_spec(loaded: Any, functions: set[str], handler: str | None) -> Workflo
         if name in models:
             url, own = models[name]
             nodes[name] = Node(name, url, replace(overall, **own))
-        elif name in functions:
+        elif name in functions or ANY_NAME in functions:
             if not name.isidentifier():
                 raise InvalidWorkflowSpec(f"Invalid workflow specification: {name} is no function")
             nodes[name] = Node(name, None, function_settings)

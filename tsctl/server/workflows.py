@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tsctl.server")
 
 _MAX_SPEC_BYTES = 1 << 20
-_MAX_HANDLER_BYTES = 16 << 20
+_MAX_HANDLER_BYTES = 1 << 20  # a handler file is parsed (`ast`) in the daemon
 
 
 class WorkflowNotFound(NotFound):
