@@ -30,6 +30,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     make_archive(srv.store, "echo", "path_echo", version="1.0")
     make_archive(srv.store, "echo2", "path_echo", version="2.0")
     make_archive(srv.store, "later", "path_echo")
+    # batches of 8: a full batch goes at once, the delay only bounds a batch that never fills
+    batching = {"batchSize": 8, "maxBatchDelay": 30000}
+    make_archive(srv.store, "batched", "path_echo", config=batching)
     srv.start("echo.mar", "echo=echo2.mar")
     yield srv
     srv.stop()
@@ -98,10 +101,16 @@ def test_the_segment_after_the_model_is_always_its_version(server: Server) -> No
 def test_url_paths_of_one_batch_stay_with_their_requests(server: Server) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    paths = [f"/predictions/echo/1.0/route/{i}" for i in range(8)]
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda p: seen(post(server, p)), paths))
-    assert [a["url_path"] for a in answers] == [f"route/{i}" for i in range(8)]
+    registered = server.manage("POST", "/models?url=batched.mar&initial_workers=1")
+    assert registered.status == 200, registered.body
+    try:
+        paths = [f"/predictions/batched/1.0/route/{i}" for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda p: seen(post(server, p)), paths))
+        assert [a["url_path"] for a in answers] == [f"route/{i}" for i in range(8)]
+        assert max(a["batch"] for a in answers) > 1  # some of them shared a batch
+    finally:
+        assert server.manage("DELETE", "/models/batched").status == 200
 
 
 # --- SageMaker: /invocations, /models/{model}/invoke, /ping
