@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -241,7 +240,6 @@ def test_sessions_are_capped(server: Server) -> None:
 
 def test_an_idle_session_expires(server: Server) -> None:
     session = opened(server, "idle")
-    time.sleep(0.3)  # its sequenceMaxIdleMSec; then the sweep's word
     server.wait_for(lambda: log_has(server, f"sequence {session} of model idle closed"))
     refused(send(server, "idle", {"add": 1}, session), session, "sequenceMaxIdleMSec")
 
@@ -251,7 +249,7 @@ def test_a_session_expires_while_its_client_waits(server: Server, tmp_path: Path
     running = held(server, tmp_path, session, model="brief", add=1)
     waiting = Background(server, "brief", {"add": 2}, session)
     server.wait_for(lambda: server.queued("brief") == 1)
-    time.sleep(1.5)  # its sequenceTimeoutMSec passes while both wait
+    # its sequenceTimeoutMSec passes while both wait; then the sweep's word
     server.wait_for(lambda: log_has(server, f"sequence {session} of model brief expired"))
     refused(send(server, "brief", {"add": 3}, session), "sequenceTimeoutMSec")
     (tmp_path / "gate").touch()
@@ -316,3 +314,76 @@ def test_describe_shows_the_session_settings(server: Server) -> None:
     assert described["maxNumSequence"] == 2
     assert described["maxSequenceJobQueueSize"] == 2
     assert described["sequenceTimeoutMSec"] == 0
+
+
+#: one worker each; a server whose queue takes one request and whose answers, a stream's
+#: chunks all together, are at most LIMIT bytes
+ONE = {**STATEFUL, "minWorkers": 1, "maxWorkers": 1}
+LIMIT = 3000
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(
+        tmp_path_factory.mktemp("bounded"),
+        properties={"job_queue_size": 1, "max_response_size": LIMIT},
+    )
+    make_archive(srv.store, "timed", "session_counter", config={**ONE, "responseTimeout": 1})
+    recycled = {**ONE, "recycleAfterRequests": 2}
+    make_archive(srv.store, "recycled", "session_counter", config=recycled)
+    make_archive(srv.store, "sized", "session_counter", config=ONE)
+    make_archive(srv.store, "tight", "session_counter", config=ONE)
+    srv.start("timed.mar", "recycled.mar", "sized.mar", "tight.mar")
+    yield srv
+    srv.stop()
+
+
+def worker_pids(server: Server, model: str) -> list[int]:
+    return [w["pid"] for w in server.manage("GET", f"/models/{model}").json()[0]["workers"]]
+
+
+@pytest.mark.daemon_errors(r"response timeout", required=False)
+def test_a_stream_past_the_response_timeout_leaves_its_worker_alone(bounded: Server) -> None:
+    session = opened(bounded, "timed")
+    assert send(bounded, "timed", {"add": 5}, session).json()["sum"] == 5
+    pids = worker_pids(bounded, "timed")
+    # 1000 steps of at least 10 ms each, the timeout 1 s: each step has its own, the stream
+    # ends once 1 s has passed since it arrived, and the worker (its sessions) stays
+    streamed = bounded.predict("timed", {"stream": 1000})
+    assert streamed.status == 200 and b"response timeout" in streamed.body, streamed.body
+    assert b"done" not in streamed.body
+    assert worker_pids(bounded, "timed") == pids
+    assert send(bounded, "timed", {"add": 1}, session).json()["sum"] == 6
+
+
+def test_a_worker_is_recycled_after_its_stream_not_during_it(bounded: Server) -> None:
+    [first] = worker_pids(bounded, "recycled")
+    session = opened(bounded, "recycled")  # its first request; the stream's is the second
+    streamed = send(bounded, "recycled", {"stream": 300}, session)
+    assert streamed.status == 200 and streamed.body.endswith(b"done"), streamed.body
+    assert streamed.body.count(b"chunk") == 300  # its steps were no new requests (2.6 kB)
+    bounded.wait_for(lambda: worker_pids(bounded, "recycled") not in ([], [first]))
+    bounded.wait_for(lambda: first not in worker_pids(bounded, "recycled"))  # successor first
+
+
+def test_a_continuous_streams_chunks_count_against_max_response_size(bounded: Server) -> None:
+    streamed = bounded.predict("sized", {"stream": 1000})  # 1000 chunks of about 9 bytes
+    assert streamed.status == 200
+    assert b"exceeds max_response_size" in streamed.body, streamed.body
+    assert b"done" not in streamed.body
+
+
+@pytest.mark.daemon_errors(r"queue is full", required=False)
+def test_a_request_refused_at_the_queue_opens_no_session(bounded: Server, tmp_path: Path) -> None:
+    session = opened(bounded, "tight")
+    running = held(bounded, tmp_path, session, model="tight", add=1)
+    waiting = Background(bounded, "tight", {"add": 2}, session)
+    bounded.wait_for(lambda: bounded.queued("tight") == 1)  # the queue is full
+    for _ in range(3):  # each would open a session, of the 2 the model may have
+        full = send(bounded, "tight", {"add": 0})
+        assert full.status == 503 and "queue is full" in full.json()["message"], full.body
+    (tmp_path / "gate").touch()
+    assert running.result().json()["sum"] == 1 and waiting.result().json()["sum"] == 3
+    other = opened(bounded, "tight")  # the one place left is free
+    end(bounded, other, "tight")
+    end(bounded, session, "tight")
