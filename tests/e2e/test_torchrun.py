@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,6 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import Server, make_archive
-from tsctl.ipc.messages import WorkerSpec
-from tsctl.server.settings import ModelSettings
-from tsctl.server.workers.torchrun import Instance, launcher
 
 RANKS = 4
 TP = {"parallelType": "tp", "deviceType": "cpu", "torchrun": {"nproc-per-node": RANKS}}
@@ -137,6 +133,48 @@ def test_one_rank_failing_to_load_fails_the_start_with_its_message(tmp_path: Pat
         srv.stop()
 
 
+@pytest.mark.daemon_errors(r".", required=False)  # the ranks' ends, torchrun's report
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_batch_failing_on_one_rank_restarts_the_instance_whole(tmp_path: Path, rank: int) -> None:
+    srv = Server(tmp_path)
+    make_archive(srv.store, "tp", "ranks_failing", config={**TP2, "responseTimeout": 600})
+    srv.start("tp.mar")
+    try:
+        text = {"Content-Type": "text/plain"}
+        before = srv.predict("tp", "1", headers=text).json()
+        assert before["sum"] == 3
+        failed = srv.predict("tp", f"fail {rank}", headers=text)
+        assert failed.status in (500, 503), failed.body
+        # rank 0 sends its own failure, then ends the instance; another rank's ends it at once
+        assert ("Prediction failed" if rank == 0 else "died") in failed.json()["message"]
+        gone(srv, before["pids"])  # not one rank is left waiting in its all-reduce
+        srv.wait_for(lambda: srv.predict("tp", "1", headers=text).status == 200, timeout=120)
+        after = srv.predict("tp", "3", headers=text).json()
+        assert after["sum"] == 9 and not set(after["pids"]) & set(before["pids"])
+    finally:
+        srv.stop()
+
+
+def test_no_rank_is_left_after_a_scale_down_or_an_unregister(tmp_path: Path) -> None:
+    srv = Server(tmp_path, properties={"enable_model_api": "true"})
+    make_archive(srv.store, "tp2", "ranks_allreduce", config=TP2)
+    srv.start("tp2.mar")
+    try:
+        first, _, _ = ask(srv, 1, "tp2")
+        torchrun = worker_pid(srv, "tp2")
+        down = srv.manage("PUT", "/models/tp2?min_worker=0&max_worker=0&synchronous=true")
+        assert down.status == 200, down.body
+        gone(srv, [torchrun, *first["pids"]])
+        up = srv.manage("PUT", "/models/tp2?min_worker=1&synchronous=true")
+        assert up.status == 200, up.body
+        second, _, _ = ask(srv, 1, "tp2")
+        torchrun = worker_pid(srv, "tp2")
+        assert srv.manage("DELETE", "/models/tp2").status == 200
+        gone(srv, [torchrun, *second["pids"]])
+    finally:
+        srv.stop()
+
+
 def test_no_rank_is_left_after_the_server_stops(tmp_path: Path) -> None:
     srv = Server(tmp_path)
     make_archive(srv.store, "tp", "ranks_allreduce", config=TP)
@@ -147,43 +185,3 @@ def test_no_rank_is_left_after_the_server_stops(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     for pid in [torchrun, *answer["pids"]]:
         srv.wait_for(lambda pid=pid: not alive(pid), timeout=30)
-
-
-def test_settings_are_checked_when_the_model_loads() -> None:
-    def settings(**doc: Any) -> ModelSettings:
-        return ModelSettings.model_validate(doc)
-
-    assert launcher("m", settings(), 0) is None
-    made = launcher("m", settings(parallelType="pp", parallelLevel=2), 0)
-    assert made is not None and made.level == 2 and made.next_devices() == ()
-    gpus = launcher("m", settings(**{**TP, "deviceType": "gpu"}), 8)
-    assert gpus is not None
-    assert [gpus.next_devices() for _ in range(3)] == [(0, 1, 2, 3), (4, 5, 6, 7), (0, 1, 2, 3)]
-    ids = launcher("m", settings(parallelLevel=2, deviceIds=[3, 1, 2]), 4)
-    assert ids is not None and [ids.next_devices() for _ in range(2)] == [(3, 1), (3, 1)]
-    with pytest.raises(Exception, match="each instance has 4 ranks, one GPU each"):
-        launcher("m", settings(**{**TP, "deviceType": "gpu"}), 2)
-    with pytest.raises(Exception, match="parallelLevel 2 and torchrun nproc-per-node 4 differ"):
-        launcher("m", settings(**TP, parallelLevel=2), 0)
-    with pytest.raises(Exception, match="not a parallelType tsctl runs"):
-        settings(parallelType="custom")
-    with pytest.raises(Exception, match="less than or equal to 1"):
-        settings(torchrun={"nnodes": 2})
-
-
-def test_an_instance_on_gpus_sees_its_own_and_runs_torchrun_from_this_interpreter() -> None:
-    torchrun = launcher("m", ModelSettings.model_validate({**TP, "deviceType": "gpu"}), 8)
-    assert torchrun is not None
-    make = torchrun.factory(lambda: WorkerSpec("m", "/models/m", "handler"))
-    make("1-m")  # the first instance takes GPUs 0-3
-    worker = make("2-m")
-    spec = worker.spec
-    assert (spec.gpu_id, spec.parallel_type, spec.parallel_level, spec.threads) == (4, "tp", 4, 1)
-    assert isinstance(worker.launcher, Instance)
-    env = torchrun.environment(worker.launcher.devices)
-    assert env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7" and env["OMP_NUM_THREADS"] == "1"
-    command = torchrun.command(spec, Path("/run/r.sock"), Path("/run/logs"))
-    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert command[command.index("--max-restarts") + 1] == "0"
-    assert command[command.index("--rdzv-endpoint") + 1] == "localhost:0"
-    assert command[-5:] == ["-m", "tsctl.worker", "0", "--ranks", "/run/r.sock"]

@@ -14,6 +14,11 @@ and `MASTER_PORT`; every rank inherits torchrun's stdin, the daemon's socket.
   worker serves the daemon's socket. Its answers reach rank 0, which reads and drops them
   (TorchServe's ranks other than 0 answer nothing; `send_intermediate_predict_response`
   sends from rank 0 only, as there).
+- A tp or pptp batch that fails on any rank ends the instance: its ranks' collectives would be
+  out of step (the next all-reduce pairing with a stale one). Rank 0 exits non-zero when a
+  rank's answer is a failed batch (`_watch`), or after sending its own failed batch's answer
+  (`Relay.batch_failed`); torchrun then stops every rank, and the daemon starts the instance
+  anew, as for a rank that died.
 
 No rank outlives its instance: each asks the kernel to kill it when torchrun dies
 (PR_SET_PDEATHSIG), and when rank 0 ends, the others read the end of their connection and
@@ -37,8 +42,16 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from tsctl.ipc.codec import PREFIX, recv_message
-from tsctl.ipc.messages import Failure, FailureKind, Hello, InitFailed, Kind, WorkerSpec
+from tsctl.ipc.codec import PREFIX, recv_message, send_message
+from tsctl.ipc.messages import (
+    Failure,
+    FailureKind,
+    Hello,
+    InitFailed,
+    Kind,
+    Result,
+    WorkerSpec,
+)
 
 log = logging.getLogger("tsctl.worker")
 #: seconds rank 0 waits for the other ranks to connect, and they to reach it
@@ -46,6 +59,8 @@ CONNECT_TIMEOUT = 120.0
 _PR_SET_PDEATHSIG = 1
 #: frames every rank gets; batches too where every rank runs them (`broadcast`)
 _ALWAYS = frozenset({Kind.ASSIGN, Kind.STOP})
+#: rank 0's relay (`join`): the worker's service tells it of a failed batch
+current: Relay | None = None
 
 
 @dataclass
@@ -82,8 +97,9 @@ def join(daemon: socket.socket, path: str) -> Rank:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local_rank == 0:
+        global current
         peers = _accept(path, world - 1)
-        relay = Relay(daemon, peers)
+        relay = current = Relay(daemon, peers)
         return Rank(0, daemon, io.BufferedReader(relay, 1 << 16), relay)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, daemon.fileno())  # the daemon's socket is rank 0's alone
@@ -192,9 +208,10 @@ class Relay(io.RawIOBase):
     def gather(self) -> Failure | None:
         """Wait for every other rank's `Hello`; the first `InitFailed` (or a rank that ended
         instead) is returned. Then read and drop what they send, on a thread each."""
-        for number, peer in enumerate(self.peers, start=1):
+        streams = [peer.makefile("rb") for peer in self.peers]  # read on by `_watch`
+        for number, stream in enumerate(streams, start=1):
             try:
-                said = recv_message(peer.makefile("rb"))
+                said = recv_message(stream)
             except (EOFError, OSError) as exc:
                 return Failure(
                     FailureKind.HANDLER_INIT, f"rank {number} ended during start-up: {exc}"
@@ -205,17 +222,46 @@ class Relay(io.RawIOBase):
                 return Failure(
                     FailureKind.HANDLER_INIT, f"rank {number} sent {type(said).__name__}"
                 )
-        for peer in self.peers:
-            threading.Thread(target=_drop, args=(peer,), daemon=True).start()
+        for number, stream in enumerate(streams, start=1):
+            threading.Thread(target=_watch, args=(stream, number), daemon=True).start()
         return None
 
+    def batch_failed(self, result: Result) -> None:
+        """Rank 0's own batch failed (the worker's service calls it, main thread): with tp or
+        pptp the other ranks may wait in a collective it never joined, so the answer is sent
+        and the instance ends (see the module). A pp batch ran on rank 0 alone: nothing."""
+        if not self.broadcast:
+            return
+        log.error(
+            "batch %d failed on rank 0; ending the instance so that it restarts whole",
+            result.batch_id,
+        )
+        with contextlib.suppress(OSError, TypeError, ValueError):
+            send_message(self.daemon, result)
+        _end()
 
-def _drop(peer: socket.socket) -> None:
-    """Read and drop what a rank other than 0 sends, until its end."""
-    sink = bytearray(1 << 16)
+
+def _watch(stream: io.BufferedReader, number: int) -> None:
+    """Read what rank `number` sends, until its end, and drop it; a failed batch of its
+    ends the instance (see the module). On a thread of its own."""
     while True:
         try:
-            if not peer.recv_into(sink):
-                return
-        except OSError:
+            said = recv_message(stream)
+        except Exception:  # its end, or a stream out of step: torchrun sees to its rank
             return
+        if isinstance(said, Result) and said.failure is not None:
+            log.error(
+                "batch %d failed on rank %d (%s); ending the instance so that it restarts "
+                "whole",
+                said.batch_id, number, said.failure.message,
+            )  # fmt: skip
+            _end()
+
+
+def _end() -> None:
+    """Exit at once, non-zero: torchrun (`--max-restarts 0`) stops the other ranks."""
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -39,7 +39,7 @@ from tsctl.ipc.messages import (
     WireResponse,
 )
 from tsctl.ipc.oip import KSERVE_V1_MEDIA, OIP_MEDIA, PART_NAME
-from tsctl.worker import awaiting, oip
+from tsctl.worker import awaiting, oip, ranks
 from tsctl.worker.context import Context, RequestProcessor
 from tsctl.worker.envelope import EnvelopeInputError, split, unwrap_handler
 from tsctl.worker.loader import Entry
@@ -187,6 +187,8 @@ class Service:
             running.send(None)
         except StopIteration as done:
             result: Result = done.value
+            if result.failure is not None and ranks.current is not None:
+                ranks.current.batch_failed(result)  # a tp instance's rank 0: it ends
             return result
         running.close()  # only `awaits` (an asyncCommunication worker) awaits: not here
         raise RuntimeError("a batch awaited outside the worker's event loop")
