@@ -59,6 +59,9 @@ if TYPE_CHECKING:
 SOURCE_WINDOW = 1.0
 #: sequences remembered for stickiness; the least recently used is forgotten past this
 MAX_SEQUENCES = 10000
+#: how long a worker's serving loop waits before asking a batching strategy that failed
+#: again (seconds; `tsctl.server.workers.pool` and `.inflight`)
+STRATEGY_PAUSE = 0.1
 
 
 class ModelQueue:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tsctl.errors import PredictionFailed, TsctlError, WorkerDied
 from tsctl.ipc.messages import Batch, Chunk, Message, Result, WorkerSpec, WorkerState
+from tsctl.server.batching import STRATEGY_PAUSE
 from tsctl.server.workers.process import WorkerProcess
 from tsctl.server.workers.spares import Spare
 
@@ -124,8 +125,6 @@ async def serve_concurrently(pool: WorkerPool, worker: AsyncWorkerProcess) -> No
                     pool.queue, settings.batch_size, settings.max_batch_delay, worker
                 )
             except Exception:  # a plugin strategy's: its batch fails, not its worker
-                from tsctl.server.workers.pool import STRATEGY_PAUSE  # pool imports this
-
                 pool._strategy_failed(worker, "next_batch")
                 await asyncio.sleep(STRATEGY_PAUSE)  # idle still: a death cancels it
                 continue

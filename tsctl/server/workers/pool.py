@@ -47,7 +47,7 @@ from tsctl.errors import (
 )
 from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, WorkerState
 from tsctl.plugins.api import BatchingStrategy
-from tsctl.server.batching import DefaultBatching, ModelQueue
+from tsctl.server.batching import STRATEGY_PAUSE, DefaultBatching, ModelQueue
 from tsctl.server.request import Job, Response
 from tsctl.server.sessions import Sessions, continued
 from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
@@ -58,8 +58,6 @@ log = logging.getLogger("tsctl.server")
 
 #: the longest wait before restarting a worker, however often it has failed (seconds)
 MAX_BACKOFF = 30.0
-#: how long a worker's loop waits before asking a strategy that failed again (seconds)
-STRATEGY_PAUSE = 0.1
 #: what a client whose job a failed batching strategy held is answered (500)
 STRATEGY_FAILED = "the model's batching strategy failed on this request (see the server's log)"
 _batch_ids = itertools.count(1)
