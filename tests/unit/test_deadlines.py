@@ -112,3 +112,35 @@ def test_answered_jobs_behind_a_held_one_are_not_kept(loop: VirtualLoop) -> None
     assert len(deadlines) <= 2 + 64
     run_until(loop, TIMEOUT + 1)
     assert timed_out(held) and len(deadlines) == 0
+
+
+def test_a_renewed_job_times_out_a_timeout_after_its_renewal_and_holds_up_no_other(
+    loop: VirtualLoop,
+) -> None:
+    """A continuous stream's step: the response timeout counts afresh from when it is sent,
+    and the jobs queued after it still time out at their own deadlines."""
+    deadlines = Deadlines()
+    stream, later = job(loop), job(loop, loop.time() + 10)
+    deadlines.add(stream, TIMEOUT, loop)
+    deadlines.add(later, TIMEOUT, loop)
+    run_until(loop, 50)
+    deadlines.renew(stream, loop)  # a new step at 50 s: due at 110 s
+    run_until(loop, TIMEOUT + 10 + 0.001)
+    assert timed_out(later) and not stream.future.done()
+    run_until(loop, 50 + TIMEOUT - 0.001)
+    assert not stream.future.done()
+    run_until(loop, 50 + TIMEOUT + 0.001)
+    assert timed_out(stream)
+
+
+def test_a_renewed_job_answered_in_time_never_times_out(loop: VirtualLoop) -> None:
+    deadlines = Deadlines()
+    stream = job(loop)
+    deadlines.add(stream, TIMEOUT, loop)
+    run_until(loop, 30)
+    deadlines.renew(stream, loop)
+    run_until(loop, 80)
+    answer(deadlines, stream)
+    run_until(loop, 200)
+    assert stream.future.result().body == b"ok"
+    assert len(deadlines) == 0

@@ -11,6 +11,10 @@ get their timeout, and the timer is armed for the next. A job whose deadline com
 last one's (its body took longer to arrive than a later request's, or the timeout was
 lowered) gets a timer of its own, as before.
 
+A step of a continuous-batching stream (`tsctl.server.sessions`) has the response timeout of
+its own, from when it is sent (TorchServe's timeout is per step): `renew` moves its deadline
+and gives it a timer of its own; its entry in the deque is skipped from then on.
+
 Answered jobs leave the deque from its front as they are answered (`answered`); when a job
 held long in a worker keeps older answered ones in, the deque is compacted once it holds more
 than twice the jobs still waiting, so it never holds many more jobs than are in flight.
@@ -40,6 +44,7 @@ class Deadlines:
         self._jobs: deque[tuple[Job, float]] = deque()  # (job, its timeout), by deadline
         self._timer: asyncio.TimerHandle | None = None
         self._waiting = 0  # added and not answered
+        self._timeout = 0.0  # the model's response timeout (the last `add`'s)
 
     def __len__(self) -> int:
         """Jobs held (waiting, or answered and not dropped yet): for tests."""
@@ -48,6 +53,7 @@ class Deadlines:
     def add(self, job: Job, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
         """Answer `job` with a timeout at `job.deadline` unless it is answered before
         (`answered` says so)."""
+        self._timeout = timeout
         jobs = self._jobs
         if jobs and job.deadline < jobs[-1][0].deadline:  # out of order: a timer of its own
             job.timer = loop.call_at(job.deadline, expire, job, timeout)
@@ -56,6 +62,16 @@ class Deadlines:
         self._waiting += 1
         if self._timer is None:
             self._timer = loop.call_at(job.deadline, self._sweep, loop)
+
+    def renew(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        """`job` starts a new step now: its deadline is the response timeout from now, on a
+        timer of its own (its entry in the deque, if any, no longer counts)."""
+        if job.timer is not None:
+            job.timer.cancel()
+        else:
+            self._waiting -= 1
+        job.deadline = loop.time() + self._timeout
+        job.timer = loop.call_at(job.deadline, expire, job, self._timeout)
 
     def answered(self, job: Job) -> None:
         """`job` has its answer (or its client is gone): it no longer needs its deadline."""
@@ -76,6 +92,9 @@ class Deadlines:
         # front or compacts the deque: it is read afresh each time, and a job leaves it first
         while self._jobs:
             job, timeout = self._jobs[0]
+            if job.timer is not None and not job.done:  # renewed: its own timer has it
+                self._jobs.popleft()
+                continue
             if not job.done and job.deadline > now:
                 self._timer = loop.call_at(job.deadline, self._sweep, loop)
                 return

@@ -316,12 +316,16 @@ class WorkerPool:
         sessions = self.queue.sessions
         carried = sessions.carried if sessions is not None else ()
         self._record_dispatch(live, now, carried)
+        if carried:  # a stream's step: the response timeout from now (per step)
+            for job in live:
+                if job in carried:
+                    self.queue.deadlines.renew(job, loop)
         try:
             waiter = worker.send(batch, _fan_out(live, self.settings.max_response_size, sessions))
         except TsctlError as exc:  # the worker died, or the batch could not be encoded
             _fail(live, exc)
             return None
-        self._watch(worker, _due(live, now, carried), loop)
+        self._watch(worker, max(job.deadline for job in live), loop)
         return _Sent(live, waiter, now, batch.batch_id)
 
     async def _finish(self, worker: WorkerProcess, sent: _Sent) -> _Sent | None:
@@ -543,17 +547,6 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*(self._retire(w) for w in list(self.workers)))
         self.queue.drop_all(error)
-
-
-def _due(jobs: list[Job], now: float, carried: set[Job] | tuple[()]) -> float:
-    """When the batch of `jobs` sent at `now` must be answered: its latest deadline, a
-    stream's step (`carried`) counted afresh from `now` (the response timeout is per step,
-    as TorchServe's)."""
-    if not carried:
-        return max(job.deadline for job in jobs)
-    return max(
-        now + job.deadline - job.request.arrival if job in carried else job.deadline for job in jobs
-    )
 
 
 def _fan_out(
