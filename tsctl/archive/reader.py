@@ -223,6 +223,8 @@ class ZipArchive(ModelArchive):
     """A `.mar` (zip, deflated or stored)."""
 
     kind = ArchiveKind.ZIP
+    #: where the manifest is (a subclass for another zip format names its own)
+    manifest_path = MANIFEST_PATH
 
     def __init__(self, path: Path) -> None:
         try:
@@ -230,21 +232,27 @@ class ZipArchive(ModelArchive):
         except (*_ZIP_ERRORS, OSError) as exc:
             raise ArchiveError(f"{path} is corrupt or truncated: {exc}") from None
         try:
-            super().__init__(path)
+            self._opened(path)
         except BaseException:
             self._zip.close()
             raise
+
+    def _opened(self, path: Path) -> None:
+        """Read the manifest once the zip is open (the hook a subclass whose manifest is
+        another document overrides)."""
+        super().__init__(path)
 
     def close(self) -> None:
         self._zip.close()
 
     def _read_manifest(self) -> bytes:
+        where = self.manifest_path
         try:
-            info = self._zip.getinfo(MANIFEST_PATH)
+            info = self._zip.getinfo(where)
         except KeyError:
-            raise ArchiveError(f"{self.path}: missing {MANIFEST_PATH}") from None
+            raise ArchiveError(f"{self.path}: missing {where}") from None
         if info.file_size > _MAX_MANIFEST_BYTES:
-            raise ArchiveError(f"{self.path}: {MANIFEST_PATH} is implausibly large")
+            raise ArchiveError(f"{self.path}: {where} is implausibly large")
         try:
             return self._zip.read(info)
         except (*_ZIP_ERRORS, OSError) as exc:

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tsctl.archive.manifest import CREATED_ON_FORMAT
-from tsctl.archive.reader import _ZIP_ERRORS, ZipArchive
+from tsctl.archive.reader import ZipArchive
 from tsctl.archive.writer import Entry, _copy, _extra_files, _remove, _replace
 from tsctl.errors import ArchiveError
 from tsctl.validation import first_problem
@@ -36,7 +36,6 @@ WAR_MANIFEST_PATH = "WAR-INF/MANIFEST.json"
 WORKFLOW_ARCHIVER_VERSION = "0.2.15"
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$"
 _WORKFLOW_NAME_RE = re.compile(WORKFLOW_NAME_PATTERN)
-_MAX_MANIFEST_BYTES = 1 << 20
 
 
 class WorkflowSection(BaseModel):
@@ -106,36 +105,17 @@ def parse_workflow_manifest(data: bytes, where: str) -> WorkflowManifest:
 
 
 class WorkflowArchive(ZipArchive):
-    """An opened `.war`: the model archive's zip reader, with the workflow's manifest."""
+    """An opened `.war`: the model archive's zip reader, with the workflow's manifest (no
+    model manifest)."""
 
-    def __init__(self, path: Path) -> None:
-        # the zip opened as ZipArchive does, but no model manifest is read
-        try:
-            self._zip = zipfile.ZipFile(path)
-        except (*_ZIP_ERRORS, OSError) as exc:
-            raise ArchiveError(f"{path} is corrupt or truncated: {exc}") from None
+    manifest_path = WAR_MANIFEST_PATH
+
+    def _opened(self, path: Path) -> None:
         self.path = path
-        try:
-            data = self._read_workflow_manifest()
-            self.workflow_manifest = parse_workflow_manifest(data, str(path))
-        except BaseException:
-            self._zip.close()
-            raise
+        self.workflow_manifest = parse_workflow_manifest(self._read_manifest(), str(path))
 
     def __enter__(self) -> WorkflowArchive:
         return self
-
-    def _read_workflow_manifest(self) -> bytes:
-        try:
-            info = self._zip.getinfo(WAR_MANIFEST_PATH)
-        except KeyError:
-            raise ArchiveError(f"{self.path}: missing {WAR_MANIFEST_PATH}") from None
-        if info.file_size > _MAX_MANIFEST_BYTES:
-            raise ArchiveError(f"{self.path}: {WAR_MANIFEST_PATH} is implausibly large")
-        try:
-            return self._zip.read(info)
-        except (*_ZIP_ERRORS, OSError) as exc:
-            raise ArchiveError(f"{self.path} is corrupt or truncated: {exc}") from None
 
 
 def open_workflow(path: Path) -> WorkflowArchive:

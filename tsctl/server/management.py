@@ -18,11 +18,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tsctl.errors import (
-    NOT_ALLOWED_MESSAGE,
     BadRequest,
     Conflict,
     InvalidModelVersion,
-    MethodNotAllowed,
     ServiceUnavailable,
     StartFailed,
     TsctlError,
@@ -97,8 +95,7 @@ def list_models(state: ServerState, limit: int, start: int) -> dict[str, Any]:
 
 
 def require_model_api(state: ServerState) -> None:
-    if not state.config.enable_model_api:
-        raise MethodNotAllowed(NOT_ALLOWED_MESSAGE)
+    state.require_model_api()
 
 
 async def register(state: ServerState, params: RegisterParams) -> Outcome:

@@ -102,6 +102,14 @@ def configured_settings(config: ServerConfig, name: str, version: str) -> ModelS
         raise InvalidInput(f"models setting: {name} {version}: {where}: {problem}") from None
 
 
+def inside_store(store: Path, named: Path) -> bool:
+    """Whether the path a client named (relative to `store`, or absolute) is inside `store`.
+    Lexical: links are not resolved, and `..` is refused wherever it is (the model and the
+    workflow store's rule)."""
+    root = Path(os.path.abspath(store))
+    return ".." not in named.parts and Path(os.path.abspath(store / named)).is_relative_to(root)
+
+
 @dataclass
 class Registry:
     """Models by name, then version; `default[name]` is the version `/predictions/name` uses."""
@@ -242,9 +250,7 @@ class Registry:
         if not trusted:
             if store is None:
                 raise BadRequest(f"model url {url!r}: there is no model store to register from")
-            # lexical: links are not resolved, `..` is refused wherever it is
-            root = Path(os.path.abspath(store))
-            if ".." in named.parts or not Path(os.path.abspath(candidate)).is_relative_to(root):
+            if not inside_store(store, named):
                 raise BadRequest(f"model url {url!r} is outside the model store")
         if not candidate.exists():
             raise ModelNotFound(f"Model not found at: {url}")

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from tsctl.errors import ModelNotFound, StartingUp
+from tsctl.errors import NOT_ALLOWED_MESSAGE, MethodNotAllowed, ModelNotFound, StartingUp
 from tsctl.plugins.api import Authorizer, RequestInfo
 from tsctl.server import snapshot
 from tsctl.server.auth import TokenAuth, TokenAuthorizer, run_chain
@@ -80,6 +80,12 @@ class ServerState:
         """The one authorization check every API adapter calls: returns when every
         authorizer allows, else raises the error that answers the request."""
         run_chain(self.authorizers, request)
+
+    def require_model_api(self) -> None:
+        """Registering a model from the API (or a workflow's model from a URL) needs
+        `enable_model_api`."""
+        if not self.config.enable_model_api:
+            raise MethodNotAllowed(NOT_ALLOWED_MESSAGE)
 
     def model_for_inference(self, name: str, version: str | None) -> ModelVersion:
         """The model version a prediction goes to. While the start-up models are still

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -52,7 +51,7 @@ from tsctl.ipc.messages import Part
 from tsctl.server import download
 from tsctl.server.config import ServerConfig
 from tsctl.server.inference import Pending
-from tsctl.server.registry import ModelVersion
+from tsctl.server.registry import ModelVersion, inside_store
 from tsctl.server.request import InferenceRequest, Response
 from tsctl.server.settings import LoadOptions
 from tsctl.server.workflow_spec import (
@@ -146,10 +145,9 @@ def resolve(config: ServerConfig, url: str) -> Path:
     if store is None:
         raise BadRequest("Workflow store has not been configured.")
     named = Path(url.removeprefix("file://"))
-    candidate = named if named.is_absolute() else store / named
-    root = Path(os.path.abspath(store))
-    if ".." in named.parts or not Path(os.path.abspath(candidate)).is_relative_to(root):
+    if not inside_store(store, named):
         raise BadRequest(f"Relative path is not allowed in url: {url}")
+    candidate = store / named  # `named` itself when it is absolute
     if not candidate.is_file():
         raise WorkflowNotFound(f"Workflow not found in workflow store: {url}")
     return candidate
@@ -260,9 +258,7 @@ async def _register_node(
     else:
         url = node.url
         if download.is_remote(url):  # as `POST /models` with a URL: model API and allowed_urls
-            from tsctl.server.management import require_model_api  # (it imports this module)
-
-            require_model_api(state)
+            state.require_model_api()
     models = state.workflows.models
     if name in models or name in state.registry.models:
         raise Conflict(f"Model {name} is already registered")

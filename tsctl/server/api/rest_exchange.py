@@ -160,6 +160,15 @@ class BodyExchange(_Exchange):
     def body_limit(self) -> int | None:
         return self.state.config.max_request_size
 
+    def admit(self, model: str | None) -> None:
+        """The checks every request with a body passes from its head: authorized (`model` is
+        what the authorizers see), and the server not shutting down; else the refusal."""
+        state = self.state
+        if state.authorizers:
+            state.authorize(request_info(self.conn, self.head, model))
+        if state.draining:
+            raise ServiceUnavailable("the server is shutting down")
+
     def refuse_early(self, exc: TsctlError) -> None:
         self.error = exc
         self.answer_error(exc)
@@ -214,13 +223,9 @@ class PredictionExchange(BodyExchange):
     def headers_received(self) -> None:
         """Refused before the body is read (and without `100 Continue`) when the request
         cannot succeed: not authorized, shutting down, no such model."""
-        state = self.state
         try:
-            if state.authorizers:
-                state.authorize(request_info(self.conn, self.head, self.model))
-            if state.draining:
-                raise ServiceUnavailable("the server is shutting down")
-            self.mv = state.model_for_inference(self.model, self.version)
+            self.admit(self.model)
+            self.mv = self.state.model_for_inference(self.model, self.version)
         except TsctlError as exc:
             self.refuse_early(exc)
 

@@ -29,7 +29,6 @@ from tsctl.errors import (
     NOT_ALLOWED_MESSAGE,
     BadRequest,
     MethodNotAllowed,
-    ServiceUnavailable,
     StartingUp,
     TsctlError,
 )
@@ -101,10 +100,7 @@ class InvocationExchange(QueryExchange):
             super().headers_received()
             return
         try:
-            if state.authorizers:
-                state.authorize(request_info(self.conn, self.head, None))
-            if state.draining:
-                raise ServiceUnavailable("the server is shutting down")
+            self.admit(None)
             if state.loading_startup_models:
                 raise StartingUp("Parameter model_name is required while the models load")
         except TsctlError as exc:

@@ -16,13 +16,12 @@ from tsctl.errors import (
     NOT_ALLOWED_MESSAGE,
     MethodNotAllowed,
     NotFound,
-    ServiceUnavailable,
     TsctlError,
 )
 from tsctl.server import workflows
 from tsctl.server.api import http1
 from tsctl.server.api.rest import NOT_FOUND_MESSAGE, log
-from tsctl.server.api.rest_exchange import FixedExchange, PredictionExchange, request_info
+from tsctl.server.api.rest_exchange import FixedExchange, PredictionExchange
 from tsctl.server.request import Response
 from tsctl.server.state import ServerState
 
@@ -44,13 +43,9 @@ class WorkflowExchange(PredictionExchange):
     def headers_received(self) -> None:
         """Refused before the body is read when not authorized, shutting down, or the
         workflow is unknown."""
-        state = self.state
         try:
-            if state.authorizers:
-                state.authorize(request_info(self.conn, self.head, None))
-            if state.draining:
-                raise ServiceUnavailable("the server is shutting down")
-            state.workflows.get(self.model)
+            self.admit(None)
+            self.state.workflows.get(self.model)
         except TsctlError as exc:
             self.refuse_early(exc)
 
