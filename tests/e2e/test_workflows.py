@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import zipfile
 from collections.abc import Iterator
@@ -187,6 +188,22 @@ def test_bad_specs_are_400_naming_the_problem(server: Server, tmp_path: Path) ->
         assert status in (400, 404) and problem in doc["message"], doc  # type: ignore[index]
     status, doc = register(server, "adder.mar")
     assert status == 400 and "WAR-INF/MANIFEST.json" in doc["message"]  # type: ignore[index]
+    outside = server.store / "outside.war"
+    with zipfile.ZipFile(outside, "w") as zf:
+        manifest = {"createdOn": "x", "archiverVersion": "0.2.15"}
+        workflow = {"workflowName": "outside", "specFile": "../x.yaml"}
+        zf.writestr("WAR-INF/MANIFEST.json", json.dumps({**manifest, "workflow": workflow}))
+    status, doc = register(server, "outside.war")
+    assert status == 400
+    assert "spec file '../x.yaml' is outside the workflow archive" in doc["message"]  # type: ignore[index]
+    many = tmp_path / "many.yaml"
+    many.write_text("dag:\n" + "".join(f"  f{i}: [f{i + 1}]\n" for i in range(64)))
+    bound = tmp_path / "many_handler.py"
+    bound.write_text("".join(f"f{i} = print\n" for i in range(65)))
+    war = write_workflow(WorkflowSpecArgs("many", many, bound, export_path=server.store))
+    status, doc = register(server, war.name)
+    assert (status, doc["type"]) == (400, "InvalidDAGException")  # type: ignore[index]
+    assert "over the limit of 64 nodes" in doc["message"]  # type: ignore[index]
     status, doc = register(server, "missing.war")  # a model that cannot load: rolled back
     assert status == 500
     assert doc["message"] == (  # type: ignore[index]
@@ -468,3 +485,42 @@ def test_an_oversized_output_between_nodes_is_the_servers_500(
         assert "exceeds max_request_size (100000)" in message
     finally:
         assert guarded.manage("DELETE", "/workflows/padded").status == 200
+
+
+def test_a_client_that_goes_away_takes_its_node_jobs_off_the_queue(
+    guarded: Server, tmp_path: Path
+) -> None:
+    """A holds the first node's one worker; B waits in its queue and hangs up: B's job never
+    runs (C, sent after, runs once A is done, and B's node never started)."""
+    assert register(guarded, "gated.war", "hangup")[0] == 200
+    first, gone, last = (tmp_path / n for n in ("a", "b", "c"))
+    for folder in (first, gone, last):
+        folder.mkdir()
+
+    def pending() -> int:
+        described = guarded.manage("GET", "/models/hangup__gate").json()[0]
+        return int(described["jobQueueStatus"]["pendingRequests"])
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            body = {"dir": str(first), "waits": {"gate": "release"}}
+            running = pool.submit(wfpredict, guarded, "hangup", body)
+            guarded.wait_for((first / "gate.started").exists)
+            host, port = guarded.inference.removeprefix("http://").split(":")
+            data = json.dumps({"dir": str(gone)}).encode()
+            with socket.create_connection((host, int(port))) as client:
+                client.sendall(
+                    b"POST /wfpredict/hangup HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                    % (len(data), data)
+                )
+                guarded.wait_for(lambda: pending() == 1)
+            # its 499 is logged as its run is cancelled (the cancel settles its node's job)
+            guarded.access_line('"POST /wfpredict/hangup HTTP/1.1" 499')
+            (first / "release").touch()
+            assert running.result().status == 200
+        assert wfpredict(guarded, "hangup", {"dir": str(last)}).status == 200
+        assert (last / "after.started").exists()
+        assert not (gone / "gate.started").exists()
+    finally:
+        assert guarded.manage("DELETE", "/workflows/hangup").status == 200
