@@ -420,6 +420,10 @@ def test_parallel_branches_run_at_the_same_time(guarded: Server, tmp_path: Path)
         reply = wfpredict(guarded, "parallel", body)
         assert reply.status == 200, reply.body
         assert reply.json() == {"left": body, "right": body}
+        # outputs over 64 KiB in all are merged in a thread: the same object
+        padded = {"dir": str(tmp_path), "pad": {"left": 100_000}}
+        reply = wfpredict(guarded, "parallel", padded)
+        assert reply.json() == {"left": {**padded, "padding": "x" * 100_000}, "right": padded}
     finally:
         assert guarded.manage("DELETE", "/workflows/parallel").status == 200
 
