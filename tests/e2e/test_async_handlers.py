@@ -21,7 +21,8 @@ ASYNC = {"asyncCommunication": True}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("async"), properties={"enable_model_api": "true"})
+    properties = {"enable_model_api": "true", "model_metrics_auto_detect": "true"}
+    srv = Server(tmp_path_factory.mktemp("async"), properties=properties)
     make_archive(srv.store, "gather", "async_gather", config=ASYNC)
     make_archive(srv.store, "paired", "async_gather", config={**ASYNC, "batchSize": 2})
     make_archive(srv.store, "bounded", "async_gather", config={**ASYNC, "maxBatchesInFlight": 2})
@@ -68,6 +69,22 @@ def test_requests_wait_for_each_other_in_one_worker(server: Server) -> None:
     assert len({r["pid"] for r in results}) == 1 and results[0]["peak"] >= 6
     # each batch kept its own context while the others ran (TorchServe copies it per batch)
     assert len({r["request_id"] for r in results}) == 6
+
+
+def test_each_batchs_metrics_go_with_its_own_request(server: Server) -> None:
+    bodies = [{"gather": "metered", "size": 4, "value": 100 + i, "metric": True} for i in range(4)]
+    answers = at_once(server, "gather", bodies)
+    ids = {a.json()["value"]: a.json()["request_id"] for a in answers}
+    metrics = server.log_dir / "model_metrics.log"
+
+    def logged() -> list[str]:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return [line for line in lines if "Gathered.count:" in line]
+
+    server.wait_for(lambda: len(logged()) == 4)
+    for line in logged():  # each value under the request that recorded it, none under another
+        value = int(float(line.split("Gathered.count:")[1].split("|")[0]))
+        assert f"requestID:{ids[value]}," in line, (line, ids)
 
 
 def test_batches_form_and_are_in_flight_together(server: Server) -> None:

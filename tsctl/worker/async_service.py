@@ -141,6 +141,8 @@ class _Runner:
         """One batch, on a copy of the service whose context is this batch's own."""
         mine = copy.copy(self.service)
         mine.context = copy.copy(self.service.context)
+        if (isolate := getattr(mine.context.metrics, "isolate", None)) is not None:
+            isolate()  # this task's metrics are this batch's alone
         try:
             result = await mine.run_batch(batch, functools.partial(send_message, self.sock))
         except Exception as exc:

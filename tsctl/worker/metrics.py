@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from tsctl.ipc.messages import CustomMetric
@@ -96,7 +97,11 @@ class CachedMetric:
 class MetricsCache:
     def __init__(self, model_name: str, declared: Sequence[Sequence[Any]] = ()) -> None:
         self.model_name = model_name
-        self.collected: list[CustomMetric] = []
+        #: the values recorded and not yet taken, per context: an `asyncCommunication`
+        #: worker runs each batch as a task of its own (`isolate`), so concurrent batches
+        #: never take each other's
+        self._collected: ContextVar[list[CustomMetric]] = ContextVar(f"metrics-{id(self)}")
+        self._collected.set([])
         self._defined: dict[tuple[str, str], CachedMetric] = {}
         # the metrics configuration's model metrics, as TorchServe's worker loads them:
         # `get_metric` finds them without the handler defining them
@@ -130,9 +135,25 @@ class MetricsCache:
                 "with add_metric_to_cache() or one of the add_* methods first"
             ) from None
 
+    @property
+    def collected(self) -> list[CustomMetric]:
+        """The values recorded in this context and not yet taken."""
+        try:
+            return self._collected.get()
+        except LookupError:  # a thread's context the cache was not made in
+            fresh: list[CustomMetric] = []
+            self._collected.set(fresh)
+            return fresh
+
     def take(self) -> list[CustomMetric]:
-        taken, self.collected = self.collected, []
+        taken = self.collected
+        self._collected.set([])
         return taken
+
+    def isolate(self) -> None:
+        """From now on, in the current context (a batch's task), values are collected apart
+        from every other context's."""
+        self._collected.set([])
 
     def add_metric(
         self,
