@@ -27,7 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tsctl.archive.manifest import CREATED_ON_FORMAT
 from tsctl.archive.reader import ZipArchive
-from tsctl.archive.writer import Entry, _copy, _extra_files, _remove, _replace
+from tsctl.archive.writer import (
+    Entry,
+    copy_file,
+    extra_file_entries,
+    remove_file,
+    replace_file,
+)
 from tsctl.errors import ArchiveError
 from tsctl.validation import first_problem
 
@@ -170,7 +176,7 @@ def write_workflow(args: WorkflowSpecArgs) -> Path:
         if not path.is_file():
             raise ArchiveError(f"{what} not found or not a file: {path}")
         entries[path.name] = Entry(path.name, path, path.stat().st_size)
-    for arcname, source in _extra_files(args.extra_files):
+    for arcname, source in extra_file_entries(args.extra_files):
         entries[arcname] = Entry(arcname, source, source.stat().st_size)
     if WAR_MANIFEST_PATH in entries:
         raise ArchiveError(f"extra files contain {WAR_MANIFEST_PATH}; the archiver writes it")
@@ -188,11 +194,11 @@ def write_workflow(args: WorkflowSpecArgs) -> Path:
                 )
                 info.compress_type = zipfile.ZIP_DEFLATED
                 with zf.open(info, "w", force_zip64=entry.size >= zipfile.ZIP64_LIMIT) as sink:
-                    _copy(entry.source, sink, lambda _n: None)
+                    copy_file(entry.source, sink, lambda _n: None)
             zf.writestr(WAR_MANIFEST_PATH, manifest.to_json())
-        _replace(temporary, destination)
+        replace_file(temporary, destination)
     except BaseException as exc:
-        _remove(temporary)
+        remove_file(temporary)
         if isinstance(exc, OSError):
             where = exc.filename or destination
             raise ArchiveError(f"cannot write {destination}: {where}: {exc.strerror}") from None

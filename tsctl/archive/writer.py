@@ -120,7 +120,7 @@ def plan_archive(spec: ArchiveSpec) -> ArchivePlan:
     for what, path in given.items():
         if path is not None:
             add_file(path.name, _existing_file(path, what))
-    for arcname, source in _extra_files(spec.extra_files):
+    for arcname, source in extra_file_entries(spec.extra_files):
         add_file(arcname, source)
     for what, path in {
         "requirements file": spec.requirements_file,
@@ -163,9 +163,9 @@ def write_archive(plan: ArchivePlan, progress: Progress | None = None) -> Path:
     }
     try:
         writers[plan.archive_format](plan, temporary, report)
-        _replace(temporary, destination)
+        replace_file(temporary, destination)
     except BaseException as exc:
-        _remove(temporary)
+        remove_file(temporary)
         if isinstance(exc, OSError):
             reason = exc.strerror or str(exc)
             where = exc.filename or destination
@@ -194,7 +194,7 @@ def _existing_file(path: Path, what: str) -> Path:
     return path
 
 
-def _extra_files(items: Sequence[str]) -> Iterator[tuple[str, Path]]:
+def extra_file_entries(items: Sequence[str]) -> Iterator[tuple[str, Path]]:
     """(name in archive, source) for each `--extra-files` item, as torch-model-archiver does."""
     for raw in items:
         item = raw.strip()
@@ -222,7 +222,7 @@ def _directory_files(root: Path) -> Iterator[tuple[str, Path]]:
                 yield source.relative_to(root).as_posix(), source
 
 
-def _copy(source: Path, sink: IO[bytes], report: Progress) -> None:
+def copy_file(source: Path, sink: IO[bytes], report: Progress) -> None:
     with source.open("rb") as src:
         while chunk := src.read(CHUNK_SIZE):
             sink.write(chunk)
@@ -237,7 +237,7 @@ def _write_zip(plan: ArchivePlan, target: Path, report: Progress) -> None:
             info = zipfile.ZipInfo.from_file(entry.source, entry.arcname, strict_timestamps=False)
             info.compress_type = method
             with zf.open(info, "w", force_zip64=entry.size >= zipfile.ZIP64_LIMIT) as sink:
-                _copy(entry.source, sink, report)
+                copy_file(entry.source, sink, report)
         zf.writestr(MANIFEST_PATH, plan.manifest.to_json())
 
 
@@ -274,14 +274,14 @@ def _write_directory(plan: ArchivePlan, target: Path, report: Progress) -> None:
         out = target / entry.arcname
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("wb") as sink:
-            _copy(entry.source, sink, report)
+            copy_file(entry.source, sink, report)
         shutil.copystat(entry.source, out)
     manifest = target / MANIFEST_PATH
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(plan.manifest.to_json())
 
 
-def _replace(new: Path, destination: Path) -> None:
+def replace_file(new: Path, destination: Path) -> None:
     """Put `new` at `destination`, replacing what is there (file or directory)."""
     if destination.is_dir() and not destination.is_symlink():
         aside = destination.with_name(f".{destination.name}.{uuid.uuid4().hex[:8]}.old")
@@ -292,7 +292,7 @@ def _replace(new: Path, destination: Path) -> None:
         os.replace(new, destination)
 
 
-def _remove(path: Path) -> None:
+def remove_file(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
