@@ -85,6 +85,15 @@ def ts_protos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]
     import google.rpc
     import grpc_tools
 
+    # both register the same message names in protobuf's default pool: a test module that
+    # imports tsctl's gRPC API (or its generated modules) at collection breaks this fixture
+    early = [
+        m
+        for m in ("tsctl.proto_gen.inference_pb2", "tsctl.proto_gen.management_pb2")
+        if m in sys.modules
+    ]
+    assert not early, f"{early} imported in the test process: import what needs it lazily"
+
     spec = importlib.util.find_spec("ts")
     assert spec is not None and spec.submodule_search_locations
     jar = Path(next(iter(spec.submodule_search_locations))) / "frontend" / "model-server.jar"

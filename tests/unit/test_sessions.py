@@ -16,14 +16,15 @@ from tests.unit.test_batching import VirtualLoop, run
 from tsctl.errors import BadRequest, PredictionFailed, RequestTooLarge
 from tsctl.ipc.messages import Part
 from tsctl.server import batching
-from tsctl.server.api.grpc_api import MAX_HELD_CHUNKS, HeldChunks
 from tsctl.server.batching import ModelQueue, next_batch
 from tsctl.server.request import InferenceRequest, Job, Response
 from tsctl.server.sessions import (
+    MAX_HELD_CHUNKS,
     SEQUENCE_END,
     SEQUENCE_ID,
     SEQUENCE_START,
     STREAM_NEXT,
+    HeldChunks,
     SequenceRefused,
     Sessions,
     SessionSettings,

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from random import getrandbits
 from typing import TYPE_CHECKING
 
-from tsctl.errors import BadRequest, PredictionFailed, ServiceUnavailable
+from tsctl.errors import BadRequest, PredictionFailed, RequestTooLarge, ServiceUnavailable
 from tsctl.ipc.codec import request_entry
 from tsctl.server.request import InferenceRequest, Job, Response
 
@@ -384,3 +384,32 @@ def _new_id() -> str:
 
 def _ms(seconds: float) -> str:
     return f"{round(seconds * 1000)} ms"
+
+
+#: a StreamPredictions2 request's intermediate answers its client has not read yet, at most
+MAX_HELD_CHUNKS = 64
+
+
+class HeldChunks:
+    """A StreamPredictions2 request's intermediate answers until its client reads them (a
+    continuous stream's may be many): at most `MAX_HELD_CHUNKS`; one more ends the request
+    (its `jobs`) with an error, so a client that does not read holds no more. Event-loop only."""
+
+    def __init__(self) -> None:
+        #: the bodies, then None once the request is answered (one place kept for it)
+        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_HELD_CHUNKS + 1)
+        self.jobs: list[Job] = []
+
+    def put(self, response: Response) -> None:
+        if self.chunks.qsize() < MAX_HELD_CHUNKS:
+            self.chunks.put_nowait(bytes(response.body))
+            return
+        error = RequestTooLarge(
+            f"the client has not read the last {MAX_HELD_CHUNKS} intermediate answers of its "
+            "stream: the request is ended"
+        )
+        for job in self.jobs:
+            job.answer(error)
+
+    def end(self, _: object) -> None:
+        self.chunks.put_nowait(None)

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from tsctl.errors import RequestTooLarge, TsctlError
+from tsctl.errors import TsctlError
 from tsctl.ipc.messages import Part
 from tsctl.plugins.api import RequestInfo
 from tsctl.proto_gen import (
@@ -38,7 +38,7 @@ from tsctl.server.api.grpc_errors import funnel, funnel_stream, status_of
 from tsctl.server.config import ServerConfig
 from tsctl.server.inference import Pending
 from tsctl.server.request import InferenceRequest, Job, Response, new_request_id
-from tsctl.server.sessions import SEQUENCE_ID, SEQUENCE_START, SequenceIdRequired
+from tsctl.server.sessions import SEQUENCE_ID, SEQUENCE_START, HeldChunks, SequenceIdRequired
 from tsctl.server.state import ServerState
 
 HEALTHY = json.dumps({"status": "Healthy"}, indent=2)
@@ -195,35 +195,6 @@ class InferenceService(inference_pb2_grpc.InferenceAPIsServiceServicer):  # type
             finally:
                 final.cancel()
             yield _with_sequence(answer, sequences or ([sequence] if sequence else []))
-
-
-#: a StreamPredictions2 request's intermediate answers its client has not read yet, at most
-MAX_HELD_CHUNKS = 64
-
-
-class HeldChunks:
-    """A StreamPredictions2 request's intermediate answers until its client reads them (a
-    continuous stream's may be many): at most `MAX_HELD_CHUNKS`; one more ends the request
-    (its `jobs`) with an error, so a client that does not read holds no more. Event-loop only."""
-
-    def __init__(self) -> None:
-        #: the bodies, then None once the request is answered (one place kept for it)
-        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_HELD_CHUNKS + 1)
-        self.jobs: list[Job] = []
-
-    def put(self, response: Response) -> None:
-        if self.chunks.qsize() < MAX_HELD_CHUNKS:
-            self.chunks.put_nowait(bytes(response.body))
-            return
-        error = RequestTooLarge(
-            f"the client has not read the last {MAX_HELD_CHUNKS} intermediate answers of its "
-            "stream: the request is ended"
-        )
-        for job in self.jobs:
-            job.answer(error)
-
-    def end(self, _: object) -> None:
-        self.chunks.put_nowait(None)
 
 
 def _with_sequence(answer: Any, sequences: list[str]) -> Any:
