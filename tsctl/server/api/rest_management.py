@@ -64,6 +64,15 @@ class ManagementHandler(ApiHandler):
             values.update(body)
         return values
 
+    def page(self) -> tuple[int, int]:
+        """A list's `limit` and `next_page_token` (TorchServe's pagination)."""
+        try:
+            limit = int(self.get_query_argument("limit", "100"))
+            start = int(self.get_query_argument("next_page_token", "0") or 0)
+        except ValueError:
+            raise BadRequest("limit and next_page_token must be integers") from None
+        return limit, start
+
     def status(self, outcome: management.Outcome) -> None:
         """TorchServe's `{"status": ...}` answer: 202 when the work goes on after it."""
         self.write_json({"status": outcome.message}, 202 if outcome.accepted else 200)
@@ -71,12 +80,7 @@ class ManagementHandler(ApiHandler):
 
 class ModelsHandler(ManagementHandler):
     def get(self) -> None:
-        try:
-            limit = int(self.get_query_argument("limit", "100"))
-            start = int(self.get_query_argument("next_page_token", "0") or 0)
-        except ValueError:
-            raise BadRequest("limit and next_page_token must be integers") from None
-        self.write_json(management.list_models(self.state, limit, start))
+        self.write_json(management.list_models(self.state, *self.page()))
 
     async def post(self) -> None:
         params = management.parse(management.RegisterParams, self.params())
@@ -113,12 +117,7 @@ class WorkflowsHandler(WorkflowApiHandler):
     """`/workflows`: list, register."""
 
     def get(self) -> None:
-        try:
-            limit = int(self.get_query_argument("limit", "100"))
-            start = int(self.get_query_argument("next_page_token", "0") or 0)
-        except ValueError:
-            raise BadRequest("limit and next_page_token must be integers") from None
-        self.write_json(workflows.list_workflows(self.state, limit, start))
+        self.write_json(workflows.list_workflows(self.state, *self.page()))
 
     async def post(self) -> None:
         params = management.parse(workflows.RegisterWorkflowParams, self.params())
