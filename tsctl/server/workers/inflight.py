@@ -65,7 +65,8 @@ class AsyncWorkerProcess(WorkerProcess):
             raise WorkerDied(f"worker {self.worker_id} cannot take a batch now")
         waiter: asyncio.Future[Result] = self._write(batch, on_chunk)
         # `_write` queued it for an answer in order; a batch's answer comes by its id
-        self.flights[batch.batch_id] = self._pending.pop()
+        self._pending.pop()
+        self.flights[batch.batch_id] = (waiter, on_chunk)
         if len(self.flights) >= self.max_in_flight:
             self.state = WorkerState.BUSY
         return waiter
@@ -172,7 +173,7 @@ async def _land(
         dues.pop(batch_id, None)
         pool._due[worker] = min(dues.values(), default=0.0)
     try:
-        pool._answer(worker, sent, result)
+        pool._answer(worker, sent.jobs, sent.at, result)
     except Exception:
         log.exception("answering a batch of worker %s failed; replacing it", worker.worker_id)
         _fail(sent.jobs, PredictionFailed(f"worker {worker.worker_id} failed; it is replaced"))

@@ -1,9 +1,11 @@
 """The pool that keeps one model version's workers serving its queue. Event-loop only.
 
 `WorkerPool` keeps `target` workers (`tsctl.server.workers.process`) alive: one serving loop
-per worker takes batches from the model's queue (`tsctl.server.batching`) and sends them; a
-worker that dies, busy or idle, fails only the requests it held and is replaced after a
-backoff that grows with consecutive failures (`restart_delay`): an idle one is noticed when
+per worker takes batches from the model's queue (`tsctl.server.batching`) and sends them;
+while the queue has a batch ready, each next batch goes out by callback in the loop turn the
+previous one's result arrives (`_Chain`: no task switch per batch). A worker that dies, busy
+or idle, fails only the requests it held and is replaced after a backoff that grows with
+consecutive failures (`restart_delay`): an idle one is noticed when
 its process exits, not when the next request fails on it. A serving loop that meets an
 unexpected error fails its batch, kills its worker and has it replaced the same way. A batch
 past its deadline gets its worker killed and replaced; workers are recycled gracefully after
@@ -42,6 +44,7 @@ from tsctl.errors import (
     PredictionFailed,
     ServiceUnavailable,
     TsctlError,
+    WorkerDied,
     WorkerStartFailed,
     prediction_failed,
 )
@@ -208,22 +211,20 @@ class WorkerPool:
 
     async def _serve(self, worker: WorkerProcess) -> None:
         """The worker's serving loop: collect a batch (the strategy's `next_batch`), send it,
-        answer it. When its result arrives and the strategy has the next batch ready (its
-        `ready_batch`; the default's: full, or a job waiting at batch size 1), that batch is
-        sent before this one's answers are written, so the worker computes while the daemon
-        answers (still one batch at a time in the worker)."""
+        and wait while it and the batches sent after it are answered (`_Chain`). When a
+        result arrives and the strategy has the next batch ready (its `ready_batch`; the
+        default's: full, or a job waiting at batch size 1), that batch is sent, then this
+        one's answers are written, in the loop turn the result arrived: the worker computes
+        while the daemon answers (still one batch at a time in the worker), and no task
+        switch separates them. The loop collects again once a result finds no batch ready."""
         settings = self.settings
+        chain = _Chain(self, worker, asyncio.get_running_loop())
         jobs: list[Job] = []
-        sent: _Sent | None = None
         try:
-            while sent is not None or worker.state == WorkerState.READY:
-                if sent is None and self._carry and (carried := self._carry.pop(worker, None)):
+            while worker.state == WorkerState.READY:
+                if self._carry and (carried := self._carry.pop(worker, None)):
                     jobs = continued(self.queue, carried, settings.batch_size, worker)
-                    sent = self._send(worker, jobs)
-                    if sent is None:
-                        jobs = []
-                        continue
-                if sent is None:
+                else:
                     self._idle.add(worker)
                     try:
                         jobs = await self._next_batch(
@@ -235,26 +236,21 @@ class WorkerPool:
                         continue
                     finally:
                         self._idle.discard(worker)
-                    sent = self._send(worker, jobs)
-                    if sent is None:
-                        jobs = []
-                        continue
-                jobs = sent.jobs
-                sent = await self._finish(worker, sent)
-                jobs = sent.jobs if sent is not None else []
-                if not worker.recycling and self._should_recycle(worker):
-                    worker.recycling = True
-                    log.info(
-                        "recycling worker %s after %d requests", worker.worker_id, worker.served
-                    )
-                    self._background(self._replace(worker))
+                ended = chain.start(jobs)
+                jobs = []
+                if ended is None:
+                    continue
+                with contextlib.suppress(WorkerDied):  # its death answers the batch (`_Chain`)
+                    await worker.drain()
+                await ended
         except asyncio.CancelledError:
             if worker.state != WorkerState.DEAD:
                 raise  # retired, or the pool is closing
             log.warning("worker %s (pid %s) died while idle", worker.worker_id, worker.pid)
         except Exception:
             log.exception("serving worker %s failed; replacing it", worker.worker_id)
-            _fail(jobs, PredictionFailed(f"worker {worker.worker_id} failed; it is replaced"))
+            failed = PredictionFailed(f"worker {worker.worker_id} failed; it is replaced")
+            _fail([*jobs, *chain.jobs], failed)
             worker.kill()
             await worker.dead.wait()
         finally:
@@ -279,6 +275,13 @@ class WorkerPool:
             self._schedule_restart()
         elif worker.state != WorkerState.DEAD:
             await worker.stop()
+
+    def _check_recycle(self, worker: WorkerProcess) -> None:
+        """After a batch: start `worker`'s successor if it is due for recycling."""
+        if not worker.recycling and self._should_recycle(worker):
+            worker.recycling = True
+            log.info("recycling worker %s after %d requests", worker.worker_id, worker.served)
+            self._background(self._replace(worker))
 
     async def _replace(self, old: WorkerProcess) -> None:
         """Start a successor first, then retire `old`: capacity never drops, nothing is lost."""
@@ -305,53 +308,52 @@ class WorkerPool:
         return bool(s.recycle_above_rss_mb and worker.rss_mb() > s.recycle_above_rss_mb)
 
     def _send(self, worker: WorkerProcess, jobs: list[Job]) -> _Sent | None:
-        """Send the batch of `jobs` still waiting; None when there is nothing to wait for
+        """Send the batch of `jobs` still waiting, its result to a future (an async worker's
+        batches; a sync worker's go through `_Chain`); None when there is nothing to wait for
         (none was live, or it could not be sent: those jobs are answered with the error)."""
         live = [job for job in jobs if not job.done]
         if not live:
             return None
+        dispatched = self._dispatch(worker, live, asyncio.get_running_loop())
+        if dispatched is None:
+            return None
+        batch_id, now, waiter = dispatched
+        assert waiter is not None
+        return _Sent(live, waiter, now, batch_id)
+
+    def _dispatch(
+        self,
+        worker: WorkerProcess,
+        live: list[Job],
+        loop: asyncio.AbstractEventLoop,
+        on_result: Callable[[Result | WorkerDied], None] | None = None,
+    ) -> tuple[int, float, asyncio.Future[Result] | None] | None:
+        """Write the batch of `live` jobs to `worker`, its result to `on_result` (`send_then`)
+        or, without one, to the future returned with the batch's id and when it was sent;
+        None when it could not be sent (the jobs are answered with the error). The batch's
+        queue metrics are recorded once it is written: the worker starts on it meanwhile."""
         batch = Batch(next(_batch_ids), [job.request for job in live], [job.entry for job in live])
-        loop = asyncio.get_running_loop()
         now = loop.time()
         sessions = self.queue.sessions
         carried = sessions.carried if sessions is not None else ()
-        self._record_dispatch(live, now, carried)
         if carried:  # a stream's step: the response timeout from now (per step)
             for job in live:
                 if job in carried:
                     self.queue.deadlines.renew(job, loop)
+        on_chunk = _fan_out(live, self.settings.max_response_size, sessions)
+        waiter = None
         try:
-            waiter = worker.send(batch, _fan_out(live, self.settings.max_response_size, sessions))
+            if on_result is None:
+                waiter = worker.send(batch, on_chunk)
+            else:
+                worker.send_then(batch, on_result, on_chunk)
         except TsctlError as exc:  # the worker died, or the batch could not be encoded
+            self._record_dispatch(live, now, carried)
             _fail(live, exc)
             return None
+        self._record_dispatch(live, now, carried)
         self._watch(worker, max(job.deadline for job in live), loop)
-        return _Sent(live, waiter, now, batch.batch_id)
-
-    async def _finish(self, worker: WorkerProcess, sent: _Sent) -> _Sent | None:
-        """Wait for the result of `sent` and answer its jobs; the batch sent meanwhile, if
-        one was ready when the result arrived (see `_serve`)."""
-        live = sent.jobs
-        try:
-            await worker.drain()
-            result = await sent.result
-        except TsctlError as exc:  # the worker died, or the batch could not be sent
-            _fail(live, exc)
-            return None
-        finally:
-            self._due[worker] = 0.0
-        following = None
-        if worker.state == WorkerState.READY and self.queue.sessions is None:
-            ready = self._ready_batch(self.queue, self.settings.batch_size, worker)
-            if ready:
-                following = self._send(worker, ready)
-        try:
-            self._answer(worker, sent, result)
-        except Exception:
-            if following is not None:  # the serving loop fails its own batch and stops
-                _fail(following.jobs, PredictionFailed(f"worker {worker.worker_id} failed"))
-            raise
-        return following
+        return batch.batch_id, now, waiter
 
     async def _plugin_batch(
         self, queue: ModelQueue, batch_size: int, max_delay: float, worker: WorkerProcess
@@ -414,15 +416,15 @@ class WorkerPool:
         )  # fmt: skip
         _fail(self.queue.taken_by(worker), TsctlError(STRATEGY_FAILED))
 
-    def _answer(self, worker: WorkerProcess, sent: _Sent, result: Result) -> None:
-        live = sent.jobs
+    def _answer(self, worker: WorkerProcess, live: list[Job], at: float, result: Result) -> None:
+        """Answer the jobs of the batch sent at `at` (loop time) with its `result`."""
         sessions = self.queue.sessions
         if sessions is not None and sessions.carried:  # a stream's step is no new request
             worker.served += sum(job not in sessions.carried for job in live)
         else:
             worker.served += len(live)
         self._failures = 0
-        batch_ms = (asyncio.get_running_loop().time() - sent.at) * 1000
+        batch_ms = (asyncio.get_running_loop().time() - at) * 1000
         self._record_result(result, live, batch_ms)
         self.metrics.settle_logs()  # the batch's metric lines, before its answers go out
         if result.failure is not None:
@@ -603,6 +605,88 @@ def _log_if_timed_out(worker: WorkerProcess, exc: WorkerStartFailed) -> None:
 
 class StrategyBroke(Exception):
     """A plugin strategy broke the interface's rules (the message says which)."""
+
+
+class _Chain:
+    """A sync worker's batches as its serving loop (`WorkerPool._serve`) sends them: the
+    first by the loop, each next one from the turn the result before it arrived, when the
+    strategy has one ready. Results come to `_on_result` as callbacks (`send_then`); the loop
+    waits on one future per chain, resolved when a result finds no batch ready (or with the
+    error that stops the worker's loop)."""
+
+    def __init__(
+        self, pool: WorkerPool, worker: WorkerProcess, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.loop = loop
+        #: the batch the worker runs (or whose answers are being written); empty between chains
+        self.jobs: list[Job] = []
+        self.at = 0.0  # when it was sent (loop time)
+        self._ended: asyncio.Future[None] | None = None
+
+    def start(self, jobs: list[Job]) -> asyncio.Future[None] | None:
+        """Send the batch of `jobs` still waiting: the future of the chain's end, or None when
+        nothing was sent (none was live, or it could not be: answered with the error)."""
+        if not self._send(jobs):
+            return None
+        self._ended = self.loop.create_future()
+        return self._ended
+
+    def _send(self, jobs: list[Job]) -> bool:
+        live = [job for job in jobs if not job.done]
+        if not live:
+            return False
+        dispatched = self.pool._dispatch(self.worker, live, self.loop, self._on_result)
+        if dispatched is None:
+            return False
+        self.jobs, self.at = live, dispatched[1]
+        return True
+
+    def _on_result(self, outcome: Result | WorkerDied) -> None:
+        """The worker answered the batch it ran (or died): in the turn that said so."""
+        try:
+            sent = self._land(outcome)
+        except Exception as exc:  # the serving loop fails the batch and replaces the worker
+            self._end(exc)
+            return
+        if not sent:
+            self._end(None)
+
+    def _land(self, outcome: Result | WorkerDied) -> bool:
+        """Send the next batch if one is ready, then answer the one `outcome` is for; whether
+        a batch was sent."""
+        pool, worker = self.pool, self.worker
+        pool._due[worker] = 0.0
+        if isinstance(outcome, WorkerDied):
+            _fail(self.jobs, outcome)
+            return False
+        jobs, at = self.jobs, self.at
+        sent = False
+        if worker.state == WorkerState.READY and pool.queue.sessions is None:
+            ready = pool._ready_batch(pool.queue, pool.settings.batch_size, worker)
+            if ready:
+                sent = self._send(ready)
+        try:
+            pool._answer(worker, jobs, at, outcome)
+        except Exception:
+            if sent:  # the serving loop fails its own batch and stops
+                _fail(self.jobs, PredictionFailed(f"worker {worker.worker_id} failed"))
+            self.jobs = jobs
+            raise
+        pool._check_recycle(worker)
+        return sent
+
+    def _end(self, error: Exception | None) -> None:
+        if error is None:
+            self.jobs = []
+        ended = self._ended
+        if ended is None or ended.done():  # its serving loop was cancelled
+            return
+        if error is None:
+            ended.set_result(None)
+        else:
+            ended.set_exception(error)
 
 
 @dataclass

@@ -48,6 +48,10 @@ model_log = logging.getLogger("tsctl.model")
 OUTPUT_GRACE = 2.0
 
 
+#: who gets an answer the worker owes: a future, or a callback (`WorkerProcess.send_then`)
+_Waiter = asyncio.Future[Any] | Callable[[Any], None]
+
+
 class Child(Protocol):
     """The process handle a worker needs: what `asyncio.subprocess.Process` offers."""
 
@@ -233,8 +237,9 @@ class WorkerProcess:
         #: the worker's first message (Hello or InitFailed); None if its socket ended first
         self._first: asyncio.Future[Message | None] | None = None
         self._death: asyncio.Task[None] | None = None
-        #: answers the worker owes, in the order it will send them, with who wants its chunks
-        self._pending: deque[tuple[asyncio.Future[Any], Callable[[Chunk], None] | None]] = deque()
+        #: answers the worker owes, in the order it will send them, with who wants its chunks:
+        #: each answer goes to a future (`send`, `describe`) or to a callback (`send_then`)
+        self._pending: deque[tuple[_Waiter, Callable[[Chunk], None] | None]] = deque()
         self._serving = False  # past its Hello: its socket's end is its death
         self._exit_watch: asyncio.Task[None] | None = None
         self.dead = asyncio.Event()
@@ -341,7 +346,9 @@ class WorkerProcess:
             waiter, _ = self._pending.popleft()
             if isinstance(message, Result) and self.state == WorkerState.BUSY:
                 self.state = WorkerState.READY  # before its waiter runs: it may send the next
-            if not waiter.done():
+            if not isinstance(waiter, asyncio.Future):
+                waiter(message)  # `send_then`'s callback, in this turn
+            elif not waiter.done():
                 waiter.set_result(message)
         else:
             log.warning("worker %s sent an unexpected %s", self.worker_id, message)
@@ -361,10 +368,11 @@ class WorkerProcess:
         self.state = WorkerState.DEAD
         while self._pending:
             waiter, _ = self._pending.popleft()
-            if not waiter.done():
-                waiter.set_exception(
-                    WorkerDied(f"worker {self.worker_id} died (exit status {code})")
-                )
+            died = WorkerDied(f"worker {self.worker_id} died (exit status {code})")
+            if not isinstance(waiter, asyncio.Future):
+                waiter(died)
+            elif not waiter.done():
+                waiter.set_exception(died)
         self.dead.set()
         for callback in self._on_dead:
             callback()
@@ -381,6 +389,22 @@ class WorkerProcess:
         waiter: asyncio.Future[Result] = self._write(batch, on_chunk)
         self.state = WorkerState.BUSY
         return waiter
+
+    def send_then(
+        self,
+        batch: Batch,
+        on_result: Callable[[Result | WorkerDied], None],
+        on_chunk: Callable[[Chunk], None] | None = None,
+    ) -> None:
+        """`send`, with the result handed to `on_result` instead of a future: called in the
+        loop turn the result's last byte arrives (or with `WorkerDied` as the death is
+        reported), so whoever waits for it runs without a task switch. `on_result` must not
+        raise. No `drain` needed between batches sent this way: the worker reads a whole
+        frame before it answers, so when its result arrives its socket has taken the frame."""
+        if self.state != WorkerState.READY or self._writer is None:
+            raise WorkerDied(f"worker {self.worker_id} is not running")
+        self._write(batch, on_chunk, on_result)
+        self.state = WorkerState.BUSY
 
     async def drain(self) -> None:
         """Until the socket takes more (a large batch frame is being written)."""
@@ -409,8 +433,13 @@ class WorkerProcess:
         return await waiter
 
     def _write(
-        self, message: Batch | Describe, on_chunk: Callable[[Chunk], None] | None = None
+        self,
+        message: Batch | Describe,
+        on_chunk: Callable[[Chunk], None] | None = None,
+        on_result: Callable[[Any], None] | None = None,
     ) -> Any:
+        """Write `message`'s frame and queue who gets its answer: `on_result`, or the future
+        returned (None with `on_result`)."""
         assert self._writer is not None
         try:
             frame = encode(message)
@@ -420,6 +449,9 @@ class WorkerProcess:
             self._writer.write(frame)
         except ConnectionError:
             raise WorkerDied(f"worker {self.worker_id} closed its connection") from None
+        if on_result is not None:
+            self._pending.append((on_result, on_chunk))
+            return None
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((waiter, on_chunk))
         return waiter
