@@ -8,9 +8,11 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from tsctl.ipc.messages import Batch, Chunk, FailureKind, Part, WireRequest
 from tsctl.worker.context import Context
-from tsctl.worker.service import Service
+from tsctl.worker.service import Service, json_indented
 
 DEEP = b"[" * 200_000
 
@@ -70,3 +72,25 @@ def test_input_that_is_not_json_reaches_the_handler_as_bytes() -> None:
 
     result = service(entry).run(Batch(4, [request("a", b"[1, 2"), request("b", b"\xff")]))
     assert [r.body for r in result.responses] == [b"bytes", b"bytes"]  # bytearray in a worker
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [0.5, -1.25, 3.0, 1e-05, 1.5e300, -0.0],
+        [1, 2, -3, 10**30],
+        [1, 2.5],
+        [0.1],
+        [],
+        [float("nan"), 1.0],
+        [float("inf")],
+        [True, 1.0],
+        [[0.5, 1.0], [2.0]],
+        {"a": [1.0]},
+        "text",
+        [1.0, None],
+        [1.0, "a, b"],
+    ],
+)
+def test_answers_are_json_as_torchserve_writes_them(answer: object) -> None:
+    assert json_indented(answer) == json.dumps(answer, indent=2).encode()
