@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 from tsctl.errors import PredictionFailed, TsctlError, WorkerDied
 from tsctl.ipc.messages import Batch, Chunk, Message, Result, WorkerSpec, WorkerState
-from tsctl.server.batching import STRATEGY_PAUSE
 from tsctl.server.workers.process import WorkerProcess
 from tsctl.server.workers.spares import Spare
 
@@ -111,7 +110,6 @@ async def serve_concurrently(pool: WorkerPool, worker: AsyncWorkerProcess) -> No
     """`worker`'s serving loop (see the module): collect a batch, send it, go on collecting
     while it runs; wait only when `max_in_flight` batches are out. Retired (cancelled, or
     RETIRING), it stops collecting and lets the batches it sent end first."""
-    settings = pool.settings
     landing: set[asyncio.Task[None]] = set()
     dues: dict[int, float] = {}  # each batch in flight's deadline (loop time)
     jobs: list[Job] = []  # taken and not yet in a landing task's hands
@@ -120,17 +118,10 @@ async def serve_concurrently(pool: WorkerPool, worker: AsyncWorkerProcess) -> No
             if len(worker.flights) >= worker.max_in_flight:
                 await asyncio.wait(landing, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            pool._idle.add(worker)
-            try:
-                jobs = await pool._next_batch(
-                    pool.queue, settings.batch_size, settings.max_batch_delay, worker
-                )
-            except Exception:  # a plugin strategy's: its batch fails, not its worker
-                pool._strategy_failed(worker, "next_batch")
-                await asyncio.sleep(STRATEGY_PAUSE)  # idle still: a death cancels it
+            collected = await pool._collect(worker)
+            if collected is None:
                 continue
-            finally:
-                pool._idle.discard(worker)
+            jobs = collected
             sent = pool._send(worker, jobs)
             jobs = []
             if sent is None:

@@ -224,18 +224,10 @@ class WorkerPool:
             while worker.state == WorkerState.READY:
                 if self._carry and (carried := self._carry.pop(worker, None)):
                     jobs = continued(self.queue, carried, settings.batch_size, worker)
+                elif (collected := await self._collect(worker)) is not None:
+                    jobs = collected
                 else:
-                    self._idle.add(worker)
-                    try:
-                        jobs = await self._next_batch(
-                            self.queue, settings.batch_size, settings.max_batch_delay, worker
-                        )
-                    except Exception:  # a plugin strategy's: its batch fails, not its worker
-                        self._strategy_failed(worker, "next_batch")
-                        await asyncio.sleep(STRATEGY_PAUSE)  # idle still: a death cancels it
-                        continue
-                    finally:
-                        self._idle.discard(worker)
+                    continue
                 ended = chain.start(jobs)
                 jobs = []
                 if ended is None:
@@ -275,6 +267,23 @@ class WorkerPool:
             self._schedule_restart()
         elif worker.state != WorkerState.DEAD:
             await worker.stop()
+
+    async def _collect(self, worker: WorkerProcess) -> list[Job] | None:
+        """`worker`'s next batch from the strategy's `next_batch`, the worker counted idle
+        while it waits; None when a plugin strategy raised (its batch failed, not its worker;
+        after a pause, idle still: a death cancels it). Both serving loops collect here."""
+        settings = self.settings
+        self._idle.add(worker)
+        try:
+            return await self._next_batch(
+                self.queue, settings.batch_size, settings.max_batch_delay, worker
+            )
+        except Exception:
+            self._strategy_failed(worker, "next_batch")
+            await asyncio.sleep(STRATEGY_PAUSE)
+            return None
+        finally:
+            self._idle.discard(worker)
 
     def _check_recycle(self, worker: WorkerProcess) -> None:
         """After a batch: start `worker`'s successor if it is due for recycling."""
