@@ -242,7 +242,7 @@ class WorkerPool:
         except Exception:
             log.exception("serving worker %s failed; replacing it", worker.worker_id)
             failed = PredictionFailed(f"worker {worker.worker_id} failed; it is replaced")
-            _fail([*jobs, *chain.jobs], failed)
+            _fail([*jobs, *chain.in_flight()], failed)
             worker.kill()
             await worker.dead.wait()
         finally:
@@ -336,11 +336,14 @@ class WorkerPool:
         live: list[Job],
         loop: asyncio.AbstractEventLoop,
         on_result: Callable[[Result | WorkerDied], None] | None = None,
+        behind: bool = False,
     ) -> tuple[int, float, asyncio.Future[Result] | None] | None:
         """Write the batch of `live` jobs to `worker`, its result to `on_result` (`send_then`)
         or, without one, to the future returned with the batch's id and when it was sent;
         None when it could not be sent (the jobs are answered with the error). The batch's
-        queue metrics are recorded once it is written: the worker starts on it meanwhile."""
+        queue metrics are recorded once it is written: the worker starts on it meanwhile.
+        `behind`: it waits behind the batch the worker runs (`_Chain`), which keeps the
+        watchdog."""
         batch = Batch(next(_batch_ids), [job.request for job in live], [job.entry for job in live])
         now = loop.time()
         sessions = self.queue.sessions
@@ -355,13 +358,14 @@ class WorkerPool:
             if on_result is None:
                 waiter = worker.send(batch, on_chunk)
             else:
-                worker.send_then(batch, on_result, on_chunk)
+                worker.send_then(batch, on_result, on_chunk, behind)
         except TsctlError as exc:  # the worker died, or the batch could not be encoded
             self._record_dispatch(live, now, carried)
             _fail(live, exc)
             return None
         self._record_dispatch(live, now, carried)
-        self._watch(worker, max(job.deadline for job in live), loop)
+        if not behind:
+            self._watch(worker, max(job.deadline for job in live), loop)
         return batch.batch_id, now, waiter
 
     async def _plugin_batch(
@@ -618,10 +622,21 @@ class StrategyBroke(Exception):
 
 class _Chain:
     """A sync worker's batches as its serving loop (`WorkerPool._serve`) sends them: the
-    first by the loop, each next one from the turn the result before it arrived, when the
-    strategy has one ready. Results come to `_on_result` as callbacks (`send_then`); the loop
-    waits on one future per chain, resolved when a result finds no batch ready (or with the
-    error that stops the worker's loop)."""
+    first by the loop, each next one from the turn a result arrives, when the strategy has
+    one ready. Results come to `_on_result` as callbacks (`send_then`); the loop waits on
+    one future per chain, resolved when a result leaves nothing in flight (or with the
+    error that stops the worker's loop).
+
+    At batch size 1, while the worker runs a request and the strategy has another one ready
+    with no other worker of the pool idle, that one is written too and waits in the worker's
+    socket (`behind`): the worker starts it the moment it has written its result, instead of
+    after a round trip through the daemon (which, at batch size 1, each request pays whole).
+    Still one batch at a time in the worker, in order: batching and ordering are as before.
+    A batch waiting behind is timed by the watchdog from when it starts, and if the worker
+    dies before starting it its jobs go back to the front of the queue (nothing is lost to
+    another batch's crash). Larger batches are not sent behind: measured, it gained nothing
+    with one torch thread per worker and cost a tenth with two, whose threads lose the gaps
+    between batches they shared the cores with the daemon in (docs/benchmarks.md)."""
 
     def __init__(
         self, pool: WorkerPool, worker: WorkerProcess, loop: asyncio.AbstractEventLoop
@@ -632,15 +647,24 @@ class _Chain:
         #: the batch the worker runs (or whose answers are being written); empty between chains
         self.jobs: list[Job] = []
         self.at = 0.0  # when it was sent (loop time)
+        #: the batch waiting behind it in the worker's socket; when it was sent, its deadline
+        self.behind: list[Job] = []
+        self._behind_at = 0.0
+        self._behind_due = 0.0
         self._ended: asyncio.Future[None] | None = None
 
     def start(self, jobs: list[Job]) -> asyncio.Future[None] | None:
-        """Send the batch of `jobs` still waiting: the future of the chain's end, or None when
-        nothing was sent (none was live, or it could not be: answered with the error)."""
+        """Send the batch of `jobs` still waiting (and one behind it, when one is ready): the
+        future of the chain's end, or None when nothing was sent (none was live, or it could
+        not be: answered with the error)."""
         if not self._send(jobs):
             return None
+        self._send_behind()
         self._ended = self.loop.create_future()
         return self._ended
+
+    def in_flight(self) -> list[Job]:
+        return [*self.jobs, *self.behind]
 
     def _send(self, jobs: list[Job]) -> bool:
         live = [job for job in jobs if not job.done]
@@ -652,39 +676,75 @@ class _Chain:
         self.jobs, self.at = live, dispatched[1]
         return True
 
+    def _send_behind(self) -> None:
+        """At batch size 1, write the strategy's ready batch behind the one running, unless
+        another worker of the pool waits for a batch (it should have it) or the model keeps
+        sessions."""
+        pool = self.pool
+        if (
+            pool.settings.batch_size != 1
+            or pool._idle
+            or pool.queue.sessions is not None
+            or self.worker.state != WorkerState.BUSY
+        ):
+            return
+        ready = pool._ready_batch(pool.queue, pool.settings.batch_size, self.worker)
+        live = [job for job in ready if not job.done]
+        if not live:
+            return
+        dispatched = pool._dispatch(self.worker, live, self.loop, self._on_result, behind=True)
+        if dispatched is not None:
+            self.behind, self._behind_at = live, dispatched[1]
+            self._behind_due = max(job.deadline for job in live)
+
     def _on_result(self, outcome: Result | WorkerDied) -> None:
         """The worker answered the batch it ran (or died): in the turn that said so."""
         try:
-            sent = self._land(outcome)
+            busy = self._land(outcome)
         except Exception as exc:  # the serving loop fails the batch and replaces the worker
             self._end(exc)
             return
-        if not sent:
+        if not busy:
             self._end(None)
 
     def _land(self, outcome: Result | WorkerDied) -> bool:
-        """Send the next batch if one is ready, then answer the one `outcome` is for; whether
-        a batch was sent."""
+        """Start the batch behind (or send the next one if ready), send one behind it if
+        ready, then answer the batch `outcome` is for; whether a batch is still in flight."""
         pool, worker = self.pool, self.worker
         pool._due[worker] = 0.0
         if isinstance(outcome, WorkerDied):
             _fail(self.jobs, outcome)
+            if self.behind:  # it never started: another worker (or the successor) runs it
+                log.warning(
+                    "worker %s died before the batch behind its own; its %d request(s) go "
+                    "back to the front of the queue",
+                    worker.worker_id, len(self.behind),
+                )  # fmt: skip
+                pool.queue.requeue_front(self.behind)
+            self.jobs, self.behind = [], []
             return False
         jobs, at = self.jobs, self.at
-        sent = False
-        if worker.state == WorkerState.READY and pool.queue.sessions is None:
-            ready = pool._ready_batch(pool.queue, pool.settings.batch_size, worker)
-            if ready:
-                sent = self._send(ready)
+        self.jobs = []
+        if self.behind:  # the worker started it as it wrote the result
+            now = self.loop.time()
+            self.jobs, self.at, self.behind = self.behind, now, []
+            pool._watch(worker, self._behind_due + (now - self._behind_at), self.loop)
+        if worker.state.serving and pool.queue.sessions is None:
+            if not self.jobs:
+                ready = pool._ready_batch(pool.queue, pool.settings.batch_size, worker)
+                if ready:
+                    self._send(ready)
+            if self.jobs and not self.behind:
+                self._send_behind()
         try:
             pool._answer(worker, jobs, at, outcome)
         except Exception:
-            if sent:  # the serving loop fails its own batch and stops
-                _fail(self.jobs, PredictionFailed(f"worker {worker.worker_id} failed"))
-            self.jobs = jobs
+            # the serving loop fails the landed batch (and the ones sent) and stops
+            _fail(self.in_flight(), PredictionFailed(f"worker {worker.worker_id} failed"))
+            self.jobs, self.behind = jobs, []
             raise
         pool._check_recycle(worker)
-        return sent
+        return bool(self.jobs)
 
     def _end(self, error: Exception | None) -> None:
         if error is None:

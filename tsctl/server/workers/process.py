@@ -240,6 +240,8 @@ class WorkerProcess:
         #: answers the worker owes, in the order it will send them, with who wants its chunks:
         #: each answer goes to a future (`send`, `describe`) or to a callback (`send_then`)
         self._pending: deque[tuple[_Waiter, Callable[[Chunk], None] | None]] = deque()
+        #: batches written and not answered (two when one waits behind another: `send_then`)
+        self._batches = 0
         self._serving = False  # past its Hello: its socket's end is its death
         self._exit_watch: asyncio.Task[None] | None = None
         self.dead = asyncio.Event()
@@ -344,8 +346,10 @@ class WorkerProcess:
                 on_chunk(message)
         elif isinstance(message, (Result, Described)) and self._pending:
             waiter, _ = self._pending.popleft()
-            if isinstance(message, Result) and self.state == WorkerState.BUSY:
-                self.state = WorkerState.READY  # before its waiter runs: it may send the next
+            if isinstance(message, Result):
+                self._batches -= 1
+                if self.state == WorkerState.BUSY and not self._batches:
+                    self.state = WorkerState.READY  # before its waiter runs: it may send the next
             if not isinstance(waiter, asyncio.Future):
                 waiter(message)  # `send_then`'s callback, in this turn
             elif not waiter.done():
@@ -355,7 +359,10 @@ class WorkerProcess:
 
     def _on_lost(self, exc: Exception | None) -> None:
         """The worker's socket ended (`exc`: why, when it was not a clean end of stream)."""
-        if exc is not None:
+        if isinstance(exc, ConnectionResetError):  # it exited with a batch unread (behind)
+            log.warning("worker %s closed its socket with a batch unread", self.worker_id)
+            self.kill()
+        elif exc is not None:
             log.error("worker %s: %s; stopping it", self.worker_id, exc)
             self.kill()
         if self._first is not None and not self._first.done():
@@ -387,6 +394,7 @@ class WorkerProcess:
         if self.state != WorkerState.READY or self._writer is None:
             raise WorkerDied(f"worker {self.worker_id} is not running")
         waiter: asyncio.Future[Result] = self._write(batch, on_chunk)
+        self._batches += 1
         self.state = WorkerState.BUSY
         return waiter
 
@@ -395,15 +403,22 @@ class WorkerProcess:
         batch: Batch,
         on_result: Callable[[Result | WorkerDied], None],
         on_chunk: Callable[[Chunk], None] | None = None,
+        behind: bool = False,
     ) -> None:
         """`send`, with the result handed to `on_result` instead of a future: called in the
         loop turn the result's last byte arrives (or with `WorkerDied` as the death is
         reported), so whoever waits for it runs without a task switch. `on_result` must not
         raise. No `drain` needed between batches sent this way: the worker reads a whole
-        frame before it answers, so when its result arrives its socket has taken the frame."""
-        if self.state != WorkerState.READY or self._writer is None:
+        frame before it answers, so when its result arrives its socket has taken the frame.
+        `behind`: the worker may be BUSY, and this batch waits in its socket until the one
+        it runs is answered (it still runs one batch at a time, in the order sent)."""
+        state = self.state
+        if self._writer is None or not (
+            state == WorkerState.READY or (behind and state == WorkerState.BUSY)
+        ):
             raise WorkerDied(f"worker {self.worker_id} is not running")
         self._write(batch, on_chunk, on_result)
+        self._batches += 1
         self.state = WorkerState.BUSY
 
     async def drain(self) -> None:
