@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import Server, make_archive
-from tsctl.server.workers.spares import GOMP_SPINCOUNT
+from tsctl.server.workers.spares import GOMP_SPINCOUNT, cpu_count
+from tsctl.worker.threads import SAMPLES, WARMUP
 
 _OPERATOR_SET = {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)
 
@@ -53,3 +54,37 @@ def test_the_operators_wait_policy_wins(server: Server) -> None:
     assert report["OMP_WAIT_POLICY"] == "PASSIVE"
     assert report["GOMP_SPINCOUNT"] == os.environ.get("GOMP_SPINCOUNT")  # none added
     assert report["torch_threads"] == 1
+
+
+def _serve_and_report(server: Server, requests: int) -> dict[str, Any]:
+    for _ in range(requests):
+        report = _report(server)
+    return report
+
+
+@pytest.mark.skipif(cpu_count() < 2, reason="one core: a worker gets one thread, not tuned")
+def test_threads_that_buy_nothing_are_given_back(tmp_path: Path) -> None:
+    server = Server(tmp_path)  # worker_threads 0: the cores shared, tuned while serving
+    make_archive(server.store, "threads", "threads_report")
+    server.start("threads.mar")
+    try:
+        first = _report(server)
+        assert first["torch_threads"] == cpu_count()
+        report = _serve_and_report(server, WARMUP + 2 * SAMPLES)
+        assert report["torch_threads"] < cpu_count()
+        server.wait_for(lambda: "torch threads tuned to" in server.model_log())
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(cpu_count() < 2, reason="one core: nothing to compare")
+def test_threads_the_operator_set_are_kept(tmp_path: Path) -> None:
+    server = Server(tmp_path, properties={"worker_threads": 2})
+    make_archive(server.store, "threads", "threads_report")
+    server.start("threads.mar")
+    try:
+        report = _serve_and_report(server, WARMUP + 4 * SAMPLES)
+        assert report["torch_threads"] == 2
+        assert "torch threads tuned" not in server.model_log()
+    finally:
+        server.stop()

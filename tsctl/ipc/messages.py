@@ -110,6 +110,9 @@ class WorkerSpec:
     declared_metrics: tuple[tuple[str, str, tuple[str, ...], str], ...] = ()
     worker_id: str = ""
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    #: `threads` is tsctl's default share, not a setting: the worker may serve with fewer
+    #: when more do not make its batches faster (`tsctl.worker.threads.ThreadTuner`)
+    tune_threads: bool = False
     gpu_id: int | None = None
     #: a multi-process instance (torchrun, `tsctl.worker.ranks`): TorchServe's parallelType
     #: ("tp", "pp", "pptp"; "" for one process) and its number of ranks (0 for one process);

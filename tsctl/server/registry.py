@@ -431,7 +431,10 @@ class Registry:
             threads = self.config.worker_threads or max(
                 1, cpu_count() // max(1, self.total_workers())
             )
-            assigned = replace(spec(), worker_id=worker_id, threads=threads, gpu_id=next_gpu())
+            tune = not self.config.worker_threads and threads > 1
+            assigned = replace(
+                spec(), worker_id=worker_id, threads=threads, tune_threads=tune, gpu_id=next_gpu()
+            )
             if assigned.async_communication:
                 return AsyncWorkerProcess(assigned, self.spares.take(), max_in_flight=in_flight)
             return WorkerProcess(assigned, self.spares.take())

@@ -56,6 +56,7 @@ from tsctl.worker.context import Context
 from tsctl.worker.loader import HandlerLoadError, load_entry
 from tsctl.worker.metrics import MetricsCache
 from tsctl.worker.service import Service
+from tsctl.worker.threads import Threads, ThreadTuner
 
 _Fallback = Callable[[Failure], Result | Described]
 
@@ -67,26 +68,6 @@ def _preload(done: threading.Event) -> None:
         pass
     finally:
         done.set()
-
-
-class Threads:
-    """Applies torch's intra-op thread count on the main thread, where handlers run it (an
-    OpenMP setting is per calling thread), once torch has been imported completely."""
-
-    def __init__(self, count: int, preloading: threading.Event | None) -> None:
-        self.pending = count > 0
-        self.count = count
-        self.preloading = preloading
-
-    def apply(self) -> None:
-        if not self.pending or "torch" not in sys.modules:
-            return
-        if self.preloading is not None and not self.preloading.is_set():
-            return  # still importing: applied before a later batch
-        import torch
-
-        torch.set_num_threads(self.count)
-        self.pending = False
 
 
 def serve(
@@ -109,6 +90,7 @@ def serve(
     )
     context.metrics = MetricsCache(spec.model_name, spec.declared_metrics)
     threads = Threads(spec.threads, preloading)
+    tuner = ThreadTuner(threads) if spec.tune_threads and not spec.async_communication else None
     try:
         threads.apply()  # torch ops inside initialize() too, when torch is already imported
         dep_path = spec.dep_path
@@ -159,13 +141,20 @@ def serve(
         if isinstance(incoming, Batch):
             if threads.pending:
                 threads.apply()
-            _answer(sock, incoming, service)
+            if tuner is None or tuner.done:
+                _answer(sock, incoming, service)
+                continue
+            tuner.before()
+            result = _answer(sock, incoming, service)
+            if result.failure is None:
+                tuner.after(result.handler_ms, len(incoming.requests))
         elif isinstance(incoming, Describe):
             _send(sock, service.describe(), lambda failure: Described(failure=failure))
 
 
-def _answer(sock: socket.socket, batch: Batch, service: Service) -> None:
-    """Run one batch and send its result; whatever goes wrong, the batch gets an answer."""
+def _answer(sock: socket.socket, batch: Batch, service: Service) -> Result:
+    """Run one batch and send its result (returned); whatever goes wrong, the batch gets an
+    answer."""
     try:
         result = service.run(batch, lambda chunk: send_message(sock, chunk))
     except OSError:
@@ -177,6 +166,7 @@ def _answer(sock: socket.socket, batch: Batch, service: Service) -> None:
         failure = Failure(FailureKind.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
         result = Result(batch.batch_id, failure=failure)
     _send(sock, result, lambda failure: Result(batch.batch_id, failure=failure))
+    return result
 
 
 def _send(sock: socket.socket, message: Result | Described, instead: _Fallback) -> None:
