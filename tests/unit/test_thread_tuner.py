@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from tsctl.worker.threads import SAMPLES, WARMUP, Threads, ThreadTuner
+from tsctl.worker.threads import FIRST, SAMPLES, WARMUP, Threads, ThreadTuner
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +67,18 @@ def test_it_measures_after_the_warm_up_and_alternates() -> None:
     assert ran[:WARMUP] == [2] * WARMUP  # warm-up batches run with the given count
     assert ran[WARMUP : WARMUP + 4] == [2, 1, 2, 1]
     assert len(ran) == WARMUP + 2 * SAMPLES and tuner.done
+
+
+def test_a_count_clearly_too_slow_loses_after_a_few_batches() -> None:
+    ran: list[int] = []
+
+    def ms_for(threads: int) -> float:
+        ran.append(threads)
+        return 8.0 / threads
+
+    tuner = _serve(2, ms_for)
+    assert tuner.done and tuner.kept == 2
+    assert len(ran) == WARMUP + 2 * FIRST  # one thread ran only FIRST slow batches
 
 
 def test_one_thread_is_not_tuned() -> None:

@@ -12,7 +12,8 @@ two threads cost 2.2 times the CPU of one per forward and were slower. So, after
 batches, the worker serves batches alternately with its count and with half of it, `SAMPLES`
 of each, and compares the handler's median time per request: the half is kept unless it is
 more than `SLOWER` slower, and halving goes on down to one thread; the first half that loses
-ends the tuning at the count before it. A model that gains from its threads (convolutions,
+ends the tuning at the count before it (after only `FIRST` batches of each when it is
+`CLEARLY_SLOWER`). A model that gains from its threads (convolutions,
 large matrices) keeps them; one that does not gives their cores back to the daemon and the
 other workers. The choice is logged in model_log.log. Only a worker that runs batches one at
 a time tunes (not `asyncCommunication`, not torchrun's ranks).
@@ -33,6 +34,10 @@ WARMUP = 8
 SAMPLES = 12
 #: fewer threads are kept unless their median time per request is this much longer
 SLOWER = 1.1
+#: a count this much slower loses after `FIRST` batches of each: a model that needs its
+#: threads (say a convnet, 1.8 times slower on half of them) pays few slow trial batches
+CLEARLY_SLOWER = 1.5
+FIRST = 3
 
 
 def _torch_ready(preloading: threading.Event | None) -> bool:
@@ -96,10 +101,13 @@ class ThreadTuner:
             self._finish()
             return
         self._times[self._running].append(handler_ms / requests)
-        if min(len(self._times[self.kept]), len(self._times[self.trial])) < SAMPLES:
+        measured = min(len(self._times[self.kept]), len(self._times[self.trial]))
+        if measured < FIRST:
             return
         more = statistics.median(self._times[self.kept])
         fewer = statistics.median(self._times[self.trial])
+        if measured < SAMPLES and fewer <= more * CLEARLY_SLOWER:
+            return
         self._compared.append(
             f"{self.kept}: {more:.3f} ms, {self.trial}: {fewer:.3f} ms per request"
         )
