@@ -33,15 +33,19 @@ def test_a_request_behind_one_that_kills_the_worker_is_run_by_its_successor(
     try:
         marker = tmp_path / "busy"
         sleep = {"action": "sleep", "seconds": 1.0, "marker": str(marker)}
-        with ThreadPoolExecutor(3) as pool:
+        with ThreadPoolExecutor(4) as pool:
             first = pool.submit(server.predict, "one", sleep)
             server.wait_for(marker.exists)  # the worker runs the first request
-            dies = pool.submit(server.predict, "one", {"action": "die"})
+            short = pool.submit(server.predict, "one", {"action": "echo"})
             server.wait_for(lambda: server.queued("one") == 1)
-            behind = pool.submit(server.predict, "one", {"action": "echo"})
+            dies = pool.submit(server.predict, "one", {"action": "die"})
             server.wait_for(lambda: server.queued("one") == 2)
-            # the first one's result sends "die" and writes "echo" behind it
+            behind = pool.submit(server.predict, "one", {"action": "echo"})
+            server.wait_for(lambda: server.queued("one") == 3)
+            # one worker: the first one's result sends the short echo and writes "die" behind
+            # it; the echo's result starts "die" and writes the last echo behind that
             ran, died, served = first.result(60), dies.result(60), behind.result(60)
+            assert short.result(60).status == 200
         assert ran.status == 200, ran.body
         assert died.status == 500, died.body
         assert "died" in died.json()["message"], died.body
@@ -49,14 +53,48 @@ def test_a_request_behind_one_that_kills_the_worker_is_run_by_its_successor(
         assert served.json()["pid"] != ran.json()["pid"]  # the successor ran it
         log = (server.log_dir / "ts_log.log").read_text()
         assert "died before the batch behind its own; its 1 request(s) go back" in log
-        # sent three times before the death (the third behind), and once more after it
-        assert _batches_sent(server) == 4
+        # sent four times before the death (the fourth behind), and once more after it
+        assert _batches_sent(server) == 5
+    finally:
+        result = server.stop()
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_request_is_not_sent_behind_a_long_one(tmp_path: Path) -> None:
+    """With two workers, a request behind a long one would wait for it even if the other
+    worker fell idle: it waits in the queue instead (sent behind only after a short request,
+    `BEHIND_MS`)."""
+    server = Server(tmp_path, properties={"default_workers_per_model": 2})
+    make_archive(server.store, "one", "swiss", config={"batchSize": 1})
+    server.start("one.mar")
+    try:
+
+        def sleep(seconds: float, marker: Path) -> dict[str, object]:
+            return {"action": "sleep", "seconds": seconds, "marker": str(marker)}
+
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(server.predict, "one", sleep(1.0, tmp_path / "first"))
+            server.wait_for((tmp_path / "first").exists)  # worker X
+            other = pool.submit(server.predict, "one", sleep(1.5, tmp_path / "other"))
+            server.wait_for((tmp_path / "other").exists)  # worker Y
+            long = pool.submit(server.predict, "one", sleep(3.0, tmp_path / "long"))
+            server.wait_for(lambda: server.queued("one") == 1)
+            echo = pool.submit(server.predict, "one", {"action": "echo"})
+            server.wait_for(lambda: server.queued("one") == 2)
+            # X's first request (long) lands: X runs the 3 s one, the echo stays queued
+            # and Y, free half a second later, runs it
+            x, y = first.result(60).json()["pid"], other.result(60).json()["pid"]
+            assert long.result(60).json()["pid"] == x
+            answered = echo.result(60)
+        assert answered.status == 200, answered.body
+        assert answered.json()["pid"] == y
     finally:
         result = server.stop()
     assert result.returncode == 0, result.stderr
 
 
 def test_requests_sent_behind_each_get_their_own_answer_one_per_batch(tmp_path: Path) -> None:
+    """(That requests are sent behind at all is shown by the death test above.)"""
     server = Server(tmp_path)
     make_archive(server.store, "one", "swiss", config={"batchSize": 1})
     server.start("one.mar")

@@ -146,8 +146,8 @@ def serve(
                 continue
             tuner.before()
             result = _answer(sock, incoming, service)
-            if result.failure is None:
-                tuner.after(result.handler_ms, len(incoming.requests))
+            if result.failure is None:  # per answered request (undecodable ones never ran)
+                tuner.after(result.handler_ms, sum(r.failure is None for r in result.responses))
         elif isinstance(incoming, Describe):
             _send(sock, service.describe(), lambda failure: Described(failure=failure))
 

@@ -123,7 +123,7 @@ class ThreadTuner:
 
     def _finish(self) -> None:
         self.done = True
-        if self._running != self.kept and _torch_ready(self.threads.preloading):
+        if _torch_ready(self.threads.preloading):  # whatever the handler may have set
             _set(self.kept)
         self._running = self.kept
         self.threads.count = self.kept

@@ -50,7 +50,7 @@ from tsctl.errors import (
 )
 from tsctl.ipc.messages import Batch, Chunk, Failure, FailureKind, Result, WorkerState
 from tsctl.plugins.api import BatchingStrategy
-from tsctl.server.batching import STRATEGY_PAUSE, DefaultBatching, ModelQueue
+from tsctl.server.batching import STRATEGY_PAUSE, DefaultBatching, ModelQueue, ready_batch
 from tsctl.server.request import Job, Response
 from tsctl.server.sessions import Sessions, continued
 from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
@@ -61,6 +61,9 @@ log = logging.getLogger("tsctl.server")
 
 #: the longest wait before restarting a worker, however often it has failed (seconds)
 MAX_BACKOFF = 30.0
+#: a request is written behind the one a worker runs (`_Chain`) only when the worker's last
+#: one took less than this (ms): the round trip it saves matters, and a wait behind is short
+BEHIND_MS = 5.0
 #: what a client whose job a failed batching strategy held is answered (500)
 STRATEGY_FAILED = "the model's batching strategy failed on this request (see the server's log)"
 _batch_ids = itertools.count(1)
@@ -632,11 +635,17 @@ class _Chain:
     socket (`behind`): the worker starts it the moment it has written its result, instead of
     after a round trip through the daemon (which, at batch size 1, each request pays whole).
     Still one batch at a time in the worker, in order: batching and ordering are as before.
-    A batch waiting behind is timed by the watchdog from when it starts, and if the worker
-    dies before starting it its jobs go back to the front of the queue (nothing is lost to
-    another batch's crash). Larger batches are not sent behind: measured, it gained nothing
-    with one torch thread per worker and cost a tenth with two, whose threads lose the gaps
-    between batches they shared the cores with the daemon in (docs/benchmarks.md)."""
+    Only where it cannot keep a request from a worker that falls idle meanwhile: with one
+    worker, or when the worker's last request took under `BEHIND_MS` (a wait behind the next
+    is then likely short; one that suddenly runs long still holds the one behind it until it
+    ends); and only with the built-in strategy (a plugin's `ready_batch` is called as a
+    result arrives, as documented). A
+    batch waiting behind is timed by the watchdog from when it starts, its batch time
+    (`WorkerThreadTime`) counts from when it was written, and if the worker dies before
+    starting it its jobs go back to the front of the queue (nothing is lost to another
+    batch's crash). Larger batches are not sent behind: measured, it gained nothing with one
+    torch thread per worker and cost a tenth with two, whose threads lose the gaps between
+    batches they shared the cores with the daemon in (docs/benchmarks.md)."""
 
     def __init__(
         self, pool: WorkerPool, worker: WorkerProcess, loop: asyncio.AbstractEventLoop
@@ -651,6 +660,9 @@ class _Chain:
         self.behind: list[Job] = []
         self._behind_at = 0.0
         self._behind_due = 0.0
+        #: when the worker started the batch it runs, and whether its last one was short
+        self._started = 0.0
+        self._short = False
         self._ended: asyncio.Future[None] | None = None
 
     def start(self, jobs: list[Job]) -> asyncio.Future[None] | None:
@@ -674,17 +686,22 @@ class _Chain:
         if dispatched is None:
             return False
         self.jobs, self.at = live, dispatched[1]
+        self._started = self.at
         return True
 
     def _send_behind(self) -> None:
         """At batch size 1, write the strategy's ready batch behind the one running, unless
-        another worker of the pool waits for a batch (it should have it) or the model keeps
-        sessions."""
+        another worker of the pool waits for a batch (it should have it), the worker's last
+        request was not short while other workers could soon take the next (a wait behind it
+        could be long: a slow or streaming handler), the model keeps sessions or its
+        strategy is a plugin's."""
         pool = self.pool
         if (
-            pool.settings.batch_size != 1
+            (not self._short and len(pool.workers) > 1)
+            or pool.settings.batch_size != 1
             or pool._idle
             or pool.queue.sessions is not None
+            or pool._ready_batch is not ready_batch
             or self.worker.state != WorkerState.BUSY
         ):
             return
@@ -724,19 +741,21 @@ class _Chain:
             self.jobs, self.behind = [], []
             return False
         jobs, at = self.jobs, self.at
-        self.jobs = []
-        if self.behind:  # the worker started it as it wrote the result
-            now = self.loop.time()
-            self.jobs, self.at, self.behind = self.behind, now, []
-            pool._watch(worker, self._behind_due + (now - self._behind_at), self.loop)
-        if worker.state.serving and pool.queue.sessions is None:
-            if not self.jobs:
-                ready = pool._ready_batch(pool.queue, pool.settings.batch_size, worker)
-                if ready:
-                    self._send(ready)
-            if self.jobs and not self.behind:
-                self._send_behind()
         try:
+            now = self.loop.time()
+            self._short = (now - self._started) * 1000 < BEHIND_MS
+            self.jobs = []
+            if self.behind:  # the worker started it as it wrote the result
+                self.jobs, self.at, self.behind = self.behind, self._behind_at, []
+                self._started = now
+                pool._watch(worker, self._behind_due + (now - self._behind_at), self.loop)
+            if worker.state.serving and pool.queue.sessions is None:
+                if not self.jobs:
+                    ready = pool._ready_batch(pool.queue, pool.settings.batch_size, worker)
+                    if ready:
+                        self._send(ready)
+                if self.jobs and not self.behind:
+                    self._send_behind()
             pool._answer(worker, jobs, at, outcome)
         except Exception:
             # the serving loop fails the landed batch (and the ones sent) and stops
