@@ -639,13 +639,13 @@ class _Chain:
     worker, or when the worker's last request took under `BEHIND_MS` (a wait behind the next
     is then likely short; one that suddenly runs long still holds the one behind it until it
     ends); and only with the built-in strategy (a plugin's `ready_batch` is called as a
-    result arrives, as documented). A
-    batch waiting behind is timed by the watchdog from when it starts, its batch time
-    (`WorkerThreadTime`) counts from when it was written, and if the worker dies before
-    starting it its jobs go back to the front of the queue (nothing is lost to another
-    batch's crash). Larger batches are not sent behind: measured, it gained nothing with one
-    torch thread per worker and cost a tenth with two, whose threads lose the gaps between
-    batches they shared the cores with the daemon in (docs/benchmarks.md)."""
+    result arrives, as documented). A batch waiting behind is timed by the watchdog from
+    when it starts, its batch time (`WorkerThreadTime`) counts from when it was written, and
+    if the worker dies before starting it its jobs go back to the front of the queue
+    (nothing is lost to another batch's crash). Larger batches are not sent behind:
+    measured, it gained nothing with one torch thread per worker and cost a tenth with two,
+    whose threads lose the gaps between batches they shared the cores with the daemon in
+    (docs/benchmarks.md)."""
 
     def __init__(
         self, pool: WorkerPool, worker: WorkerProcess, loop: asyncio.AbstractEventLoop
