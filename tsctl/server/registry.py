@@ -431,7 +431,7 @@ class Registry:
             threads = self.config.worker_threads or max(
                 1, cpu_count() // max(1, self.total_workers())
             )
-            tune = not self.config.worker_threads and threads > 1
+            tune = not self.config.worker_threads  # the share, not a setting: tuned
             assigned = replace(
                 spec(), worker_id=worker_id, threads=threads, tune_threads=tune, gpu_id=next_gpu()
             )

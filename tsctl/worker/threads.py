@@ -125,7 +125,6 @@ class ThreadTuner:
         self.done = True
         if _torch_ready(self.threads.preloading):  # whatever the handler may have set
             _set(self.kept)
-        self._running = self.kept
         self.threads.count = self.kept
         if self._compared:
             log.info(

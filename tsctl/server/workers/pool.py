@@ -656,10 +656,9 @@ class _Chain:
         #: the batch the worker runs (or whose answers are being written); empty between chains
         self.jobs: list[Job] = []
         self.at = 0.0  # when it was sent (loop time)
-        #: the batch waiting behind it in the worker's socket; when it was sent, its deadline
+        #: the batch waiting behind it in the worker's socket, and when it was sent
         self.behind: list[Job] = []
         self._behind_at = 0.0
-        self._behind_due = 0.0
         #: when the worker started the batch it runs, and whether its last one was short
         self._started = 0.0
         self._short = False
@@ -678,15 +677,20 @@ class _Chain:
     def in_flight(self) -> list[Job]:
         return [*self.jobs, *self.behind]
 
-    def _send(self, jobs: list[Job]) -> bool:
+    def _send(self, jobs: list[Job], behind: bool = False) -> bool:
+        """Send the batch of `jobs` still waiting, to run now or (`behind`) after the one the
+        worker runs; whether it was sent."""
         live = [job for job in jobs if not job.done]
         if not live:
             return False
-        dispatched = self.pool._dispatch(self.worker, live, self.loop, self._on_result)
+        dispatched = self.pool._dispatch(self.worker, live, self.loop, self._on_result, behind)
         if dispatched is None:
             return False
-        self.jobs, self.at = live, dispatched[1]
-        self._started = self.at
+        if behind:
+            self.behind, self._behind_at = live, dispatched[1]
+        else:
+            self.jobs, self.at = live, dispatched[1]
+            self._started = self.at
         return True
 
     def _send_behind(self) -> None:
@@ -705,14 +709,7 @@ class _Chain:
             or self.worker.state != WorkerState.BUSY
         ):
             return
-        ready = pool._ready_batch(pool.queue, pool.settings.batch_size, self.worker)
-        live = [job for job in ready if not job.done]
-        if not live:
-            return
-        dispatched = pool._dispatch(self.worker, live, self.loop, self._on_result, behind=True)
-        if dispatched is not None:
-            self.behind, self._behind_at = live, dispatched[1]
-            self._behind_due = max(job.deadline for job in live)
+        self._send(pool._ready_batch(pool.queue, pool.settings.batch_size, self.worker), True)
 
     def _on_result(self, outcome: Result | WorkerDied) -> None:
         """The worker answered the batch it ran (or died): in the turn that said so."""
@@ -745,10 +742,11 @@ class _Chain:
             now = self.loop.time()
             self._short = (now - self._started) * 1000 < BEHIND_MS
             self.jobs = []
-            if self.behind:  # the worker started it as it wrote the result
+            if self.behind:  # the worker started it as it wrote the result: timed from now
                 self.jobs, self.at, self.behind = self.behind, self._behind_at, []
                 self._started = now
-                pool._watch(worker, self._behind_due + (now - self._behind_at), self.loop)
+                due = max(job.deadline for job in self.jobs) + (now - self.at)
+                pool._watch(worker, due, self.loop)
             if worker.state.serving and pool.queue.sessions is None:
                 if not self.jobs:
                     ready = pool._ready_batch(pool.queue, pool.settings.batch_size, worker)

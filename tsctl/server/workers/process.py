@@ -359,11 +359,11 @@ class WorkerProcess:
 
     def _on_lost(self, exc: Exception | None) -> None:
         """The worker's socket ended (`exc`: why, when it was not a clean end of stream)."""
-        if isinstance(exc, ConnectionResetError):  # it exited with a batch unread (behind)
-            log.warning("worker %s closed its socket with a batch unread", self.worker_id)
-            self.kill()
-        elif exc is not None:
-            log.error("worker %s: %s; stopping it", self.worker_id, exc)
+        if exc is not None:
+            if isinstance(exc, ConnectionResetError):  # it exited with a batch unread (behind)
+                log.warning("worker %s closed its socket with a batch unread", self.worker_id)
+            else:
+                log.error("worker %s: %s; stopping it", self.worker_id, exc)
             self.kill()
         if self._first is not None and not self._first.done():
             self._first.set_result(None)
