@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +24,12 @@ def _batches_sent(server: Server) -> float:
     )
     assert found, "tsctl_batch_size not in the metrics"
     return float(found.group(1))
+
+
+def _last_handler_ms(server: Server) -> float:
+    """The handler time of the last batch (model_metrics.log, written before its answer)."""
+    text = (server.log_dir / "model_metrics.log").read_text()
+    return float(text.rpartition("HandlerTime.ms:")[2].partition("|")[0])
 
 
 def test_a_request_behind_one_that_kills_the_worker_is_run_by_its_successor(
@@ -52,9 +60,56 @@ def test_a_request_behind_one_that_kills_the_worker_is_run_by_its_successor(
         assert served.status == 200, served.body
         assert served.json()["pid"] != ran.json()["pid"]  # the successor ran it
         log = (server.log_dir / "ts_log.log").read_text()
-        assert "died before the batch behind its own; its 1 request(s) go back" in log
+        assert "died before the batch(es) behind its own; their 1 request(s) go back" in log
         # sent four times before the death (the fourth behind), and once more after it
         assert _batches_sent(server) == 5
+    finally:
+        result = server.stop()
+    assert result.returncode == 0, result.stderr
+
+
+def test_short_requests_queue_behind_in_the_socket_and_go_back_when_the_worker_dies(
+    tmp_path: Path,
+) -> None:
+    """After a short request every ready one is written behind the one the worker runs (the
+    work ahead of each is short), each its own batch; when the worker dies running one, all
+    of those behind it go back to the queue, in order, and its successor answers them."""
+    server = Server(tmp_path)
+    make_archive(server.store, "one", "swiss", config={"batchSize": 1})
+    server.start("one.mar")
+    try:
+        # until a request takes the handler well under BEHIND_MS / 4 (a fresh worker's first
+        # ones are slower, and so are those run while the daemon starts a spare worker)
+        warm = 0
+        while warm < 500 and (warm < 10 or _last_handler_ms(server) > 0.5):
+            pid = server.predict("one", {"action": "echo"}).json()["pid"]
+            warm += 1
+        os.kill(pid, signal.SIGSTOP)  # the next request is written to it and waits there
+        with ThreadPoolExecutor(8) as pool:
+            try:
+                first = pool.submit(server.predict, "one", {"action": "echo"})
+                server.wait_for(lambda: _batches_sent(server) == warm + 1)
+                dies = pool.submit(server.predict, "one", {"action": "die"})
+                server.wait_for(lambda: server.queued("one") == 1)
+                echoes = []
+                for n in range(4):
+                    echoes.append(pool.submit(server.predict, "one", {"n": n}))
+                    server.wait_for(lambda n=n: server.queued("one") == 2 + n)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            # the first echo's result sends "die" and writes the four echoes behind it
+            assert first.result(60).status == 200
+            died = dies.result(60)
+            served = [echo.result(60) for echo in echoes]
+        assert died.status == 500, died.body
+        assert all(a.status == 200 for a in served), [a.body for a in served]
+        assert [a.json()["values"]["body"]["n"] for a in served] == [0, 1, 2, 3]
+        assert {a.json()["pid"] for a in served} != {pid}  # the successor ran them
+        log = (server.log_dir / "ts_log.log").read_text()
+        assert "died before the batch(es) behind its own; their 4 request(s) go back" in log
+        # each its own batch: the warm ones and one before the stop, "die" and the 4 behind
+        # it, the 4 again after it
+        assert _batches_sent(server) == warm + 10
     finally:
         result = server.stop()
     assert result.returncode == 0, result.stderr

@@ -70,7 +70,9 @@ def test_raw_json_body(server: Server) -> None:
 def test_worker_collects_garbage_once_initialized(server: Server) -> None:
     """The worker imports torch and initializes with the collector off, then turns it back
     on with what start-up built frozen."""
-    gc_state = ok(server)["gc"]
+    response = server.predict("swiss", {"action": "echo", "gc": True})
+    assert response.status == 200, response.body
+    gc_state = response.json()["gc"]
     assert isinstance(gc_state, dict)
     assert gc_state["enabled"] is True
     assert gc_state["frozen"] > 10_000  # everything start-up built

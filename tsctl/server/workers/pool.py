@@ -33,6 +33,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -61,9 +62,12 @@ log = logging.getLogger("tsctl.server")
 
 #: the longest wait before restarting a worker, however often it has failed (seconds)
 MAX_BACKOFF = 30.0
-#: a request is written behind the one a worker runs (`_Chain`) only when the worker's last
-#: one took less than this (ms): the round trip it saves matters, and a wait behind is short
+#: requests are written behind the one a worker runs (`_Chain`) only while the work ahead of
+#: the last of them, reckoned from the handler time of the worker's last request, is under
+#: this (ms): the round trip each saves matters, and a wait behind is short
 BEHIND_MS = 5.0
+#: the most batches written behind the one a worker runs
+BEHIND_MAX = 64
 #: what a client whose job a failed batching strategy held is answered (500)
 STRATEGY_FAILED = "the model's batching strategy failed on this request (see the server's log)"
 _batch_ids = itertools.count(1)
@@ -630,19 +634,23 @@ class _Chain:
     one future per chain, resolved when a result leaves nothing in flight (or with the
     error that stops the worker's loop).
 
-    At batch size 1, while the worker runs a request and the strategy has another one ready
-    with no other worker of the pool idle, that one is written too and waits in the worker's
-    socket (`behind`): the worker starts it the moment it has written its result, instead of
-    after a round trip through the daemon (which, at batch size 1, each request pays whole).
-    Still one batch at a time in the worker, in order: batching and ordering are as before.
-    Only where it cannot keep a request from a worker that falls idle meanwhile: with one
-    worker, or when the worker's last request took under `BEHIND_MS` (a wait behind the next
-    is then likely short; one that suddenly runs long still holds the one behind it until it
-    ends); and only with the built-in strategy (a plugin's `ready_batch` is called as a
-    result arrives, as documented). A batch waiting behind is timed by the watchdog from
-    when it starts, its batch time (`WorkerThreadTime`) counts from when it was written, and
-    if the worker dies before starting it its jobs go back to the front of the queue
-    (nothing is lost to another batch's crash). Larger batches are not sent behind:
+    At batch size 1, while the worker runs a request and the strategy has more ready with no
+    other worker of the pool idle, they are written too and wait in the worker's socket
+    (`behind`): the worker starts each the moment it has written the result before it,
+    instead of after a round trip through the daemon (which, at batch size 1, each request
+    pays whole), and a busy daemon reads several results, and writes several requests, per
+    turn of its loop. Still one batch at a time in the worker, in order: batching and
+    ordering are as before. Only while the work ahead of a request behind is short (under
+    `BEHIND_MS`, reckoned from the handler time of the worker's last request), so that it
+    cannot wait long for a worker while another falls idle (one that suddenly runs long
+    still holds those behind it until it ends, at most `BEHIND_MAX`); the only worker of a
+    pool always takes one behind (no other could run it sooner). Never more than the
+    worker's socket takes: the daemon holds no frame bytes for it. Only with the built-in
+    strategy (a plugin's `ready_batch` is called as a result arrives, as documented). A
+    batch waiting behind is timed by the watchdog from when it starts, its batch time
+    (`WorkerThreadTime`) counts from when it was written, and if the worker dies before
+    starting it its jobs go back to the front of the queue (nothing is lost to another
+    batch's crash). Larger batches are not sent behind:
     measured, it gained nothing with one torch thread per worker and cost a tenth with two,
     whose threads lose the gaps between batches they shared the cores with the daemon in
     (docs/benchmarks.md)."""
@@ -656,12 +664,11 @@ class _Chain:
         #: the batch the worker runs (or whose answers are being written); empty between chains
         self.jobs: list[Job] = []
         self.at = 0.0  # when it was sent (loop time)
-        #: the batch waiting behind it in the worker's socket, and when it was sent
-        self.behind: list[Job] = []
-        self._behind_at = 0.0
-        #: when the worker started the batch it runs, and whether its last one was short
-        self._started = 0.0
-        self._short = False
+        #: the batches waiting behind it in the worker's socket, in order, each with when
+        #: it was sent
+        self.behind: deque[tuple[list[Job], float]] = deque()
+        #: the handler time of the worker's last batch (ms): how long a wait behind may be
+        self._last_ms = 0.0
         self._ended: asyncio.Future[None] | None = None
 
     def start(self, jobs: list[Job]) -> asyncio.Future[None] | None:
@@ -675,7 +682,7 @@ class _Chain:
         return self._ended
 
     def in_flight(self) -> list[Job]:
-        return [*self.jobs, *self.behind]
+        return [*self.jobs, *(job for jobs, _ in self.behind for job in jobs)]
 
     def _send(self, jobs: list[Job], behind: bool = False) -> bool:
         """Send the batch of `jobs` still waiting, to run now or (`behind`) after the one the
@@ -687,29 +694,41 @@ class _Chain:
         if dispatched is None:
             return False
         if behind:
-            self.behind, self._behind_at = live, dispatched[1]
+            self.behind.append((live, dispatched[1]))
         else:
             self.jobs, self.at = live, dispatched[1]
-            self._started = self.at
         return True
 
     def _send_behind(self) -> None:
-        """At batch size 1, write the strategy's ready batch behind the one running, unless
-        another worker of the pool waits for a batch (it should have it), the worker's last
-        request was not short while other workers could soon take the next (a wait behind it
-        could be long: a slow or streaming handler), the model keeps sessions or its
-        strategy is a plugin's."""
+        """At batch size 1, write the strategy's ready batches behind the one running, while
+        the work ahead of the next is short (`_room_behind`) and the worker's socket takes
+        them (nothing is held in the daemon's buffer for it); none when another worker of the
+        pool waits for a batch (it should have it), the model keeps sessions or its strategy
+        is a plugin's."""
         pool = self.pool
         if (
-            (not self._short and len(pool.workers) > 1)
-            or pool.settings.batch_size != 1
+            pool.settings.batch_size != 1
             or pool._idle
             or pool.queue.sessions is not None
             or pool._ready_batch is not ready_batch
-            or self.worker.state != WorkerState.BUSY
         ):
             return
-        self._send(pool._ready_batch(pool.queue, pool.settings.batch_size, self.worker), True)
+        alone = len(pool.workers) == 1
+        while self.worker.state == WorkerState.BUSY and self._room_behind(alone):
+            ready = pool._ready_batch(pool.queue, 1, self.worker)
+            if not ready or not self._send(ready, True):
+                return
+
+    def _room_behind(self, alone: bool) -> bool:
+        """Whether one more batch may wait behind: the work ahead of it (the batch running
+        and those behind already, each reckoned at the last one's handler time) is under
+        `BEHIND_MS`, or it would be the first behind the only worker (no other could run it
+        sooner); at most `BEHIND_MAX`, and not while the daemon holds bytes the worker's
+        socket did not take."""
+        waiting = len(self.behind)
+        if waiting >= BEHIND_MAX or self.worker.write_backlog():
+            return False
+        return (alone and not waiting) or (waiting + 1) * self._last_ms < BEHIND_MS
 
     def _on_result(self, outcome: Result | WorkerDied) -> None:
         """The worker answered the batch it ran (or died): in the turn that said so."""
@@ -728,37 +747,38 @@ class _Chain:
         pool._due[worker] = 0.0
         if isinstance(outcome, WorkerDied):
             _fail(self.jobs, outcome)
-            if self.behind:  # it never started: another worker (or the successor) runs it
+            if self.behind:  # they never started: another worker (or the successor) runs them
+                unrun = [job for jobs, _ in self.behind for job in jobs]
                 log.warning(
-                    "worker %s died before the batch behind its own; its %d request(s) go "
-                    "back to the front of the queue",
-                    worker.worker_id, len(self.behind),
+                    "worker %s died before the batch(es) behind its own; their %d request(s) "
+                    "go back to the front of the queue",
+                    worker.worker_id, len(unrun),
                 )  # fmt: skip
-                pool.queue.requeue_front(self.behind)
-            self.jobs, self.behind = [], []
+                pool.queue.requeue_front(unrun)
+                self.behind.clear()
+            self.jobs = []
             return False
         jobs, at = self.jobs, self.at
         try:
-            now = self.loop.time()
-            self._short = (now - self._started) * 1000 < BEHIND_MS
+            self._last_ms = outcome.handler_ms
             self.jobs = []
             if self.behind:  # the worker started it as it wrote the result: timed from now
-                self.jobs, self.at, self.behind = self.behind, self._behind_at, []
-                self._started = now
-                due = max(job.deadline for job in self.jobs) + (now - self.at)
+                self.jobs, self.at = self.behind.popleft()
+                due = max(job.deadline for job in self.jobs) + (self.loop.time() - self.at)
                 pool._watch(worker, due, self.loop)
             if worker.state.serving and pool.queue.sessions is None:
                 if not self.jobs:
                     ready = pool._ready_batch(pool.queue, pool.settings.batch_size, worker)
                     if ready:
                         self._send(ready)
-                if self.jobs and not self.behind:
+                if self.jobs:
                     self._send_behind()
             pool._answer(worker, jobs, at, outcome)
         except Exception:
             # the serving loop fails the landed batch (and the ones sent) and stops
             _fail(self.in_flight(), PredictionFailed(f"worker {worker.worker_id} failed"))
-            self.jobs, self.behind = jobs, []
+            self.jobs = jobs
+            self.behind.clear()
             raise
         pool._check_recycle(worker)
         return bool(self.jobs)

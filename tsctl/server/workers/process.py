@@ -200,6 +200,10 @@ class _Link(asyncio.Protocol):
     def is_closing(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
+    def backlog(self) -> int:
+        """Bytes written that the socket has not taken yet (held in the transport)."""
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
     @property
     def lost(self) -> bool:
         return self._lost
@@ -240,7 +244,7 @@ class WorkerProcess:
         #: answers the worker owes, in the order it will send them, with who wants its chunks:
         #: each answer goes to a future (`send`, `describe`) or to a callback (`send_then`)
         self._pending: deque[tuple[_Waiter, Callable[[Chunk], None] | None]] = deque()
-        #: batches written and not answered (two when one waits behind another: `send_then`)
+        #: batches written and not answered (more than one when some wait behind: `send_then`)
         self._batches = 0
         self._serving = False  # past its Hello: its socket's end is its death
         self._exit_watch: asyncio.Task[None] | None = None
@@ -501,6 +505,10 @@ class WorkerProcess:
         if self._writer is not None:
             self._writer.close()
         return code
+
+    def write_backlog(self) -> int:
+        """Bytes of frames written to the worker that its socket has not taken yet."""
+        return 0 if self._writer is None else self._writer.backlog()
 
     def rss_mb(self) -> float:
         try:
