@@ -78,6 +78,9 @@ class Job:
         if self.done:
             return
         self.done = True
+        # an answered job keeps no callback: its caller (an exchange holding the job) and it
+        # would otherwise form a reference cycle per request, left to the garbage collector
+        on_answer, self.on_answer, self.on_chunk = self.on_answer, None, None
         future = self.future
         if future is not None:
             if not future.done():  # a caller that stopped waiting cancelled it
@@ -88,9 +91,9 @@ class Job:
             return
         if self.settle is not None:
             self.settle(self)
-        if self.on_answer is not None:
+        if on_answer is not None:
             try:
-                self.on_answer(outcome)
+                on_answer(outcome)
             except Exception:
                 log.exception("answering request %s failed", self.request.request_id)
 
