@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -667,8 +668,9 @@ class _Chain:
         #: the batches waiting behind it in the worker's socket, in order, each with when
         #: it was sent
         self.behind: deque[tuple[list[Job], float]] = deque()
-        #: the handler time of the worker's last batch (ms): how long a wait behind may be
-        self._last_ms = 0.0
+        #: the handler time of the worker's last batch (ms): how long a wait behind may be;
+        #: unknown (as if long) before its first answer and after a failed batch
+        self._last_ms = math.inf
         self._ended: asyncio.Future[None] | None = None
 
     def start(self, jobs: list[Job]) -> asyncio.Future[None] | None:
@@ -760,7 +762,7 @@ class _Chain:
             return False
         jobs, at = self.jobs, self.at
         try:
-            self._last_ms = outcome.handler_ms
+            self._last_ms = outcome.handler_ms if outcome.failure is None else math.inf
             self.jobs = []
             if self.behind:  # the worker started it as it wrote the result: timed from now
                 self.jobs, self.at = self.behind.popleft()
