@@ -3,6 +3,7 @@ shortly after): a stop right after the requests loses none of them."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,5 +48,29 @@ def test_a_batchs_metric_lines_are_written_before_its_answer(tmp_path: Path) -> 
             # read at once, no waiting: the lines must be there when the answer is
             assert model_log.read_text().count("HandlerTime.ms:") == n
             assert server_log.read_text().count("QueueTime.Milliseconds:") == n
+    finally:
+        server.stop()
+
+
+def test_each_answer_finds_its_metric_lines_under_concurrent_load(tmp_path: Path) -> None:
+    """The same with many clients at batch size 1, where the worker gets requests behind the
+    one it runs and the daemon reads several results at once (their lines are then written
+    together, before the first of their answers): every client that has its answer finds the
+    HandlerTime line of its own request in model_metrics.log."""
+    server = Server(tmp_path)
+    make_archive(server.store, "metered", "metered", config={"batchSize": 1})
+    server.start("metered.mar")
+    model_log = server.log_dir / "model_metrics.log"
+
+    def ask(_: int) -> str:
+        answer = server.predict("metered", {})
+        assert answer.status == 200, answer.body
+        request_id = answer.headers["x-request-id"]
+        return request_id if f"requestID:{request_id}," in model_log.read_text() else ""
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            found = list(pool.map(ask, range(400)))
+        assert all(found), f"{found.count('')} answers came before their metric lines"
     finally:
         server.stop()

@@ -150,6 +150,8 @@ class WorkerPool:
         self._idle: set[WorkerProcess] = set()
         #: each worker's requests a continuous batch streams: sent again with its next batch
         self._carry: dict[WorkerProcess, list[Job]] = {}
+        #: the batches of results read together, recorded and not answered yet (`_grouped`)
+        self._held: list[tuple[WorkerProcess, list[Job], Result]] | None = None
         #: the model version's batching strategy (`configure`d for it), and how it is called:
         #: the default one directly (its methods are `tsctl.server.batching`'s functions),
         #: a plugin through the checks of `_plugin_batch` and `_plugin_ready_batch`
@@ -205,6 +207,7 @@ class WorkerPool:
         if isinstance(worker, AsyncWorkerProcess):  # asyncCommunication: many batches at once
             self._loops[worker] = asyncio.create_task(serve_concurrently(self, worker))
         else:
+            worker.grouped = self._grouped
             self._loops[worker] = asyncio.create_task(self._serve(worker))
         worker.when_dead(lambda: self._died(worker))
         log.info("worker %s started (pid %s)", worker.worker_id, worker.pid)
@@ -447,7 +450,33 @@ class WorkerPool:
         self._failures = 0
         batch_ms = (asyncio.get_running_loop().time() - at) * 1000
         self._record_result(result, live, batch_ms)
+        if self._held is not None:  # results read together: answered after all are recorded
+            self._held.append((worker, live, result))
+            return
         self.metrics.settle_logs()  # the batch's metric lines, before its answers go out
+        self._deliver(worker, live, result)
+
+    def _grouped(self, handle: Callable[[], None]) -> None:
+        """Handle the results a worker's socket gave at once (`WorkerProcess.grouped`): their
+        batches' metric lines are all recorded first and written in one go, then each batch
+        is answered, in order (one write per log for them all, not per batch)."""
+        if self.queue.sessions is not None:  # a stream's answers go as they come
+            handle()
+            return
+        held: list[tuple[WorkerProcess, list[Job], Result]] = []
+        self._held = held
+        try:
+            handle()
+        finally:
+            self._held = None
+            if held:
+                self.metrics.settle_logs()
+            for worker, live, result in held:
+                self._deliver(worker, live, result)
+
+    def _deliver(self, worker: WorkerProcess, live: list[Job], result: Result) -> None:
+        """Answer the jobs of a batch with its `result` (its metrics are recorded)."""
+        sessions = self.queue.sessions
         if result.failure is not None:
             _fail(live, error_for(result.failure))
             return

@@ -131,17 +131,18 @@ class AdoptedChild:
 
 class _Link(asyncio.Protocol):
     """The daemon's end of a worker's socket: frames are decoded as bytes arrive and handed
-    to `on_message` in the same turn of the loop; `on_lost` is called once, with the reason
-    (None at a clean end of stream). Writes respect the transport's flow control (`drain`)."""
+    to `on_messages` (those one read completed) in the same turn of the loop; `on_lost` is
+    called once, with the reason (None at a clean end of stream). Writes respect the
+    transport's flow control (`drain`)."""
 
     def __init__(
         self,
         max_body: int | None,
-        on_message: Callable[[Message], None],
+        on_messages: Callable[[list[Message]], None],
         on_lost: Callable[[Exception | None], None],
     ) -> None:
         self.reader = FrameReader(max_body)
-        self.on_message = on_message
+        self.on_messages = on_messages
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self._paused: asyncio.Future[None] | None = None
@@ -157,8 +158,8 @@ class _Link(asyncio.Protocol):
         except ProtocolError as exc:
             self._lose(exc)
             return
-        for message in messages:
-            self.on_message(message)
+        if messages:
+            self.on_messages(messages)
 
     def eof_received(self) -> bool:
         return False  # close: a worker's end of stream is its end
@@ -250,6 +251,9 @@ class WorkerProcess:
         self._exit_watch: asyncio.Task[None] | None = None
         self.dead = asyncio.Event()
         self._on_dead: list[Callable[[], None]] = []
+        #: given a function that handles several messages read at once, runs it (the pool
+        #: sets it: it writes their batches' metric lines once, before their answers)
+        self.grouped: Callable[[Callable[[], None]], None] | None = None
 
     def when_dead(self, callback: Callable[[], None]) -> None:
         """Call `callback` (on the loop) once this worker has died or stopped, after `dead`."""
@@ -281,7 +285,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         self._first = loop.create_future()
         _, self._writer = await loop.create_connection(
-            lambda: _Link(self.max_body, self._on_message, self._on_lost), sock=parent
+            lambda: _Link(self.max_body, self._on_messages, self._on_lost), sock=parent
         )
         self._writer.write(encode(Assign(self.spec)))
         timeout = self.spec.startup_timeout
@@ -336,6 +340,19 @@ class WorkerProcess:
             if not line:
                 return
             model_log.log(level, line.decode("utf-8", "replace").rstrip("\n"), extra=extra)
+
+    def _on_messages(self, messages: list[Message]) -> None:
+        """The messages one read completed, in order (through `grouped` when several)."""
+        if len(messages) == 1 or self.grouped is None:
+            for message in messages:
+                self._on_message(message)
+            return
+
+        def handle() -> None:
+            for message in messages:
+                self._on_message(message)
+
+        self.grouped(handle)
 
     def _on_message(self, message: Message) -> None:
         """A message from the worker, in the turn its last byte arrived."""
