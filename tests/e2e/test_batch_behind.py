@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,16 +13,6 @@ import pytest
 from tests.support.daemon import Server, make_archive
 
 pytestmark = pytest.mark.slow
-
-
-def _batches_sent(server: Server) -> float:
-    found = re.search(
-        r'^tsctl_batch_size_count\{model_name="one",model_version="1.0",?\} (\S+)$',
-        server.metrics_text(),
-        re.MULTILINE,
-    )
-    assert found, "tsctl_batch_size not in the metrics"
-    return float(found.group(1))
 
 
 def _last_handler_ms(server: Server) -> float:
@@ -62,7 +51,7 @@ def test_a_request_behind_one_that_kills_the_worker_is_run_by_its_successor(
         log = (server.log_dir / "ts_log.log").read_text()
         assert "died before the batch(es) behind its own; their 1 request(s) go back" in log
         # sent four times before the death (the fourth behind), and once more after it
-        assert _batches_sent(server) == 5
+        assert server.batches_sent("one") == 5
     finally:
         result = server.stop()
     assert result.returncode == 0, result.stderr
@@ -88,7 +77,7 @@ def test_short_requests_queue_behind_in_the_socket_and_go_back_when_the_worker_d
         with ThreadPoolExecutor(8) as pool:
             try:
                 first = pool.submit(server.predict, "one", {"action": "echo"})
-                server.wait_for(lambda: _batches_sent(server) == warm + 1)
+                server.wait_for(lambda: server.batches_sent("one") == warm + 1)
                 dies = pool.submit(server.predict, "one", {"action": "die"})
                 server.wait_for(lambda: server.queued("one") == 1)
                 echoes = []
@@ -109,7 +98,7 @@ def test_short_requests_queue_behind_in_the_socket_and_go_back_when_the_worker_d
         assert "died before the batch(es) behind its own; their 4 request(s) go back" in log
         # each its own batch: the warm ones and one before the stop, "die" and the 4 behind
         # it, the 4 again after it
-        assert _batches_sent(server) == warm + 10
+        assert server.batches_sent("one") == warm + 10
     finally:
         result = server.stop()
     assert result.returncode == 0, result.stderr
@@ -159,7 +148,7 @@ def test_requests_sent_behind_each_get_their_own_answer_one_per_batch(tmp_path: 
         assert all(a.status == 200 for a in answers), [a.status for a in answers]
         assert {a.json()["batch"] for a in answers} == {1}
         assert [a.json()["values"]["body"]["n"] for a in answers] == list(range(400))
-        assert _batches_sent(server) == 400
+        assert server.batches_sent("one") == 400
     finally:
         result = server.stop()
     assert result.returncode == 0, result.stderr

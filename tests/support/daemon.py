@@ -191,6 +191,15 @@ class Server:
         found = re.search(rf"^tsctl_queue_depth{{{labels},?}} (\S+)$", text, re.MULTILINE)
         return float(found.group(1)) if found else 0.0
 
+    def batches_sent(self, model: str, version: str = "1.0") -> float:
+        """How many batches of a model version were written to its workers
+        (`tsctl_batch_size_count`, from the metrics API; a request waiting behind the one a
+        worker runs is in one of them, not in the queue)."""
+        text = self.metrics_text()
+        labels = re.escape(f'model_name="{model}",model_version="{version}"')
+        found = re.search(rf"^tsctl_batch_size_count{{{labels},?}} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
     def model_log(self) -> str:
         return (self.log_dir / "model_log.log").read_text()
 
