@@ -14,9 +14,10 @@ encoded with `tsctl.ipc.codec.encode`, the batch's metrics in the default
 `metrics_mode=log`), and each `Result` frame is read back with a `FrameReader` fed the bytes
 a worker would send (B JSON answers); each answer reaches a callback, as
 `PredictionExchange._respond` gets it. The worker is a stand-in (no process, no socket) that
-answers one batch per turn of the loop, up to D results per turn (`--depth`, default 1): at
-batch size 1 the chain writes requests behind the one running, and a busy daemon reads that
-many results in one turn. There is no HTTP: what is left is what `daemon_cost.py` cannot
+answers up to D results per turn of the loop (`--depth`, default 1), handed over as one read
+of its socket (several go through the pool's group, `WorkerPool._grouped`): at batch size 1
+the chain writes requests behind the one running, and a busy daemon reads that many results
+in one turn. There is no HTTP: what is left is what `daemon_cost.py` cannot
 separate from the sockets, the parser and the machine's load. It prints the CPU µs per
 request (process time), the best of R rounds.
 
@@ -73,6 +74,7 @@ class Worker:
         self.served = 0
         self._pending: deque[tuple[int, Callable[[Any], None]]] = deque()
         self._armed = False
+        self.grouped: Callable[[Callable[[], None]], None] | None = None
 
     def send_then(
         self, batch: Batch, on_result: Callable[[Any], None], on_chunk: Any, behind: bool = False
@@ -87,20 +89,25 @@ class Worker:
     def _answer(self) -> None:
         self._armed = False
         due = [self._pending[i][0] for i in range(min(self.depth, len(self._pending)))]
-        for message in self.reader.feed(b"".join(self.frames[n] for n in due)):
-            _, on_result = self._pending.popleft()
-            if not self._pending:
-                self.state = WorkerState.READY
-            on_result(message)
+        messages = self.reader.feed(b"".join(self.frames[n] for n in due))
+
+        def handle() -> None:
+            for message in messages:
+                _, on_result = self._pending.popleft()
+                if not self._pending:
+                    self.state = WorkerState.READY
+                on_result(message)
+
+        if len(messages) > 1 and self.grouped is not None:  # as `WorkerProcess` hands them
+            self.grouped(handle)
+        else:
+            handle()
         if self._pending and not self._armed:
             self._armed = True
             asyncio.get_running_loop().call_soon(self._answer)
 
     def write_backlog(self) -> int:
         return 0
-
-    def rss_mb(self) -> float:
-        return 0.0
 
 
 async def per_request(batch: int, requests: int, depth: int) -> float:
@@ -111,6 +118,7 @@ async def per_request(batch: int, requests: int, depth: int) -> float:
         settings = PoolSettings(batch, 0.0, 30.0, 1 << 20)
         pool = WorkerPool("mlp", ("mlp", "1.0"), queue, settings, None, stats)  # type: ignore[arg-type]
         worker = Worker(batch, depth)
+        worker.grouped = pool._grouped
         pool.workers.append(worker)  # type: ignore[arg-type]
         mv = SimpleNamespace(
             name="mlp",

@@ -185,19 +185,20 @@ class Server:
     def queued(self, model: str, version: str = "1.0") -> float:
         """How many requests of a model version wait in its queue (`tsctl_queue_depth`, from
         the metrics API)."""
-        text = self.metrics_text()
-        # TorchServe's label form ends each pair with a comma: {a="x",b="y",}
-        labels = re.escape(f'model_name="{model}",model_version="{version}"')
-        found = re.search(rf"^tsctl_queue_depth{{{labels},?}} (\S+)$", text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
+        return self._model_sample("tsctl_queue_depth", model, version)
 
     def batches_sent(self, model: str, version: str = "1.0") -> float:
         """How many batches of a model version were written to its workers
         (`tsctl_batch_size_count`, from the metrics API; a request waiting behind the one a
         worker runs is in one of them, not in the queue)."""
+        return self._model_sample("tsctl_batch_size_count", model, version)
+
+    def _model_sample(self, name: str, model: str, version: str) -> float:
+        """A metric's sample for one model version from the metrics API (0 when absent)."""
         text = self.metrics_text()
+        # TorchServe's label form ends each pair with a comma: {a="x",b="y",}
         labels = re.escape(f'model_name="{model}",model_version="{version}"')
-        found = re.search(rf"^tsctl_batch_size_count{{{labels},?}} (\S+)$", text, re.MULTILINE)
+        found = re.search(rf"^{name}{{{labels},?}} (\S+)$", text, re.MULTILINE)
         return float(found.group(1)) if found else 0.0
 
     def model_log(self) -> str:

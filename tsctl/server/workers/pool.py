@@ -680,10 +680,9 @@ class _Chain:
     batch waiting behind is timed by the watchdog from when it starts, its batch time
     (`WorkerThreadTime`) counts from when it was written, and if the worker dies before
     starting it its jobs go back to the front of the queue (nothing is lost to another
-    batch's crash). Larger batches are not sent behind:
-    measured, it gained nothing with one torch thread per worker and cost a tenth with two,
-    whose threads lose the gaps between batches they shared the cores with the daemon in
-    (docs/benchmarks.md)."""
+    batch's crash). Larger batches are not sent behind: measured, it gained nothing with one
+    torch thread per worker and cost a tenth with two, whose threads lose the gaps between
+    batches they shared the cores with the daemon in (docs/benchmarks.md)."""
 
     def __init__(
         self, pool: WorkerPool, worker: WorkerProcess, loop: asyncio.AbstractEventLoop
@@ -703,8 +702,8 @@ class _Chain:
         self._ended: asyncio.Future[None] | None = None
 
     def start(self, jobs: list[Job]) -> asyncio.Future[None] | None:
-        """Send the batch of `jobs` still waiting (and one behind it, when one is ready): the
-        future of the chain's end, or None when nothing was sent (none was live, or it could
+        """Send the batch of `jobs` still waiting (and those ready behind it, `_send_behind`):
+        the future of the chain's end, or None when nothing was sent (none was live, or it could
         not be: answered with the error)."""
         if not self._send(jobs):
             return None
@@ -713,7 +712,11 @@ class _Chain:
         return self._ended
 
     def in_flight(self) -> list[Job]:
-        return [*self.jobs, *(job for jobs, _ in self.behind for job in jobs)]
+        return [*self.jobs, *self._behind_jobs()]
+
+    def _behind_jobs(self) -> list[Job]:
+        """The jobs of the batches waiting behind, in the order they were sent."""
+        return [job for jobs, _ in self.behind for job in jobs]
 
     def _send(self, jobs: list[Job], behind: bool = False) -> bool:
         """Send the batch of `jobs` still waiting, to run now or (`behind`) after the one the
@@ -772,14 +775,15 @@ class _Chain:
             self._end(None)
 
     def _land(self, outcome: Result | WorkerDied) -> bool:
-        """Start the batch behind (or send the next one if ready), send one behind it if
-        ready, then answer the batch `outcome` is for; whether a batch is still in flight."""
+        """Start the first batch behind (or send the next one if ready), send those ready
+        behind it, then answer the batch `outcome` is for; whether a batch is still in
+        flight."""
         pool, worker = self.pool, self.worker
         pool._due[worker] = 0.0
         if isinstance(outcome, WorkerDied):
             _fail(self.jobs, outcome)
             if self.behind:  # they never started: another worker (or the successor) runs them
-                unrun = [job for jobs, _ in self.behind for job in jobs]
+                unrun = self._behind_jobs()
                 log.warning(
                     "worker %s died before the batch(es) behind its own; their %d request(s) "
                     "go back to the front of the queue",

@@ -343,16 +343,15 @@ class WorkerProcess:
 
     def _on_messages(self, messages: list[Message]) -> None:
         """The messages one read completed, in order (through `grouped` when several)."""
-        if len(messages) == 1 or self.grouped is None:
-            for message in messages:
-                self._on_message(message)
-            return
 
         def handle() -> None:
             for message in messages:
                 self._on_message(message)
 
-        self.grouped(handle)
+        if len(messages) > 1 and self.grouped is not None:
+            self.grouped(handle)
+        else:
+            handle()
 
     def _on_message(self, message: Message) -> None:
         """A message from the worker, in the turn its last byte arrived."""
