@@ -86,6 +86,9 @@ class Worker:
             self._armed = True
             asyncio.get_running_loop().call_soon(self._answer)
 
+    def flush_writes(self) -> None:
+        """`WorkerProcess.flush_writes`: nothing is held here (nothing is written)."""
+
     def _answer(self) -> None:
         self._armed = False
         due = [self._pending[i][0] for i in range(min(self.depth, len(self._pending)))]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import json.scanner
 import socket
 import struct
 from collections.abc import Sequence
@@ -77,6 +78,8 @@ _ENTRY = (
         None, _JSON.default, encode_basestring_ascii, None, ":", ",", False, False, True
     )
 )
+#: the JSON scanner `json.loads` ends in: (value, end) of the text from an index
+_SCAN = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 
 class ProtocolError(Exception):
@@ -348,17 +351,25 @@ def _parse_prefix(prefix: bytes) -> tuple[int, int, int]:
     return kind, meta_len, payload_len
 
 
-def _parse_meta(raw: bytes, payload_len: int) -> dict[str, Any]:
+def _parse_meta(raw: bytes | bytearray | memoryview, payload_len: int) -> dict[str, Any]:
+    """A frame's meta: a JSON object with "lens", the lengths of its segments, which add up
+    to `payload_len`. Read with the JSON scanner itself (what `json.loads` calls after two
+    layers of Python), so the whole text must be the one object."""
     try:
-        meta = json.loads(raw)
+        text = str(raw, "utf-8")
+        meta, end = _SCAN(text, 0)
+        if end != len(text):
+            raise ValueError(f"extra data at {end}")
         lens = meta["lens"]
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, StopIteration) as exc:
         raise ProtocolError(f"bad frame meta: {exc!r}") from None
-    if not isinstance(lens, list) or not all(type(n) is int for n in lens):
+    if type(meta) is not dict:
+        raise ProtocolError("frame meta is not a JSON object")
+    if type(lens) is not list or not all(type(n) is int for n in lens):
         raise ProtocolError("frame meta `lens` is not a list of integers")
     if sum(lens) != payload_len or any(n < 0 for n in lens):
         raise ProtocolError("frame segment lengths do not add up to its payload")
-    return dict(meta)
+    return meta
 
 
 def _too_large(kind: int, message: Message, skipped: dict[int, int], limit: int) -> Message:
@@ -428,12 +439,24 @@ class FrameReader:
                     if len(buffer) - at < PREFIX.size:
                         break
                     prefix = bytes(buffer[at : at + PREFIX.size])
-                    self._kind, self._meta_len, self._payload_len = _parse_prefix(prefix)
+                    kind, meta_len, payload_len = _parse_prefix(prefix)
                     at += PREFIX.size
+                    if len(buffer) - at >= meta_len + payload_len and (
+                        self.max_body is None or payload_len <= self.max_body
+                    ):  # the whole frame is here (the usual case): read in one step
+                        meta = _parse_meta(buffer[at : at + meta_len], payload_len)
+                        at += meta_len
+                        segments = []
+                        for size in meta["lens"]:
+                            segments.append(bytes(buffer[at : at + size]))
+                            at += size
+                        messages.append(decode(kind, meta, segments))
+                        continue
+                    self._kind, self._meta_len, self._payload_len = kind, meta_len, payload_len
                 if self._meta is None:
                     if len(buffer) - at < self._meta_len:
                         break
-                    raw = bytes(buffer[at : at + self._meta_len])
+                    raw = buffer[at : at + self._meta_len]
                     self._meta = _parse_meta(raw, self._payload_len)
                     self._lens = list(self._meta["lens"])
                     at += self._meta_len

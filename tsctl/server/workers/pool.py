@@ -453,6 +453,7 @@ class WorkerPool:
         if self._held is not None:  # results read together: answered after all are recorded
             self._held.append((worker, live, result))
             return
+        worker.flush_writes()  # the batches sent meanwhile go before the answers
         self.metrics.settle_logs()  # the batch's metric lines, before its answers go out
         self._deliver(worker, live, result)
 
@@ -470,6 +471,7 @@ class WorkerPool:
         finally:
             self._held = None
             if held:
+                held[0][0].flush_writes()  # one worker's read: its batches sent meanwhile
                 self.metrics.settle_logs()
             for worker, live, result in held:
                 self._deliver(worker, live, result)

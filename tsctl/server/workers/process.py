@@ -46,6 +46,9 @@ model_log = logging.getLogger("tsctl.model")
 #: seconds a dead worker's output pipes may stay open (held by a process it forked) before
 #: the worker is reported dead without the rest of its output
 OUTPUT_GRACE = 2.0
+#: the most frame bytes held back while one read's results are handled (`_Link.cork`): more
+#: go at once, in order
+CORK_MAX = 64 << 10
 
 
 #: who gets an answer the worker owes: a future, or a callback (`WorkerProcess.send_then`)
@@ -147,6 +150,10 @@ class _Link(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._paused: asyncio.Future[None] | None = None
         self._lost = False
+        #: frames written while the results of one read are handled, sent together by
+        #: `uncork` (None: each write goes at once); `_held` bytes of them
+        self._corked: list[bytes | bytearray | memoryview] | None = None
+        self._held = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -188,7 +195,26 @@ class _Link(asyncio.Protocol):
     def write(self, buffers: list[bytes | bytearray | memoryview]) -> None:
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the worker's socket is closed")
+        corked = self._corked
+        if corked is not None:
+            size = self._held + sum(map(len, buffers))
+            if size <= CORK_MAX:
+                corked.extend(buffers)
+                self._held = size
+                return
+            self.uncork()  # in order: what is held, then this frame
+            self._corked, self._held = [], 0
         self.transport.writelines(buffers)
+
+    def cork(self) -> None:
+        """Hold the frames written from now until `uncork`, then send them in one call."""
+        if self._corked is None:
+            self._corked, self._held = [], 0
+
+    def uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(corked)
 
     async def drain(self) -> None:
         if self._paused is not None and not self._paused.done():
@@ -342,16 +368,30 @@ class WorkerProcess:
             model_log.log(level, line.decode("utf-8", "replace").rstrip("\n"), extra=extra)
 
     def _on_messages(self, messages: list[Message]) -> None:
-        """The messages one read completed, in order (through `grouped` when several)."""
+        """The messages one read completed, in order (through `grouped` when several). The
+        batches their results make room for are written in one call (`flush_writes`, which
+        the pool calls before it answers: a worker that fell idle waits for no answer)."""
+        writer = self._writer
+        if writer is not None:
+            writer.cork()
 
         def handle() -> None:
             for message in messages:
                 self._on_message(message)
 
-        if len(messages) > 1 and self.grouped is not None:
-            self.grouped(handle)
-        else:
-            handle()
+        try:
+            if len(messages) > 1 and self.grouped is not None:
+                self.grouped(handle)
+            else:
+                handle()
+        finally:
+            self.flush_writes()
+
+    def flush_writes(self) -> None:
+        """Send the frames held while a read's results are handled (`_on_messages`)."""
+        writer = self._writer
+        if writer is not None:
+            writer.uncork()
 
     def _on_message(self, message: Message) -> None:
         """A message from the worker, in the turn its last byte arrived."""
