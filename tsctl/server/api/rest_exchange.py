@@ -42,6 +42,12 @@ _NO_URL_PATH = (("url_path", ""),)
 _NO_URL_PATH_EXPLAIN = (("url_path", ""), EXPLAIN_HEADER)
 
 
+@functools.lru_cache(maxsize=64)
+def _content_type_line(content_type: str) -> bytes:
+    """The `Content-Type` line of an answer (none for ""), checked and made once per type."""
+    return http1.header_lines((("Content-Type", content_type),)) if content_type else b""
+
+
 @functools.lru_cache(maxsize=16)
 def _fixed_lines(cors: tuple[tuple[str, str], ...]) -> bytes:
     """The header lines every answer carries besides its id (`base_headers`, CORS)."""
@@ -86,12 +92,12 @@ class _Exchange(http1.Exchange):
             headers.update(extra)
             self.conn.respond(status, headers, body, reason)
         else:  # the common case: the fixed headers as bytes made once, the id a token
-            lead = b"x-request-id: %b\r\n%b" % (
+            lead = b"x-request-id: %b\r\n%b%b" % (
                 self.request_id.encode("latin-1"),
                 _fixed_lines(tuple(self.state.cors.items())),
+                _content_type_line(content_type),
             )
-            typed = {"Content-Type": content_type} if content_type else {}
-            self.conn.respond(status, typed, body, reason, lead)
+            self.conn.respond(status, {}, body, reason, lead)
         self.done(status)
 
     def answer_error(self, exc: BaseException) -> None:
