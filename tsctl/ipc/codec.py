@@ -355,16 +355,15 @@ def _parse_meta(raw: bytes | bytearray | memoryview, payload_len: int) -> dict[s
     """A frame's meta: a JSON object with "lens", the lengths of its segments, which add up
     to `payload_len`. Read with the JSON scanner itself (what `json.loads` calls after two
     layers of Python), so the whole text must be the one object."""
+    meta: dict[str, Any]
     try:
         text = str(raw, "utf-8")
         meta, end = _SCAN(text, 0)
         if end != len(text):
             raise ValueError(f"extra data at {end}")
-        lens = meta["lens"]
+        lens = meta["lens"]  # a TypeError unless an object: any other JSON value is refused
     except (ValueError, KeyError, TypeError, RecursionError, StopIteration) as exc:
         raise ProtocolError(f"bad frame meta: {exc!r}") from None
-    if type(meta) is not dict:
-        raise ProtocolError("frame meta is not a JSON object")
     if type(lens) is not list or not all(type(n) is int for n in lens):
         raise ProtocolError("frame meta `lens` is not a list of integers")
     if sum(lens) != payload_len or any(n < 0 for n in lens):

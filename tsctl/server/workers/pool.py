@@ -453,7 +453,6 @@ class WorkerPool:
         if self._held is not None:  # results read together: answered after all are recorded
             self._held.append((worker, live, result))
             return
-        worker.flush_writes()  # the batches sent meanwhile go before the answers
         self.metrics.settle_logs()  # the batch's metric lines, before its answers go out
         self._deliver(worker, live, result)
 
@@ -471,13 +470,14 @@ class WorkerPool:
         finally:
             self._held = None
             if held:
-                held[0][0].flush_writes()  # one worker's read: its batches sent meanwhile
                 self.metrics.settle_logs()
             for worker, live, result in held:
                 self._deliver(worker, live, result)
 
     def _deliver(self, worker: WorkerProcess, live: list[Job], result: Result) -> None:
-        """Answer the jobs of a batch with its `result` (its metrics are recorded)."""
+        """Answer the jobs of a batch with its `result` (its metrics are recorded). The
+        batches written to `worker` while its read is handled go first (`flush_writes`)."""
+        worker.flush_writes()
         sessions = self.queue.sessions
         if result.failure is not None:
             _fail(live, error_for(result.failure))

@@ -151,9 +151,9 @@ class _Link(asyncio.Protocol):
         self._paused: asyncio.Future[None] | None = None
         self._lost = False
         #: frames written while the results of one read are handled, sent together by
-        #: `uncork` (None: each write goes at once); `_held` bytes of them
+        #: `uncork` (None: each write goes at once); `_corked_size` bytes of them
         self._corked: list[bytes | bytearray | memoryview] | None = None
-        self._held = 0
+        self._corked_size = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -197,19 +197,19 @@ class _Link(asyncio.Protocol):
             raise ConnectionResetError("the worker's socket is closed")
         corked = self._corked
         if corked is not None:
-            size = self._held + sum(map(len, buffers))
+            size = self._corked_size + sum(map(len, buffers))
             if size <= CORK_MAX:
                 corked.extend(buffers)
-                self._held = size
+                self._corked_size = size
                 return
             self.uncork()  # in order: what is held, then this frame
-            self._corked, self._held = [], 0
+            self.cork()
         self.transport.writelines(buffers)
 
     def cork(self) -> None:
         """Hold the frames written from now until `uncork`, then send them in one call."""
         if self._corked is None:
-            self._corked, self._held = [], 0
+            self._corked, self._corked_size = [], 0
 
     def uncork(self) -> None:
         corked, self._corked = self._corked, None
@@ -370,7 +370,8 @@ class WorkerProcess:
     def _on_messages(self, messages: list[Message]) -> None:
         """The messages one read completed, in order (through `grouped` when several). The
         batches their results make room for are written in one call (`flush_writes`, which
-        the pool calls before it answers: a worker that fell idle waits for no answer)."""
+        the pool calls before it answers a batch: a worker that fell idle waits for no
+        answer; here at the end in case none was answered)."""
         writer = self._writer
         if writer is not None:
             writer.cork()
