@@ -1,6 +1,7 @@
-"""The daemon's end of a worker's socket holds the frames written while one read's results are
-handled and sends them together (`_Link.cork`/`uncork`), never more than `CORK_MAX` bytes,
-always in order. A real socket pair, a real event loop: what the worker's end receives."""
+"""The daemon's end of a worker's socket sends the frames written in one turn of the event loop
+together at the turn's end, holds those written while one read's results are handled until
+`uncork` (`_Link.cork`), never more than `CORK_MAX` bytes, always in order. A real socket
+pair, a real event loop: what the worker's end receives."""
 
 from __future__ import annotations
 
@@ -42,19 +43,37 @@ async def _linked() -> tuple[_Link, socket.socket]:
     return link, peer
 
 
-def test_frames_written_while_corked_go_in_one_send_in_order() -> None:
+def test_frames_written_in_one_turn_go_together_at_its_end() -> None:
     async def main() -> None:
         link, peer = await _linked()
         link.write(_frame(1))
-        assert _ids(_received(peer)) == [1]  # not corked: at once
+        link.write(_frame(2))
+        assert _received(peer) == b""  # not at once: at the end of this turn
+        await asyncio.sleep(0)
+        assert _ids(_received(peer)) == [1, 2]
+        link.write(_frame(3))
+        await asyncio.sleep(0)
+        assert _ids(_received(peer)) == [3]  # the next turn's, at its end
+        assert link.transport is not None
+        link.transport.close()
+        peer.close()
+
+    asyncio.run(main())
+
+
+def test_frames_written_while_corked_go_in_one_send_in_order() -> None:
+    async def main() -> None:
+        link, peer = await _linked()
         link.cork()
         for batch_id in (2, 3, 4):
             link.write(_frame(batch_id))
-        assert _received(peer) == b""  # held
+        await asyncio.sleep(0)
+        assert _received(peer) == b""  # held past the turn's end
         link.uncork()
         assert _ids(_received(peer)) == [2, 3, 4]
         link.write(_frame(5))
-        assert _ids(_received(peer)) == [5]  # uncorked again
+        await asyncio.sleep(0)
+        assert _ids(_received(peer)) == [5]  # uncorked again: at the turn's end
         assert link.transport is not None
         link.transport.close()
         peer.close()

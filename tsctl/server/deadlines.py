@@ -50,17 +50,20 @@ class Deadlines:
         """Jobs held (waiting, or answered and not dropped yet): for tests."""
         return len(self._jobs)
 
-    def add(self, job: Job, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+    def add(self, job: Job, timeout: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Answer `job` with a timeout at `job.deadline` unless it is answered before
-        (`answered` says so)."""
+        (`answered` says so). `loop`: the running loop unless given (looked up only when a
+        timer is made: most jobs join a deque that already has one)."""
         self._timeout = timeout
         jobs = self._jobs
         if jobs and job.deadline < jobs[-1][0].deadline:  # out of order: a timer of its own
+            loop = loop or asyncio.get_running_loop()
             job.timer = loop.call_at(job.deadline, expire, job, timeout)
             return
         jobs.append((job, timeout))
         self._waiting += 1
         if self._timer is None:
+            loop = loop or asyncio.get_running_loop()
             self._timer = loop.call_at(job.deadline, self._sweep, loop)
 
     def renew(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:

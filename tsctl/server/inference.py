@@ -95,7 +95,7 @@ def _queued(
         settle=None if future is not None else queue.settle,
     )
     queue.put(job)
-    queue.deadlines.add(job, mv.response_timeout, asyncio.get_running_loop())
+    queue.deadlines.add(job, mv.response_timeout)
     return job
 
 

@@ -136,7 +136,12 @@ class _Link(asyncio.Protocol):
     """The daemon's end of a worker's socket: frames are decoded as bytes arrive and handed
     to `on_messages` (those one read completed) in the same turn of the loop; `on_lost` is
     called once, with the reason (None at a clean end of stream). Writes respect the
-    transport's flow control (`drain`)."""
+    transport's flow control (`drain`).
+
+    A frame is never sent on its own the moment it is written: what is written in one turn
+    of the event loop goes in one send at the end of that turn (the requests that several
+    clients' reads queued in one turn reach an idle worker together), or earlier, at
+    `uncork`, when a read's results are handled (`cork`)."""
 
     def __init__(
         self,
@@ -150,14 +155,16 @@ class _Link(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._paused: asyncio.Future[None] | None = None
         self._lost = False
-        #: frames written while the results of one read are handled, sent together by
-        #: `uncork` (None: each write goes at once); `_corked_size` bytes of them
+        #: frames written and not sent yet, sent together by `uncork` (None: nothing held);
+        #: `_corked_size` bytes of them
         self._corked: list[bytes | bytearray | memoryview] | None = None
         self._corked_size = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -196,18 +203,23 @@ class _Link(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the worker's socket is closed")
         corked = self._corked
-        if corked is not None:
-            size = self._corked_size + sum(map(len, buffers))
-            if size <= CORK_MAX:
-                corked.extend(buffers)
-                self._corked_size = size
-                return
-            self.uncork()  # in order: what is held, then this frame
-            self.cork()
+        if corked is None:  # the first frame of this turn: sent at its end with any after it
+            self._corked, self._corked_size = list(buffers), sum(map(len, buffers))
+            assert self._loop is not None
+            self._loop.call_soon(self.uncork)
+            return
+        size = self._corked_size + sum(map(len, buffers))
+        if size <= CORK_MAX:
+            corked.extend(buffers)
+            self._corked_size = size
+            return
+        self.uncork()  # in order: what is held, then this frame
+        self.cork()
         self.transport.writelines(buffers)
 
     def cork(self) -> None:
-        """Hold the frames written from now until `uncork`, then send them in one call."""
+        """Hold the frames written from now until `uncork`, then send them in one call (a
+        turn's frames are held anyway; this holds them past the turn's end, until `uncork`)."""
         if self._corked is None:
             self._corked, self._corked_size = [], 0
 
