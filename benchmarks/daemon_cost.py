@@ -24,6 +24,13 @@ per variant with those variables in the daemon's environment, which its workers 
 `--variant - --variant OMP_WAIT_POLICY=PASSIVE`: an A/B of torch's idle threads), in `--rounds`
 rounds, the variants' order reversed every other round so slow drift hits them alike.
 
+With `--alternate SLICE` (two variants or more), the variants' daemons run side by side
+instead, each started once per row, and the load moves from one to the next every SLICE
+seconds (`--rounds` times round all of them, the order reversed every other round), so
+that a machine whose speed drifts over minutes (a shared VM) slows them alike; each
+variant's line adds its slices up, and the last line gives each one's CPU per request as a
+ratio of the first variant's, overall and the median of the rounds' ratios.
+
 This is a benchmark, not a test: the numbers depend on the machine and on what else runs.
 """
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import re
 import subprocess
@@ -142,6 +150,66 @@ def profile(
     wrk.wait(timeout=seconds + 60)
 
 
+def alternate(
+    work: Path,
+    tsctl: Path,
+    row: Row,
+    variants: list[dict[str, str]],
+    body: Path,
+    args: argparse.Namespace,
+) -> None:
+    """`--alternate`: one daemon per variant, all running; the load moves between them."""
+    servers = []
+    for index, env in enumerate(variants):
+        home = work / f"{row.name}-v{index}"
+        home.mkdir()
+        servers.append(TsctlServer(home, work / "store", tsctl, env=env))
+    names = [",".join(f"{k}={v}" for k, v in env.items()) or "-" for env in variants]
+    archive = f"{mlp_archive_name(row.workers, row.batch)}.mar"
+    threads = threads_for(row.workers)
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.enter_context(running(server, f"mlp={archive}", "mlp", row.workers, threads))
+        for server in servers:
+            run_wrk(
+                server.inference_port, "/predictions/mlp", body, "application/json",
+                row.conc, args.warmup, 10,
+            )  # fmt: skip
+        answered = [0.0] * len(servers)
+        cpu = [0.0] * len(servers)
+        rounds: list[list[float]] = []  # each round's µs per request, per variant
+        for index in range(args.rounds):
+            order = list(range(len(servers)))
+            if index % 2:
+                order.reverse()
+            figures = [0.0] * len(servers)
+            for which in order:
+                server = servers[which]
+                run = with_cpu(
+                    lambda server=server: run_wrk(  # type: ignore[misc]
+                        server.inference_port, "/predictions/mlp", body, "application/json",
+                        row.conc, args.alternate, 10,
+                    ),
+                    server.root_pid,
+                )  # fmt: skip
+                done = run.rps * run.seconds
+                answered[which] += done
+                cpu[which] += run.fe_cores * run.seconds
+                figures[which] = run.fe_cores * run.seconds / done * 1e6 if done else 0.0
+            rounds.append(figures)
+        base = cpu[0] / answered[0] if answered[0] else 0.0
+        for which, name in enumerate(names):
+            per = cpu[which] / answered[which] * 1e6 if answered[which] else 0.0
+            ratios = sorted(r[which] / r[0] for r in rounds if r[0])
+            median = ratios[len(ratios) // 2] if ratios else 0.0
+            ratio = per / (base * 1e6) if base else 0.0
+            print(
+                f"{row.name:<10} daemon {per:6.1f} µs/req  x{ratio:.3f} of the first "
+                f"(median of rounds x{median:.3f}; {answered[which]:.0f} answered)  env {name}",
+                flush=True,
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rows", default="w1b1c32,w1b8c32", help="wWbBcC, comma-separated")
@@ -159,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         help="an environment to A/B ('-': none); repeatable",
     )
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every variant")
+    parser.add_argument(
+        "--alternate",
+        type=float,
+        default=0.0,
+        metavar="SLICE",
+        help="run the variants' daemons side by side, the load moving every SLICE seconds",
+    )
     args = parser.parse_args(argv)
     variants = [
         {} if text == "-" else dict(item.split("=", 1) for item in text.split(","))
@@ -182,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         body = work / "body.json"
         body.write_text(json.dumps(MLP_BODY))
         mlp_archives(python, tsctl, work, work / "store", {(r.workers, r.batch) for r in rows})
+        if args.alternate and len(variants) > 1:
+            for row in rows:
+                alternate(work, tsctl, row, variants, body, args)
+            return 0
         server = TsctlServer(work, work / "store", tsctl)
         with stopped_at_end([server]):
             for index in range(args.rounds * len(rows)):
