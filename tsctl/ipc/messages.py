@@ -1,10 +1,11 @@
 """The typed messages frontend and worker exchange, and the values both sides agree on.
 
-Plain frozen dataclasses and enums, no I/O: `tsctl.ipc.codec` turns them into frames and back.
-The frontend builds a `WorkerSpec` once per model version (its defaults live here and nowhere
-else) and each worker receives it in its first frame, `Assign`. A worker reports what went
-wrong as a `Failure`: a `FailureKind` and a message for the client; the frontend alone decides
-which HTTP or gRPC status a kind is answered with.
+Plain frozen dataclasses and enums, no I/O (those made once or more per request are
+`value_class`es: frozen to the type checker, cheap to build): `tsctl.ipc.codec` turns them
+into frames and back. The frontend builds a `WorkerSpec` once per model version (its
+defaults live here and nowhere else) and each worker receives it in its first frame,
+`Assign`. A worker reports what went wrong as a `Failure`: a `FailureKind` and a message for
+the client; the frontend alone decides which HTTP or gRPC status a kind is answered with.
 """
 
 from __future__ import annotations
@@ -12,7 +13,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any
+from typing import Any, TypeVar, dataclass_transform
+
+_C = TypeVar("_C")
+
+
+@dataclass_transform(frozen_default=True)
+def value_class(cls: type[_C]) -> type[_C]:
+    """A dataclass that is immutable to the type checker (mypy refuses an assignment to a
+    field, as for `frozen=True`) and hashable by value, with `__slots__`, but not frozen at
+    run time: a frozen dataclass sets each field through `object.__setattr__`, three times
+    the cost of building one, and these are built several times per request on the
+    daemon's event loop."""
+    return dataclass(unsafe_hash=True, slots=True)(cls)
 
 
 class Kind(IntEnum):
@@ -124,7 +137,7 @@ class WorkerSpec:
     async_communication: bool = False
 
 
-@dataclass(frozen=True)
+@value_class
 class Failure:
     """An error reported as data: `kind` chooses the status, `message` is shown to clients."""
 
@@ -153,7 +166,7 @@ class InitFailed:
     failure: Failure
 
 
-@dataclass(frozen=True)
+@value_class
 class Part:
     """One named input of a request: a raw body, a multipart field or file, a form field."""
 
@@ -162,14 +175,14 @@ class Part:
     data: bytes | bytearray | memoryview
 
 
-@dataclass(frozen=True)
+@value_class
 class WireRequest:
     request_id: str
     parts: Sequence[Part]
     headers: Sequence[tuple[str, str]] = ()
 
 
-@dataclass(frozen=True)
+@value_class
 class Batch:
     batch_id: int
     requests: Sequence[WireRequest]
@@ -178,7 +191,7 @@ class Batch:
     entries: Sequence[bytes] = ()
 
 
-@dataclass(frozen=True)
+@value_class
 class WireResponse:
     status: int = 200
     content_type: str = ""
@@ -188,7 +201,7 @@ class WireResponse:
     failure: Failure | None = None
 
 
-@dataclass(frozen=True)
+@value_class
 class CustomMetric:
     name: str
     unit: str
@@ -197,7 +210,7 @@ class CustomMetric:
     dimensions: dict[str, str]
 
 
-@dataclass(frozen=True)
+@value_class
 class Result:
     batch_id: int
     responses: Sequence[WireResponse] = ()
@@ -213,7 +226,7 @@ class Stop:
     reason: str = ""
 
 
-@dataclass(frozen=True)
+@value_class
 class Chunk:
     """Intermediate answers of the running batch, one per request, before its `Result`."""
 

@@ -14,14 +14,14 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from random import getrandbits
 
-from tsctl.ipc.messages import WireRequest
+from tsctl.ipc.messages import WireRequest, value_class
 
 log = logging.getLogger("tsctl.server")
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a token: safe in a header line
 
 
-@dataclass(frozen=True)
+@value_class
 class InferenceRequest(WireRequest):
     """One prediction request, whatever API it came from: what a worker's batch frame
     carries of it (a `WireRequest`: the batch is sent with these objects), and when it
@@ -30,7 +30,7 @@ class InferenceRequest(WireRequest):
     arrival: float = 0.0  # loop.time() when the request arrived
 
 
-@dataclass(frozen=True)
+@value_class
 class Response:
     """What a worker answered for one request."""
 
@@ -41,7 +41,7 @@ class Response:
     reason: str = ""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     """One request waiting for, or being run by, a worker; answered once (`answer`).
 
