@@ -12,6 +12,8 @@ from typing import Any, get_args
 import pytest
 
 from tsctl.ipc.codec import (
+    _PLAIN_ANSWER,
+    _PLAIN_HEAD,
     MAGIC,
     MAX_META,
     PREFIX,
@@ -115,6 +117,19 @@ MESSAGES: list[Message] = [
         [CustomMetric("Hits", "Count", "counter", 3.0, {"ModelName": "mlp"})],
     ),
     Result(9, [], Failure(FailureKind.BAD_OUTPUT, "2 answers for 3 requests", "tb"), 0.0, []),
+    # plain answers (status, content type, body) and no metrics: a PLAIN_RESULT frame
+    Result(
+        10,
+        [
+            WireResponse(200, "application/json", b'{"ok": true}', [], "", None),
+            WireResponse(201, "", b"", [], "", None),
+            WireResponse(299, "text/plain; charset=ütf", BINARY, [], "", None),
+        ],
+        None,
+        0.125,
+        [],
+    ),
+    Result(11, [], None, 0.0, []),
     Chunk(7, [WireResponse(200, "text/plain", b"partial", [], "", None)]),
     Chunk(7, []),
     Stop("scale down"),
@@ -363,8 +378,39 @@ def malformed() -> list[tuple[str, bytes, str]]:
             raw_frame({"fail": None, "lens": []}, kind=Kind.DESCRIBED),
             "malformed frame of kind 7",
         ),
+        *_malformed_plain_results(),
     ]
     return cases
+
+
+def _malformed_plain_results() -> list[tuple[str, bytes, str]]:
+    """`PLAIN_RESULT` frames (binary meta: `_PLAIN_HEAD`, then `_PLAIN_ANSWER` and the
+    content type per answer) that do not hold together."""
+
+    def plain(meta: bytes, payload: bytes = b"") -> bytes:
+        return raw_frame(meta, payload, kind=Kind.PLAIN_RESULT)
+
+    one = _PLAIN_HEAD.pack(1, 0.5, 1)
+    return [
+        ("plain result head cut short", plain(b"\x01\x02"), "bad plain result meta"),
+        ("plain result without its answer", plain(one), "bad plain result meta"),
+        (
+            "plain result content type cut short",
+            plain(one + _PLAIN_ANSWER.pack(200, 10, 0) + b"ab"),
+            "cut short",
+        ),
+        (
+            "plain result content type not UTF-8",
+            plain(one + _PLAIN_ANSWER.pack(200, 2, 0) + b"\xff\xfe"),
+            "bad plain result meta",
+        ),
+        ("plain result with bytes after", plain(_PLAIN_HEAD.pack(1, 0.5, 0) + b"x"), "extra"),
+        (
+            "plain result lens over the payload",
+            plain(one + _PLAIN_ANSWER.pack(200, 0, 5), b"ab"),
+            "do not add up",
+        ),
+    ]
 
 
 @READERS

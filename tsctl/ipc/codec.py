@@ -8,6 +8,13 @@ One module owns the format; both sides use it. A frame is::
              "lens", the byte lengths of the payload's segments in order
     payload  payload_len bytes: the segments (request and response bodies) back to back, raw
 
+The one exception to a JSON meta is `PLAIN_RESULT`, the result of a batch whose every
+answer is a status, a content type and a body (no headers, reason or failure) and which
+carries no handler metrics, the usual case, sent most often: its meta is binary, little
+endian (`_PLAIN_HEAD`: batch id u64, handler ms f64, answers u32; then `_PLAIN_ANSWER` per
+answer: status u16, content type length u16, body length u32, and the content type's UTF-8
+bytes), read without JSON into the same `Result` a `RESULT` frame gives.
+
 Bodies are never base64'd or re-encoded: a request body goes from the HTTP parser into the
 socket as is, and arrives in the worker as one `bytearray` (what TorchServe handlers receive).
 The worker reads frames with blocking calls on its own socket; the frontend feeds what its
@@ -80,6 +87,10 @@ _ENTRY = (
 )
 #: the JSON scanner `json.loads` ends in: (value, end) of the text from an index
 _SCAN = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+#: a `PLAIN_RESULT` frame's meta: its head, then each answer's fields and content type
+_PLAIN_HEAD = struct.Struct("<QdI")
+_PLAIN_ANSWER = struct.Struct("<HHI")
+_U16 = 1 << 16
 
 
 class ProtocolError(Exception):
@@ -205,6 +216,8 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
             reqs.append(_request_meta(request))
         meta = {"id": message.batch_id, "reqs": reqs}
     elif isinstance(message, (Result, Chunk)):
+        if isinstance(message, Result) and _plain(message):
+            return _encode_plain_result(message)
         kind = Kind.RESULT if isinstance(message, Result) else Kind.CHUNK
         res = []
         for response in message.responses:
@@ -249,6 +262,78 @@ def encode(message: Message) -> list[bytes | bytearray | memoryview]:
     return [prefix, encoded, *segments]
 
 
+def _plain(result: Result) -> bool:
+    """Whether `result` goes as a `PLAIN_RESULT`: every answer a status, a content type and a
+    body that its binary meta can hold, and nothing else."""
+    if (
+        result.failure is not None
+        or result.metrics
+        or type(result.batch_id) is not int
+        or not 0 <= result.batch_id < 1 << 64
+    ):
+        return False
+    for response in result.responses:
+        if (
+            response.headers
+            or response.reason
+            or response.failure is not None
+            or type(response.status) is not int
+            or not 0 <= response.status < _U16
+            or len(response.content_type) >= _U16 // 4  # UTF-8: at most 4 bytes a character
+        ):
+            return False
+    return True
+
+
+def _encode_plain_result(result: Result) -> list[bytes | bytearray | memoryview]:
+    segments: list[bytes | bytearray | memoryview] = []
+    meta = [_PLAIN_HEAD.pack(result.batch_id, result.handler_ms, len(result.responses))]
+    for response in result.responses:
+        ctype = response.content_type.encode()
+        size = memoryview(response.body).nbytes
+        meta.append(_PLAIN_ANSWER.pack(response.status, len(ctype), size))
+        meta.append(ctype)
+        segments.append(response.body)
+    encoded = b"".join(meta)
+    if len(encoded) > MAX_META:
+        raise FrameTooLarge(
+            f"the frame's meta of {len(encoded)} bytes exceeds the limit of {MAX_META}"
+        )
+    total = sum(memoryview(s).nbytes for s in segments)
+    return [PREFIX.pack(MAGIC, VERSION, Kind.PLAIN_RESULT, len(encoded), total), encoded, *segments]
+
+
+def _plain_meta(raw: bytes | bytearray | memoryview, payload_len: int) -> dict[str, Any]:
+    """A `PLAIN_RESULT` frame's meta, as the dict `decode` reads: "id", "ms", "res" (each
+    answer's status and content type) and "lens"."""
+    try:
+        batch_id, ms, count = _PLAIN_HEAD.unpack_from(raw, 0)
+        at = _PLAIN_HEAD.size
+        res, lens = [], []
+        for _ in range(count):
+            status, ctype_len, size = _PLAIN_ANSWER.unpack_from(raw, at)
+            at += _PLAIN_ANSWER.size + ctype_len
+            if at > len(raw):
+                raise ValueError("a content type cut short")
+            ctype = str(raw[at - ctype_len : at], "utf-8")
+            res.append((status, ctype))
+            lens.append(size)
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"bad plain result meta: {exc!r}") from None
+    if at != len(raw):
+        raise ProtocolError(f"bad plain result meta: extra data at {at}")
+    if sum(lens) != payload_len:
+        raise ProtocolError("frame segment lengths do not add up to its payload")
+    return {"id": batch_id, "ms": ms, "res": res, "lens": lens}
+
+
+def _read_meta(kind: int, raw: bytes | bytearray | memoryview, payload_len: int) -> dict[str, Any]:
+    """A frame's meta (`_parse_meta`, or `_plain_meta` for a `PLAIN_RESULT`)."""
+    if kind == Kind.PLAIN_RESULT:
+        return _plain_meta(raw, payload_len)
+    return _parse_meta(raw, payload_len)
+
+
 def _encode_batch(batch: Batch) -> list[bytes | bytearray | memoryview]:
     """`encode` of a batch whose requests' entries are encoded (`Batch.entries`): the bytes
     the dict would encode to, `{"id":N,"reqs":[...],"lens":[...]}`, joined from them."""
@@ -283,6 +368,12 @@ def decode(kind: int, meta: dict[str, Any], segments: Sequence[bytes | bytearray
             if next(bodies, None) is not None:
                 raise ValueError("segments that no request part uses")
             return Batch(int(meta["id"]), requests)
+        if kind == Kind.PLAIN_RESULT:
+            responses = [
+                WireResponse(status, ctype, body, [], "", None)
+                for (status, ctype), body in zip(meta["res"], segments, strict=True)
+            ]
+            return Result(meta["id"], responses, None, meta["ms"], [])
         if kind in (Kind.RESULT, Kind.CHUNK):
             responses = [
                 WireResponse(status, ctype, body, [(k, v) for k, v in headers], reason, _failure(f))
@@ -443,7 +534,7 @@ class FrameReader:
                     if len(buffer) - at >= meta_len + payload_len and (
                         self.max_body is None or payload_len <= self.max_body
                     ):  # the whole frame is here (the usual case): read in one step
-                        meta = _parse_meta(buffer[at : at + meta_len], payload_len)
+                        meta = _read_meta(kind, buffer[at : at + meta_len], payload_len)
                         at += meta_len
                         segments = []
                         for size in meta["lens"]:
@@ -456,7 +547,7 @@ class FrameReader:
                     if len(buffer) - at < self._meta_len:
                         break
                     raw = buffer[at : at + self._meta_len]
-                    self._meta = _parse_meta(raw, self._payload_len)
+                    self._meta = _read_meta(self._kind, raw, self._payload_len)
                     self._lens = list(self._meta["lens"])
                     at += self._meta_len
                 if len(self._segments) == len(self._lens):
@@ -531,7 +622,7 @@ def recv_message(stream: _Readable, recover: bool = False) -> Message:
         _discard(stream, meta_len + payload_len)
         raise FrameRejected(kind, _meta_too_large(meta_len))
     try:
-        meta = _parse_meta(bytes(_read_exactly(stream, meta_len)), payload_len)
+        meta = _read_meta(kind, bytes(_read_exactly(stream, meta_len)), payload_len)
     except ProtocolError as exc:
         if not recover:
             raise

@@ -40,6 +40,7 @@ class Kind(IntEnum):
     DESCRIBED = 7  # worker → frontend: its answer
     CHUNK = 8  # worker → frontend: intermediate answers of a streaming handler
     ASSIGN = 9  # frontend → worker, first: the model to load and its settings
+    PLAIN_RESULT = 10  # worker → frontend: a RESULT of plain answers, its meta binary
 
 
 class FailureKind(str, Enum):
