@@ -55,7 +55,7 @@ from tsctl.plugins.api import BatchingStrategy
 from tsctl.server.batching import STRATEGY_PAUSE, DefaultBatching, ModelQueue, ready_batch
 from tsctl.server.request import Job, Response
 from tsctl.server.sessions import Sessions, continued
-from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics
+from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics, ModelSeries
 from tsctl.server.workers.inflight import AsyncWorkerProcess, serve_concurrently
 from tsctl.server.workers.process import WorkerProcess
 
@@ -131,6 +131,7 @@ class WorkerPool:
         self.name = name
         self.model_name, self.version = model
         self.metrics = metrics
+        self._series: ModelSeries | None = None  # `_bind_series`
         self.queue = queue
         self.settings = settings
         self.make_worker = make_worker
@@ -376,7 +377,7 @@ class WorkerPool:
             return None
         self._record_dispatch(live, now, carried)
         if not behind:
-            self._watch(worker, max(job.deadline for job in live), loop)
+            self._watch(worker, _latest_deadline(live), loop)
         return batch.batch_id, now, waiter
 
     async def _plugin_batch(
@@ -503,11 +504,16 @@ class WorkerPool:
                 response = kept
             job.answer(response)
 
+    def _bind_series(self) -> ModelSeries:
+        """The model version's series (`Metrics.for_model`), bound at its first batch."""
+        self._series = self.metrics.for_model(self.model_name, self.version)
+        return self._series
+
     def _record_dispatch(
         self, jobs: list[Job], now: float, carried: set[Job] | tuple[()] = ()
     ) -> None:
         """The batch's queue metrics; the steps of streams (`carried`) waited in no queue."""
-        series = self.metrics.for_model(self.model_name, self.version)  # bound once
+        series = self._series or self._bind_series()
         waited = [now - job.request.arrival for job in jobs if not carried or job not in carried]
         if waited:
             series.queue_latency.inc(sum(waited) * 1e6)
@@ -518,7 +524,7 @@ class WorkerPool:
         """The batch's metrics: the frontend's, the handler time it measured and the
         handler's own (`Metrics` routes each by `metrics_mode` and the metrics config)."""
         stats = self.metrics
-        series = stats.for_model(self.model_name, self.version)
+        series = self._series or self._bind_series()
         series.worker_thread_time.set(max(0.0, batch_ms - result.handler_ms))
         request_id = jobs[0].request.request_id
         for handler_time in series.handler_time():
@@ -610,7 +616,10 @@ def _fan_out(
     failed answer ends its request with the error, and so does a stream whose chunks add up
     to more than `limit` bytes (the final answer is not counted: it is bounded by itself); a
     stateful model's `sessions` count them over all the steps of a continuous stream."""
-    if not any(job.on_chunk is not None for job in jobs):
+    for job in jobs:  # a loop, not `any` over a generator: this runs for every batch
+        if job.on_chunk is not None:
+            break
+    else:
         return None
     sent = [0] * len(jobs)
 
@@ -801,7 +810,7 @@ class _Chain:
             self.jobs = []
             if self.behind:  # the worker started it as it wrote the result: timed from now
                 self.jobs, self.at = self.behind.popleft()
-                due = max(job.deadline for job in self.jobs) + (self.loop.time() - self.at)
+                due = _latest_deadline(self.jobs) + (self.loop.time() - self.at)
                 pool._watch(worker, due, self.loop)
             if worker.state.serving and pool.queue.sessions is None:
                 if not self.jobs:
@@ -840,6 +849,11 @@ class _Sent:
     result: asyncio.Future[Result]
     at: float
     batch_id: int = 0
+
+
+def _latest_deadline(jobs: list[Job]) -> float:
+    """The latest deadline of a batch's jobs (no generator for a batch of one)."""
+    return jobs[0].deadline if len(jobs) == 1 else max(job.deadline for job in jobs)
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:

@@ -552,7 +552,8 @@ class Connection(asyncio.Protocol):
 
     def _wait(self, kind: int) -> None:
         self.deadline_kind = kind
-        self.deadline = self.loop.time() + self.server.timeouts[kind]  # NONE: math.inf
+        # the loop's clock (`loop.time()` is `time.monotonic()`), read without a Python call
+        self.deadline = time.monotonic() + self.server.timeouts[kind]  # NONE: math.inf
 
     def timed_out(self) -> None:
         kind = self.deadline_kind
