@@ -197,6 +197,12 @@ def alternate(
                 cpu[which] += run.fe_cores * run.seconds
                 figures[which] = run.fe_cores * run.seconds / done * 1e6 if done else 0.0
             rounds.append(figures)
+            print(
+                f"{row.name:<10} round {index + 1}: "
+                + "  ".join(f"{figure:6.1f}" for figure in figures)
+                + " µs/req",
+                flush=True,
+            )
         base = cpu[0] / answered[0] if answered[0] else 0.0
         for which, name in enumerate(names):
             per = cpu[which] / answered[which] * 1e6 if answered[which] else 0.0
