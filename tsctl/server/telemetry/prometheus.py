@@ -507,7 +507,7 @@ class ModelSeries:
         """A prediction answered `seconds` after it arrived: counted, its time summed (the
         TorchServe counters) and observed (`tsctl_request_duration_seconds`)."""
         self.requests_total.inc()
-        self.latency.inc(seconds * 1e6)
+        self.latency.inc(int(seconds * 1e9) / 1000)  # TorchServe's: whole ns / 1000.0
         self.duration.observe(seconds)
 
     def handler_time(self) -> tuple[Series, ...]:

@@ -512,23 +512,26 @@ class WorkerPool:
     def _record_dispatch(
         self, jobs: list[Job], now: float, carried: set[Job] | tuple[()] = ()
     ) -> None:
-        """The batch's queue metrics; the steps of streams (`carried`) waited in no queue."""
+        """The batch's queue metrics; the steps of streams (`carried`) waited in no queue.
+        Values at TorchServe's resolution (`_ts_micros`; QueueTime in whole ms)."""
         series = self._series or self._bind_series()
         waited = [now - job.request.arrival for job in jobs if not carried or job not in carried]
         if waited:
-            series.queue_latency.inc(sum(waited) * 1e6)
-            series.queue_time.set(waited[-1] * 1000)
+            series.queue_latency.inc(_ts_micros(sum(waited)))
+            series.queue_time.set(float(int(waited[-1] * 1000)))
         series.batch_size.observe(len(jobs))
 
     def _record_result(self, result: Result, jobs: list[Job], batch_ms: float) -> None:
         """The batch's metrics: the frontend's, the handler time it measured and the
-        handler's own (`Metrics` routes each by `metrics_mode` and the metrics config)."""
+        handler's own (`Metrics` routes each by `metrics_mode` and the metrics config).
+        TorchServe's resolution: WorkerThreadTime in whole ms, the handler time in 0.01 ms."""
         stats = self.metrics
         series = self._series or self._bind_series()
-        series.worker_thread_time.set(max(0.0, batch_ms - result.handler_ms))
+        series.worker_thread_time.set(float(int(max(0.0, batch_ms - result.handler_ms))))
         request_id = jobs[0].request.request_id
+        handler_ms = round(result.handler_ms, 2)
         for handler_time in series.handler_time():
-            handler_time.record(result.handler_ms, request_id)
+            handler_time.record(handler_ms, request_id)
         for metric in result.metrics:
             stats.model_metric(
                 metric.name, metric.unit, metric.kind, metric.value, metric.dimensions, request_id
@@ -849,6 +852,12 @@ class _Sent:
     result: asyncio.Future[Result]
     at: float
     batch_id: int = 0
+
+
+def _ts_micros(seconds: float) -> float:
+    """`seconds` in µs as TorchServe writes them (whole ns / 1000.0): at most three decimals,
+    where `seconds * 1e6` has up to 17 significant digits, which are also slower to write."""
+    return int(seconds * 1e9) / 1000
 
 
 def _latest_deadline(jobs: list[Job]) -> float:
