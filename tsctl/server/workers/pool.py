@@ -55,7 +55,7 @@ from tsctl.plugins.api import BatchingStrategy
 from tsctl.server.batching import STRATEGY_PAUSE, DefaultBatching, ModelQueue, ready_batch
 from tsctl.server.request import Job, Response
 from tsctl.server.sessions import Sessions, continued
-from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics, ModelSeries
+from tsctl.server.telemetry.prometheus import HOSTNAME, Metrics, ModelSeries, ts_micros
 from tsctl.server.workers.inflight import AsyncWorkerProcess, serve_concurrently
 from tsctl.server.workers.process import WorkerProcess
 
@@ -513,11 +513,11 @@ class WorkerPool:
         self, jobs: list[Job], now: float, carried: set[Job] | tuple[()] = ()
     ) -> None:
         """The batch's queue metrics; the steps of streams (`carried`) waited in no queue.
-        Values at TorchServe's resolution (`_ts_micros`; QueueTime in whole ms)."""
+        Values at TorchServe's resolution (`ts_micros`; QueueTime in whole ms)."""
         series = self._series or self._bind_series()
         waited = [now - job.request.arrival for job in jobs if not carried or job not in carried]
         if waited:
-            series.queue_latency.inc(_ts_micros(sum(waited)))
+            series.queue_latency.inc(ts_micros(sum(waited)))
             series.queue_time.set(float(int(waited[-1] * 1000)))
         series.batch_size.observe(len(jobs))
 
@@ -852,12 +852,6 @@ class _Sent:
     result: asyncio.Future[Result]
     at: float
     batch_id: int = 0
-
-
-def _ts_micros(seconds: float) -> float:
-    """`seconds` in µs as TorchServe writes them (whole ns / 1000.0): at most three decimals,
-    where `seconds * 1e6` has up to 17 significant digits, which are also slower to write."""
-    return int(seconds * 1e9) / 1000
 
 
 def _latest_deadline(jobs: list[Job]) -> float:
